@@ -1,0 +1,166 @@
+//! The `billsync` command line. Every flag also reads its environment variable.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::{
+    config::{Config, ConfigArgs},
+    domain::{Email, UserId},
+    http::{self, AppState},
+    store::{self, Store, UserUpsert},
+    stripe::StripeClient,
+};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "billsync",
+    version,
+    about = "Keeps your users and their Stripe customers in sync"
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the HTTP server (migrates the database first).
+    Serve,
+    /// Apply database migrations and exit.
+    Migrate,
+    /// Customer operations.
+    #[command(subcommand)]
+    Customer(CustomerCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CustomerCommand {
+    /// Find or create the user's Stripe customer and print its id.
+    Resolve {
+        /// The application's user id.
+        #[arg(long, env = "BILLSYNC_USER_ID")]
+        user: String,
+        /// Creates the user with this (unverified) email if missing; updates it if it differs.
+        #[arg(long)]
+        email: Option<String>,
+    },
+}
+
+/// Parses arguments, runs the command, and turns any failure into one clear line on stderr.
+pub async fn run() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing();
+    match execute(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("billsync: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .try_init();
+}
+
+async fn execute(cli: Cli) -> anyhow::Result<()> {
+    let config = Config::load(&cli.config)?;
+    match cli.command {
+        Command::Serve => serve(config).await,
+        Command::Migrate => {
+            let store = open_store(&config).await?;
+            tracing::info!(backend = store.backend(), "migrations applied");
+            Ok(())
+        }
+        Command::Customer(CustomerCommand::Resolve { user, email }) => {
+            let stripe = StripeClient::new(&config.stripe, config.stripe_secret_key()?)?;
+            let user_id = UserId::parse(&user)?;
+            let email = email.as_deref().map(Email::parse).transpose()?;
+            let store = open_store(&config).await?;
+            ensure_user(store.as_ref(), &user_id, email).await?;
+            let state = AppState::new(&config, store, stripe);
+            let resolved = state
+                .resolver
+                .resolve(&user_id)
+                .await
+                .map_err(|e| match e {
+                    crate::customers::ResolveError::UserNotFound => {
+                        anyhow::anyhow!("user {user_id} not found (pass --email to create it)")
+                    }
+                    other => other.into(),
+                })?;
+            println!("{}", resolved.customer_id);
+            tracing::info!(source = resolved.source.as_str(), "resolved");
+            Ok(())
+        }
+    }
+}
+
+async fn ensure_user(store: &dyn Store, id: &UserId, email: Option<Email>) -> anyhow::Result<()> {
+    let Some(email) = email else { return Ok(()) };
+    let existing = store.get_user(id).await?;
+    let upsert = match existing {
+        Some(user) if user.email == email => return Ok(()),
+        // A changed email is no longer verified.
+        Some(user) => UserUpsert {
+            id: id.clone(),
+            email,
+            email_verified: false,
+            first_name: user.first_name,
+            last_name: user.last_name,
+            phone: user.phone,
+        },
+        None => UserUpsert {
+            id: id.clone(),
+            email,
+            email_verified: false,
+            first_name: None,
+            last_name: None,
+            phone: None,
+        },
+    };
+    store.upsert_user(&upsert).await?;
+    Ok(())
+}
+
+async fn open_store(config: &Config) -> anyhow::Result<std::sync::Arc<dyn Store>> {
+    let store = store::connect(config.database_url.expose(), config.db_max_connections)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot open the database: {e}"))?;
+    store
+        .migrate()
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot migrate the database: {e}"))?;
+    Ok(store)
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    // Validate everything before touching the database or the network.
+    let stripe = StripeClient::new(&config.stripe, config.stripe_secret_key()?)?;
+    let store = open_store(&config).await?;
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
+    if config.admin_api_key.is_none() {
+        tracing::warn!("BILLSYNC_ADMIN_API_KEY is not set: admin routes answer 503");
+    }
+    tracing::info!(
+        listen = %config.listen,
+        database = store.backend(),
+        stripe_api = %config.stripe.api_base,
+        "billsync serving"
+    );
+    let state = AppState::new(&config, store, stripe);
+    http::serve(listener, http::app(state)).await?;
+    tracing::info!("stopped");
+    Ok(())
+}

@@ -1,0 +1,340 @@
+//! Configuration: built-in defaults, then an optional TOML file, then environment variables and
+//! command-line flags (clap reads both; a flag beats its variable). Validated once at start-up.
+
+use std::{fmt, net::SocketAddr, path::PathBuf, time::Duration};
+
+use serde::Deserialize;
+
+/// A secret string whose `Debug` and `Display` never show the value.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+    /// The only way to read the value: grep for `expose` to audit every use.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret([REDACTED])")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[REDACTED]")
+    }
+}
+
+impl<'de> Deserialize<'de> for Secret {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d).map(Secret)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    ReadFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid config file {path}: {message}")]
+    ParseFile { path: PathBuf, message: String },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+pub const DEFAULT_DATABASE_URL: &str = "sqlite://./billsync.db";
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+pub const DEFAULT_STRIPE_API_BASE: &str = "https://api.stripe.com";
+/// The API version the spec was written against; pinned so Stripe-side upgrades of the
+/// account's default version cannot change the shapes billsync parses.
+pub const DEFAULT_STRIPE_API_VERSION: &str = "2025-08-27.basil";
+
+/// Every setting, as a flag and an environment variable. All optional here: defaults and the
+/// TOML file fill the gaps in [`Config::load`].
+#[derive(Debug, Default, Clone, clap::Args)]
+pub struct ConfigArgs {
+    /// TOML file with settings (keys as the long flags, with underscores).
+    #[arg(long, env = "BILLSYNC_CONFIG", global = true)]
+    pub config: Option<PathBuf>,
+    /// postgres://… or sqlite://… [default: sqlite://./billsync.db]
+    #[arg(long, env = "DATABASE_URL", global = true, hide_env_values = true)]
+    pub database_url: Option<String>,
+    /// Maximum database connections in the pool [default: 16]
+    #[arg(long, env = "BILLSYNC_DB_MAX_CONNECTIONS", global = true)]
+    pub db_max_connections: Option<u32>,
+    /// Address the HTTP server listens on [default: 127.0.0.1:8080]
+    #[arg(long, env = "BILLSYNC_LISTEN", global = true)]
+    pub listen: Option<String>,
+    /// Stripe secret or restricted key (sk_… or rk_…).
+    #[arg(long, env = "STRIPE_SECRET_KEY", global = true, hide_env_values = true)]
+    pub stripe_secret_key: Option<String>,
+    /// Stripe API base URL [default: https://api.stripe.com]
+    #[arg(long, env = "BILLSYNC_STRIPE_API_BASE", global = true)]
+    pub stripe_api_base: Option<String>,
+    /// Pinned Stripe-Version header [default: 2025-08-27.basil]
+    #[arg(long, env = "BILLSYNC_STRIPE_API_VERSION", global = true)]
+    pub stripe_api_version: Option<String>,
+    /// Timeout of one Stripe request attempt, in milliseconds [default: 10000]
+    #[arg(long, env = "BILLSYNC_STRIPE_TIMEOUT_MS", global = true)]
+    pub stripe_timeout_ms: Option<u64>,
+    /// Retries after a failed Stripe attempt (connection errors, 409 lock_timeout, 429, 5xx) [default: 2]
+    #[arg(long, env = "BILLSYNC_STRIPE_MAX_RETRIES", global = true)]
+    pub stripe_max_retries: Option<u32>,
+    /// Bearer key for the admin API (/v1/…); admin routes answer 503 while unset.
+    #[arg(
+        long,
+        env = "BILLSYNC_ADMIN_API_KEY",
+        global = true,
+        hide_env_values = true
+    )]
+    pub admin_api_key: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    database_url: Option<String>,
+    db_max_connections: Option<u32>,
+    listen: Option<String>,
+    stripe_secret_key: Option<String>,
+    stripe_api_base: Option<String>,
+    stripe_api_version: Option<String>,
+    stripe_timeout_ms: Option<u64>,
+    stripe_max_retries: Option<u32>,
+    admin_api_key: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct StripeConfig {
+    /// Validated lazily: `migrate` needs no key, `serve` refuses to start without one.
+    pub secret_key: Option<Secret>,
+    pub api_base: String,
+    pub api_version: String,
+    pub timeout: Duration,
+    pub connect_timeout: Duration,
+    pub max_retries: u32,
+    /// First retry delay; doubles per attempt, with jitter.
+    pub retry_base_delay: Duration,
+    /// Longest single wait between attempts, including a server's `Retry-After`.
+    pub retry_max_delay: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub database_url: Secret,
+    pub db_max_connections: u32,
+    pub listen: SocketAddr,
+    pub stripe: StripeConfig,
+    pub admin_api_key: Option<Secret>,
+    /// How long a resolve claim protects a user's customer creation before another
+    /// instance may take over (it must outlast the Stripe calls of one resolve).
+    pub resolve_lease: Duration,
+}
+
+impl Config {
+    pub fn load(args: &ConfigArgs) -> Result<Self, ConfigError> {
+        let file = match &args.config {
+            Some(path) => {
+                let text =
+                    std::fs::read_to_string(path).map_err(|source| ConfigError::ReadFile {
+                        path: path.clone(),
+                        source,
+                    })?;
+                toml::from_str::<FileConfig>(&text).map_err(|e| ConfigError::ParseFile {
+                    path: path.clone(),
+                    message: e.message().to_owned(),
+                })?
+            }
+            None => FileConfig::default(),
+        };
+        fn pick<T: Clone>(flag: &Option<T>, file: Option<T>) -> Option<T> {
+            flag.clone().or(file)
+        }
+
+        let database_url = pick(&args.database_url, file.database_url)
+            .unwrap_or_else(|| DEFAULT_DATABASE_URL.to_owned());
+        if !(database_url.starts_with("postgres://")
+            || database_url.starts_with("postgresql://")
+            || database_url.starts_with("sqlite:"))
+        {
+            return Err(ConfigError::Invalid(
+                "DATABASE_URL must start with postgres://, postgresql:// or sqlite:".into(),
+            ));
+        }
+        let listen_raw =
+            pick(&args.listen, file.listen).unwrap_or_else(|| DEFAULT_LISTEN.to_owned());
+        let listen = listen_raw.parse().map_err(|_| {
+            ConfigError::Invalid(format!(
+                "BILLSYNC_LISTEN must be an address like 127.0.0.1:8080, got {listen_raw:?}"
+            ))
+        })?;
+        let db_max_connections =
+            pick(&args.db_max_connections, file.db_max_connections).unwrap_or(16);
+        if db_max_connections == 0 {
+            return Err(ConfigError::Invalid(
+                "BILLSYNC_DB_MAX_CONNECTIONS must be at least 1".into(),
+            ));
+        }
+        let api_base = pick(&args.stripe_api_base, file.stripe_api_base)
+            .unwrap_or_else(|| DEFAULT_STRIPE_API_BASE.to_owned());
+        if !(api_base.starts_with("https://") || api_base.starts_with("http://")) {
+            return Err(ConfigError::Invalid(format!(
+                "BILLSYNC_STRIPE_API_BASE must be an http(s) URL, got {api_base:?}"
+            )));
+        }
+        let timeout_ms = pick(&args.stripe_timeout_ms, file.stripe_timeout_ms).unwrap_or(10_000);
+        if timeout_ms == 0 {
+            return Err(ConfigError::Invalid(
+                "BILLSYNC_STRIPE_TIMEOUT_MS must be positive".into(),
+            ));
+        }
+        let admin_api_key = pick(&args.admin_api_key, file.admin_api_key)
+            .filter(|k| !k.is_empty())
+            .map(Secret::new);
+        if admin_api_key
+            .as_ref()
+            .is_some_and(|k| k.expose().len() < 16)
+        {
+            return Err(ConfigError::Invalid(
+                "BILLSYNC_ADMIN_API_KEY must be at least 16 characters".into(),
+            ));
+        }
+        let timeout = Duration::from_millis(timeout_ms);
+        Ok(Self {
+            database_url: Secret::new(database_url),
+            db_max_connections,
+            listen,
+            stripe: StripeConfig {
+                secret_key: pick(&args.stripe_secret_key, file.stripe_secret_key)
+                    .filter(|k| !k.is_empty())
+                    .map(Secret::new),
+                api_base: api_base.trim_end_matches('/').to_owned(),
+                api_version: pick(&args.stripe_api_version, file.stripe_api_version)
+                    .unwrap_or_else(|| DEFAULT_STRIPE_API_VERSION.to_owned()),
+                timeout,
+                connect_timeout: timeout.min(Duration::from_secs(5)),
+                max_retries: pick(&args.stripe_max_retries, file.stripe_max_retries).unwrap_or(2),
+                retry_base_delay: Duration::from_millis(250),
+                retry_max_delay: Duration::from_secs(10),
+            },
+            admin_api_key,
+            resolve_lease: timeout * 6 + Duration::from_secs(30),
+        })
+    }
+
+    /// The Stripe key, checked for shape. Commands that talk to Stripe call this first so a
+    /// missing or mistyped key stops them with one clear line.
+    pub fn stripe_secret_key(&self) -> Result<Secret, ConfigError> {
+        let key = self.stripe.secret_key.clone().ok_or_else(|| {
+            ConfigError::Invalid(
+                "STRIPE_SECRET_KEY is not set (expected an sk_… or rk_… key)".into(),
+            )
+        })?;
+        if !(key.expose().starts_with("sk_") || key.expose().starts_with("rk_")) {
+            return Err(ConfigError::Invalid(
+                "STRIPE_SECRET_KEY must be a secret (sk_…) or restricted (rk_…) key".into(),
+            ));
+        }
+        Ok(key)
+    }
+
+    /// Whether the configured key is a live-mode key (objects from the other mode are ignored).
+    pub fn livemode(&self) -> bool {
+        self.stripe
+            .secret_key
+            .as_ref()
+            .is_some_and(|k| k.expose().contains("_live_"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_apply_without_any_configuration() {
+        let config = Config::load(&ConfigArgs::default()).unwrap();
+        assert_eq!(config.database_url.expose(), DEFAULT_DATABASE_URL);
+        assert_eq!(config.listen.to_string(), DEFAULT_LISTEN);
+        assert_eq!(config.stripe.api_base, DEFAULT_STRIPE_API_BASE);
+        assert!(config.admin_api_key.is_none());
+        assert!(config
+            .stripe_secret_key()
+            .unwrap_err()
+            .to_string()
+            .contains("STRIPE_SECRET_KEY"));
+    }
+
+    #[test]
+    fn flags_beat_the_file_which_beats_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("billsync.toml");
+        std::fs::write(
+            &path,
+            "listen = \"127.0.0.1:9000\"\nstripe_max_retries = 5\nstripe_api_base = \"http://127.0.0.1:1/\"\n",
+        )
+        .unwrap();
+        let args = ConfigArgs {
+            config: Some(path),
+            listen: Some("127.0.0.1:9001".into()),
+            ..Default::default()
+        };
+        let config = Config::load(&args).unwrap();
+        assert_eq!(config.listen.port(), 9001);
+        assert_eq!(config.stripe.max_retries, 5);
+        assert_eq!(config.stripe.api_base, "http://127.0.0.1:1");
+    }
+
+    #[test]
+    fn unknown_file_keys_and_bad_values_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("billsync.toml");
+        std::fs::write(&path, "lisen = \"x\"\n").unwrap();
+        let err = Config::load(&ConfigArgs {
+            config: Some(path),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("lisen"), "{err}");
+
+        let err = Config::load(&ConfigArgs {
+            database_url: Some("mysql://x".into()),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("DATABASE_URL"));
+    }
+
+    #[test]
+    fn stripe_key_shape_is_checked_and_never_printed() {
+        let config = Config::load(&ConfigArgs {
+            stripe_secret_key: Some("pk_test_publishable".into()),
+            ..Default::default()
+        })
+        .unwrap();
+        let err = config.stripe_secret_key().unwrap_err().to_string();
+        assert!(err.contains("sk_"), "{err}");
+        assert!(!err.contains("pk_test_publishable"));
+
+        let config = Config::load(&ConfigArgs {
+            stripe_secret_key: Some("sk_test_supersecret".into()),
+            admin_api_key: Some("admin-key-0123456789".into()),
+            ..Default::default()
+        })
+        .unwrap();
+        assert!(config.stripe_secret_key().is_ok());
+        let debug = format!("{config:?}");
+        assert!(
+            !debug.contains("supersecret") && !debug.contains("admin-key"),
+            "{debug}"
+        );
+    }
+}

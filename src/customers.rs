@@ -1,0 +1,358 @@
+//! Customer resolution: the spec's `getOrCreateStripeCustomer`, race-free and safe.
+//!
+//! Order: the database link; then a Stripe customer whose `metadata.userId` is this user (left
+//! by an earlier attempt that crashed before linking); then an email match under the linking
+//! policy (design §3.2); else a new customer. Creation happens under a per-user claim: an
+//! in-process lock, then a lease row in the database shared by every instance, and the create
+//! request carries an idempotency key derived from the user and the exact request.
+
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
+
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use time::format_description::well_known::Rfc3339;
+
+use crate::{
+    domain::{full_name, LinkSource, StripeCustomerId, UserId},
+    keyed_lock::KeyedLock,
+    store::{LinkOutcome, ResolveClaim, Store, StoreError, User},
+    stripe::{Customer, CustomerParams, StripeClient, StripeError, METADATA_USER_ID},
+};
+
+/// `metadata.source` on customers billsync creates.
+pub const CUSTOMER_SOURCE: &str = "billsync";
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Resolved {
+    pub customer_id: StripeCustomerId,
+    pub source: LinkSource,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ResolveError {
+    #[error("user not found")]
+    UserNotFound,
+    #[error("another resolve for this user did not finish in time")]
+    Busy,
+    #[error(transparent)]
+    Stripe(#[from] StripeError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("stripe returned an unusable customer id {0:?}")]
+    BadCustomerId(String),
+}
+
+#[derive(Clone)]
+pub struct CustomerResolver {
+    store: Arc<dyn Store>,
+    stripe: StripeClient,
+    local: KeyedLock,
+    /// Identifies this process as a claim holder.
+    holder: String,
+    lease: Duration,
+    livemode: bool,
+}
+
+impl CustomerResolver {
+    pub fn new(
+        store: Arc<dyn Store>,
+        stripe: StripeClient,
+        lease: Duration,
+        livemode: bool,
+    ) -> Self {
+        Self {
+            store,
+            stripe,
+            local: KeyedLock::default(),
+            holder: format!("billsync-{}", uuid::Uuid::new_v4()),
+            lease,
+            livemode,
+        }
+    }
+
+    /// The user's Stripe customer, found or created. Exactly one per user, however many calls
+    /// race: all of them return the same id.
+    #[tracing::instrument(skip_all, fields(user_id = %user_id))]
+    pub async fn resolve(&self, user_id: &UserId) -> Result<Resolved, ResolveError> {
+        if let Some(link) = self.store.get_link(user_id).await? {
+            return Ok(existing(link.customer_id));
+        }
+        let _local = self.local.lock(user_id.as_str()).await;
+        let claim = match self.claim(user_id).await? {
+            Claimed::Already(resolved) => return Ok(resolved),
+            Claimed::Held(claim) => claim,
+        };
+        let result = self.resolve_claimed(user_id, &claim).await;
+        if let Err(err) = self
+            .store
+            .release_resolve(user_id, &self.holder, result.is_ok())
+            .await
+        {
+            // The lease expires by itself; the next attempt takes it over.
+            tracing::warn!(error = %err, "could not release resolve claim");
+        }
+        result
+    }
+
+    /// Waits for the cross-instance claim, or for another holder to finish the link.
+    async fn claim(&self, user_id: &UserId) -> Result<Claimed, ResolveError> {
+        let deadline = tokio::time::Instant::now() + self.lease + Duration::from_secs(5);
+        let mut pause = Duration::from_millis(20);
+        loop {
+            if let Some(link) = self.store.get_link(user_id).await? {
+                return Ok(Claimed::Already(existing(link.customer_id)));
+            }
+            if self.store.get_user(user_id).await?.is_none() {
+                return Err(ResolveError::UserNotFound);
+            }
+            if let Some(claim) = self
+                .store
+                .try_claim_resolve(user_id, &self.holder, self.lease)
+                .await?
+            {
+                return Ok(Claimed::Held(claim));
+            }
+            if tokio::time::Instant::now() + pause > deadline {
+                return Err(ResolveError::Busy);
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(500));
+        }
+    }
+
+    async fn resolve_claimed(
+        &self,
+        user_id: &UserId,
+        claim: &ResolveClaim,
+    ) -> Result<Resolved, ResolveError> {
+        // Another instance may have linked between our check and our claim.
+        if let Some(link) = self.store.get_link(user_id).await? {
+            return Ok(existing(link.customer_id));
+        }
+        let user = self
+            .store
+            .get_user(user_id)
+            .await?
+            .ok_or(ResolveError::UserNotFound)?;
+
+        let candidates = self.stripe.customers_by_email(user.email.as_str()).await?;
+        for (customer, via) in self.pick_existing(&user, &candidates).await? {
+            match self
+                .link(&user, &customer.id, customer.livemode, via)
+                .await?
+            {
+                Some(resolved) => return Ok(resolved),
+                None => continue,
+            }
+        }
+
+        let params = create_params(&user, claim);
+        let key = creation_idempotency_key(&user.id, &params);
+        let customer = self.stripe.create_customer(&params, &key).await?;
+        tracing::info!(customer_id = %customer.id, "created stripe customer");
+        self.link(&user, &customer.id, customer.livemode, LinkSource::Created)
+            .await?
+            .ok_or_else(|| {
+                // A brand-new customer cannot be linked elsewhere; if it is, the data is wrong.
+                ResolveError::Store(StoreError::Corrupt(format!(
+                    "new customer {} already linked to another user",
+                    customer.id
+                )))
+            })
+    }
+
+    /// The existing customers this user may be linked to, best first: customers made for this
+    /// user (`metadata.userId`), then a lone verified email match.
+    async fn pick_existing<'c>(
+        &self,
+        user: &User,
+        candidates: &'c [Customer],
+    ) -> Result<Vec<(&'c Customer, LinkSource)>, ResolveError> {
+        let usable: Vec<&Customer> = candidates
+            .iter()
+            .filter(|c| c.livemode == self.livemode && !c.deleted)
+            .collect();
+        let mut picks: Vec<(&Customer, LinkSource)> = usable
+            .iter()
+            .filter(|c| c.user_id_metadata() == Some(user.id.as_str()))
+            .map(|c| (*c, LinkSource::StripeMetadata))
+            .collect();
+        if picks.len() > 1 {
+            tracing::warn!(
+                customers = ?picks.iter().map(|(c, _)| c.id.as_str()).collect::<Vec<_>>(),
+                "several stripe customers carry this user's id; linking the oldest"
+            );
+        }
+        if !picks.is_empty() {
+            return Ok(picks);
+        }
+        match usable.as_slice() {
+            [] => {}
+            [only] if user.email_verified && only.user_id_metadata().is_none() => {
+                picks.push((only, LinkSource::StripeEmail));
+            }
+            several => {
+                let reason = if !user.email_verified {
+                    "email not verified"
+                } else if several.len() > 1 {
+                    "several customers share this email"
+                } else {
+                    "customer belongs to another user"
+                };
+                tracing::warn!(
+                    candidates = ?several.iter().map(|c| c.id.as_str()).collect::<Vec<_>>(),
+                    reason,
+                    "possible duplicate customer: email match not linked, creating a new customer"
+                );
+            }
+        }
+        Ok(picks)
+    }
+
+    /// Links, or says (`None`) that the customer belongs to another user.
+    async fn link(
+        &self,
+        user: &User,
+        customer_id: &str,
+        livemode: bool,
+        via: LinkSource,
+    ) -> Result<Option<Resolved>, ResolveError> {
+        let customer = StripeCustomerId::parse(customer_id)
+            .map_err(|_| ResolveError::BadCustomerId(customer_id.to_owned()))?;
+        match self
+            .store
+            .insert_link(&user.id, &customer, livemode, via)
+            .await?
+        {
+            LinkOutcome::Linked(link) => {
+                tracing::info!(customer_id = %link.customer_id, linked_via = via.as_str(), "linked customer");
+                Ok(Some(Resolved {
+                    customer_id: link.customer_id,
+                    source: via,
+                }))
+            }
+            LinkOutcome::UserAlreadyLinked(link) => Ok(Some(existing(link.customer_id))),
+            LinkOutcome::CustomerTaken { .. } => {
+                tracing::warn!(
+                    customer_id,
+                    "candidate customer is linked to another user; skipped"
+                );
+                Ok(None)
+            }
+            LinkOutcome::UserMissing => Err(ResolveError::UserNotFound),
+        }
+    }
+}
+
+enum Claimed {
+    Already(Resolved),
+    Held(ResolveClaim),
+}
+
+fn existing(customer_id: StripeCustomerId) -> Resolved {
+    Resolved {
+        customer_id,
+        source: LinkSource::Existing,
+    }
+}
+
+/// The create request. `created_at` is the claim's first start, so every retry of this
+/// user's creation sends identical parameters.
+fn create_params(user: &User, claim: &ResolveClaim) -> CustomerParams {
+    let mut metadata = BTreeMap::new();
+    metadata.insert(METADATA_USER_ID.to_owned(), user.id.to_string());
+    metadata.insert("source".to_owned(), CUSTOMER_SOURCE.to_owned());
+    metadata.insert(
+        "created_at".to_owned(),
+        claim
+            .started_at
+            .format(&Rfc3339)
+            .expect("a UTC timestamp formats as RFC 3339"),
+    );
+    CustomerParams {
+        email: Some(user.email.to_string()),
+        name: full_name(user.first_name.as_ref(), user.last_name.as_ref()),
+        phone: user.phone.as_ref().map(ToString::to_string),
+        metadata,
+    }
+}
+
+/// Same user and same parameters give the same key: a create retried after a crash or a lost
+/// answer returns the first customer instead of making a second (Stripe keeps keys 24 h).
+pub fn creation_idempotency_key(user: &UserId, params: &CustomerParams) -> String {
+    let mut hash = Sha256::new();
+    hash.update(user.as_str().as_bytes());
+    hash.update([0]);
+    hash.update(serde_json::to_vec(params).expect("customer params serialize"));
+    format!(
+        "billsync-customer-create-{}",
+        &hex::encode(hash.finalize())[..48]
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::{Email, PersonName};
+
+    fn user(first: Option<&str>, last: Option<&str>) -> User {
+        User {
+            id: UserId::parse("user-1").unwrap(),
+            email: Email::parse("Ada@Example.com").unwrap(),
+            email_verified: true,
+            first_name: PersonName::parse_optional(first, "first_name").unwrap(),
+            last_name: PersonName::parse_optional(last, "last_name").unwrap(),
+            phone: None,
+            version: 1,
+            created_at: crate::store::now(),
+            updated_at: crate::store::now(),
+        }
+    }
+
+    #[test]
+    fn create_params_carry_email_joined_name_and_metadata() {
+        let claim = ResolveClaim {
+            started_at: time::macros::datetime!(2026-11-26 10:00:00 UTC),
+        };
+        let params = create_params(&user(Some("Ada"), Some("Lovelace")), &claim);
+        assert_eq!(params.email.as_deref(), Some("ada@example.com"));
+        assert_eq!(params.name.as_deref(), Some("Ada Lovelace"));
+        assert_eq!(params.metadata["userId"], "user-1");
+        assert_eq!(params.metadata["source"], "billsync");
+        assert_eq!(params.metadata["created_at"], "2026-11-26T10:00:00Z");
+        assert_eq!(
+            create_params(&user(None, Some("Lovelace")), &claim)
+                .name
+                .as_deref(),
+            Some("Lovelace")
+        );
+        assert_eq!(create_params(&user(None, None), &claim).name, None);
+    }
+
+    #[test]
+    fn idempotency_key_is_deterministic_per_user_and_request() {
+        let claim = ResolveClaim {
+            started_at: time::macros::datetime!(2026-11-26 10:00:00 UTC),
+        };
+        let u = user(Some("Ada"), None);
+        let a = creation_idempotency_key(&u.id, &create_params(&u, &claim));
+        let b = creation_idempotency_key(&u.id, &create_params(&u, &claim));
+        assert_eq!(a, b);
+        assert!(a.len() <= 255);
+        let other = User {
+            id: UserId::parse("user-2").unwrap(),
+            ..u.clone()
+        };
+        assert_ne!(
+            a,
+            creation_idempotency_key(&other.id, &create_params(&other, &claim))
+        );
+        let later = ResolveClaim {
+            started_at: time::macros::datetime!(2026-11-26 10:00:01 UTC),
+        };
+        assert_ne!(
+            a,
+            creation_idempotency_key(&u.id, &create_params(&u, &later))
+        );
+    }
+}

@@ -1,0 +1,149 @@
+//! The one error type of the HTTP API. Every failure a client can cause has a stable code and
+//! a clear message; everything else is a 500 "internal error" whose cause goes to the log,
+//! inside the request's span, never to the client.
+
+use axum::{
+    http::StatusCode,
+    response::{IntoResponse, Response},
+    Json,
+};
+use serde_json::json;
+
+use crate::{
+    customers::ResolveError, domain::ValidationError, store::StoreError, stripe::StripeError,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("missing or invalid credentials")]
+    Unauthorized,
+    #[error("the admin API is disabled: set BILLSYNC_ADMIN_API_KEY to enable it")]
+    AdminDisabled,
+    #[error("request body is not valid JSON: {0}")]
+    InvalidJson(String),
+    #[error("{0}")]
+    InvalidRequest(String),
+    #[error("{0}")]
+    Validation(#[from] ValidationError),
+    #[error("request body is larger than {limit} bytes")]
+    PayloadTooLarge { limit: usize },
+    #[error("user not found")]
+    UserNotFound,
+    #[error("no route for this path")]
+    RouteNotFound,
+    #[error("method not allowed for this path")]
+    MethodNotAllowed,
+    #[error("Stripe is unavailable; nothing was changed, try again later")]
+    StripeUnavailable,
+    #[error("another request is resolving this user's customer; try again shortly")]
+    ResolveBusy,
+    #[error("the database is unavailable; try again later")]
+    DatabaseUnavailable,
+    /// Anything else: logged with its cause, answered as "internal error".
+    #[error("internal error")]
+    Internal(#[source] anyhow::Error),
+}
+
+impl ApiError {
+    pub fn internal(err: impl Into<anyhow::Error>) -> Self {
+        Self::Internal(err.into())
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::Unauthorized => StatusCode::UNAUTHORIZED,
+            Self::InvalidJson(_) => StatusCode::BAD_REQUEST,
+            Self::InvalidRequest(_) | Self::Validation(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::UserNotFound | Self::RouteNotFound => StatusCode::NOT_FOUND,
+            Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Self::ResolveBusy => StatusCode::CONFLICT,
+            Self::AdminDisabled | Self::StripeUnavailable | Self::DatabaseUnavailable => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::Unauthorized => "unauthorized",
+            Self::AdminDisabled => "admin_disabled",
+            Self::InvalidJson(_) => "invalid_json",
+            Self::InvalidRequest(_) => "invalid_request",
+            Self::Validation(v) => v.code,
+            Self::PayloadTooLarge { .. } => "payload_too_large",
+            Self::UserNotFound => "user_not_found",
+            Self::RouteNotFound => "not_found",
+            Self::MethodNotAllowed => "method_not_allowed",
+            Self::StripeUnavailable => "stripe_unavailable",
+            Self::ResolveBusy => "resolve_in_progress",
+            Self::DatabaseUnavailable => "database_unavailable",
+            Self::Internal(_) => "internal_error",
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        match &self {
+            Self::Internal(cause) => tracing::error!(error = ?cause, "request failed"),
+            Self::DatabaseUnavailable | Self::StripeUnavailable => {
+                tracing::warn!(code = self.code(), "dependency unavailable")
+            }
+            _ => tracing::debug!(
+                code = self.code(),
+                status = status.as_u16(),
+                "request rejected"
+            ),
+        }
+        let body = json!({"error": {"code": self.code(), "message": self.to_string()}});
+        let mut response = (status, Json(body)).into_response();
+        if matches!(
+            self,
+            Self::DatabaseUnavailable | Self::StripeUnavailable | Self::ResolveBusy
+        ) {
+            response.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from_static("1"),
+            );
+        }
+        response
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(err: StoreError) -> Self {
+        match err {
+            StoreError::Unavailable(cause) => {
+                tracing::warn!(error = %cause, "database unavailable");
+                Self::DatabaseUnavailable
+            }
+            other => Self::internal(other),
+        }
+    }
+}
+
+impl From<StripeError> for ApiError {
+    fn from(err: StripeError) -> Self {
+        if err.is_unavailable() {
+            // The client has logged the failure with its operation and attempts.
+            Self::StripeUnavailable
+        } else {
+            Self::internal(err)
+        }
+    }
+}
+
+impl From<ResolveError> for ApiError {
+    fn from(err: ResolveError) -> Self {
+        match err {
+            ResolveError::UserNotFound => Self::UserNotFound,
+            ResolveError::Busy => Self::ResolveBusy,
+            ResolveError::Stripe(e) => e.into(),
+            ResolveError::Store(e) => e.into(),
+            other @ ResolveError::BadCustomerId(_) => Self::internal(other),
+        }
+    }
+}

@@ -1,0 +1,152 @@
+//! The HTTP surface: `app(state)` builds the router (tests call it directly); `serve` binds it.
+
+mod admin;
+pub mod extract;
+
+use std::{sync::Arc, time::Duration};
+
+use axum::{
+    extract::{DefaultBodyLimit, State},
+    http::{HeaderName, Request, StatusCode},
+    middleware,
+    response::IntoResponse,
+    routing::{get, post},
+    Json, Router,
+};
+use serde_json::json;
+use tower_http::{
+    request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer},
+    trace::TraceLayer,
+};
+
+pub use admin::{UserBody, UserView};
+
+use crate::{
+    config::{Config, Secret},
+    customers::CustomerResolver,
+    error::ApiError,
+    store::Store,
+    stripe::StripeClient,
+};
+
+/// Everything a request handler needs; cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    pub store: Arc<dyn Store>,
+    pub stripe: StripeClient,
+    pub resolver: CustomerResolver,
+    pub admin_api_key: Option<Secret>,
+}
+
+impl AppState {
+    pub fn new(config: &Config, store: Arc<dyn Store>, stripe: StripeClient) -> Self {
+        Self {
+            resolver: CustomerResolver::new(
+                store.clone(),
+                stripe.clone(),
+                config.resolve_lease,
+                config.livemode(),
+            ),
+            store,
+            stripe,
+            admin_api_key: config.admin_api_key.clone(),
+        }
+    }
+}
+
+const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+pub fn app(state: AppState) -> Router {
+    let admin = Router::new()
+        .route(
+            "/v1/users/{user_id}",
+            get(admin::get_user).put(admin::put_user),
+        )
+        .route(
+            "/v1/users/{user_id}/customer",
+            post(admin::resolve_customer),
+        )
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            admin::require_admin_key,
+        ));
+
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .merge(admin)
+        .fallback(|| async { ApiError::RouteNotFound })
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .layer(DefaultBodyLimit::max(extract::BODY_LIMIT))
+        .layer(
+            TraceLayer::new_for_http().make_span_with(|request: &Request<_>| {
+                let request_id = request
+                    .headers()
+                    .get(&REQUEST_ID)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("");
+                tracing::info_span!(
+                    "request",
+                    method = %request.method(),
+                    path = %request.uri().path(),
+                    request_id,
+                )
+            }),
+        )
+        .layer(PropagateRequestIdLayer::new(REQUEST_ID))
+        .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
+        .with_state(state)
+}
+
+/// The process is up.
+async fn healthz() -> Json<serde_json::Value> {
+    Json(json!({"status": "ok"}))
+}
+
+/// The process can serve: its database answers.
+async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
+    match tokio::time::timeout(Duration::from_secs(2), state.store.ping()).await {
+        Ok(Ok(())) => (
+            StatusCode::OK,
+            Json(json!({"status": "ready", "database": state.store.backend()})),
+        )
+            .into_response(),
+        Ok(Err(err)) => {
+            tracing::warn!(error = %err, "readiness check failed");
+            ApiError::DatabaseUnavailable.into_response()
+        }
+        Err(_) => {
+            tracing::warn!("readiness check timed out");
+            ApiError::DatabaseUnavailable.into_response()
+        }
+    }
+}
+
+/// Serves until SIGINT or SIGTERM, then lets in-flight requests finish.
+pub async fn serve(listener: tokio::net::TcpListener, router: Router) -> std::io::Result<()> {
+    axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+}
+
+pub async fn shutdown_signal() {
+    let interrupt = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = interrupt => {},
+        () = terminate => {},
+    }
+    tracing::info!("shutdown signal received; finishing in-flight requests");
+}

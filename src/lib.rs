@@ -1,0 +1,13 @@
+//! billsync keeps an application's users and their Stripe customers in sync.
+//!
+//! The library holds the whole service; the `billsync` binary is a thin CLI over it.
+
+pub mod cli;
+pub mod config;
+pub mod customers;
+pub mod domain;
+pub mod error;
+pub mod http;
+pub mod keyed_lock;
+pub mod store;
+pub mod stripe;

@@ -1,0 +1,278 @@
+//! Persistence. One [`Store`] trait, a Postgres implementation for production (several
+//! instances may share it) and a SQLite one as the embedded default. `tests/store_conformance.rs`
+//! runs the same suite against both.
+
+use std::{sync::Arc, time::Duration};
+
+use async_trait::async_trait;
+use sqlx::migrate::{Migration, MigrationType, Migrator};
+use time::OffsetDateTime;
+
+use crate::domain::{Email, LinkSource, PersonName, Phone, StripeCustomerId, UserId};
+
+mod postgres;
+mod sqlite;
+
+pub use postgres::PgStore;
+pub use sqlite::SqliteStore;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database could not be reached (connection refused, pool exhausted, I/O).
+    #[error("database unavailable: {0}")]
+    Unavailable(#[source] sqlx::Error),
+    #[error("stored data is not valid: {0}")]
+    Corrupt(String),
+    #[error("database error: {0}")]
+    Other(#[source] sqlx::Error),
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(err: sqlx::Error) -> Self {
+        match err {
+            sqlx::Error::Io(_)
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::WorkerCrashed => Self::Unavailable(err),
+            // Postgres shutting down / connection lost mid-query (class 57P, 08).
+            sqlx::Error::Database(ref db)
+                if db
+                    .code()
+                    .is_some_and(|c| c.starts_with("57P") || c.starts_with("08")) =>
+            {
+                Self::Unavailable(err)
+            }
+            other => Self::Other(other),
+        }
+    }
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// A user of the application, as billsync mirrors it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct User {
+    pub id: UserId,
+    pub email: Email,
+    pub email_verified: bool,
+    pub first_name: Option<PersonName>,
+    pub last_name: Option<PersonName>,
+    pub phone: Option<Phone>,
+    /// Increases on every change of the fields above.
+    pub version: i64,
+    pub created_at: OffsetDateTime,
+    pub updated_at: OffsetDateTime,
+}
+
+/// The desired state of a user, for create-or-replace.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UserUpsert {
+    pub id: UserId,
+    pub email: Email,
+    pub email_verified: bool,
+    pub first_name: Option<PersonName>,
+    pub last_name: Option<PersonName>,
+    pub phone: Option<Phone>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct CustomerLink {
+    pub user_id: UserId,
+    pub customer_id: StripeCustomerId,
+    pub livemode: bool,
+    pub linked_via: LinkSource,
+    pub linked_at: OffsetDateTime,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum LinkOutcome {
+    /// The link was written.
+    Linked(CustomerLink),
+    /// The user already had a link (returned); nothing was written.
+    UserAlreadyLinked(CustomerLink),
+    /// The customer is linked to another user; nothing was written.
+    CustomerTaken { other_user: UserId },
+    /// The user does not exist.
+    UserMissing,
+}
+
+/// A held claim on creating a user's customer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ResolveClaim {
+    /// When the first attempt began; kept across failed attempts so a retried create is the
+    /// same request (same metadata, same idempotency key).
+    pub started_at: OffsetDateTime,
+}
+
+/// Timestamps are stored with millisecond precision on every backend; values made here
+/// round-trip exactly.
+pub fn now() -> OffsetDateTime {
+    let now = OffsetDateTime::now_utc();
+    now.replace_nanosecond(now.nanosecond() / 1_000_000 * 1_000_000)
+        .expect("a truncated nanosecond is in range")
+}
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// `postgres` or `sqlite`, for logs and metrics.
+    fn backend(&self) -> &'static str;
+    async fn migrate(&self) -> StoreResult<()>;
+    /// A round trip to the database, for readiness.
+    async fn ping(&self) -> StoreResult<()>;
+
+    /// Creates the user or replaces its profile; `version` increases only when a field changed.
+    async fn upsert_user(&self, user: &UserUpsert) -> StoreResult<User>;
+    async fn get_user(&self, id: &UserId) -> StoreResult<Option<User>>;
+
+    async fn get_link(&self, user: &UserId) -> StoreResult<Option<CustomerLink>>;
+    async fn get_link_by_customer(
+        &self,
+        customer: &StripeCustomerId,
+    ) -> StoreResult<Option<CustomerLink>>;
+    /// Links a user to a customer unless either side is already linked.
+    async fn insert_link(
+        &self,
+        user: &UserId,
+        customer: &StripeCustomerId,
+        livemode: bool,
+        via: LinkSource,
+    ) -> StoreResult<LinkOutcome>;
+
+    /// Takes the user's resolve claim if nobody holds an unexpired one. Re-taking an expired
+    /// claim keeps its `started_at`.
+    async fn try_claim_resolve(
+        &self,
+        user: &UserId,
+        holder: &str,
+        lease: Duration,
+    ) -> StoreResult<Option<ResolveClaim>>;
+    /// Ends a claim held by `holder`: `completed` deletes it, otherwise it is expired at once
+    /// (keeping `started_at` for the next attempt).
+    async fn release_resolve(
+        &self,
+        user: &UserId,
+        holder: &str,
+        completed: bool,
+    ) -> StoreResult<()>;
+}
+
+/// Opens the store that `database_url` names, creating a SQLite file when missing.
+pub async fn connect(database_url: &str, max_connections: u32) -> StoreResult<Arc<dyn Store>> {
+    if database_url.starts_with("postgres://") || database_url.starts_with("postgresql://") {
+        Ok(Arc::new(
+            PgStore::connect(database_url, max_connections).await?,
+        ))
+    } else {
+        Ok(Arc::new(
+            SqliteStore::connect(database_url, max_connections).await?,
+        ))
+    }
+}
+
+fn embedded_migrator(files: &[(i64, &'static str, &'static str)]) -> Migrator {
+    Migrator {
+        migrations: files
+            .iter()
+            .map(|&(version, description, sql)| {
+                Migration::new(
+                    version,
+                    description.into(),
+                    MigrationType::Simple,
+                    sql.into(),
+                    false,
+                )
+            })
+            .collect::<Vec<_>>()
+            .into(),
+        ..Migrator::DEFAULT
+    }
+}
+
+pub(crate) fn postgres_migrator() -> Migrator {
+    embedded_migrator(&[(
+        1,
+        "init",
+        include_str!("../../migrations/postgres/0001_init.sql"),
+    )])
+}
+
+pub(crate) fn sqlite_migrator() -> Migrator {
+    embedded_migrator(&[(
+        1,
+        "init",
+        include_str!("../../migrations/sqlite/0001_init.sql"),
+    )])
+}
+
+/// Columns of a user row, in the order both backends select them.
+type UserRow = (
+    String,
+    String,
+    bool,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    i64,
+    OffsetDateTime,
+    OffsetDateTime,
+);
+
+fn user_from_row(row: UserRow) -> StoreResult<User> {
+    let (id, email, email_verified, first_name, last_name, phone, version, created_at, updated_at) =
+        row;
+    let corrupt = |e: crate::domain::ValidationError| StoreError::Corrupt(e.message);
+    Ok(User {
+        id: UserId::parse(&id).map_err(corrupt)?,
+        email: Email::parse(&email).map_err(corrupt)?,
+        email_verified,
+        first_name: PersonName::parse_optional(first_name.as_deref(), "first_name")
+            .map_err(corrupt)?,
+        last_name: PersonName::parse_optional(last_name.as_deref(), "last_name")
+            .map_err(corrupt)?,
+        phone: phone
+            .as_deref()
+            .map(Phone::parse)
+            .transpose()
+            .map_err(corrupt)?,
+        version,
+        created_at,
+        updated_at,
+    })
+}
+
+type LinkRow = (String, String, bool, String, OffsetDateTime);
+
+fn link_from_row(row: LinkRow) -> StoreResult<CustomerLink> {
+    let (user_id, customer_id, livemode, linked_via, linked_at) = row;
+    Ok(CustomerLink {
+        user_id: UserId::parse(&user_id).map_err(|e| StoreError::Corrupt(e.message))?,
+        customer_id: StripeCustomerId::parse(&customer_id)
+            .map_err(|e| StoreError::Corrupt(e.message))?,
+        livemode,
+        linked_via: LinkSource::parse(&linked_via)
+            .ok_or_else(|| StoreError::Corrupt(format!("unknown linked_via {linked_via:?}")))?,
+        linked_at,
+    })
+}
+
+fn opt_str<T: AsRef<str>>(value: &Option<T>) -> Option<&str> {
+    value.as_ref().map(AsRef::as_ref)
+}
+
+/// After an `insert_link` wrote nothing: says which side was already taken.
+async fn explain_link_conflict<S: Store + ?Sized>(
+    store: &S,
+    user: &UserId,
+    customer: &StripeCustomerId,
+) -> StoreResult<LinkOutcome> {
+    if let Some(existing) = store.get_link(user).await? {
+        return Ok(LinkOutcome::UserAlreadyLinked(existing));
+    }
+    if let Some(other) = store.get_link_by_customer(customer).await? {
+        return Ok(LinkOutcome::CustomerTaken {
+            other_user: other.user_id,
+        });
+    }
+    Ok(LinkOutcome::UserMissing)
+}

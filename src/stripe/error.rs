@@ -1,0 +1,57 @@
+use std::fmt;
+
+/// An error answer from Stripe's API, with everything needed to act on it and to find the
+/// request in Stripe's dashboard.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiError {
+    pub status: u16,
+    /// Stripe's `error.type` (`invalid_request_error`, `api_error`, `card_error`, …).
+    pub kind: String,
+    pub code: Option<String>,
+    pub message: String,
+    pub request_id: Option<String>,
+}
+
+impl fmt::Display for ApiError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "HTTP {} {}", self.status, self.kind)?;
+        if let Some(code) = &self.code {
+            write!(f, " ({code})")?;
+        }
+        write!(f, ": {}", self.message)?;
+        if let Some(id) = &self.request_id {
+            write!(f, " [request {id}]")?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StripeError {
+    /// Stripe answered with an error (after any retries it allowed).
+    #[error("stripe api error: {0}")]
+    Api(ApiError),
+    /// No answer: connection refused or reset, or the attempt timed out (after retries).
+    #[error("stripe unreachable ({}): {message}", if *.timed_out { "timeout" } else { "connection" })]
+    Transport { timed_out: bool, message: String },
+    /// Stripe answered 2xx with a body billsync cannot read.
+    #[error("unexpected stripe response: {0}")]
+    Decode(String),
+}
+
+impl StripeError {
+    /// Stripe is down, overloaded or rate limiting: the caller should try again later, and
+    /// nothing was decided.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            Self::Transport { .. } => true,
+            Self::Api(e) => e.status == 429 || e.status == 409 || e.status >= 500,
+            Self::Decode(_) => false,
+        }
+    }
+
+    /// The object does not exist (or, on localstripe, was deleted).
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, Self::Api(e) if e.status == 404 || e.code.as_deref() == Some("resource_missing"))
+    }
+}

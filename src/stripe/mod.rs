@@ -1,0 +1,537 @@
+//! billsync's Stripe client: one send path (base URL from config, pinned `Stripe-Version`,
+//! timeouts, retries with backoff, one idempotency key per logical POST, typed errors).
+
+mod error;
+pub mod form;
+mod types;
+
+use std::{
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use reqwest::{header::HeaderMap, Method, StatusCode};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use serde_json::Value;
+
+pub use error::{ApiError, StripeError};
+pub use types::{
+    Customer, Deleted, IdOnly, List, PortalConfiguration, PortalSession, Subscription,
+    SubscriptionItem,
+};
+
+use crate::config::{Secret, StripeConfig};
+
+/// The metadata key naming the billsync user a customer belongs to.
+pub const METADATA_USER_ID: &str = "userId";
+/// Stripe's largest page.
+pub const MAX_PAGE: u32 = 100;
+/// A user's customers listed by email stop here; more than this is a data problem to report,
+/// not to page through on a request path.
+const MAX_EMAIL_MATCHES: usize = 1_000;
+
+pub type StripeResult<T> = Result<T, StripeError>;
+
+/// Fields of a customer create or update. `Some("")` clears a field on update.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct CustomerParams {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub email: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub phone: Option<String>,
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub metadata: std::collections::BTreeMap<String, String>,
+}
+
+/// One request, described before it is sent (and re-sent).
+struct Request<'a> {
+    /// A stable name for logs and metrics (`customers.create`, …).
+    operation: &'static str,
+    method: Method,
+    path: String,
+    query: Vec<(&'a str, String)>,
+    form: Option<String>,
+    idempotency_key: Option<String>,
+}
+
+#[derive(Clone)]
+pub struct StripeClient {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    http: reqwest::Client,
+    config: StripeConfig,
+    secret_key: Secret,
+    attempts_sent: AtomicU64,
+}
+
+#[derive(Deserialize)]
+struct ErrorEnvelope {
+    error: ErrorBody,
+}
+
+#[derive(Deserialize)]
+struct ErrorBody {
+    #[serde(rename = "type", default)]
+    kind: Option<String>,
+    #[serde(default)]
+    code: Option<String>,
+    #[serde(default)]
+    message: Option<String>,
+}
+
+impl StripeClient {
+    pub fn new(config: &StripeConfig, secret_key: Secret) -> Result<Self, StripeError> {
+        let http = reqwest::Client::builder()
+            .timeout(config.timeout)
+            .connect_timeout(config.connect_timeout)
+            .pool_idle_timeout(Duration::from_secs(60))
+            .user_agent(concat!("billsync/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| StripeError::Transport {
+                timed_out: false,
+                message: format!("cannot build HTTP client: {e}"),
+            })?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                http,
+                config: config.clone(),
+                secret_key,
+                attempts_sent: AtomicU64::new(0),
+            }),
+        })
+    }
+
+    /// HTTP attempts sent since start (retries included).
+    pub fn attempts_sent(&self) -> u64 {
+        self.inner.attempts_sent.load(Ordering::Relaxed)
+    }
+
+    pub async fn create_customer(
+        &self,
+        params: &CustomerParams,
+        idempotency_key: &str,
+    ) -> StripeResult<Customer> {
+        self.send(Request {
+            operation: "customers.create",
+            method: Method::POST,
+            path: "/v1/customers".into(),
+            query: vec![],
+            form: Some(encode_params(params)),
+            idempotency_key: Some(idempotency_key.to_owned()),
+        })
+        .await
+    }
+
+    pub async fn retrieve_customer(&self, id: &str) -> StripeResult<Customer> {
+        self.send(Request {
+            operation: "customers.retrieve",
+            method: Method::GET,
+            path: format!("/v1/customers/{}", path_segment(id)),
+            query: vec![],
+            form: None,
+            idempotency_key: None,
+        })
+        .await
+    }
+
+    pub async fn update_customer(
+        &self,
+        id: &str,
+        params: &CustomerParams,
+        idempotency_key: Option<&str>,
+    ) -> StripeResult<Customer> {
+        self.send(Request {
+            operation: "customers.update",
+            method: Method::POST,
+            path: format!("/v1/customers/{}", path_segment(id)),
+            query: vec![],
+            form: Some(encode_params(params)),
+            idempotency_key: idempotency_key.map(str::to_owned),
+        })
+        .await
+    }
+
+    pub async fn delete_customer(&self, id: &str) -> StripeResult<Deleted> {
+        self.send(Request {
+            operation: "customers.delete",
+            method: Method::DELETE,
+            path: format!("/v1/customers/{}", path_segment(id)),
+            query: vec![],
+            form: None,
+            idempotency_key: None,
+        })
+        .await
+    }
+
+    /// One page of customers, optionally filtered by exact email (Stripe compares it
+    /// case-sensitively; billsync always sends its normalised, lowercase form).
+    pub async fn list_customers(
+        &self,
+        email: Option<&str>,
+        limit: u32,
+        starting_after: Option<&str>,
+    ) -> StripeResult<List<Customer>> {
+        let mut query = vec![("limit", limit.clamp(1, MAX_PAGE).to_string())];
+        if let Some(email) = email {
+            query.push(("email", email.to_owned()));
+        }
+        if let Some(cursor) = starting_after {
+            query.push(("starting_after", cursor.to_owned()));
+        }
+        self.send(Request {
+            operation: "customers.list",
+            method: Method::GET,
+            path: "/v1/customers".into(),
+            query,
+            form: None,
+            idempotency_key: None,
+        })
+        .await
+    }
+
+    /// Every live customer with exactly this email, oldest first.
+    pub async fn customers_by_email(&self, email: &str) -> StripeResult<Vec<Customer>> {
+        let mut found: Vec<Customer> = Vec::new();
+        loop {
+            let cursor = found.last().map(|c| c.id.clone());
+            let page = self
+                .list_customers(Some(email), MAX_PAGE, cursor.as_deref())
+                .await?;
+            let more = page.has_more && !page.data.is_empty();
+            found.extend(page.data.into_iter().filter(|c| !c.deleted));
+            if !more || found.len() >= MAX_EMAIL_MATCHES {
+                if more {
+                    tracing::warn!(matches = found.len(), "stopped listing customers by email");
+                }
+                break;
+            }
+        }
+        found.sort_by(|a, b| a.created.cmp(&b.created).then_with(|| a.id.cmp(&b.id)));
+        Ok(found)
+    }
+
+    /// Every subscription of a customer, whatever its status.
+    pub async fn list_subscriptions(&self, customer: &str) -> StripeResult<Vec<Subscription>> {
+        let mut found: Vec<Subscription> = Vec::new();
+        loop {
+            let mut query = vec![
+                ("customer", customer.to_owned()),
+                ("status", "all".to_owned()),
+                ("limit", MAX_PAGE.to_string()),
+            ];
+            if let Some(last) = found.last() {
+                query.push(("starting_after", last.id.clone()));
+            }
+            let page: List<Subscription> = self
+                .send(Request {
+                    operation: "subscriptions.list",
+                    method: Method::GET,
+                    path: "/v1/subscriptions".into(),
+                    query,
+                    form: None,
+                    idempotency_key: None,
+                })
+                .await?;
+            let more = page.has_more && !page.data.is_empty();
+            found.extend(page.data);
+            if !more {
+                return Ok(found);
+            }
+        }
+    }
+
+    pub async fn cancel_subscription(&self, id: &str) -> StripeResult<Subscription> {
+        self.send(Request {
+            operation: "subscriptions.cancel",
+            method: Method::DELETE,
+            path: format!("/v1/subscriptions/{}", path_segment(id)),
+            query: vec![],
+            form: None,
+            idempotency_key: None,
+        })
+        .await
+    }
+
+    /// `params` as Stripe documents them (`customer`, `return_url`, `configuration`, `flow_data`).
+    pub async fn create_portal_session(&self, params: &Value) -> StripeResult<PortalSession> {
+        self.send(Request {
+            operation: "billing_portal.sessions.create",
+            method: Method::POST,
+            path: "/v1/billing_portal/sessions".into(),
+            query: vec![],
+            form: Some(form::encode(&form::form_pairs(params))),
+            idempotency_key: None,
+        })
+        .await
+    }
+
+    pub async fn create_portal_configuration(
+        &self,
+        params: &Value,
+        idempotency_key: &str,
+    ) -> StripeResult<PortalConfiguration> {
+        self.send(Request {
+            operation: "billing_portal.configurations.create",
+            method: Method::POST,
+            path: "/v1/billing_portal/configurations".into(),
+            query: vec![],
+            form: Some(form::encode(&form::form_pairs(params))),
+            idempotency_key: Some(idempotency_key.to_owned()),
+        })
+        .await
+    }
+
+    pub async fn update_portal_configuration(
+        &self,
+        id: &str,
+        params: &Value,
+    ) -> StripeResult<PortalConfiguration> {
+        self.send(Request {
+            operation: "billing_portal.configurations.update",
+            method: Method::POST,
+            path: format!("/v1/billing_portal/configurations/{}", path_segment(id)),
+            query: vec![],
+            form: Some(form::encode(&form::form_pairs(params))),
+            idempotency_key: None,
+        })
+        .await
+    }
+
+    /// The one send path. A POST gets one idempotency key for all its attempts, so a retry
+    /// after a lost answer cannot act twice.
+    async fn send<T: DeserializeOwned>(&self, request: Request<'_>) -> StripeResult<T> {
+        let config = &self.inner.config;
+        let idempotency_key = match (&request.method, request.idempotency_key) {
+            (&Method::POST, None) => Some(uuid::Uuid::new_v4().to_string()),
+            (_, key) => key,
+        };
+        let url = format!("{}{}", config.api_base, request.path);
+        let mut attempt: u32 = 0;
+        loop {
+            let started = Instant::now();
+            let mut builder = self
+                .inner
+                .http
+                .request(request.method.clone(), &url)
+                .bearer_auth(self.inner.secret_key.expose())
+                .header("Stripe-Version", &config.api_version);
+            if !request.query.is_empty() {
+                builder = builder.query(&request.query);
+            }
+            if let Some(key) = &idempotency_key {
+                builder = builder.header("Idempotency-Key", key);
+            }
+            if let Some(body) = &request.form {
+                builder = builder
+                    .header(
+                        reqwest::header::CONTENT_TYPE,
+                        "application/x-www-form-urlencoded",
+                    )
+                    .body(body.clone());
+            }
+            self.inner.attempts_sent.fetch_add(1, Ordering::Relaxed);
+            let outcome = match builder.send().await {
+                Ok(response) => read_response::<T>(response).await,
+                Err(err) => Err(Failure::transport(&err)),
+            };
+            let elapsed_ms = started.elapsed().as_millis() as u64;
+            let failure = match outcome {
+                Ok(value) => {
+                    tracing::debug!(
+                        operation = request.operation,
+                        attempt,
+                        elapsed_ms,
+                        "stripe call ok"
+                    );
+                    return Ok(value);
+                }
+                Err(failure) => failure,
+            };
+            if !failure.retryable || attempt >= config.max_retries {
+                tracing::warn!(
+                    operation = request.operation,
+                    attempt,
+                    elapsed_ms,
+                    error = %failure.error,
+                    "stripe call failed"
+                );
+                return Err(failure.error);
+            }
+            let delay = retry_delay(config, attempt, failure.retry_after);
+            tracing::info!(
+                operation = request.operation,
+                attempt,
+                elapsed_ms,
+                delay_ms = delay.as_millis() as u64,
+                error = %failure.error,
+                "stripe call failed; retrying"
+            );
+            tokio::time::sleep(delay).await;
+            attempt += 1;
+        }
+    }
+}
+
+fn encode_params<P: Serialize>(params: &P) -> String {
+    let value = serde_json::to_value(params).expect("parameter structs serialize to JSON");
+    form::encode(&form::form_pairs(&value))
+}
+
+/// Ids come from Stripe or our database, but they go into a URL path: never let one add a
+/// segment or a query.
+fn path_segment(id: &str) -> String {
+    serde_urlencoded::to_string([("", id)])
+        .map(|s| s.trim_start_matches('=').replace('+', "%20"))
+        .unwrap_or_default()
+}
+
+struct Failure {
+    error: StripeError,
+    retryable: bool,
+    retry_after: Option<Duration>,
+}
+
+impl Failure {
+    fn transport(err: &reqwest::Error) -> Self {
+        // Retrying after a timeout is safe: GETs and DELETEs are idempotent, POSTs carry a key.
+        Self {
+            error: StripeError::Transport {
+                timed_out: err.is_timeout(),
+                message: without_url(err),
+            },
+            retryable: true,
+            retry_after: None,
+        }
+    }
+}
+
+fn without_url(err: &reqwest::Error) -> String {
+    let mut text = err.to_string();
+    if let Some(url) = err.url() {
+        text = text.replace(url.as_str(), "<stripe>");
+    }
+    let mut source = std::error::Error::source(err);
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+async fn read_response<T: DeserializeOwned>(response: reqwest::Response) -> Result<T, Failure> {
+    let status = response.status();
+    let headers = response.headers().clone();
+    let body = response.bytes().await.map_err(|e| Failure::transport(&e))?;
+    if status.is_success() {
+        return serde_json::from_slice(&body).map_err(|e| Failure {
+            error: StripeError::Decode(e.to_string()),
+            retryable: false,
+            retry_after: None,
+        });
+    }
+    let parsed = serde_json::from_slice::<ErrorEnvelope>(&body).ok();
+    let (kind, code, message) = match parsed {
+        Some(ErrorEnvelope { error }) => (
+            error.kind.unwrap_or_else(|| "api_error".into()),
+            error.code,
+            error.message.unwrap_or_default(),
+        ),
+        None => (
+            "api_error".to_owned(),
+            None,
+            String::from_utf8_lossy(&body).chars().take(200).collect(),
+        ),
+    };
+    Err(Failure {
+        retryable: should_retry(status, code.as_deref(), &headers),
+        retry_after: retry_after(&headers),
+        error: StripeError::Api(ApiError {
+            status: status.as_u16(),
+            kind,
+            code,
+            message,
+            request_id: header_str(&headers, "request-id").map(str::to_owned),
+        }),
+    })
+}
+
+fn header_str<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
+    headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+/// Stripe's own word wins (`Stripe-Should-Retry`); otherwise retry what is transient: lock
+/// timeouts (409), rate limits (429) and server errors (5xx).
+fn should_retry(status: StatusCode, _code: Option<&str>, headers: &HeaderMap) -> bool {
+    match header_str(headers, "stripe-should-retry") {
+        Some("true") => true,
+        Some("false") => false,
+        _ => {
+            status == StatusCode::CONFLICT
+                || status == StatusCode::TOO_MANY_REQUESTS
+                || status.is_server_error()
+        }
+    }
+}
+
+fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    header_str(headers, "retry-after")
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .filter(|secs| secs.is_finite() && *secs >= 0.0)
+        .map(Duration::from_secs_f64)
+}
+
+/// Exponential backoff with full jitter over the upper half, at least the server's
+/// `Retry-After`, never above the configured ceiling.
+fn retry_delay(config: &StripeConfig, attempt: u32, server_hint: Option<Duration>) -> Duration {
+    let exponential = config
+        .retry_base_delay
+        .saturating_mul(2u32.saturating_pow(attempt))
+        .min(config.retry_max_delay);
+    let jittered = exponential.mul_f64(0.5 + fastrand::f64() * 0.5);
+    jittered
+        .max(server_hint.unwrap_or_default())
+        .min(config.retry_max_delay)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn path_segments_cannot_escape() {
+        assert_eq!(path_segment("cus_123"), "cus_123");
+        assert_eq!(
+            path_segment("../v1/charges?x=1"),
+            "..%2Fv1%2Fcharges%3Fx%3D1"
+        );
+        assert_eq!(path_segment("a b"), "a%20b");
+    }
+
+    #[test]
+    fn retry_delay_grows_honours_retry_after_and_is_capped() {
+        let config = crate::config::Config::load(&Default::default())
+            .unwrap()
+            .stripe;
+        for attempt in 0..4 {
+            let d = retry_delay(&config, attempt, None);
+            let ceiling = config.retry_base_delay * 2u32.pow(attempt);
+            assert!(d <= ceiling && d >= ceiling / 2, "attempt {attempt}: {d:?}");
+        }
+        assert_eq!(
+            retry_delay(&config, 0, Some(Duration::from_secs(3))),
+            Duration::from_secs(3)
+        );
+        assert_eq!(
+            retry_delay(&config, 30, Some(Duration::from_secs(3600))),
+            config.retry_max_delay
+        );
+    }
+}

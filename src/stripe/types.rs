@@ -1,0 +1,157 @@
+//! Lenient views of Stripe objects: only the fields billsync reads, unknown fields ignored,
+//! missing or `null` collections read as empty (localstripe and old API versions differ).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Deserializer, Serialize};
+
+fn null_as_default<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Default + Deserialize<'de>,
+{
+    Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+pub struct List<T> {
+    #[serde(default = "Vec::new")]
+    pub data: Vec<T>,
+    #[serde(default)]
+    pub has_more: bool,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+pub struct Customer {
+    pub id: String,
+    #[serde(default)]
+    pub email: Option<String>,
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub phone: Option<String>,
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub metadata: BTreeMap<String, String>,
+    #[serde(default)]
+    pub livemode: bool,
+    #[serde(default)]
+    pub created: i64,
+    #[serde(default)]
+    pub deleted: bool,
+}
+
+impl Customer {
+    /// The billsync user this customer was created for, if any.
+    pub fn user_id_metadata(&self) -> Option<&str> {
+        self.metadata
+            .get(crate::stripe::METADATA_USER_ID)
+            .map(String::as_str)
+            .filter(|v| !v.is_empty())
+    }
+}
+
+/// The answer to a delete.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+pub struct Deleted {
+    pub id: String,
+    #[serde(default)]
+    pub deleted: bool,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+pub struct IdOnly {
+    pub id: String,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+pub struct SubscriptionItem {
+    #[serde(default)]
+    pub price: Option<IdOnly>,
+    #[serde(default)]
+    pub plan: Option<IdOnly>,
+    /// Where API versions from 2025-03-31 put the period end.
+    #[serde(default)]
+    pub current_period_end: Option<i64>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+pub struct Subscription {
+    pub id: String,
+    pub customer: String,
+    pub status: String,
+    #[serde(default)]
+    pub cancel_at_period_end: bool,
+    /// Where API versions before 2025-03-31 put the period end.
+    #[serde(default)]
+    pub current_period_end: Option<i64>,
+    #[serde(default)]
+    pub plan: Option<IdOnly>,
+    #[serde(default)]
+    pub items: Option<List<SubscriptionItem>>,
+}
+
+impl Subscription {
+    fn first_item(&self) -> Option<&SubscriptionItem> {
+        self.items.as_ref().and_then(|items| items.data.first())
+    }
+
+    /// The price id (or legacy plan id) of the subscription's first item.
+    pub fn price_id(&self) -> Option<&str> {
+        self.first_item()
+            .and_then(|item| item.price.as_ref().or(item.plan.as_ref()))
+            .or(self.plan.as_ref())
+            .map(|p| p.id.as_str())
+    }
+
+    pub fn current_period_end(&self) -> Option<i64> {
+        self.current_period_end
+            .or_else(|| self.first_item().and_then(|item| item.current_period_end))
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+pub struct PortalSession {
+    pub id: String,
+    pub url: String,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+pub struct PortalConfiguration {
+    pub id: String,
+    #[serde(default)]
+    pub is_default: bool,
+    #[serde(default)]
+    pub active: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_localstripe_and_current_api_shapes() {
+        let legacy: Subscription = serde_json::from_str(
+            r#"{"id":"sub_1","customer":"cus_1","status":"active","current_period_end":100,
+                "plan":{"id":"pro","amount":1000},"items":{"data":[{"plan":{"id":"pro"}}]}}"#,
+        )
+        .unwrap();
+        assert_eq!(legacy.price_id(), Some("pro"));
+        assert_eq!(legacy.current_period_end(), Some(100));
+
+        let current: Subscription = serde_json::from_str(
+            r#"{"id":"sub_2","customer":"cus_1","status":"trialing","cancel_at_period_end":true,
+                "items":{"object":"list","data":[{"price":{"id":"price_9"},"current_period_end":200}]}}"#,
+        )
+        .unwrap();
+        assert_eq!(current.price_id(), Some("price_9"));
+        assert_eq!(current.current_period_end(), Some(200));
+        assert!(current.cancel_at_period_end);
+
+        let customer: Customer = serde_json::from_str(
+            r#"{"id":"cus_1","email":null,"metadata":null,"sources":{"data":[]},"extra":1}"#,
+        )
+        .unwrap();
+        assert!(customer.metadata.is_empty());
+        assert_eq!(customer.user_id_metadata(), None);
+    }
+}
