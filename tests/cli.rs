@@ -1,0 +1,170 @@
+//! The `billsync` binary itself: start-up validation, migrate, resolve, graceful shutdown.
+
+mod support;
+
+use std::{
+    io::Read,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+fn billsync() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_billsync"));
+    // Start from nothing: no configuration leaks in from the environment running the tests.
+    for (key, _) in std::env::vars() {
+        if key.starts_with("BILLSYNC_") || key.starts_with("STRIPE_") || key == "DATABASE_URL" {
+            command.env_remove(key);
+        }
+    }
+    command.env("RUST_LOG", "warn");
+    command
+}
+
+#[test]
+fn serve_refuses_to_start_without_a_valid_stripe_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = billsync()
+        .current_dir(dir.path())
+        .arg("serve")
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(stderr.trim().lines().count(), 1, "one clear line: {stderr}");
+    assert!(stderr.contains("STRIPE_SECRET_KEY is not set"), "{stderr}");
+
+    let output = billsync()
+        .current_dir(dir.path())
+        .env("STRIPE_SECRET_KEY", "pk_live_publishable_key_value")
+        .arg("serve")
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("sk_") && !stderr.contains("pk_live_publishable_key_value"),
+        "{stderr}"
+    );
+    // Nothing was created before validation failed.
+    assert!(!dir.path().join("billsync.db").exists());
+}
+
+#[test]
+fn bad_settings_are_named() {
+    let output = billsync()
+        .env("BILLSYNC_LISTEN", "not-an-address")
+        .env("STRIPE_SECRET_KEY", "sk_test_x")
+        .arg("serve")
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("BILLSYNC_LISTEN"));
+}
+
+#[test]
+fn migrate_creates_the_sqlite_default() {
+    let dir = tempfile::tempdir().unwrap();
+    let status = billsync()
+        .current_dir(dir.path())
+        .arg("migrate")
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert!(dir.path().join("billsync.db").exists());
+    // Twice is fine.
+    assert!(billsync()
+        .current_dir(dir.path())
+        .arg("migrate")
+        .status()
+        .unwrap()
+        .success());
+}
+
+#[test]
+fn serve_stops_cleanly_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().port()
+    };
+    let mut child = billsync()
+        .current_dir(dir.path())
+        .env("STRIPE_SECRET_KEY", "sk_test_x")
+        .env("BILLSYNC_LISTEN", format!("127.0.0.1:{port}"))
+        .arg("serve")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "server did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        dir.path().join("billsync.db").exists(),
+        "the SQLite default is created on start"
+    );
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let exit = loop {
+        if let Some(exit) = child.try_wait().unwrap() {
+            break exit;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "server did not stop after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    assert!(exit.success(), "exit {exit:?}: {stderr}");
+}
+
+#[test]
+fn customer_resolve_prints_one_id_per_user() {
+    let Some(stripe) = support::localstripe_url("customer_resolve_prints_one_id_per_user") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let user = support::unique("cli");
+    let email = format!("{user}@example.com");
+    let run = |with_email: bool| {
+        let mut command = billsync();
+        command
+            .current_dir(dir.path())
+            .env("STRIPE_SECRET_KEY", support::STRIPE_KEY)
+            .env("BILLSYNC_STRIPE_API_BASE", &stripe)
+            .args(["customer", "resolve", "--user", &user]);
+        if with_email {
+            command.args(["--email", &email]);
+        }
+        command.output().unwrap()
+    };
+    let unknown = run(false);
+    assert!(!unknown.status.success());
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("not found"));
+
+    let first = run(true);
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    let id = String::from_utf8(first.stdout).unwrap();
+    assert!(
+        id.trim().starts_with("cus_") && id.lines().count() == 1,
+        "{id:?}"
+    );
+    let second = run(false);
+    assert_eq!(String::from_utf8(second.stdout).unwrap(), id);
+}
