@@ -133,7 +133,7 @@ async fn ensure_user(store: &dyn Store, id: &UserId, email: Option<Email>) -> an
 }
 
 async fn open_store(config: &Config) -> anyhow::Result<std::sync::Arc<dyn Store>> {
-    let store = store::connect(config.database_url.expose(), config.db_max_connections)
+    let store = store::connect_with(config.database_url.expose(), &config.store_options())
         .await
         .map_err(|e| anyhow::anyhow!("cannot open the database: {e}"))?;
     store

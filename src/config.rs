@@ -88,6 +88,10 @@ pub struct ConfigArgs {
     /// Retries after a failed Stripe attempt (connection errors, 409 lock_timeout, 429, 5xx) [default: 2]
     #[arg(long, env = "BILLSYNC_STRIPE_MAX_RETRIES", global = true)]
     pub stripe_max_retries: Option<u32>,
+    /// Seconds a Postgres instance may serve a customer link from memory; changes evict it at
+    /// once through LISTEN/NOTIFY, this bounds staleness if a notification is lost (0 = off) [default: 300]
+    #[arg(long, env = "BILLSYNC_LINK_CACHE_TTL_SECS", global = true)]
+    pub link_cache_ttl_secs: Option<u64>,
     /// Bearer key for the admin API (/v1/…); admin routes answer 503 while unset.
     #[arg(
         long,
@@ -110,6 +114,7 @@ struct FileConfig {
     stripe_timeout_ms: Option<u64>,
     stripe_max_retries: Option<u32>,
     admin_api_key: Option<String>,
+    link_cache_ttl_secs: Option<u64>,
 }
 
 #[derive(Debug, Clone)]
@@ -131,6 +136,7 @@ pub struct StripeConfig {
 pub struct Config {
     pub database_url: Secret,
     pub db_max_connections: u32,
+    pub link_cache_ttl: Duration,
     pub listen: SocketAddr,
     pub stripe: StripeConfig,
     pub admin_api_key: Option<Secret>,
@@ -211,6 +217,9 @@ impl Config {
         Ok(Self {
             database_url: Secret::new(database_url),
             db_max_connections,
+            link_cache_ttl: Duration::from_secs(
+                pick(&args.link_cache_ttl_secs, file.link_cache_ttl_secs).unwrap_or(300),
+            ),
             listen,
             stripe: StripeConfig {
                 secret_key: pick(&args.stripe_secret_key, file.stripe_secret_key)
@@ -247,6 +256,13 @@ impl Config {
     }
 
     /// Whether the configured key is a live-mode key (objects from the other mode are ignored).
+    pub fn store_options(&self) -> crate::store::StoreOptions {
+        crate::store::StoreOptions {
+            max_connections: self.db_max_connections,
+            link_cache_ttl: self.link_cache_ttl,
+        }
+    }
+
     pub fn livemode(&self) -> bool {
         self.stripe
             .secret_key

@@ -361,7 +361,51 @@ async fn migrations_are_idempotent_and_ping_works(backend: Backend) {
     assert_eq!(reopened.backend(), t.store.backend());
 }
 
+async fn removed_links_are_gone_at_once(backend: Backend) {
+    let Some(t) = backend.store("removed_links_are_gone_at_once").await else {
+        return;
+    };
+    let store = &t.store;
+    let user = UserId::parse("leaving").unwrap();
+    store
+        .upsert_user(&upsert("leaving", "l@example.com"))
+        .await
+        .unwrap();
+    assert_eq!(store.remove_link(&user).await.unwrap(), None);
+    store
+        .insert_link(&user, &cus("cus_L1"), false, LinkSource::Created)
+        .await
+        .unwrap();
+    // Read it twice so a caching store has it in memory.
+    assert!(store.get_link(&user).await.unwrap().is_some());
+    assert!(store.get_link(&user).await.unwrap().is_some());
+    let removed = store
+        .remove_link(&user)
+        .await
+        .unwrap()
+        .expect("the removed link");
+    assert_eq!(removed.customer_id, cus("cus_L1"));
+    assert_eq!(store.get_link(&user).await.unwrap(), None);
+    assert_eq!(
+        store.get_link_by_customer(&cus("cus_L1")).await.unwrap(),
+        None
+    );
+    // The customer is free again; the user can be linked anew.
+    assert!(matches!(
+        store
+            .insert_link(&user, &cus("cus_L2"), false, LinkSource::Created)
+            .await
+            .unwrap(),
+        LinkOutcome::Linked(_)
+    ));
+    assert_eq!(
+        store.get_link(&user).await.unwrap().unwrap().customer_id,
+        cus("cus_L2")
+    );
+}
+
 on_every_store!(
+    removed_links_are_gone_at_once,
     users_round_trip_and_version_counts_changes,
     hostile_strings_are_data,
     links_are_unique_on_both_sides,
@@ -371,3 +415,80 @@ on_every_store!(
     concurrent_claims_admit_one,
     migrations_are_idempotent_and_ping_works,
 );
+
+/// Another instance's writes, and an operator's SQL, reach this instance's link cache.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_link_cache_follows_other_instances() {
+    let Some(t) = support::postgres_store("postgres_link_cache_follows_other_instances").await
+    else {
+        return;
+    };
+    let options = billsync::store::StoreOptions::new(4);
+    let cached = billsync::store::PgStore::connect(&t.url, &options)
+        .await
+        .unwrap();
+    let other = &t.store;
+    let user = UserId::parse("cached").unwrap();
+    other
+        .upsert_user(&upsert("cached", "c@example.com"))
+        .await
+        .unwrap();
+    other
+        .insert_link(&user, &cus("cus_C1"), false, LinkSource::Created)
+        .await
+        .unwrap();
+
+    // Wait for the listener, then for the link to be served from memory.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while cached.cached_links() == 0 {
+        assert!(std::time::Instant::now() < deadline, "link never cached");
+        assert!(cached.get_link(&user).await.unwrap().is_some());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // Unlinked by another instance: evicted here without waiting for the TTL.
+    other.remove_link(&user).await.unwrap();
+    wait_until_uncached(&cached, &user, None).await;
+
+    // Re-linked, cached again, then changed by hand in SQL.
+    other
+        .insert_link(&user, &cus("cus_C2"), false, LinkSource::Created)
+        .await
+        .unwrap();
+    assert_eq!(
+        cached.get_link(&user).await.unwrap().unwrap().customer_id,
+        cus("cus_C2")
+    );
+    let pool = sqlx::PgPool::connect(&t.url).await.unwrap();
+    sqlx::query("UPDATE customer_links SET stripe_customer_id = 'cus_C3' WHERE user_id = 'cached'")
+        .execute(&pool)
+        .await
+        .unwrap();
+    wait_until_uncached(&cached, &user, Some(cus("cus_C3"))).await;
+
+    // Deleting the user cascades to the link, and that is seen too.
+    sqlx::query("DELETE FROM users WHERE id = 'cached'")
+        .execute(&pool)
+        .await
+        .unwrap();
+    wait_until_uncached(&cached, &user, None).await;
+}
+
+async fn wait_until_uncached(
+    store: &billsync::store::PgStore,
+    user: &UserId,
+    expected: Option<StripeCustomerId>,
+) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let seen = store.get_link(user).await.unwrap().map(|l| l.customer_id);
+        if seen == expected {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still serving {seen:?}, expected {expected:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}

@@ -10,6 +10,7 @@ use time::OffsetDateTime;
 
 use crate::domain::{Email, LinkSource, PersonName, Phone, StripeCustomerId, UserId};
 
+mod link_cache;
 mod postgres;
 mod sqlite;
 
@@ -126,6 +127,8 @@ pub trait Store: Send + Sync + 'static {
     async fn get_user(&self, id: &UserId) -> StoreResult<Option<User>>;
 
     async fn get_link(&self, user: &UserId) -> StoreResult<Option<CustomerLink>>;
+    /// Unlinks the user; returns the link that was removed.
+    async fn remove_link(&self, user: &UserId) -> StoreResult<Option<CustomerLink>>;
     async fn get_link_by_customer(
         &self,
         customer: &StripeCustomerId,
@@ -157,16 +160,36 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreResult<()>;
 }
 
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    pub max_connections: u32,
+    /// How long Postgres keeps a customer link in memory at most (0 disables the cache).
+    /// Changes evict it at once through LISTEN/NOTIFY; the TTL is a safety net.
+    pub link_cache_ttl: Duration,
+}
+
+impl StoreOptions {
+    pub fn new(max_connections: u32) -> Self {
+        Self {
+            max_connections,
+            link_cache_ttl: Duration::from_secs(300),
+        }
+    }
+}
+
 /// Opens the store that `database_url` names, creating a SQLite file when missing.
 pub async fn connect(database_url: &str, max_connections: u32) -> StoreResult<Arc<dyn Store>> {
+    connect_with(database_url, &StoreOptions::new(max_connections)).await
+}
+
+pub async fn connect_with(
+    database_url: &str,
+    options: &StoreOptions,
+) -> StoreResult<Arc<dyn Store>> {
     if database_url.starts_with("postgres://") || database_url.starts_with("postgresql://") {
-        Ok(Arc::new(
-            PgStore::connect(database_url, max_connections).await?,
-        ))
+        Ok(Arc::new(PgStore::connect(database_url, options).await?))
     } else {
-        Ok(Arc::new(
-            SqliteStore::connect(database_url, max_connections).await?,
-        ))
+        Ok(Arc::new(SqliteStore::connect(database_url, options).await?))
     }
 }
 
@@ -190,11 +213,18 @@ fn embedded_migrator(files: &[(i64, &'static str, &'static str)]) -> Migrator {
 }
 
 pub(crate) fn postgres_migrator() -> Migrator {
-    embedded_migrator(&[(
-        1,
-        "init",
-        include_str!("../../migrations/postgres/0001_init.sql"),
-    )])
+    embedded_migrator(&[
+        (
+            1,
+            "init",
+            include_str!("../../migrations/postgres/0001_init.sql"),
+        ),
+        (
+            2,
+            "link change notify",
+            include_str!("../../migrations/postgres/0002_link_change_notify.sql"),
+        ),
+    ])
 }
 
 pub(crate) fn sqlite_migrator() -> Migrator {

@@ -1,9 +1,13 @@
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use async_trait::async_trait;
-use sqlx::{postgres::PgPoolOptions, PgPool};
+use sqlx::{
+    postgres::{PgListener, PgPoolOptions},
+    PgPool,
+};
 
 use super::{
+    link_cache::{self, LinkCache},
     link_from_row, opt_str, user_from_row, CustomerLink, LinkOutcome, LinkRow, ResolveClaim, Store,
     StoreResult, User, UserRow, UserUpsert,
 };
@@ -18,16 +22,45 @@ const LINK_COLUMNS: &str = "user_id, stripe_customer_id, livemode, linked_via, l
 #[derive(Clone)]
 pub struct PgStore {
     pool: PgPool,
+    links: Arc<LinkCache>,
+    _listener: Arc<AbortOnDrop>,
 }
 
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Entries kept at most; ~200 bytes each.
+const LINK_CACHE_CAPACITY: usize = 100_000;
+
 impl PgStore {
-    pub async fn connect(url: &str, max_connections: u32) -> StoreResult<Self> {
+    pub async fn connect(url: &str, options: &super::StoreOptions) -> StoreResult<Self> {
         let pool = PgPoolOptions::new()
-            .max_connections(max_connections)
+            // One more for the link-change listener, which holds its connection.
+            .max_connections(options.max_connections + 1)
             // Fail fast when the database is down, so callers answer 503 instead of hanging.
             .acquire_timeout(Duration::from_secs(3))
             .connect_lazy(url)?;
-        Ok(Self { pool })
+        let links = Arc::new(LinkCache::new(options.link_cache_ttl, LINK_CACHE_CAPACITY));
+        let listener = if options.link_cache_ttl.is_zero() {
+            tokio::spawn(async {})
+        } else {
+            tokio::spawn(listen_for_link_changes(pool.clone(), links.clone()))
+        };
+        Ok(Self {
+            pool,
+            links,
+            _listener: Arc::new(AbortOnDrop(listener)),
+        })
+    }
+
+    /// Links served from memory right now (for tests and metrics).
+    pub fn cached_links(&self) -> usize {
+        self.links.len()
     }
 
     pub fn pool(&self) -> &PgPool {
@@ -101,13 +134,32 @@ impl Store for PgStore {
     }
 
     async fn get_link(&self, user: &UserId) -> StoreResult<Option<CustomerLink>> {
-        let row: Option<LinkRow> = sqlx::query_as(
-            "SELECT user_id, stripe_customer_id, livemode, linked_via, linked_at \
-             FROM customer_links WHERE user_id = $1",
-        )
+        if let Some(link) = self.links.get(user.as_str()) {
+            return Ok(Some(link));
+        }
+        let generation = self.links.generation();
+        let row: Option<LinkRow> = sqlx::query_as(&format!(
+            "SELECT {LINK_COLUMNS} FROM customer_links WHERE user_id = $1"
+        ))
         .bind(user.as_str())
         .fetch_optional(&self.pool)
         .await?;
+        let link = row.map(link_from_row).transpose()?;
+        if let Some(link) = &link {
+            self.links.fill(link, generation);
+        }
+        Ok(link)
+    }
+
+    async fn remove_link(&self, user: &UserId) -> StoreResult<Option<CustomerLink>> {
+        let row: Option<LinkRow> = sqlx::query_as(&format!(
+            "DELETE FROM customer_links WHERE user_id = $1 RETURNING {LINK_COLUMNS}"
+        ))
+        .bind(user.as_str())
+        .fetch_optional(&self.pool)
+        .await?;
+        // The trigger tells every instance; this one need not wait for its own notification.
+        self.links.evict(user.as_str());
         row.map(link_from_row).transpose()
     }
 
@@ -131,6 +183,7 @@ impl Store for PgStore {
         livemode: bool,
         via: LinkSource,
     ) -> StoreResult<LinkOutcome> {
+        let generation = self.links.generation();
         let inserted: Option<LinkRow> = sqlx::query_as(&format!(
             "INSERT INTO customer_links (user_id, stripe_customer_id, livemode, linked_via, linked_at)
              SELECT $1, $2, $3, $4, date_trunc('milliseconds', now())
@@ -145,7 +198,9 @@ impl Store for PgStore {
         .fetch_optional(&self.pool)
         .await?;
         if let Some(row) = inserted {
-            return Ok(LinkOutcome::Linked(link_from_row(row)?));
+            let link = link_from_row(row)?;
+            self.links.fill(&link, generation);
+            return Ok(LinkOutcome::Linked(link));
         }
         super::explain_link_conflict(self, user, customer).await
     }
@@ -191,4 +246,32 @@ impl Store for PgStore {
             .await?;
         Ok(())
     }
+}
+
+/// Keeps the link cache coherent with every instance's writes (see `link_cache`).
+async fn listen_for_link_changes(pool: PgPool, links: Arc<LinkCache>) {
+    loop {
+        match subscribe(&pool).await {
+            Ok(mut listener) => {
+                links.set_listening(true);
+                tracing::debug!("link cache listening for changes");
+                // `Ok(None)` or an error: connection lost, notifications may have been missed.
+                while let Ok(Some(notification)) = listener.try_recv().await {
+                    links.evict(notification.payload());
+                }
+                links.set_listening(false);
+                tracing::warn!(
+                    "link cache listener lost its connection; cache off until it is back"
+                );
+            }
+            Err(err) => tracing::debug!(error = %err, "link cache listener cannot connect yet"),
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+async fn subscribe(pool: &PgPool) -> Result<PgListener, sqlx::Error> {
+    let mut listener = PgListener::connect_with(pool).await?;
+    listener.listen(link_cache::CHANNEL).await?;
+    Ok(listener)
 }

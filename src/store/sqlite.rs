@@ -67,7 +67,10 @@ pub struct SqliteStore {
 }
 
 impl SqliteStore {
-    pub async fn connect(url: &str, max_connections: u32) -> StoreResult<Self> {
+    /// No link cache here: reads are in-process and cheap, and a second process (the CLI)
+    /// could not tell this one about its changes.
+    pub async fn connect(url: &str, options: &super::StoreOptions) -> StoreResult<Self> {
+        let max_connections = options.max_connections;
         let options = SqliteConnectOptions::from_str(url)?
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
@@ -156,6 +159,16 @@ impl Store for SqliteStore {
     async fn get_link(&self, user_id: &UserId) -> StoreResult<Option<CustomerLink>> {
         let row: Option<SqliteLinkRow> = sqlx::query_as(&format!(
             "SELECT {LINK_COLUMNS} FROM customer_links WHERE user_id = ?1"
+        ))
+        .bind(user_id.as_str())
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(link).transpose()
+    }
+
+    async fn remove_link(&self, user_id: &UserId) -> StoreResult<Option<CustomerLink>> {
+        let row: Option<SqliteLinkRow> = sqlx::query_as(&format!(
+            "DELETE FROM customer_links WHERE user_id = ?1 RETURNING {LINK_COLUMNS}"
         ))
         .bind(user_id.as_str())
         .fetch_optional(&self.pool)
