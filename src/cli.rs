@@ -44,7 +44,7 @@ pub enum CustomerCommand {
         #[arg(long, env = "BILLSYNC_USER_ID")]
         user: String,
         /// Creates the user with this (unverified) email if missing; updates it if it differs.
-        #[arg(long)]
+        #[arg(long, env = "BILLSYNC_USER_EMAIL")]
         email: Option<String>,
     },
 }
