@@ -100,6 +100,41 @@ pub struct ConfigArgs {
         hide_env_values = true
     )]
     pub admin_api_key: Option<String>,
+    /// The app's base URL; the billing portal returns to `${APP_URL}/billing`.
+    #[arg(long, env = "APP_URL", global = true)]
+    pub app_url: Option<String>,
+    /// Billing-portal configuration used for portal sessions (bpc_…); Stripe's default when unset.
+    #[arg(long, env = "STRIPE_PORTAL_CONFIGURATION_ID", global = true)]
+    pub stripe_portal_configuration_id: Option<String>,
+    /// HS256 secret of the app's user JWTs (Supabase: the project's JWT secret).
+    #[arg(
+        long,
+        env = "BILLSYNC_JWT_SECRET",
+        global = true,
+        hide_env_values = true
+    )]
+    pub jwt_secret: Option<String>,
+    /// JWKS URL for ES256/RS256 user JWTs (Supabase: …/auth/v1/.well-known/jwks.json).
+    #[arg(long, env = "BILLSYNC_JWKS_URL", global = true)]
+    pub jwks_url: Option<String>,
+    /// Required `aud` of user JWTs [default: authenticated]
+    #[arg(long, env = "BILLSYNC_JWT_AUDIENCE", global = true)]
+    pub jwt_audience: Option<String>,
+    /// Required `iss` of user JWTs, when set.
+    #[arg(long, env = "BILLSYNC_JWT_ISSUER", global = true)]
+    pub jwt_issuer: Option<String>,
+    /// Attempts before an outbox job is parked as failed [default: 10]
+    #[arg(long, env = "BILLSYNC_OUTBOX_MAX_ATTEMPTS", global = true)]
+    pub outbox_max_attempts: Option<u32>,
+    /// How often the outbox worker looks for due jobs, in milliseconds [default: 250]
+    #[arg(long, env = "BILLSYNC_OUTBOX_POLL_MS", global = true)]
+    pub outbox_poll_ms: Option<u64>,
+    /// How long a profile push waits for more edits to coalesce, in milliseconds [default: 300]
+    #[arg(long, env = "BILLSYNC_OUTBOX_DEBOUNCE_MS", global = true)]
+    pub outbox_debounce_ms: Option<u64>,
+    /// First retry delay of a failed outbox job, in milliseconds; doubles per attempt [default: 1000]
+    #[arg(long, env = "BILLSYNC_OUTBOX_BACKOFF_BASE_MS", global = true)]
+    pub outbox_backoff_base_ms: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -115,6 +150,40 @@ struct FileConfig {
     stripe_max_retries: Option<u32>,
     admin_api_key: Option<String>,
     link_cache_ttl_secs: Option<u64>,
+    app_url: Option<String>,
+    stripe_portal_configuration_id: Option<String>,
+    jwt_secret: Option<String>,
+    jwks_url: Option<String>,
+    jwt_audience: Option<String>,
+    jwt_issuer: Option<String>,
+    outbox_max_attempts: Option<u32>,
+    outbox_poll_ms: Option<u64>,
+    outbox_debounce_ms: Option<u64>,
+    outbox_backoff_base_ms: Option<u64>,
+}
+
+#[derive(Debug, Clone)]
+pub struct OutboxConfig {
+    pub max_attempts: u32,
+    pub poll_interval: Duration,
+    pub debounce: Duration,
+    pub backoff_base: Duration,
+    pub backoff_max: Duration,
+    /// How long a claimed job is protected before another worker may take it over.
+    pub lease: Duration,
+    pub batch: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct JwtConfig {
+    pub secret: Option<Secret>,
+    pub jwks_url: Option<String>,
+    pub audience: String,
+    pub issuer: Option<String>,
+    /// An unknown `kid` refetches the JWKS at most this often.
+    pub jwks_min_refresh: Duration,
+    /// Keys are refetched when older than this.
+    pub jwks_max_age: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -143,6 +212,10 @@ pub struct Config {
     /// How long a resolve claim protects a user's customer creation before another
     /// instance may take over (it must outlast the Stripe calls of one resolve).
     pub resolve_lease: Duration,
+    pub app_url: Option<String>,
+    pub portal_configuration_id: Option<String>,
+    pub jwt: JwtConfig,
+    pub outbox: OutboxConfig,
 }
 
 impl Config {
@@ -214,7 +287,74 @@ impl Config {
             ));
         }
         let timeout = Duration::from_millis(timeout_ms);
+        let app_url = pick(&args.app_url, file.app_url)
+            .filter(|u| !u.is_empty())
+            .map(|u| u.trim_end_matches('/').to_owned());
+        if let Some(url) = &app_url {
+            if !(url.starts_with("https://") || url.starts_with("http://")) {
+                return Err(ConfigError::Invalid(format!(
+                    "APP_URL must be an http(s) URL, got {url:?}"
+                )));
+            }
+        }
+        let jwt_secret = pick(&args.jwt_secret, file.jwt_secret)
+            .filter(|s| !s.is_empty())
+            .map(Secret::new);
+        if jwt_secret.as_ref().is_some_and(|s| s.expose().len() < 32) {
+            return Err(ConfigError::Invalid(
+                "BILLSYNC_JWT_SECRET must be at least 32 characters".into(),
+            ));
+        }
+        let jwks_url = pick(&args.jwks_url, file.jwks_url).filter(|u| !u.is_empty());
+        if let Some(url) = &jwks_url {
+            if !(url.starts_with("https://") || url.starts_with("http://")) {
+                return Err(ConfigError::Invalid(format!(
+                    "BILLSYNC_JWKS_URL must be an http(s) URL, got {url:?}"
+                )));
+            }
+        }
+        let max_attempts = pick(&args.outbox_max_attempts, file.outbox_max_attempts).unwrap_or(10);
+        if max_attempts == 0 {
+            return Err(ConfigError::Invalid(
+                "BILLSYNC_OUTBOX_MAX_ATTEMPTS must be at least 1".into(),
+            ));
+        }
+        let outbox = OutboxConfig {
+            max_attempts,
+            poll_interval: Duration::from_millis(
+                pick(&args.outbox_poll_ms, file.outbox_poll_ms)
+                    .unwrap_or(250)
+                    .max(1),
+            ),
+            debounce: Duration::from_millis(
+                pick(&args.outbox_debounce_ms, file.outbox_debounce_ms).unwrap_or(300),
+            ),
+            backoff_base: Duration::from_millis(
+                pick(&args.outbox_backoff_base_ms, file.outbox_backoff_base_ms)
+                    .unwrap_or(1_000)
+                    .max(1),
+            ),
+            backoff_max: Duration::from_secs(600),
+            lease: timeout * 4 + Duration::from_secs(30),
+            batch: 32,
+        };
         Ok(Self {
+            app_url,
+            portal_configuration_id: pick(
+                &args.stripe_portal_configuration_id,
+                file.stripe_portal_configuration_id,
+            )
+            .filter(|c| !c.is_empty()),
+            jwt: JwtConfig {
+                secret: jwt_secret,
+                jwks_url,
+                audience: pick(&args.jwt_audience, file.jwt_audience)
+                    .unwrap_or_else(|| "authenticated".to_owned()),
+                issuer: pick(&args.jwt_issuer, file.jwt_issuer).filter(|i| !i.is_empty()),
+                jwks_min_refresh: Duration::from_secs(10),
+                jwks_max_age: Duration::from_secs(600),
+            },
+            outbox,
             database_url: Secret::new(database_url),
             db_max_connections,
             link_cache_ttl: Duration::from_secs(
@@ -259,6 +399,7 @@ impl Config {
     pub fn store_options(&self) -> crate::store::StoreOptions {
         crate::store::StoreOptions {
             max_connections: self.db_max_connections,
+            push_debounce: self.outbox.debounce,
             link_cache_ttl: self.link_cache_ttl,
         }
     }

@@ -6,7 +6,10 @@ use std::{sync::Arc, time::Duration};
 
 use billsync::{
     domain::{Email, LinkSource, PersonName, Phone, StripeCustomerId, UserId},
-    store::{LinkOutcome, Store, UserUpsert},
+    store::{
+        JobKind, JobOutcome, JobState, LinkOutcome, PushedProfile, Store, SubscriptionMirror,
+        UserUpsert,
+    },
 };
 use support::Backend;
 
@@ -404,7 +407,437 @@ async fn removed_links_are_gone_at_once(backend: Backend) {
     );
 }
 
+/// Waits out the push debounce (300 ms by default).
+async fn after_debounce() {
+    tokio::time::sleep(Duration::from_millis(350)).await;
+}
+
+async fn profile_changes_queue_one_coalesced_push(backend: Backend) {
+    let Some(t) = backend
+        .store("profile_changes_queue_one_coalesced_push")
+        .await
+    else {
+        return;
+    };
+    let store = &t.store;
+    // A new user has no customer yet: nothing to push.
+    let created = store
+        .upsert_user(&upsert("pusher", "p@example.com"))
+        .await
+        .unwrap();
+    assert!(store.list_jobs(None, 10).await.unwrap().is_empty());
+
+    // Three changes in a row: one pending push.
+    for name in ["A", "B", "C"] {
+        store
+            .upsert_user(&UserUpsert {
+                first_name: PersonName::parse_optional(Some(name), "f").unwrap(),
+                ..upsert("pusher", "p@example.com")
+            })
+            .await
+            .unwrap();
+    }
+    let jobs = store.list_jobs(Some(JobState::Pending), 10).await.unwrap();
+    assert_eq!(jobs.len(), 1);
+    assert_eq!(jobs[0].kind, JobKind::PushProfile);
+    assert_eq!(jobs[0].user_id, "pusher");
+    // Not due before the debounce.
+    assert!(store
+        .claim_jobs(10, Duration::from_secs(30))
+        .await
+        .unwrap()
+        .is_empty());
+
+    // Optimistic update: the stale version loses, the current one wins.
+    let current = store.get_user(&created.id).await.unwrap().unwrap();
+    assert_eq!(current.version, 4);
+    let change = UserUpsert {
+        phone: Some(Phone::parse("+14155550123").unwrap()),
+        ..upsert("pusher", "p@example.com")
+    };
+    assert_eq!(
+        store.update_user_if_version(&change, 3).await.unwrap(),
+        None
+    );
+    let updated = store
+        .update_user_if_version(&change, 4)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(updated.version, 5);
+    // Same values at the current version: unchanged, no bump.
+    let same = store
+        .update_user_if_version(&change, 5)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(same.version, 5);
+    assert_eq!(
+        store.list_jobs(None, 10).await.unwrap().len(),
+        1,
+        "still one push"
+    );
+
+    after_debounce().await;
+    let claimed = store.claim_jobs(10, Duration::from_secs(30)).await.unwrap();
+    assert_eq!(claimed.len(), 1);
+    assert_eq!(claimed[0].state, JobState::InFlight);
+    assert_eq!(claimed[0].attempts, 1);
+    // In flight: another worker gets nothing.
+    assert!(store
+        .claim_jobs(10, Duration::from_secs(30))
+        .await
+        .unwrap()
+        .is_empty());
+
+    // An edit while the push is in flight queues a new one, which waits for the first.
+    store
+        .upsert_user(&upsert("pusher", "new@example.com"))
+        .await
+        .unwrap();
+    after_debounce().await;
+    assert!(store
+        .claim_jobs(10, Duration::from_secs(30))
+        .await
+        .unwrap()
+        .is_empty());
+    // The first one failing now is superseded by the newer pending push.
+    store
+        .finish_job(
+            claimed[0].id,
+            &JobOutcome::Retry {
+                delay: Duration::ZERO,
+                error: "stripe unavailable".into(),
+            },
+        )
+        .await
+        .unwrap();
+    let first = store.get_job(claimed[0].id).await.unwrap().unwrap();
+    assert_eq!(first.state, JobState::Done, "superseded");
+    let next = store.claim_jobs(10, Duration::from_secs(30)).await.unwrap();
+    assert_eq!(next.len(), 1);
+    assert_ne!(next[0].id, claimed[0].id);
+}
+
+async fn jobs_retry_fail_and_are_requeued(backend: Backend) {
+    let Some(t) = backend.store("jobs_retry_fail_and_are_requeued").await else {
+        return;
+    };
+    let store = &t.store;
+    store
+        .upsert_user(&upsert("r", "r@example.com"))
+        .await
+        .unwrap();
+    store
+        .upsert_user(&upsert("r", "r2@example.com"))
+        .await
+        .unwrap();
+    after_debounce().await;
+    let job = store
+        .claim_jobs(1, Duration::from_secs(30))
+        .await
+        .unwrap()
+        .remove(0);
+    store
+        .finish_job(
+            job.id,
+            &JobOutcome::Retry {
+                delay: Duration::from_secs(60),
+                error: "429".into(),
+            },
+        )
+        .await
+        .unwrap();
+    let waiting = store.get_job(job.id).await.unwrap().unwrap();
+    assert_eq!(waiting.state, JobState::Pending);
+    assert_eq!(waiting.last_error.as_deref(), Some("429"));
+    assert!(
+        store
+            .claim_jobs(1, Duration::from_secs(30))
+            .await
+            .unwrap()
+            .is_empty(),
+        "backing off"
+    );
+    // An operator can run it now; it fails for good.
+    let claimed = store
+        .claim_job(job.id, Duration::from_secs(30))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(claimed.attempts, 2);
+    assert_eq!(
+        store
+            .claim_job(job.id, Duration::from_secs(30))
+            .await
+            .unwrap(),
+        None
+    );
+    store
+        .finish_job(
+            job.id,
+            &JobOutcome::Failed {
+                error: "customer gone".into(),
+            },
+        )
+        .await
+        .unwrap();
+    let failed = store.list_jobs(Some(JobState::Failed), 10).await.unwrap();
+    assert_eq!(failed.len(), 1);
+    assert_eq!(failed[0].last_error.as_deref(), Some("customer gone"));
+    assert!(store
+        .list_jobs(Some(JobState::Pending), 10)
+        .await
+        .unwrap()
+        .is_empty());
+
+    let requeued = store.retry_job(job.id).await.unwrap().unwrap();
+    assert_eq!((requeued.state, requeued.attempts), (JobState::Pending, 0));
+    assert_eq!(
+        store.retry_job(job.id).await.unwrap(),
+        None,
+        "only failed jobs"
+    );
+    assert_eq!(store.retry_job(987_654).await.unwrap(), None);
+    let again = store.claim_jobs(1, Duration::from_secs(30)).await.unwrap();
+    assert_eq!(again[0].id, job.id);
+    store.finish_job(job.id, &JobOutcome::Done).await.unwrap();
+    assert_eq!(
+        store.get_job(job.id).await.unwrap().unwrap().state,
+        JobState::Done
+    );
+}
+
+async fn expired_job_leases_are_reclaimed(backend: Backend) {
+    let Some(t) = backend.store("expired_job_leases_are_reclaimed").await else {
+        return;
+    };
+    let store = &t.store;
+    store
+        .upsert_user(&upsert("k", "k@example.com"))
+        .await
+        .unwrap();
+    store
+        .upsert_user(&upsert("k", "k2@example.com"))
+        .await
+        .unwrap();
+    after_debounce().await;
+    // A worker claims the job and dies.
+    let lost = store
+        .claim_jobs(1, Duration::from_millis(100))
+        .await
+        .unwrap()
+        .remove(0);
+    assert!(store
+        .claim_jobs(1, Duration::from_secs(30))
+        .await
+        .unwrap()
+        .is_empty());
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    let resumed = store.claim_jobs(1, Duration::from_secs(30)).await.unwrap();
+    assert_eq!(resumed.len(), 1);
+    assert_eq!(resumed[0].id, lost.id);
+    assert_eq!(resumed[0].attempts, 2);
+}
+
+async fn concurrent_workers_claim_each_job_once(backend: Backend) {
+    let Some(t) = backend
+        .store("concurrent_workers_claim_each_job_once")
+        .await
+    else {
+        return;
+    };
+    for i in 0..20 {
+        let id = format!("w{i}");
+        t.store
+            .upsert_user(&upsert(&id, "w@example.com"))
+            .await
+            .unwrap();
+        t.store
+            .upsert_user(&upsert(&id, "w2@example.com"))
+            .await
+            .unwrap();
+    }
+    after_debounce().await;
+    let workers: Vec<_> = (0..8)
+        .map(|_| {
+            let store = t.store.clone();
+            tokio::spawn(async move {
+                let mut mine = Vec::new();
+                loop {
+                    let batch = store.claim_jobs(3, Duration::from_secs(30)).await.unwrap();
+                    if batch.is_empty() {
+                        return mine;
+                    }
+                    mine.extend(batch.into_iter().map(|j| j.id));
+                }
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    for worker in workers {
+        all.extend(worker.await.unwrap());
+    }
+    let unique: std::collections::HashSet<_> = all.iter().collect();
+    assert_eq!(all.len(), 20, "every job claimed");
+    assert_eq!(unique.len(), 20, "no job claimed twice");
+}
+
+async fn erasure_removes_the_user_and_keeps_no_personal_data(backend: Backend) {
+    let Some(t) = backend
+        .store("erasure_removes_the_user_and_keeps_no_personal_data")
+        .await
+    else {
+        return;
+    };
+    let store = &t.store;
+    let user = UserId::parse("erase-me").unwrap();
+    store
+        .upsert_user(&upsert("erase-me", "e@example.com"))
+        .await
+        .unwrap();
+    store
+        .upsert_user(&upsert("erase-me", "e2@example.com"))
+        .await
+        .unwrap();
+    store
+        .insert_link(&user, &cus("cus_E"), false, LinkSource::Created)
+        .await
+        .unwrap();
+    store
+        .insert_usage_record(&user, "api_calls", 3, billsync::store::now())
+        .await
+        .unwrap();
+    let payload = serde_json::json!({"customer_id": "cus_E"});
+    let job = store.enqueue_erase(&user, &payload).await.unwrap();
+    assert_eq!(job.kind, JobKind::Erase);
+    assert_eq!(
+        store.enqueue_erase(&user, &payload).await.unwrap().id,
+        job.id,
+        "one at a time"
+    );
+    assert_eq!(store.active_erase(&user).await.unwrap().unwrap().id, job.id);
+    store
+        .save_job_payload(job.id, &serde_json::json!({"done": ["customer"]}))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.get_job(job.id).await.unwrap().unwrap().payload,
+        serde_json::json!({"done": ["customer"]})
+    );
+
+    assert!(store
+        .erase_user(
+            &user,
+            "hash123",
+            &serde_json::json!({"delete_from_stripe": true})
+        )
+        .await
+        .unwrap());
+    assert_eq!(store.get_user(&user).await.unwrap(), None);
+    assert_eq!(store.get_link(&user).await.unwrap(), None);
+    assert_eq!(
+        store.get_link_by_customer(&cus("cus_E")).await.unwrap(),
+        None
+    );
+    assert!(store
+        .usage_records_page(&user, 0, 10)
+        .await
+        .unwrap()
+        .is_empty());
+    let jobs = store.list_jobs(None, 10).await.unwrap();
+    assert!(
+        jobs.iter().all(|j| j.user_id == "erased:hash123"),
+        "{jobs:?}"
+    );
+    assert!(
+        jobs.iter().all(|j| j.kind == JobKind::Erase),
+        "pending pushes dropped: {jobs:?}"
+    );
+    let audit = store.recent_audit(5).await.unwrap();
+    assert_eq!(audit[0].1, "account_erased");
+    assert_eq!(audit[0].2.as_deref(), Some("hash123"));
+    assert!(!format!("{audit:?}").contains("erase-me"));
+    assert!(!format!("{audit:?}").contains("e2@example.com"));
+    // Again: nothing left to erase.
+    assert!(!store
+        .erase_user(&user, "hash123", &serde_json::json!({}))
+        .await
+        .unwrap());
+}
+
+async fn usage_subscriptions_and_pushes_round_trip(backend: Backend) {
+    let Some(t) = backend
+        .store("usage_subscriptions_and_pushes_round_trip")
+        .await
+    else {
+        return;
+    };
+    let store = &t.store;
+    let user = UserId::parse("u").unwrap();
+    store
+        .upsert_user(&upsert("u", "u@example.com"))
+        .await
+        .unwrap();
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        ids.push(
+            store
+                .insert_usage_record(&user, "seats", i, billsync::store::now())
+                .await
+                .unwrap(),
+        );
+    }
+    let first = store.usage_records_page(&user, 0, 2).await.unwrap();
+    assert_eq!(first.iter().map(|r| r.quantity).collect::<Vec<_>>(), [0, 1]);
+    let rest = store
+        .usage_records_page(&user, first[1].id, 10)
+        .await
+        .unwrap();
+    assert_eq!(
+        rest.iter().map(|r| r.quantity).collect::<Vec<_>>(),
+        [2, 3, 4]
+    );
+    assert_eq!(rest.last().unwrap().id, *ids.last().unwrap());
+
+    let mut sub = SubscriptionMirror {
+        id: "sub_1".into(),
+        user_id: Some(user.clone()),
+        customer_id: "cus_U".into(),
+        status: "active".into(),
+        price_id: Some("price_1".into()),
+        cancel_at_period_end: false,
+        current_period_end: Some(billsync::store::now()),
+        updated_at: billsync::store::now(),
+    };
+    store.upsert_subscription(&sub).await.unwrap();
+    sub.status = "canceled".into();
+    sub.cancel_at_period_end = true;
+    store.upsert_subscription(&sub).await.unwrap();
+    assert_eq!(store.list_subscriptions(&user).await.unwrap(), vec![sub]);
+
+    assert_eq!(store.last_push(&user).await.unwrap(), None);
+    store
+        .insert_link(&user, &cus("cus_U"), false, LinkSource::Created)
+        .await
+        .unwrap();
+    let pushed = PushedProfile {
+        email: "u@example.com".into(),
+        name: Some("U Name".into()),
+        phone: None,
+        version: 7,
+    };
+    store.record_push(&user, &pushed).await.unwrap();
+    assert_eq!(store.last_push(&user).await.unwrap(), Some(pushed));
+}
+
 on_every_store!(
+    profile_changes_queue_one_coalesced_push,
+    jobs_retry_fail_and_are_requeued,
+    expired_job_leases_are_reclaimed,
+    concurrent_workers_claim_each_job_once,
+    erasure_removes_the_user_and_keeps_no_personal_data,
+    usage_subscriptions_and_pushes_round_trip,
     removed_links_are_gone_at_once,
     users_round_trip_and_version_counts_changes,
     hostile_strings_are_data,

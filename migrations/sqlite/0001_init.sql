@@ -24,7 +24,13 @@ CREATE TABLE customer_links (
     linked_at          INTEGER NOT NULL,
     -- `created` and id of the newest Stripe event applied to this customer
     event_watermark    INTEGER,
-    event_watermark_id TEXT
+    event_watermark_id TEXT,
+    -- what billsync last pushed to the customer, to recognise its echo in customer.updated
+    pushed_email       TEXT,
+    pushed_name        TEXT,
+    pushed_phone       TEXT,
+    pushed_version     INTEGER,
+    pushed_at          INTEGER
 );
 
 -- A per-user claim on customer creation, so two instances never both create a customer.
@@ -100,7 +106,11 @@ CREATE TABLE outbox (
 -- coalescing: at most one pending profile push per user
 CREATE UNIQUE INDEX outbox_one_pending_push_idx
     ON outbox (user_id) WHERE kind = 'push_profile' AND state = 'pending';
+-- an erasure runs once per user at a time
+CREATE UNIQUE INDEX outbox_one_active_erase_idx
+    ON outbox (user_id) WHERE kind = 'erase' AND state IN ('pending', 'in_flight');
 CREATE INDEX outbox_due_idx ON outbox (next_attempt_at) WHERE state = 'pending';
+CREATE INDEX outbox_user_idx ON outbox (user_id, state);
 
 -- GDPR and admin actions; subject is a hash of the user id, never personal data.
 CREATE TABLE audit_log (

@@ -106,6 +106,117 @@ pub struct ResolveClaim {
     pub started_at: OffsetDateTime,
 }
 
+/// A durable job towards Stripe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobKind {
+    /// Push the user's current email, name and phone to their customer.
+    PushProfile,
+    /// The erasure saga (payload: its progress).
+    Erase,
+}
+
+impl JobKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::PushProfile => "push_profile",
+            Self::Erase => "erase",
+        }
+    }
+    pub fn parse(raw: &str) -> Option<Self> {
+        [Self::PushProfile, Self::Erase]
+            .into_iter()
+            .find(|k| k.as_str() == raw)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    Pending,
+    InFlight,
+    Done,
+    Failed,
+}
+
+impl JobState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::InFlight => "in_flight",
+            Self::Done => "done",
+            Self::Failed => "failed",
+        }
+    }
+    pub fn parse(raw: &str) -> Option<Self> {
+        [Self::Pending, Self::InFlight, Self::Done, Self::Failed]
+            .into_iter()
+            .find(|k| k.as_str() == raw)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutboxJob {
+    pub id: i64,
+    pub kind: JobKind,
+    /// The user's id; replaced by `erased:<hash>` once an erasure completes.
+    pub user_id: String,
+    pub payload: serde_json::Value,
+    pub state: JobState,
+    /// Attempts started, this one included for a claimed job.
+    pub attempts: i32,
+    pub next_attempt_at: OffsetDateTime,
+    pub last_error: Option<String>,
+    pub created_at: OffsetDateTime,
+    pub updated_at: OffsetDateTime,
+}
+
+/// How a claimed job ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum JobOutcome {
+    Done,
+    /// Try again after `delay`; a newer pending job of the same kind for the user supersedes it.
+    Retry {
+        delay: Duration,
+        error: String,
+    },
+    /// Parked for an operator.
+    Failed {
+        error: String,
+    },
+}
+
+/// What billsync last sent to a customer, to tell its own echo from a Stripe-side change.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PushedProfile {
+    pub email: String,
+    pub name: Option<String>,
+    pub phone: Option<String>,
+    pub version: i64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct UsageRecord {
+    pub id: i64,
+    pub metric: String,
+    pub quantity: i64,
+    pub recorded_at: OffsetDateTime,
+    pub created_at: OffsetDateTime,
+}
+
+/// The local mirror of one Stripe subscription.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SubscriptionMirror {
+    pub id: String,
+    pub user_id: Option<UserId>,
+    pub customer_id: String,
+    pub status: String,
+    pub price_id: Option<String>,
+    pub cancel_at_period_end: bool,
+    pub current_period_end: Option<OffsetDateTime>,
+    pub updated_at: OffsetDateTime,
+}
+
 /// Timestamps are stored with millisecond precision on every backend; values made here
 /// round-trip exactly.
 pub fn now() -> OffsetDateTime {
@@ -122,8 +233,16 @@ pub trait Store: Send + Sync + 'static {
     /// A round trip to the database, for readiness.
     async fn ping(&self) -> StoreResult<()>;
 
-    /// Creates the user or replaces its profile; `version` increases only when a field changed.
+    /// Creates the user or replaces its profile; `version` increases only when a field changed,
+    /// and a change of an existing user queues a profile push in the same transaction.
     async fn upsert_user(&self, user: &UserUpsert) -> StoreResult<User>;
+    /// Like `upsert_user` for an existing user, but only if its version is still `expected`
+    /// (optimistic concurrency for read-modify-write); `None` when it is not (or is gone).
+    async fn update_user_if_version(
+        &self,
+        user: &UserUpsert,
+        expected: i64,
+    ) -> StoreResult<Option<User>>;
     async fn get_user(&self, id: &UserId) -> StoreResult<Option<User>>;
 
     async fn get_link(&self, user: &UserId) -> StoreResult<Option<CustomerLink>>;
@@ -141,6 +260,71 @@ pub trait Store: Send + Sync + 'static {
         livemode: bool,
         via: LinkSource,
     ) -> StoreResult<LinkOutcome>;
+
+    /// Records what was last pushed to the user's customer.
+    async fn record_push(&self, user: &UserId, pushed: &PushedProfile) -> StoreResult<()>;
+    async fn last_push(&self, user: &UserId) -> StoreResult<Option<PushedProfile>>;
+
+    /// Claims up to `limit` due jobs (pending and due, or in flight with an expired lease),
+    /// never two at once for one user. Each claimed job's `attempts` counts this attempt.
+    async fn claim_jobs(&self, limit: u32, lease: Duration) -> StoreResult<Vec<OutboxJob>>;
+    /// Claims one job now, whatever its due time, if it is pending.
+    async fn claim_job(&self, id: i64, lease: Duration) -> StoreResult<Option<OutboxJob>>;
+    async fn finish_job(&self, id: i64, outcome: &JobOutcome) -> StoreResult<()>;
+    /// Saves a job's progress (the erasure saga's completed steps).
+    async fn save_job_payload(&self, id: i64, payload: &serde_json::Value) -> StoreResult<()>;
+    async fn get_job(&self, id: i64) -> StoreResult<Option<OutboxJob>>;
+    /// Newest first.
+    async fn list_jobs(&self, state: Option<JobState>, limit: u32) -> StoreResult<Vec<OutboxJob>>;
+    /// Puts a failed job back in the queue, due now, with its attempts reset; `None` when the
+    /// job does not exist or is not failed.
+    async fn retry_job(&self, id: i64) -> StoreResult<Option<OutboxJob>>;
+    /// The user's erasure job if one is pending or in flight; otherwise a new pending one.
+    async fn enqueue_erase(
+        &self,
+        user: &UserId,
+        payload: &serde_json::Value,
+    ) -> StoreResult<OutboxJob>;
+    async fn active_erase(&self, user: &UserId) -> StoreResult<Option<OutboxJob>>;
+    /// The erasure's last step, in one transaction: deletes the user (links, subscriptions,
+    /// usage and claims go with it), drops their pending pushes, renames their jobs to
+    /// `erased:<subject_hash>`, and writes the audit entry. Returns whether the user existed.
+    async fn erase_user(
+        &self,
+        user: &UserId,
+        subject_hash: &str,
+        audit_detail: &serde_json::Value,
+    ) -> StoreResult<bool>;
+    async fn append_audit(
+        &self,
+        actor: &str,
+        action: &str,
+        subject_hash: Option<&str>,
+        detail: &serde_json::Value,
+    ) -> StoreResult<()>;
+    /// Newest first: (actor, action, subject_hash, detail).
+    async fn recent_audit(
+        &self,
+        limit: u32,
+    ) -> StoreResult<Vec<(String, String, Option<String>, serde_json::Value)>>;
+
+    async fn insert_usage_record(
+        &self,
+        user: &UserId,
+        metric: &str,
+        quantity: i64,
+        recorded_at: OffsetDateTime,
+    ) -> StoreResult<i64>;
+    /// Records with `id > after`, oldest first, at most `limit`: pages for streaming.
+    async fn usage_records_page(
+        &self,
+        user: &UserId,
+        after: i64,
+        limit: u32,
+    ) -> StoreResult<Vec<UsageRecord>>;
+
+    async fn upsert_subscription(&self, subscription: &SubscriptionMirror) -> StoreResult<()>;
+    async fn list_subscriptions(&self, user: &UserId) -> StoreResult<Vec<SubscriptionMirror>>;
 
     /// Takes the user's resolve claim if nobody holds an unexpired one. Re-taking an expired
     /// claim keeps its `started_at`.
@@ -163,6 +347,8 @@ pub trait Store: Send + Sync + 'static {
 #[derive(Debug, Clone)]
 pub struct StoreOptions {
     pub max_connections: u32,
+    /// A queued profile push waits this long, so a burst of edits makes one push.
+    pub push_debounce: Duration,
     /// How long Postgres keeps a customer link in memory at most (0 disables the cache).
     /// Changes evict it at once through LISTEN/NOTIFY; the TTL is a safety net.
     pub link_cache_ttl: Duration,
@@ -172,6 +358,7 @@ impl StoreOptions {
     pub fn new(max_connections: u32) -> Self {
         Self {
             max_connections,
+            push_debounce: Duration::from_millis(300),
             link_cache_ttl: Duration::from_secs(300),
         }
     }
@@ -305,4 +492,40 @@ async fn explain_link_conflict<S: Store + ?Sized>(
         });
     }
     Ok(LinkOutcome::UserMissing)
+}
+
+/// Columns of an outbox row: id, kind, user_id, payload, state, attempts, last_error.
+type JobHead = (i64, String, String, String, String, i32, Option<String>);
+
+fn job_from_parts(
+    head: JobHead,
+    next_attempt_at: OffsetDateTime,
+    created_at: OffsetDateTime,
+    updated_at: OffsetDateTime,
+) -> StoreResult<OutboxJob> {
+    let (id, kind, user_id, payload, state, attempts, last_error) = head;
+    Ok(OutboxJob {
+        id,
+        kind: JobKind::parse(&kind)
+            .ok_or_else(|| StoreError::Corrupt(format!("job kind {kind:?}")))?,
+        user_id,
+        payload: serde_json::from_str(&payload)
+            .map_err(|e| StoreError::Corrupt(format!("job {id} payload: {e}")))?,
+        state: JobState::parse(&state)
+            .ok_or_else(|| StoreError::Corrupt(format!("job state {state:?}")))?,
+        attempts,
+        next_attempt_at,
+        last_error,
+        created_at,
+        updated_at,
+    })
+}
+
+fn parse_json(raw: &str) -> StoreResult<serde_json::Value> {
+    serde_json::from_str(raw).map_err(|e| StoreError::Corrupt(format!("stored JSON: {e}")))
+}
+
+/// Errors stored in jobs are for operators, not unbounded.
+fn clip_error(error: &str) -> String {
+    error.chars().take(1_000).collect()
 }

@@ -3,25 +3,75 @@ use std::{sync::Arc, time::Duration};
 use async_trait::async_trait;
 use sqlx::{
     postgres::{PgListener, PgPoolOptions},
-    PgPool,
+    PgPool, Postgres, Transaction,
 };
+use time::OffsetDateTime;
 
 use super::{
+    clip_error, job_from_parts,
     link_cache::{self, LinkCache},
-    link_from_row, opt_str, user_from_row, CustomerLink, LinkOutcome, LinkRow, ResolveClaim, Store,
-    StoreResult, User, UserRow, UserUpsert,
+    link_from_row, opt_str, parse_json, user_from_row, CustomerLink, JobOutcome, JobState,
+    LinkOutcome, LinkRow, OutboxJob, PushedProfile, ResolveClaim, Store, StoreError, StoreResult,
+    SubscriptionMirror, UsageRecord, User, UserRow, UserUpsert,
 };
 use crate::domain::{LinkSource, StripeCustomerId, UserId};
 
 const USER_COLUMNS: &str =
     "id, email, email_verified, first_name, last_name, phone, version, created_at, updated_at";
 const LINK_COLUMNS: &str = "user_id, stripe_customer_id, livemode, linked_via, linked_at";
+const USER_COLUMNS_QUALIFIED: &str = "users.id, users.email, users.email_verified, \
+     users.first_name, users.last_name, users.phone, users.version, users.created_at, \
+     users.updated_at";
+/// True when the proposed profile (`excluded`) differs from the stored one.
+const USER_CHANGED: &str = "(users.email, users.email_verified, users.first_name, \
+     users.last_name, users.phone) IS DISTINCT FROM (excluded.email, excluded.email_verified, \
+     excluded.first_name, excluded.last_name, excluded.phone)";
+const JOB_COLUMNS: &str = "id, kind, user_id, payload, state, attempts, last_error, \
+     next_attempt_at, created_at, updated_at";
+/// Another job that makes this one redundant: a pending push for the same user, or an
+/// active erasure.
+const SUPERSEDED: &str = "EXISTS (SELECT 1 FROM outbox other WHERE other.user_id = outbox.user_id \
+     AND other.kind = outbox.kind AND other.id <> outbox.id \
+     AND (other.state = 'pending' OR (other.kind = 'erase' AND other.state = 'in_flight')))";
+
+type PgJobRow = (
+    i64,
+    String,
+    String,
+    String,
+    String,
+    i32,
+    Option<String>,
+    OffsetDateTime,
+    OffsetDateTime,
+    OffsetDateTime,
+);
+
+fn job(row: PgJobRow) -> StoreResult<OutboxJob> {
+    let (id, kind, user_id, payload, state, attempts, last_error, next, created, updated) = row;
+    job_from_parts(
+        (id, kind, user_id, payload, state, attempts, last_error),
+        next,
+        created,
+        updated,
+    )
+}
+
+async fn get_user_in(tx: &mut Transaction<'_, Postgres>, id: &UserId) -> StoreResult<Option<User>> {
+    let row: Option<UserRow> =
+        sqlx::query_as(&format!("SELECT {USER_COLUMNS} FROM users WHERE id = $1"))
+            .bind(id.as_str())
+            .fetch_optional(&mut **tx)
+            .await?;
+    row.map(user_from_row).transpose()
+}
 
 /// The production store. Leases and timestamps use the database clock, so instances with
 /// skewed clocks still agree.
 #[derive(Clone)]
 pub struct PgStore {
     pool: PgPool,
+    push_debounce: Duration,
     links: Arc<LinkCache>,
     _listener: Arc<AbortOnDrop>,
 }
@@ -31,6 +81,29 @@ struct AbortOnDrop(tokio::task::JoinHandle<()>);
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
+    }
+}
+
+impl PgStore {
+    /// Queues a push of the user's profile, unless one is already pending (it will push the
+    /// newest state when it runs).
+    async fn enqueue_push(
+        &self,
+        tx: &mut Transaction<'_, Postgres>,
+        user: &UserId,
+    ) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO outbox (kind, user_id, payload, state, attempts, next_attempt_at,
+                                 created_at, updated_at)
+             VALUES ('push_profile', $1, '{}', 'pending', 0,
+                     now() + make_interval(secs => $2), now(), now())
+             ON CONFLICT (user_id) WHERE kind = 'push_profile' AND state = 'pending' DO NOTHING",
+        )
+        .bind(user.as_str())
+        .bind(self.push_debounce.as_secs_f64())
+        .execute(&mut **tx)
+        .await?;
+        Ok(())
     }
 }
 
@@ -53,6 +126,7 @@ impl PgStore {
         };
         Ok(Self {
             pool,
+            push_debounce: options.push_debounce,
             links,
             _listener: Arc::new(AbortOnDrop(listener)),
         })
@@ -90,7 +164,8 @@ impl Store for PgStore {
     }
 
     async fn upsert_user(&self, user: &UserUpsert) -> StoreResult<User> {
-        let sql = format!(
+        let mut tx = self.pool.begin().await?;
+        let written: Option<UserRow> = sqlx::query_as(&format!(
             "INSERT INTO users (id, email, email_verified, first_name, last_name, phone, version, \
                                 created_at, updated_at)
              VALUES ($1, $2, $3, $4, $5, $6, 1, date_trunc('milliseconds', now()), \
@@ -100,28 +175,70 @@ impl Store for PgStore {
                 first_name = EXCLUDED.first_name, last_name = EXCLUDED.last_name,
                 phone = EXCLUDED.phone, version = users.version + 1,
                 updated_at = EXCLUDED.updated_at
-             WHERE (users.email, users.email_verified, users.first_name, users.last_name, users.phone)
-                   IS DISTINCT FROM (EXCLUDED.email, EXCLUDED.email_verified, EXCLUDED.first_name,
-                                     EXCLUDED.last_name, EXCLUDED.phone)
+             WHERE {USER_CHANGED}
              RETURNING {USER_COLUMNS}"
-        );
-        let written: Option<UserRow> = sqlx::query_as(&sql)
-            .bind(user.id.as_str())
-            .bind(user.email.as_str())
-            .bind(user.email_verified)
-            .bind(opt_str(&user.first_name))
-            .bind(opt_str(&user.last_name))
-            .bind(opt_str(&user.phone))
-            .fetch_optional(&self.pool)
-            .await?;
-        match written {
-            Some(row) => user_from_row(row),
+        ))
+        .bind(user.id.as_str())
+        .bind(user.email.as_str())
+        .bind(user.email_verified)
+        .bind(opt_str(&user.first_name))
+        .bind(opt_str(&user.last_name))
+        .bind(opt_str(&user.phone))
+        .fetch_optional(&mut *tx)
+        .await?;
+        let saved = match written {
+            Some(row) => {
+                let saved = user_from_row(row)?;
+                if saved.version > 1 {
+                    self.enqueue_push(&mut tx, &saved.id).await?;
+                }
+                saved
+            }
             // Nothing changed: the row is as requested already.
-            None => self
-                .get_user(&user.id)
+            None => get_user_in(&mut tx, &user.id)
                 .await?
-                .ok_or_else(|| super::StoreError::Corrupt("user vanished during upsert".into())),
-        }
+                .ok_or_else(|| StoreError::Corrupt("user vanished during upsert".into()))?,
+        };
+        tx.commit().await?;
+        Ok(saved)
+    }
+
+    async fn update_user_if_version(
+        &self,
+        user: &UserUpsert,
+        expected: i64,
+    ) -> StoreResult<Option<User>> {
+        let mut tx = self.pool.begin().await?;
+        let written: Option<UserRow> = sqlx::query_as(&format!(
+            "UPDATE users SET email = $2, email_verified = $3, first_name = $4, last_name = $5,
+                    phone = $6, version = users.version + 1,
+                    updated_at = date_trunc('milliseconds', now())
+             FROM (SELECT $2::text AS email, $3::boolean AS email_verified, $4::text AS first_name,
+                          $5::text AS last_name, $6::text AS phone) AS excluded
+             WHERE users.id = $1 AND users.version = $7 AND {USER_CHANGED}
+             RETURNING {USER_COLUMNS_QUALIFIED}"
+        ))
+        .bind(user.id.as_str())
+        .bind(user.email.as_str())
+        .bind(user.email_verified)
+        .bind(opt_str(&user.first_name))
+        .bind(opt_str(&user.last_name))
+        .bind(opt_str(&user.phone))
+        .bind(expected)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let outcome = match written {
+            Some(row) => {
+                let saved = user_from_row(row)?;
+                self.enqueue_push(&mut tx, &saved.id).await?;
+                Some(saved)
+            }
+            None => get_user_in(&mut tx, &user.id)
+                .await?
+                .filter(|current| current.version == expected),
+        };
+        tx.commit().await?;
+        Ok(outcome)
     }
 
     async fn get_user(&self, id: &UserId) -> StoreResult<Option<User>> {
@@ -205,6 +322,374 @@ impl Store for PgStore {
         super::explain_link_conflict(self, user, customer).await
     }
 
+    async fn record_push(&self, user: &UserId, pushed: &PushedProfile) -> StoreResult<()> {
+        sqlx::query(
+            "UPDATE customer_links SET pushed_email = $2, pushed_name = $3, pushed_phone = $4,
+                    pushed_version = $5, pushed_at = now()
+             WHERE user_id = $1",
+        )
+        .bind(user.as_str())
+        .bind(&pushed.email)
+        .bind(&pushed.name)
+        .bind(&pushed.phone)
+        .bind(pushed.version)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn last_push(&self, user: &UserId) -> StoreResult<Option<PushedProfile>> {
+        let row: Option<(Option<String>, Option<String>, Option<String>, Option<i64>)> =
+            sqlx::query_as(
+                "SELECT pushed_email, pushed_name, pushed_phone, pushed_version
+                 FROM customer_links WHERE user_id = $1",
+            )
+            .bind(user.as_str())
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(match row {
+            Some((Some(email), name, phone, Some(version))) => Some(PushedProfile {
+                email,
+                name,
+                phone,
+                version,
+            }),
+            _ => None,
+        })
+    }
+
+    async fn claim_jobs(&self, limit: u32, lease: Duration) -> StoreResult<Vec<OutboxJob>> {
+        let rows: Vec<PgJobRow> = sqlx::query_as(&format!(
+            "WITH due AS (
+                SELECT o.id FROM outbox o
+                WHERE ((o.state = 'pending' AND o.next_attempt_at <= now())
+                       OR (o.state = 'in_flight' AND o.locked_until < now()))
+                  AND NOT EXISTS (SELECT 1 FROM outbox b
+                                  WHERE b.user_id = o.user_id AND b.id <> o.id
+                                    AND b.state = 'in_flight' AND b.locked_until >= now())
+                ORDER BY o.next_attempt_at, o.id
+                LIMIT $1
+                FOR UPDATE SKIP LOCKED
+             )
+             UPDATE outbox SET state = 'in_flight', attempts = outbox.attempts + 1,
+                    locked_until = now() + make_interval(secs => $2), updated_at = now()
+             FROM due WHERE outbox.id = due.id
+             RETURNING {}",
+            qualified_job_columns()
+        ))
+        .bind(i64::from(limit))
+        .bind(lease.as_secs_f64())
+        .fetch_all(&self.pool)
+        .await?;
+        let mut jobs = rows.into_iter().map(job).collect::<StoreResult<Vec<_>>>()?;
+        jobs.sort_by_key(|j| (j.next_attempt_at, j.id));
+        Ok(jobs)
+    }
+
+    async fn claim_job(&self, id: i64, lease: Duration) -> StoreResult<Option<OutboxJob>> {
+        let row: Option<PgJobRow> = sqlx::query_as(&format!(
+            "UPDATE outbox SET state = 'in_flight', attempts = attempts + 1,
+                    locked_until = now() + make_interval(secs => $2), updated_at = now()
+             WHERE id = $1 AND state = 'pending'
+             RETURNING {JOB_COLUMNS}"
+        ))
+        .bind(id)
+        .bind(lease.as_secs_f64())
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(job).transpose()
+    }
+
+    async fn finish_job(&self, id: i64, outcome: &JobOutcome) -> StoreResult<()> {
+        let query = match outcome {
+            JobOutcome::Done => sqlx::query(
+                "UPDATE outbox SET state = 'done', locked_until = NULL, last_error = NULL,
+                        updated_at = now() WHERE id = $1",
+            )
+            .bind(id),
+            JobOutcome::Failed { error } => sqlx::query(
+                "UPDATE outbox SET state = 'failed', locked_until = NULL, last_error = $2,
+                        updated_at = now() WHERE id = $1",
+            )
+            .bind(id)
+            .bind(clip_error(error)),
+            JobOutcome::Retry { delay, error } => sqlx::query(&*RETRY_SQL)
+                .bind(id)
+                .bind(clip_error(error))
+                .bind(delay.as_secs_f64()),
+        };
+        query.execute(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn save_job_payload(&self, id: i64, payload: &serde_json::Value) -> StoreResult<()> {
+        sqlx::query("UPDATE outbox SET payload = $2, updated_at = now() WHERE id = $1")
+            .bind(id)
+            .bind(payload.to_string())
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn get_job(&self, id: i64) -> StoreResult<Option<OutboxJob>> {
+        let row: Option<PgJobRow> =
+            sqlx::query_as(&format!("SELECT {JOB_COLUMNS} FROM outbox WHERE id = $1"))
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await?;
+        row.map(job).transpose()
+    }
+
+    async fn list_jobs(&self, state: Option<JobState>, limit: u32) -> StoreResult<Vec<OutboxJob>> {
+        let rows: Vec<PgJobRow> = sqlx::query_as(&format!(
+            "SELECT {JOB_COLUMNS} FROM outbox WHERE ($1::text IS NULL OR state = $1)
+             ORDER BY id DESC LIMIT $2"
+        ))
+        .bind(state.map(JobState::as_str))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter().map(job).collect()
+    }
+
+    async fn retry_job(&self, id: i64) -> StoreResult<Option<OutboxJob>> {
+        let row: Option<PgJobRow> = sqlx::query_as(&format!(
+            "UPDATE outbox SET state = CASE WHEN {SUPERSEDED} THEN 'done' ELSE 'pending' END,
+                    attempts = 0, next_attempt_at = now(), locked_until = NULL,
+                    last_error = NULL, updated_at = now()
+             WHERE id = $1 AND state = 'failed'
+             RETURNING {JOB_COLUMNS}"
+        ))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(job).transpose()
+    }
+
+    async fn enqueue_erase(
+        &self,
+        user: &UserId,
+        payload: &serde_json::Value,
+    ) -> StoreResult<OutboxJob> {
+        let row: Option<PgJobRow> = sqlx::query_as(&format!(
+            "INSERT INTO outbox (kind, user_id, payload, state, attempts, next_attempt_at,
+                                 created_at, updated_at)
+             VALUES ('erase', $1, $2, 'pending', 0, now(), now(), now())
+             ON CONFLICT (user_id) WHERE kind = 'erase' AND state IN ('pending', 'in_flight')
+             DO NOTHING
+             RETURNING {JOB_COLUMNS}"
+        ))
+        .bind(user.as_str())
+        .bind(payload.to_string())
+        .fetch_optional(&self.pool)
+        .await?;
+        match row {
+            Some(row) => job(row),
+            None => self
+                .active_erase(user)
+                .await?
+                .ok_or_else(|| StoreError::Corrupt("erase job vanished".into())),
+        }
+    }
+
+    async fn active_erase(&self, user: &UserId) -> StoreResult<Option<OutboxJob>> {
+        let row: Option<PgJobRow> = sqlx::query_as(&format!(
+            "SELECT {JOB_COLUMNS} FROM outbox
+             WHERE user_id = $1 AND kind = 'erase' AND state IN ('pending', 'in_flight')"
+        ))
+        .bind(user.as_str())
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(job).transpose()
+    }
+
+    async fn erase_user(
+        &self,
+        user: &UserId,
+        subject_hash: &str,
+        audit_detail: &serde_json::Value,
+    ) -> StoreResult<bool> {
+        let mut tx = self.pool.begin().await?;
+        let existed = sqlx::query("DELETE FROM users WHERE id = $1")
+            .bind(user.as_str())
+            .execute(&mut *tx)
+            .await?
+            .rows_affected()
+            > 0;
+        sqlx::query(
+            "DELETE FROM outbox WHERE user_id = $1 AND kind = 'push_profile'
+                                  AND state IN ('pending', 'failed')",
+        )
+        .bind(user.as_str())
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("UPDATE outbox SET user_id = 'erased:' || $2 WHERE user_id = $1")
+            .bind(user.as_str())
+            .bind(subject_hash)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(
+            "INSERT INTO audit_log (at, actor, action, subject_hash, detail)
+             VALUES (now(), 'billsync', 'account_erased', $1, $2)",
+        )
+        .bind(subject_hash)
+        .bind(audit_detail.to_string())
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        self.links.evict(user.as_str());
+        Ok(existed)
+    }
+
+    async fn append_audit(
+        &self,
+        actor: &str,
+        action: &str,
+        subject_hash: Option<&str>,
+        detail: &serde_json::Value,
+    ) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO audit_log (at, actor, action, subject_hash, detail)
+             VALUES (now(), $1, $2, $3, $4)",
+        )
+        .bind(actor)
+        .bind(action)
+        .bind(subject_hash)
+        .bind(detail.to_string())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn recent_audit(
+        &self,
+        limit: u32,
+    ) -> StoreResult<Vec<(String, String, Option<String>, serde_json::Value)>> {
+        let rows: Vec<(String, String, Option<String>, String)> = sqlx::query_as(
+            "SELECT actor, action, subject_hash, detail FROM audit_log ORDER BY id DESC LIMIT $1",
+        )
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|(actor, action, subject, detail)| {
+                Ok((actor, action, subject, parse_json(&detail)?))
+            })
+            .collect()
+    }
+
+    async fn insert_usage_record(
+        &self,
+        user: &UserId,
+        metric: &str,
+        quantity: i64,
+        recorded_at: OffsetDateTime,
+    ) -> StoreResult<i64> {
+        Ok(sqlx::query_scalar(
+            "INSERT INTO usage_records (user_id, metric, quantity, recorded_at, created_at)
+             VALUES ($1, $2, $3, $4, date_trunc('milliseconds', now())) RETURNING id",
+        )
+        .bind(user.as_str())
+        .bind(metric)
+        .bind(quantity)
+        .bind(recorded_at)
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
+    async fn usage_records_page(
+        &self,
+        user: &UserId,
+        after: i64,
+        limit: u32,
+    ) -> StoreResult<Vec<UsageRecord>> {
+        let rows: Vec<(i64, String, i64, OffsetDateTime, OffsetDateTime)> = sqlx::query_as(
+            "SELECT id, metric, quantity, recorded_at, created_at FROM usage_records
+             WHERE user_id = $1 AND id > $2 ORDER BY id LIMIT $3",
+        )
+        .bind(user.as_str())
+        .bind(after)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(
+                |(id, metric, quantity, recorded_at, created_at)| UsageRecord {
+                    id,
+                    metric,
+                    quantity,
+                    recorded_at,
+                    created_at,
+                },
+            )
+            .collect())
+    }
+
+    async fn upsert_subscription(&self, sub: &SubscriptionMirror) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO subscriptions (id, user_id, stripe_customer_id, status, price_id,
+                                        cancel_at_period_end, current_period_end, created_at,
+                                        updated_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8)
+             ON CONFLICT (id) DO UPDATE SET user_id = EXCLUDED.user_id,
+                stripe_customer_id = EXCLUDED.stripe_customer_id, status = EXCLUDED.status,
+                price_id = EXCLUDED.price_id, cancel_at_period_end = EXCLUDED.cancel_at_period_end,
+                current_period_end = EXCLUDED.current_period_end, updated_at = EXCLUDED.updated_at",
+        )
+        .bind(&sub.id)
+        .bind(sub.user_id.as_ref().map(UserId::as_str))
+        .bind(&sub.customer_id)
+        .bind(&sub.status)
+        .bind(&sub.price_id)
+        .bind(sub.cancel_at_period_end)
+        .bind(sub.current_period_end)
+        .bind(sub.updated_at)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn list_subscriptions(&self, user: &UserId) -> StoreResult<Vec<SubscriptionMirror>> {
+        type Row = (
+            String,
+            Option<String>,
+            String,
+            String,
+            Option<String>,
+            bool,
+            Option<OffsetDateTime>,
+            OffsetDateTime,
+        );
+        let rows: Vec<Row> = sqlx::query_as(
+            "SELECT id, user_id, stripe_customer_id, status, price_id, cancel_at_period_end,
+                    current_period_end, updated_at
+             FROM subscriptions WHERE user_id = $1 ORDER BY id",
+        )
+        .bind(user.as_str())
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(
+                |(id, user_id, customer_id, status, price_id, cancel, period_end, updated_at)| {
+                    Ok(SubscriptionMirror {
+                        id,
+                        user_id: user_id
+                            .map(|u| UserId::parse(&u))
+                            .transpose()
+                            .map_err(|e| StoreError::Corrupt(e.message))?,
+                        customer_id,
+                        status,
+                        price_id,
+                        cancel_at_period_end: cancel,
+                        current_period_end: period_end,
+                        updated_at,
+                    })
+                },
+            )
+            .collect()
+    }
+
     async fn try_claim_resolve(
         &self,
         user: &UserId,
@@ -275,3 +760,20 @@ async fn subscribe(pool: &PgPool) -> Result<PgListener, sqlx::Error> {
     listener.listen(link_cache::CHANNEL).await?;
     Ok(listener)
 }
+
+fn qualified_job_columns() -> String {
+    JOB_COLUMNS
+        .split(", ")
+        .map(|c| format!("outbox.{}", c.trim()))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+static RETRY_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "UPDATE outbox SET state = CASE WHEN {SUPERSEDED} THEN 'done' ELSE 'pending' END,
+                next_attempt_at = now() + make_interval(secs => $3), locked_until = NULL,
+                last_error = $2, updated_at = now()
+         WHERE id = $1"
+    )
+});

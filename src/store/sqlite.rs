@@ -3,13 +3,14 @@ use std::{str::FromStr, time::Duration};
 use async_trait::async_trait;
 use sqlx::{
     sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous},
-    SqlitePool,
+    Sqlite, SqlitePool, Transaction,
 };
 use time::OffsetDateTime;
 
 use super::{
-    link_from_row, now, opt_str, user_from_row, CustomerLink, LinkOutcome, ResolveClaim, Store,
-    StoreError, StoreResult, User, UserUpsert,
+    clip_error, job_from_parts, link_from_row, now, opt_str, parse_json, user_from_row,
+    CustomerLink, JobOutcome, JobState, LinkOutcome, OutboxJob, PushedProfile, ResolveClaim, Store,
+    StoreError, StoreResult, SubscriptionMirror, UsageRecord, User, UserUpsert,
 };
 use crate::domain::{LinkSource, StripeCustomerId, UserId};
 
@@ -29,6 +30,54 @@ type SqliteUserRow = (
     i64,
 );
 type SqliteLinkRow = (String, String, bool, String, i64);
+type SqliteJobRow = (
+    i64,
+    String,
+    String,
+    String,
+    String,
+    i32,
+    Option<String>,
+    i64,
+    i64,
+    i64,
+);
+
+/// True when the proposed profile (`excluded`) differs from the stored one.
+const USER_CHANGED: &str = "users.email IS NOT excluded.email \
+     OR users.email_verified IS NOT excluded.email_verified \
+     OR users.first_name IS NOT excluded.first_name OR users.last_name IS NOT excluded.last_name \
+     OR users.phone IS NOT excluded.phone";
+const JOB_COLUMNS: &str = "id, kind, user_id, payload, state, attempts, last_error, \
+     next_attempt_at, created_at, updated_at";
+/// Another job that makes this one redundant: a pending push for the same user, or an
+/// active erasure.
+const SUPERSEDED: &str = "EXISTS (SELECT 1 FROM outbox other WHERE other.user_id = outbox.user_id \
+     AND other.kind = outbox.kind AND other.id <> outbox.id \
+     AND (other.state = 'pending' OR (other.kind = 'erase' AND other.state = 'in_flight')))";
+
+fn job(row: SqliteJobRow) -> StoreResult<OutboxJob> {
+    let (id, kind, user_id, payload, state, attempts, last_error, next, created, updated) = row;
+    job_from_parts(
+        (id, kind, user_id, payload, state, attempts, last_error),
+        from_ms(next)?,
+        from_ms(created)?,
+        from_ms(updated)?,
+    )
+}
+
+fn ms(duration: Duration) -> i64 {
+    i64::try_from(duration.as_millis()).unwrap_or(i64::MAX)
+}
+
+async fn get_user_in(tx: &mut Transaction<'_, Sqlite>, id: &UserId) -> StoreResult<Option<User>> {
+    let row: Option<SqliteUserRow> =
+        sqlx::query_as(&format!("SELECT {USER_COLUMNS} FROM users WHERE id = ?1"))
+            .bind(id.as_str())
+            .fetch_optional(&mut **tx)
+            .await?;
+    row.map(user).transpose()
+}
 
 fn to_ms(at: OffsetDateTime) -> i64 {
     (at.unix_timestamp_nanos() / 1_000_000) as i64
@@ -60,33 +109,57 @@ fn link(row: SqliteLinkRow) -> StoreResult<CustomerLink> {
 }
 
 /// The embedded store: one file, WAL mode, a busy timeout so concurrent writers wait instead
-/// of failing. Every write is a single statement, so no transaction ever upgrades a read lock.
+/// of failing. Multi-statement writes begin with `BEGIN IMMEDIATE`, so no transaction ever
+/// upgrades a read lock (which SQLite answers with SQLITE_BUSY at once, busy timeout or not).
 #[derive(Clone)]
 pub struct SqliteStore {
     pool: SqlitePool,
+    push_debounce: Duration,
 }
 
 impl SqliteStore {
     /// No link cache here: reads are in-process and cheap, and a second process (the CLI)
     /// could not tell this one about its changes.
     pub async fn connect(url: &str, options: &super::StoreOptions) -> StoreResult<Self> {
-        let max_connections = options.max_connections;
-        let options = SqliteConnectOptions::from_str(url)?
+        let connect = SqliteConnectOptions::from_str(url)?
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Normal)
             .busy_timeout(Duration::from_secs(5))
             .foreign_keys(true);
         let pool = SqlitePoolOptions::new()
-            .max_connections(max_connections)
+            .max_connections(options.max_connections)
             .acquire_timeout(Duration::from_secs(5))
-            .connect_with(options)
+            .connect_with(connect)
             .await?;
-        Ok(Self { pool })
+        Ok(Self {
+            pool,
+            push_debounce: options.push_debounce,
+        })
     }
 
     pub fn pool(&self) -> &SqlitePool {
         &self.pool
+    }
+
+    async fn enqueue_push(
+        &self,
+        tx: &mut Transaction<'_, Sqlite>,
+        user: &UserId,
+        now: i64,
+    ) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO outbox (kind, user_id, payload, state, attempts, next_attempt_at,
+                                 created_at, updated_at)
+             VALUES ('push_profile', ?1, '{}', 'pending', 0, ?2, ?3, ?3)
+             ON CONFLICT (user_id) WHERE kind = 'push_profile' AND state = 'pending' DO NOTHING",
+        )
+        .bind(user.as_str())
+        .bind(now + ms(self.push_debounce))
+        .bind(now)
+        .execute(&mut **tx)
+        .await?;
+        Ok(())
     }
 }
 
@@ -112,7 +185,9 @@ impl Store for SqliteStore {
     }
 
     async fn upsert_user(&self, input: &UserUpsert) -> StoreResult<User> {
-        let sql = format!(
+        let now = to_ms(now());
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let written: Option<SqliteUserRow> = sqlx::query_as(&format!(
             "INSERT INTO users (id, email, email_verified, first_name, last_name, phone, version, \
                                 created_at, updated_at)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, 1, ?7, ?7)
@@ -121,30 +196,71 @@ impl Store for SqliteStore {
                 first_name = excluded.first_name, last_name = excluded.last_name,
                 phone = excluded.phone, version = users.version + 1,
                 updated_at = excluded.updated_at
-             WHERE users.email IS NOT excluded.email
-                OR users.email_verified IS NOT excluded.email_verified
-                OR users.first_name IS NOT excluded.first_name
-                OR users.last_name IS NOT excluded.last_name
-                OR users.phone IS NOT excluded.phone
+             WHERE {USER_CHANGED}
              RETURNING {USER_COLUMNS}"
-        );
-        let written: Option<SqliteUserRow> = sqlx::query_as(&sql)
-            .bind(input.id.as_str())
-            .bind(input.email.as_str())
-            .bind(input.email_verified)
-            .bind(opt_str(&input.first_name))
-            .bind(opt_str(&input.last_name))
-            .bind(opt_str(&input.phone))
-            .bind(to_ms(now()))
-            .fetch_optional(&self.pool)
-            .await?;
-        match written {
-            Some(row) => user(row),
-            None => self
-                .get_user(&input.id)
+        ))
+        .bind(input.id.as_str())
+        .bind(input.email.as_str())
+        .bind(input.email_verified)
+        .bind(opt_str(&input.first_name))
+        .bind(opt_str(&input.last_name))
+        .bind(opt_str(&input.phone))
+        .bind(now)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let saved = match written {
+            Some(row) => {
+                let saved = user(row)?;
+                if saved.version > 1 {
+                    self.enqueue_push(&mut tx, &saved.id, now).await?;
+                }
+                saved
+            }
+            None => get_user_in(&mut tx, &input.id)
                 .await?
-                .ok_or_else(|| StoreError::Corrupt("user vanished during upsert".into())),
-        }
+                .ok_or_else(|| StoreError::Corrupt("user vanished during upsert".into()))?,
+        };
+        tx.commit().await?;
+        Ok(saved)
+    }
+
+    async fn update_user_if_version(
+        &self,
+        input: &UserUpsert,
+        expected: i64,
+    ) -> StoreResult<Option<User>> {
+        let now = to_ms(now());
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let written: Option<SqliteUserRow> = sqlx::query_as(&format!(
+            "UPDATE users SET email = ?2, email_verified = ?3, first_name = ?4, last_name = ?5,
+                    phone = ?6, version = version + 1, updated_at = ?8
+             WHERE id = ?1 AND version = ?7
+               AND (email IS NOT ?2 OR email_verified IS NOT ?3 OR first_name IS NOT ?4
+                    OR last_name IS NOT ?5 OR phone IS NOT ?6)
+             RETURNING {USER_COLUMNS}"
+        ))
+        .bind(input.id.as_str())
+        .bind(input.email.as_str())
+        .bind(input.email_verified)
+        .bind(opt_str(&input.first_name))
+        .bind(opt_str(&input.last_name))
+        .bind(opt_str(&input.phone))
+        .bind(expected)
+        .bind(now)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let outcome = match written {
+            Some(row) => {
+                let saved = user(row)?;
+                self.enqueue_push(&mut tx, &saved.id, now).await?;
+                Some(saved)
+            }
+            None => get_user_in(&mut tx, &input.id)
+                .await?
+                .filter(|current| current.version == expected),
+        };
+        tx.commit().await?;
+        Ok(outcome)
     }
 
     async fn get_user(&self, id: &UserId) -> StoreResult<Option<User>> {
@@ -216,6 +332,384 @@ impl Store for SqliteStore {
         super::explain_link_conflict(self, user_id, customer).await
     }
 
+    async fn record_push(&self, user_id: &UserId, pushed: &PushedProfile) -> StoreResult<()> {
+        sqlx::query(
+            "UPDATE customer_links SET pushed_email = ?2, pushed_name = ?3, pushed_phone = ?4,
+                    pushed_version = ?5, pushed_at = ?6
+             WHERE user_id = ?1",
+        )
+        .bind(user_id.as_str())
+        .bind(&pushed.email)
+        .bind(&pushed.name)
+        .bind(&pushed.phone)
+        .bind(pushed.version)
+        .bind(to_ms(now()))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn last_push(&self, user_id: &UserId) -> StoreResult<Option<PushedProfile>> {
+        let row: Option<(Option<String>, Option<String>, Option<String>, Option<i64>)> =
+            sqlx::query_as(
+                "SELECT pushed_email, pushed_name, pushed_phone, pushed_version
+                 FROM customer_links WHERE user_id = ?1",
+            )
+            .bind(user_id.as_str())
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(match row {
+            Some((Some(email), name, phone, Some(version))) => Some(PushedProfile {
+                email,
+                name,
+                phone,
+                version,
+            }),
+            _ => None,
+        })
+    }
+
+    async fn claim_jobs(&self, limit: u32, lease: Duration) -> StoreResult<Vec<OutboxJob>> {
+        let now = to_ms(now());
+        let rows: Vec<SqliteJobRow> = sqlx::query_as(&format!(
+            "UPDATE outbox SET state = 'in_flight', attempts = attempts + 1, locked_until = ?2,
+                    updated_at = ?1
+             WHERE id IN (
+                SELECT o.id FROM outbox o
+                WHERE ((o.state = 'pending' AND o.next_attempt_at <= ?1)
+                       OR (o.state = 'in_flight' AND o.locked_until < ?1))
+                  AND NOT EXISTS (SELECT 1 FROM outbox b
+                                  WHERE b.user_id = o.user_id AND b.id <> o.id
+                                    AND b.state = 'in_flight' AND b.locked_until >= ?1)
+                ORDER BY o.next_attempt_at, o.id
+                LIMIT ?3)
+             RETURNING {JOB_COLUMNS}"
+        ))
+        .bind(now)
+        .bind(now + ms(lease))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        let mut jobs = rows.into_iter().map(job).collect::<StoreResult<Vec<_>>>()?;
+        jobs.sort_by_key(|j| (j.next_attempt_at, j.id));
+        Ok(jobs)
+    }
+
+    async fn claim_job(&self, id: i64, lease: Duration) -> StoreResult<Option<OutboxJob>> {
+        let now = to_ms(now());
+        let row: Option<SqliteJobRow> = sqlx::query_as(&format!(
+            "UPDATE outbox SET state = 'in_flight', attempts = attempts + 1, locked_until = ?3,
+                    updated_at = ?2
+             WHERE id = ?1 AND state = 'pending'
+             RETURNING {JOB_COLUMNS}"
+        ))
+        .bind(id)
+        .bind(now)
+        .bind(now + ms(lease))
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(job).transpose()
+    }
+
+    async fn finish_job(&self, id: i64, outcome: &JobOutcome) -> StoreResult<()> {
+        let now = to_ms(now());
+        let query = match outcome {
+            JobOutcome::Done => sqlx::query(
+                "UPDATE outbox SET state = 'done', locked_until = NULL, last_error = NULL,
+                        updated_at = ?2 WHERE id = ?1",
+            )
+            .bind(id)
+            .bind(now),
+            JobOutcome::Failed { error } => sqlx::query(
+                "UPDATE outbox SET state = 'failed', locked_until = NULL, last_error = ?3,
+                        updated_at = ?2 WHERE id = ?1",
+            )
+            .bind(id)
+            .bind(now)
+            .bind(clip_error(error)),
+            JobOutcome::Retry { delay, error } => sqlx::query(&*RETRY_SQL)
+                .bind(id)
+                .bind(now)
+                .bind(clip_error(error))
+                .bind(now + ms(*delay)),
+        };
+        query.execute(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn save_job_payload(&self, id: i64, payload: &serde_json::Value) -> StoreResult<()> {
+        sqlx::query("UPDATE outbox SET payload = ?2, updated_at = ?3 WHERE id = ?1")
+            .bind(id)
+            .bind(payload.to_string())
+            .bind(to_ms(now()))
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn get_job(&self, id: i64) -> StoreResult<Option<OutboxJob>> {
+        let row: Option<SqliteJobRow> =
+            sqlx::query_as(&format!("SELECT {JOB_COLUMNS} FROM outbox WHERE id = ?1"))
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await?;
+        row.map(job).transpose()
+    }
+
+    async fn list_jobs(&self, state: Option<JobState>, limit: u32) -> StoreResult<Vec<OutboxJob>> {
+        let rows: Vec<SqliteJobRow> = sqlx::query_as(&format!(
+            "SELECT {JOB_COLUMNS} FROM outbox WHERE (?1 IS NULL OR state = ?1)
+             ORDER BY id DESC LIMIT ?2"
+        ))
+        .bind(state.map(JobState::as_str))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter().map(job).collect()
+    }
+
+    async fn retry_job(&self, id: i64) -> StoreResult<Option<OutboxJob>> {
+        let row: Option<SqliteJobRow> = sqlx::query_as(&format!(
+            "UPDATE outbox SET state = CASE WHEN {SUPERSEDED} THEN 'done' ELSE 'pending' END,
+                    attempts = 0, next_attempt_at = ?2, locked_until = NULL,
+                    last_error = NULL, updated_at = ?2
+             WHERE id = ?1 AND state = 'failed'
+             RETURNING {JOB_COLUMNS}"
+        ))
+        .bind(id)
+        .bind(to_ms(now()))
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(job).transpose()
+    }
+
+    async fn enqueue_erase(
+        &self,
+        user_id: &UserId,
+        payload: &serde_json::Value,
+    ) -> StoreResult<OutboxJob> {
+        let row: Option<SqliteJobRow> = sqlx::query_as(&format!(
+            "INSERT INTO outbox (kind, user_id, payload, state, attempts, next_attempt_at,
+                                 created_at, updated_at)
+             VALUES ('erase', ?1, ?2, 'pending', 0, ?3, ?3, ?3)
+             ON CONFLICT (user_id) WHERE kind = 'erase' AND state IN ('pending', 'in_flight')
+             DO NOTHING
+             RETURNING {JOB_COLUMNS}"
+        ))
+        .bind(user_id.as_str())
+        .bind(payload.to_string())
+        .bind(to_ms(now()))
+        .fetch_optional(&self.pool)
+        .await?;
+        match row {
+            Some(row) => job(row),
+            None => self
+                .active_erase(user_id)
+                .await?
+                .ok_or_else(|| StoreError::Corrupt("erase job vanished".into())),
+        }
+    }
+
+    async fn active_erase(&self, user_id: &UserId) -> StoreResult<Option<OutboxJob>> {
+        let row: Option<SqliteJobRow> = sqlx::query_as(&format!(
+            "SELECT {JOB_COLUMNS} FROM outbox
+             WHERE user_id = ?1 AND kind = 'erase' AND state IN ('pending', 'in_flight')"
+        ))
+        .bind(user_id.as_str())
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(job).transpose()
+    }
+
+    async fn erase_user(
+        &self,
+        user_id: &UserId,
+        subject_hash: &str,
+        audit_detail: &serde_json::Value,
+    ) -> StoreResult<bool> {
+        let now = to_ms(now());
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let existed = sqlx::query("DELETE FROM users WHERE id = ?1")
+            .bind(user_id.as_str())
+            .execute(&mut *tx)
+            .await?
+            .rows_affected()
+            > 0;
+        sqlx::query(
+            "DELETE FROM outbox WHERE user_id = ?1 AND kind = 'push_profile'
+                                  AND state IN ('pending', 'failed')",
+        )
+        .bind(user_id.as_str())
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("UPDATE outbox SET user_id = 'erased:' || ?2 WHERE user_id = ?1")
+            .bind(user_id.as_str())
+            .bind(subject_hash)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(
+            "INSERT INTO audit_log (at, actor, action, subject_hash, detail)
+             VALUES (?1, 'billsync', 'account_erased', ?2, ?3)",
+        )
+        .bind(now)
+        .bind(subject_hash)
+        .bind(audit_detail.to_string())
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(existed)
+    }
+
+    async fn append_audit(
+        &self,
+        actor: &str,
+        action: &str,
+        subject_hash: Option<&str>,
+        detail: &serde_json::Value,
+    ) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO audit_log (at, actor, action, subject_hash, detail)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+        )
+        .bind(to_ms(now()))
+        .bind(actor)
+        .bind(action)
+        .bind(subject_hash)
+        .bind(detail.to_string())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn recent_audit(
+        &self,
+        limit: u32,
+    ) -> StoreResult<Vec<(String, String, Option<String>, serde_json::Value)>> {
+        let rows: Vec<(String, String, Option<String>, String)> = sqlx::query_as(
+            "SELECT actor, action, subject_hash, detail FROM audit_log ORDER BY id DESC LIMIT ?1",
+        )
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|(actor, action, subject, detail)| {
+                Ok((actor, action, subject, parse_json(&detail)?))
+            })
+            .collect()
+    }
+
+    async fn insert_usage_record(
+        &self,
+        user_id: &UserId,
+        metric: &str,
+        quantity: i64,
+        recorded_at: OffsetDateTime,
+    ) -> StoreResult<i64> {
+        Ok(sqlx::query_scalar(
+            "INSERT INTO usage_records (user_id, metric, quantity, recorded_at, created_at)
+             VALUES (?1, ?2, ?3, ?4, ?5) RETURNING id",
+        )
+        .bind(user_id.as_str())
+        .bind(metric)
+        .bind(quantity)
+        .bind(to_ms(recorded_at))
+        .bind(to_ms(now()))
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
+    async fn usage_records_page(
+        &self,
+        user_id: &UserId,
+        after: i64,
+        limit: u32,
+    ) -> StoreResult<Vec<UsageRecord>> {
+        let rows: Vec<(i64, String, i64, i64, i64)> = sqlx::query_as(
+            "SELECT id, metric, quantity, recorded_at, created_at FROM usage_records
+             WHERE user_id = ?1 AND id > ?2 ORDER BY id LIMIT ?3",
+        )
+        .bind(user_id.as_str())
+        .bind(after)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|(id, metric, quantity, recorded_at, created_at)| {
+                Ok(UsageRecord {
+                    id,
+                    metric,
+                    quantity,
+                    recorded_at: from_ms(recorded_at)?,
+                    created_at: from_ms(created_at)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn upsert_subscription(&self, sub: &SubscriptionMirror) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO subscriptions (id, user_id, stripe_customer_id, status, price_id,
+                                        cancel_at_period_end, current_period_end, created_at,
+                                        updated_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8)
+             ON CONFLICT (id) DO UPDATE SET user_id = excluded.user_id,
+                stripe_customer_id = excluded.stripe_customer_id, status = excluded.status,
+                price_id = excluded.price_id, cancel_at_period_end = excluded.cancel_at_period_end,
+                current_period_end = excluded.current_period_end, updated_at = excluded.updated_at",
+        )
+        .bind(&sub.id)
+        .bind(sub.user_id.as_ref().map(UserId::as_str))
+        .bind(&sub.customer_id)
+        .bind(&sub.status)
+        .bind(&sub.price_id)
+        .bind(sub.cancel_at_period_end)
+        .bind(sub.current_period_end.map(to_ms))
+        .bind(to_ms(sub.updated_at))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn list_subscriptions(&self, user_id: &UserId) -> StoreResult<Vec<SubscriptionMirror>> {
+        type Row = (
+            String,
+            Option<String>,
+            String,
+            String,
+            Option<String>,
+            bool,
+            Option<i64>,
+            i64,
+        );
+        let rows: Vec<Row> = sqlx::query_as(
+            "SELECT id, user_id, stripe_customer_id, status, price_id, cancel_at_period_end,
+                    current_period_end, updated_at
+             FROM subscriptions WHERE user_id = ?1 ORDER BY id",
+        )
+        .bind(user_id.as_str())
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(
+                |(id, user_id, customer_id, status, price_id, cancel, period_end, updated_at)| {
+                    Ok(SubscriptionMirror {
+                        id,
+                        user_id: user_id
+                            .map(|u| UserId::parse(&u))
+                            .transpose()
+                            .map_err(|e| StoreError::Corrupt(e.message))?,
+                        customer_id,
+                        status,
+                        price_id,
+                        cancel_at_period_end: cancel,
+                        current_period_end: period_end.map(from_ms).transpose()?,
+                        updated_at: from_ms(updated_at)?,
+                    })
+                },
+            )
+            .collect()
+    }
+
     async fn try_claim_resolve(
         &self,
         user_id: &UserId,
@@ -271,3 +765,11 @@ impl Store for SqliteStore {
         Ok(())
     }
 }
+
+static RETRY_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "UPDATE outbox SET state = CASE WHEN {SUPERSEDED} THEN 'done' ELSE 'pending' END,
+                next_attempt_at = ?4, locked_until = NULL, last_error = ?3, updated_at = ?2
+         WHERE id = ?1"
+    )
+});
