@@ -413,7 +413,7 @@ impl Store for PgStore {
             )
             .bind(id)
             .bind(clip_error(error)),
-            JobOutcome::Retry { delay, error } => sqlx::query(&*RETRY_SQL)
+            JobOutcome::Retry { delay, error } => sqlx::query(&RETRY_SQL)
                 .bind(id)
                 .bind(clip_error(error))
                 .bind(delay.as_secs_f64()),

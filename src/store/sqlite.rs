@@ -427,7 +427,7 @@ impl Store for SqliteStore {
             .bind(id)
             .bind(now)
             .bind(clip_error(error)),
-            JobOutcome::Retry { delay, error } => sqlx::query(&*RETRY_SQL)
+            JobOutcome::Retry { delay, error } => sqlx::query(&RETRY_SQL)
                 .bind(id)
                 .bind(now)
                 .bind(clip_error(error))
