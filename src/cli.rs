@@ -34,6 +34,19 @@ pub enum Command {
     /// Customer operations.
     #[command(subcommand)]
     Customer(CustomerCommand),
+    /// Print everything billsync holds about a user as JSON (the GDPR export).
+    Export {
+        #[arg(long, env = "BILLSYNC_USER_ID")]
+        user: String,
+    },
+    /// Erase a user: cancel subscriptions, scrub (or delete) the Stripe customer, delete local data.
+    Erase {
+        #[arg(long, env = "BILLSYNC_USER_ID")]
+        user: String,
+        /// Delete the Stripe customer instead of scrubbing it.
+        #[arg(long, env = "BILLSYNC_DELETE_STRIPE_CUSTOMER")]
+        delete_stripe_customer: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -102,6 +115,43 @@ async fn execute(cli: Cli) -> anyhow::Result<()> {
             tracing::info!(source = resolved.source.as_str(), "resolved");
             Ok(())
         }
+        Command::Export { user } => {
+            let stripe = StripeClient::new(&config.stripe, config.stripe_secret_key()?)?;
+            let user_id = UserId::parse(&user)?;
+            let store = open_store(&config).await?;
+            let found = store
+                .get_user(&user_id)
+                .await?
+                .ok_or_else(|| anyhow::anyhow!("user {user_id} not found"))?;
+            let mut chunks = Box::pin(crate::gdpr::export(store, &stripe, found).await?);
+            let mut stdout = tokio::io::stdout();
+            while let Some(chunk) = futures_util::StreamExt::next(&mut chunks).await {
+                tokio::io::AsyncWriteExt::write_all(&mut stdout, &chunk?).await?;
+            }
+            tokio::io::AsyncWriteExt::write_all(&mut stdout, b"\n").await?;
+            tokio::io::AsyncWriteExt::flush(&mut stdout).await?;
+            Ok(())
+        }
+        Command::Erase {
+            user,
+            delete_stripe_customer,
+        } => {
+            let stripe = StripeClient::new(&config.stripe, config.stripe_secret_key()?)?;
+            let user_id = UserId::parse(&user)?;
+            let store = open_store(&config).await?;
+            let state = AppState::new(&config, store, stripe);
+            match state
+                .worker
+                .erase_now(&user_id, delete_stripe_customer)
+                .await?
+            {
+                crate::outbox::ErasureStatus::Completed => println!("erased"),
+                crate::outbox::ErasureStatus::Pending => {
+                    println!("pending: a Stripe step failed; `billsync serve` will retry it");
+                }
+            }
+            Ok(())
+        }
     }
 }
 
@@ -153,6 +203,13 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     if config.admin_api_key.is_none() {
         tracing::warn!("BILLSYNC_ADMIN_API_KEY is not set: admin routes answer 503");
     }
+    if config.jwt.secret.is_none() && config.jwt.jwks_url.is_none() {
+        tracing::warn!(
+            "neither BILLSYNC_JWT_SECRET nor BILLSYNC_JWKS_URL is set: user routes answer 503"
+        );
+    } else if config.app_url.is_none() {
+        tracing::warn!("APP_URL is not set: portal sessions answer 503");
+    }
     tracing::info!(
         listen = %config.listen,
         database = store.backend(),
@@ -160,7 +217,17 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         "billsync serving"
     );
     let state = AppState::new(&config, store, stripe);
+    let (stop_worker, worker_stopping) = tokio::sync::watch::channel(false);
+    let worker = tokio::spawn(state.worker.clone().run(worker_stopping));
     http::serve(listener, http::app(state)).await?;
+    // Let the job in hand finish; an unfinished one is reclaimed when its lease runs out.
+    let _ = stop_worker.send(true);
+    if tokio::time::timeout(std::time::Duration::from_secs(15), worker)
+        .await
+        .is_err()
+    {
+        tracing::warn!("outbox worker did not stop in time");
+    }
     tracing::info!("stopped");
     Ok(())
 }

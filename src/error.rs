@@ -39,6 +39,28 @@ pub enum ApiError {
     ResolveBusy,
     #[error("the database is unavailable; try again later")]
     DatabaseUnavailable,
+    #[error("user authentication is not configured: set BILLSYNC_JWT_SECRET or BILLSYNC_JWKS_URL")]
+    AuthDisabled,
+    #[error("the token's signing keys cannot be fetched right now; try again later")]
+    AuthUnavailable,
+    #[error("the token carries no email claim; billsync needs one to create the user")]
+    EmailRequired,
+    #[error("{0}")]
+    InvalidProfile(#[from] crate::profile::InvalidProfile),
+    #[error("no Stripe customer is linked to this user")]
+    NoCustomer,
+    #[error("this portal flow needs an active subscription, and the user has none")]
+    NoSubscription,
+    #[error("the billing portal is not configured: set APP_URL")]
+    PortalNotConfigured,
+    #[error("this account is being deleted")]
+    DeletionPending,
+    #[error("the profile changed concurrently too often; try again")]
+    Contended,
+    #[error("no such outbox job")]
+    JobNotFound,
+    #[error("only failed jobs can be retried")]
+    JobNotFailed,
     /// Anything else: logged with its cause, answered as "internal error".
     #[error("internal error")]
     Internal(#[source] anyhow::Error),
@@ -57,10 +79,19 @@ impl ApiError {
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UserNotFound | Self::RouteNotFound => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            Self::ResolveBusy => StatusCode::CONFLICT,
-            Self::AdminDisabled | Self::StripeUnavailable | Self::DatabaseUnavailable => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            Self::ResolveBusy
+            | Self::NoSubscription
+            | Self::DeletionPending
+            | Self::Contended
+            | Self::JobNotFailed => StatusCode::CONFLICT,
+            Self::EmailRequired | Self::InvalidProfile(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::NoCustomer | Self::JobNotFound => StatusCode::NOT_FOUND,
+            Self::AdminDisabled
+            | Self::StripeUnavailable
+            | Self::DatabaseUnavailable
+            | Self::AuthDisabled
+            | Self::AuthUnavailable
+            | Self::PortalNotConfigured => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -79,6 +110,17 @@ impl ApiError {
             Self::StripeUnavailable => "stripe_unavailable",
             Self::ResolveBusy => "resolve_in_progress",
             Self::DatabaseUnavailable => "database_unavailable",
+            Self::AuthDisabled => "auth_disabled",
+            Self::AuthUnavailable => "auth_unavailable",
+            Self::EmailRequired => "email_required",
+            Self::InvalidProfile(_) => "invalid_profile",
+            Self::NoCustomer => "no_customer",
+            Self::NoSubscription => "no_subscription",
+            Self::PortalNotConfigured => "portal_not_configured",
+            Self::DeletionPending => "account_deletion_pending",
+            Self::Contended => "conflict",
+            Self::JobNotFound => "job_not_found",
+            Self::JobNotFailed => "job_not_failed",
             Self::Internal(_) => "internal_error",
         }
     }
@@ -144,6 +186,30 @@ impl From<ResolveError> for ApiError {
             ResolveError::Stripe(e) => e.into(),
             ResolveError::Store(e) => e.into(),
             other @ ResolveError::BadCustomerId(_) => Self::internal(other),
+        }
+    }
+}
+
+impl From<crate::profile::ProfileError> for ApiError {
+    fn from(err: crate::profile::ProfileError) -> Self {
+        use crate::profile::ProfileError;
+        match err {
+            ProfileError::UserNotFound => Self::UserNotFound,
+            ProfileError::Contended => Self::Contended,
+            ProfileError::Store(e) => e.into(),
+        }
+    }
+}
+
+impl From<crate::portal::PortalError> for ApiError {
+    fn from(err: crate::portal::PortalError) -> Self {
+        use crate::portal::PortalError;
+        match err {
+            PortalError::NoCustomer => Self::NoCustomer,
+            PortalError::NoSubscription => Self::NoSubscription,
+            PortalError::NotConfigured => Self::PortalNotConfigured,
+            PortalError::Stripe(e) => e.into(),
+            PortalError::Store(e) => e.into(),
         }
     }
 }

@@ -2,12 +2,17 @@
 //!
 //! The library holds the whole service; the `billsync` binary is a thin CLI over it.
 
+pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod customers;
 pub mod domain;
 pub mod error;
+pub mod gdpr;
 pub mod http;
 pub mod keyed_lock;
+pub mod outbox;
+pub mod portal;
+pub mod profile;
 pub mod store;
 pub mod stripe;

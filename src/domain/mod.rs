@@ -189,7 +189,7 @@ impl StripeCustomerId {
 }
 
 /// How a user came to be linked to their Stripe customer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum LinkSource {
     /// Already linked in the database.

@@ -1,7 +1,7 @@
 //! The app backend's API (Bearer `BILLSYNC_ADMIN_API_KEY`): users and their customers.
 
 use axum::{
-    extract::{Request, State},
+    extract::{Path, RawQuery, Request, State},
     http::header::AUTHORIZATION,
     middleware::Next,
     response::Response,
@@ -19,7 +19,7 @@ use super::{
 use crate::{
     domain::{Email, LinkSource, PersonName, Phone, UserId},
     error::ApiError,
-    store::{CustomerLink, User, UserUpsert},
+    store::{CustomerLink, JobKind, JobState, OutboxJob, User, UserUpsert},
 };
 
 /// Admin routes need the API key; a user's token never works here.
@@ -47,7 +47,7 @@ pub async fn require_admin_key(
     Ok(next.run(request).await)
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UserBody {
     pub email: String,
@@ -77,8 +77,9 @@ impl UserBody {
     }
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct UserView {
+    #[schema(value_type = String)]
     pub id: UserId,
     pub email: String,
     pub email_verified: bool,
@@ -87,8 +88,10 @@ pub struct UserView {
     pub phone: Option<String>,
     pub version: i64,
     #[serde(with = "time::serde::rfc3339")]
+    #[schema(value_type = String, format = DateTime)]
     pub created_at: OffsetDateTime,
     #[serde(with = "time::serde::rfc3339")]
+    #[schema(value_type = String, format = DateTime)]
     pub updated_at: OffsetDateTime,
 }
 
@@ -108,11 +111,12 @@ impl From<User> for UserView {
     }
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct LinkView {
     pub id: String,
     pub linked_via: LinkSource,
     #[serde(with = "time::serde::rfc3339")]
+    #[schema(value_type = String, format = DateTime)]
     pub linked_at: OffsetDateTime,
 }
 
@@ -126,24 +130,28 @@ impl From<CustomerLink> for LinkView {
     }
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct UserResponse {
     pub user: UserView,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct UserWithCustomerResponse {
     pub user: UserView,
     pub customer: Option<LinkView>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct ResolveResponse {
     pub customer_id: String,
     pub source: LinkSource,
 }
 
 /// `PUT /v1/users/{user_id}`: create or replace the user's profile.
+#[utoipa::path(put, path = "/v1/users/{user_id}", tag = "admin", security(("admin_key" = [])),
+    params(("user_id" = String, Path)), request_body = UserBody,
+    responses((status = 200, body = UserResponse), (status = 400, body = crate::http::ErrorBody),
+              (status = 401, body = crate::http::ErrorBody), (status = 422, body = crate::http::ErrorBody)))]
 #[tracing::instrument(skip_all, fields(user_id = %user_id))]
 pub async fn put_user(
     State(state): State<AppState>,
@@ -156,6 +164,10 @@ pub async fn put_user(
 }
 
 /// `GET /v1/users/{user_id}`: the user and their customer link.
+#[utoipa::path(get, path = "/v1/users/{user_id}", tag = "admin", security(("admin_key" = [])),
+    params(("user_id" = String, Path)),
+    responses((status = 200, body = UserWithCustomerResponse), (status = 401, body = crate::http::ErrorBody),
+              (status = 404, body = crate::http::ErrorBody)))]
 #[tracing::instrument(skip_all, fields(user_id = %user_id))]
 pub async fn get_user(
     State(state): State<AppState>,
@@ -175,6 +187,11 @@ pub async fn get_user(
 
 /// `POST /v1/users/{user_id}/customer`: resolve (find or create) the user's Stripe customer,
 /// upserting the user first when a body is given.
+#[utoipa::path(post, path = "/v1/users/{user_id}/customer", tag = "admin", security(("admin_key" = [])),
+    params(("user_id" = String, Path)), request_body(content = Option<UserBody>),
+    responses((status = 200, body = ResolveResponse), (status = 401, body = crate::http::ErrorBody),
+              (status = 404, body = crate::http::ErrorBody), (status = 409, body = crate::http::ErrorBody),
+              (status = 503, body = crate::http::ErrorBody)))]
 #[tracing::instrument(skip_all, fields(user_id = %user_id))]
 pub async fn resolve_customer(
     State(state): State<AppState>,
@@ -190,4 +207,103 @@ pub async fn resolve_customer(
         customer_id: resolved.customer_id.to_string(),
         source: resolved.source,
     }))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OutboxQuery {
+    state: Option<String>,
+    limit: Option<u32>,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct JobView {
+    pub id: i64,
+    pub kind: JobKind,
+    pub user_id: String,
+    pub state: JobState,
+    pub attempts: i32,
+    #[serde(with = "time::serde::rfc3339")]
+    #[schema(value_type = String, format = DateTime)]
+    pub next_attempt_at: OffsetDateTime,
+    pub last_error: Option<String>,
+    #[serde(with = "time::serde::rfc3339")]
+    #[schema(value_type = String, format = DateTime)]
+    pub created_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    #[schema(value_type = String, format = DateTime)]
+    pub updated_at: OffsetDateTime,
+}
+
+impl From<OutboxJob> for JobView {
+    fn from(job: OutboxJob) -> Self {
+        Self {
+            id: job.id,
+            kind: job.kind,
+            user_id: job.user_id,
+            state: job.state,
+            attempts: job.attempts,
+            next_attempt_at: job.next_attempt_at,
+            last_error: job.last_error,
+            created_at: job.created_at,
+            updated_at: job.updated_at,
+        }
+    }
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct JobsResponse {
+    pub jobs: Vec<JobView>,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct JobResponse {
+    pub job: JobView,
+}
+
+/// `GET /v1/outbox?state=failed|pending|in_flight|done&limit=`: jobs towards Stripe, newest first.
+#[utoipa::path(get, path = "/v1/outbox", tag = "admin", security(("admin_key" = [])),
+    params(("state" = Option<String>, Query, description = "pending, in_flight, done or failed"),
+           ("limit" = Option<u32>, Query, description = "at most 1000; default 100")),
+    responses((status = 200, body = JobsResponse), (status = 401, body = crate::http::ErrorBody),
+              (status = 422, body = crate::http::ErrorBody)))]
+pub async fn list_outbox(
+    State(state): State<AppState>,
+    RawQuery(query): RawQuery,
+) -> Result<Json<JobsResponse>, ApiError> {
+    let query: OutboxQuery = serde_urlencoded::from_str(query.as_deref().unwrap_or(""))
+        .map_err(|e| ApiError::InvalidRequest(format!("query: {e}")))?;
+    let job_state = query
+        .state
+        .as_deref()
+        .map(|s| {
+            JobState::parse(s).ok_or_else(|| {
+                ApiError::InvalidRequest(format!(
+                    "state must be pending, in_flight, done or failed, not {s:?}"
+                ))
+            })
+        })
+        .transpose()?;
+    let limit = query.limit.unwrap_or(100).clamp(1, 1000);
+    let jobs = state.store.list_jobs(job_state, limit).await?;
+    Ok(Json(JobsResponse {
+        jobs: jobs.into_iter().map(Into::into).collect(),
+    }))
+}
+
+/// `POST /v1/outbox/{id}/retry`: puts a failed job back in the queue, due now.
+#[utoipa::path(post, path = "/v1/outbox/{id}/retry", tag = "admin", security(("admin_key" = [])),
+    params(("id" = i64, Path)),
+    responses((status = 200, body = JobResponse), (status = 404, body = crate::http::ErrorBody),
+              (status = 409, body = crate::http::ErrorBody)))]
+pub async fn retry_outbox_job(
+    State(state): State<AppState>,
+    Path(raw): Path<String>,
+) -> Result<Json<JobResponse>, ApiError> {
+    let id: i64 = raw.parse().map_err(|_| ApiError::JobNotFound)?;
+    match state.store.retry_job(id).await? {
+        Some(job) => Ok(Json(JobResponse { job: job.into() })),
+        None if state.store.get_job(id).await?.is_some() => Err(ApiError::JobNotFailed),
+        None => Err(ApiError::JobNotFound),
+    }
 }

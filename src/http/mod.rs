@@ -2,6 +2,8 @@
 
 mod admin;
 pub mod extract;
+mod openapi;
+mod user;
 
 use std::{sync::Arc, time::Duration};
 
@@ -10,7 +12,7 @@ use axum::{
     http::{HeaderName, Request, StatusCode},
     middleware,
     response::IntoResponse,
-    routing::{get, post},
+    routing::{delete, get, post, put},
     Json, Router,
 };
 use serde_json::json;
@@ -22,12 +24,27 @@ use tower_http::{
 pub use admin::{UserBody, UserView};
 
 use crate::{
+    auth::JwtVerifier,
     config::{Config, Secret},
     customers::CustomerResolver,
     error::ApiError,
+    outbox::OutboxWorker,
     store::Store,
     stripe::StripeClient,
 };
+
+/// The error document every failure answers with.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct ErrorDetail {
+    /// Stable, machine-readable: `unauthorized`, `invalid_json`, `user_not_found`, …
+    pub code: String,
+    pub message: String,
+}
 
 /// Everything a request handler needs; cheap to clone.
 #[derive(Clone)]
@@ -35,12 +52,20 @@ pub struct AppState {
     pub store: Arc<dyn Store>,
     pub stripe: StripeClient,
     pub resolver: CustomerResolver,
+    pub worker: OutboxWorker,
+    pub jwt: Option<Arc<JwtVerifier>>,
     pub admin_api_key: Option<Secret>,
+    pub app_url: Option<String>,
+    pub portal_configuration_id: Option<String>,
 }
 
 impl AppState {
     pub fn new(config: &Config, store: Arc<dyn Store>, stripe: StripeClient) -> Self {
         Self {
+            worker: OutboxWorker::new(store.clone(), stripe.clone(), config.outbox.clone()),
+            jwt: JwtVerifier::from_config(&config.jwt),
+            app_url: config.app_url.clone(),
+            portal_configuration_id: config.portal_configuration_id.clone(),
             resolver: CustomerResolver::new(
                 store.clone(),
                 stripe.clone(),
@@ -66,6 +91,8 @@ pub fn app(state: AppState) -> Router {
             "/v1/users/{user_id}/customer",
             post(admin::resolve_customer),
         )
+        .route("/v1/outbox", get(admin::list_outbox))
+        .route("/v1/outbox/{id}/retry", post(admin::retry_outbox_job))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             admin::require_admin_key,
@@ -74,6 +101,14 @@ pub fn app(state: AppState) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .route("/openapi.json", get(openapi::serve))
+        .route("/api/user/profile", put(user::update_profile))
+        .route(
+            "/api/billing/create-portal-session",
+            post(user::create_portal_session),
+        )
+        .route("/api/user/export-data", get(user::export_data))
+        .route("/api/user/delete-account", delete(user::delete_account))
         .merge(admin)
         .fallback(|| async { ApiError::RouteNotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
@@ -99,11 +134,14 @@ pub fn app(state: AppState) -> Router {
 }
 
 /// The process is up.
+#[utoipa::path(get, path = "/healthz", tag = "health", responses((status = 200, description = "Up")))]
 async fn healthz() -> Json<serde_json::Value> {
     Json(json!({"status": "ok"}))
 }
 
 /// The process can serve: its database answers.
+#[utoipa::path(get, path = "/readyz", tag = "health",
+    responses((status = 200, description = "Ready"), (status = 503, body = ErrorBody)))]
 async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     match tokio::time::timeout(Duration::from_secs(2), state.store.ping()).await {
         Ok(Ok(())) => (

@@ -10,6 +10,8 @@ pub struct ApiError {
     pub code: Option<String>,
     pub message: String,
     pub request_id: Option<String>,
+    /// The server's `Retry-After`, for callers that schedule their own retries.
+    pub retry_after: Option<std::time::Duration>,
 }
 
 impl fmt::Display for ApiError {
@@ -47,6 +49,14 @@ impl StripeError {
             Self::Transport { .. } => true,
             Self::Api(e) => e.status == 429 || e.status == 409 || e.status >= 500,
             Self::Decode(_) => false,
+        }
+    }
+
+    /// How long Stripe asked us to wait, if it did.
+    pub fn retry_after(&self) -> Option<std::time::Duration> {
+        match self {
+            Self::Api(e) => e.retry_after,
+            _ => None,
         }
     }
 

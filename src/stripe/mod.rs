@@ -450,15 +450,17 @@ async fn read_response<T: DeserializeOwned>(response: reqwest::Response) -> Resu
             String::from_utf8_lossy(&body).chars().take(200).collect(),
         ),
     };
+    let retry_after = retry_after(&headers);
     Err(Failure {
         retryable: should_retry(status, code.as_deref(), &headers),
-        retry_after: retry_after(&headers),
+        retry_after,
         error: StripeError::Api(ApiError {
             status: status.as_u16(),
             kind,
             code,
             message,
             request_id: header_str(&headers, "request-id").map(str::to_owned),
+            retry_after,
         }),
     })
 }

@@ -19,6 +19,8 @@ use billsync::{
 use serde_json::Value;
 
 pub const ADMIN_KEY: &str = "test-admin-key-0123456789";
+pub const JWT_SECRET: &str = "test-jwt-secret-0123456789-abcdefghijklmnop";
+pub const APP_URL: &str = "https://app.example.com";
 pub const STRIPE_KEY: &str = "sk_test_billsync_0123456789";
 pub const POSTGRES_ENV: &str = "BILLSYNC_TEST_POSTGRES_URL";
 pub const LOCALSTRIPE_ENV: &str = "BILLSYNC_TEST_LOCALSTRIPE_URL";
@@ -132,21 +134,37 @@ pub fn test_config(stripe_base: &str) -> Config {
         admin_api_key: Some(ADMIN_KEY.into()),
         stripe_timeout_ms: Some(2_000),
         stripe_max_retries: Some(2),
+        jwt_secret: Some(JWT_SECRET.into()),
+        app_url: Some(APP_URL.into()),
+        outbox_poll_ms: Some(20),
+        outbox_debounce_ms: Some(150),
+        outbox_backoff_base_ms: Some(50),
         ..Default::default()
     })
     .expect("test config");
     config.stripe.retry_base_delay = std::time::Duration::from_millis(10);
     config.stripe.retry_max_delay = std::time::Duration::from_millis(200);
+    config.outbox.backoff_max = std::time::Duration::from_millis(400);
+    config.jwt.jwks_min_refresh = std::time::Duration::ZERO;
     config
 }
 
-/// A billsync server on a real loopback port.
+/// A billsync server on a real loopback port, with its outbox worker running.
 pub struct TestApp {
     pub base_url: String,
     pub addr: SocketAddr,
     pub state: AppState,
     pub http: reqwest::Client,
-    _server: tokio::task::JoinHandle<()>,
+    _server: AbortOnDrop,
+    _worker: AbortOnDrop,
+}
+
+pub struct AbortOnDrop(pub tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 impl TestApp {
@@ -165,13 +183,30 @@ impl TestApp {
         let server = tokio::spawn(async move {
             axum::serve(listener, router).await.expect("server runs");
         });
+        let (_stop, stopping) = tokio::sync::watch::channel(false);
+        let worker = state.worker.clone();
+        let worker = tokio::spawn(async move {
+            let _keep_sender = _stop;
+            worker.run(stopping).await;
+        });
         Self {
             base_url: format!("http://{addr}"),
             addr,
             state,
             http: reqwest::Client::new(),
-            _server: server,
+            _server: AbortOnDrop(server),
+            _worker: AbortOnDrop(worker),
         }
+    }
+
+    /// A request as a signed-in user.
+    pub fn as_user(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        token: &str,
+    ) -> reqwest::RequestBuilder {
+        self.http.request(method, self.url(path)).bearer_auth(token)
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -262,6 +297,92 @@ impl LocalStripe {
         response.json().await.expect("json")
     }
 
+    /// A customer with a card on file, so subscriptions to `plan` start active.
+    pub async fn subscribe(&self, customer: &str, plan: &str) -> Value {
+        let auth = (STRIPE_KEY, Some(""));
+        let _ = self
+            .http
+            .post(format!("{}/v1/plans", self.base))
+            .basic_auth(auth.0, auth.1)
+            .form(&[
+                ("id", plan),
+                ("amount", "1000"),
+                ("currency", "usd"),
+                ("interval", "month"),
+                ("product[name]", "Pro"),
+            ])
+            .send()
+            .await
+            .expect("plan");
+        let token: Value = self
+            .http
+            .post(format!("{}/v1/tokens", self.base))
+            .basic_auth(auth.0, auth.1)
+            .form(&[
+                ("card[number]", "4242424242424242"),
+                ("card[exp_month]", "12"),
+                ("card[exp_year]", "2030"),
+                ("card[cvc]", "123"),
+            ])
+            .send()
+            .await
+            .expect("token")
+            .json()
+            .await
+            .expect("json");
+        let attached = self
+            .http
+            .post(format!("{}/v1/customers/{customer}/sources", self.base))
+            .basic_auth(auth.0, auth.1)
+            .form(&[("source", token["id"].as_str().unwrap())])
+            .send()
+            .await
+            .expect("attach source");
+        assert!(
+            attached.status().is_success(),
+            "attach source: {}",
+            attached.status()
+        );
+        let response = self
+            .http
+            .post(format!("{}/v1/subscriptions", self.base))
+            .basic_auth(auth.0, auth.1)
+            .form(&[("customer", customer), ("items[0][plan]", plan)])
+            .send()
+            .await
+            .expect("subscription");
+        assert!(
+            response.status().is_success(),
+            "subscription: {}",
+            response.status()
+        );
+        response.json().await.expect("json")
+    }
+
+    pub async fn subscription(&self, id: &str) -> Value {
+        self.http
+            .get(format!("{}/v1/subscriptions/{id}", self.base))
+            .basic_auth(STRIPE_KEY, Some(""))
+            .send()
+            .await
+            .expect("localstripe retrieve subscription")
+            .json()
+            .await
+            .expect("json")
+    }
+
+    /// Status and body of a customer retrieve (404 once deleted).
+    pub async fn customer_status(&self, id: &str) -> u16 {
+        self.http
+            .get(format!("{}/v1/customers/{id}", self.base))
+            .basic_auth(STRIPE_KEY, Some(""))
+            .send()
+            .await
+            .expect("localstripe retrieve")
+            .status()
+            .as_u16()
+    }
+
     pub async fn customer(&self, id: &str) -> Value {
         self.http
             .get(format!("{}/v1/customers/{id}", self.base))
@@ -346,4 +467,113 @@ macro_rules! on_every_store {
             )*
         }
     };
+}
+
+/// An HS256 user token as Supabase issues them, valid for an hour.
+pub fn user_token(sub: &str, email: Option<&str>, verified: Option<Value>) -> String {
+    let mut claims = serde_json::json!({
+        "sub": sub,
+        "aud": "authenticated",
+        "role": "authenticated",
+        "exp": time::OffsetDateTime::now_utc().unix_timestamp() + 3600,
+        "iat": time::OffsetDateTime::now_utc().unix_timestamp(),
+    });
+    if let Some(email) = email {
+        claims["email"] = email.into();
+    }
+    if let Some(verified) = verified {
+        claims["email_verified"] = verified;
+    }
+    sign_hs256(&claims)
+}
+
+pub fn sign_hs256(claims: &Value) -> String {
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        claims,
+        &jsonwebtoken::EncodingKey::from_secret(JWT_SECRET.as_bytes()),
+    )
+    .expect("sign token")
+}
+
+/// A TCP forwarder to a real server that can be cut: while down it refuses nothing but
+/// closes every connection at once, the way an unreachable Stripe looks to a client.
+pub struct CuttableProxy {
+    pub url: String,
+    up: Arc<std::sync::atomic::AtomicBool>,
+    _task: AbortOnDrop,
+}
+
+impl CuttableProxy {
+    pub async fn start(target: &str) -> Self {
+        let target = target
+            .trim_start_matches("http://")
+            .trim_end_matches('/')
+            .to_owned();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind proxy");
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let up = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let flag = up.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else {
+                    return;
+                };
+                if !flag.load(std::sync::atomic::Ordering::SeqCst) {
+                    drop(inbound);
+                    continue;
+                }
+                let target = target.clone();
+                let flag = flag.clone();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await else {
+                        return;
+                    };
+                    // Cut live connections too when the proxy goes down.
+                    let copy = tokio::io::copy_bidirectional(&mut inbound, &mut outbound);
+                    tokio::pin!(copy);
+                    loop {
+                        tokio::select! {
+                            _ = &mut copy => return,
+                            _ = tokio::time::sleep(std::time::Duration::from_millis(20)) => {
+                                if !flag.load(std::sync::atomic::Ordering::SeqCst) { return; }
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        Self {
+            url,
+            up,
+            _task: AbortOnDrop(task),
+        }
+    }
+
+    /// Cuts or restores the link; returns once live connections have seen it.
+    pub async fn set_up(&self, up: bool) {
+        self.up.store(up, std::sync::atomic::Ordering::SeqCst);
+        tokio::time::sleep(std::time::Duration::from_millis(60)).await;
+    }
+}
+
+/// Polls `check` until it returns `Some`, or panics after `seconds`.
+pub async fn eventually<T, F, Fut>(seconds: u64, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(seconds);
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
 }
