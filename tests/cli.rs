@@ -168,3 +168,77 @@ fn customer_resolve_prints_one_id_per_user() {
     let second = run(false);
     assert_eq!(String::from_utf8(second.stdout).unwrap(), id);
 }
+
+#[test]
+fn export_and_erase_share_the_routes_code() {
+    let Some(stripe) = support::localstripe_url("export_and_erase_share_the_routes_code") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let user = support::unique("cli-gdpr");
+    let email = format!("{user}@example.com");
+    let run = |args: &[&str]| {
+        billsync()
+            .current_dir(dir.path())
+            .env("STRIPE_SECRET_KEY", support::STRIPE_KEY)
+            .env("BILLSYNC_STRIPE_API_BASE", &stripe)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let resolved = run(&["customer", "resolve", "--user", &user, "--email", &email]);
+    assert!(resolved.status.success());
+    let customer = String::from_utf8(resolved.stdout)
+        .unwrap()
+        .trim()
+        .to_owned();
+
+    let exported = run(&["export", "--user", &user]);
+    assert!(
+        exported.status.success(),
+        "{}",
+        String::from_utf8_lossy(&exported.stderr)
+    );
+    let export: serde_json::Value =
+        serde_json::from_slice(&exported.stdout).expect("one JSON document");
+    assert_eq!(export["user_profile"]["id"], user.as_str());
+    assert_eq!(export["stripe_customer"]["id"], customer.as_str());
+    assert_eq!(export["usage_records"], serde_json::json!([]));
+
+    let erased = run(&["erase", "--user", &user, "--delete-stripe-customer"]);
+    assert!(
+        erased.status.success(),
+        "{}",
+        String::from_utf8_lossy(&erased.stderr)
+    );
+    assert_eq!(String::from_utf8(erased.stdout).unwrap().trim(), "erased");
+    let status = reqwest::blocking_status(&format!("{stripe}/v1/customers/{customer}"));
+    assert_eq!(status, 404, "the Stripe customer is deleted");
+
+    let gone = run(&["export", "--user", &user]);
+    assert!(!gone.status.success());
+    assert!(String::from_utf8_lossy(&gone.stderr).contains("not found"));
+    // Erasing again is fine.
+    assert!(run(&["erase", "--user", &user]).status.success());
+}
+
+mod reqwest {
+    /// A GET from a plain thread (these tests are synchronous).
+    pub fn blocking_status(url: &str) -> u16 {
+        let url = url.to_owned();
+        std::thread::spawn(move || {
+            tokio::runtime::Runtime::new().unwrap().block_on(async {
+                ::reqwest::Client::new()
+                    .get(url)
+                    .basic_auth(super::support::STRIPE_KEY, Some(""))
+                    .send()
+                    .await
+                    .unwrap()
+                    .status()
+                    .as_u16()
+            })
+        })
+        .join()
+        .unwrap()
+    }
+}
