@@ -103,7 +103,7 @@ mod tests {
             customer_id: StripeCustomerId::parse("cus_1").unwrap(),
             livemode: false,
             linked_via: LinkSource::Created,
-            linked_at: crate::store::now(),
+            linked_at: time::macros::datetime!(2026-01-01 00:00 UTC),
         }
     }
 
