@@ -135,6 +135,17 @@ pub struct ConfigArgs {
     /// First retry delay of a failed outbox job, in milliseconds; doubles per attempt [default: 1000]
     #[arg(long, env = "BILLSYNC_OUTBOX_BACKOFF_BASE_MS", global = true)]
     pub outbox_backoff_base_ms: Option<u64>,
+    /// Webhook signing secrets (whsec_…), comma-separated: several during a rotation.
+    #[arg(
+        long,
+        env = "STRIPE_WEBHOOK_SECRET",
+        global = true,
+        hide_env_values = true
+    )]
+    pub stripe_webhook_secret: Option<String>,
+    /// How far a webhook's signed timestamp may be from now, in seconds [default: 300]
+    #[arg(long, env = "BILLSYNC_WEBHOOK_TOLERANCE_SECS", global = true)]
+    pub webhook_tolerance_secs: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -160,6 +171,18 @@ struct FileConfig {
     outbox_poll_ms: Option<u64>,
     outbox_debounce_ms: Option<u64>,
     outbox_backoff_base_ms: Option<u64>,
+    stripe_webhook_secret: Option<String>,
+    webhook_tolerance_secs: Option<u64>,
+}
+
+#[derive(Debug, Clone)]
+pub struct WebhookConfig {
+    /// Empty: the webhook route answers 503 `webhooks_disabled`.
+    pub secrets: Vec<Secret>,
+    pub tolerance_secs: u64,
+    /// Group-commit writers and their largest batch.
+    pub writers: usize,
+    pub max_batch: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -216,6 +239,7 @@ pub struct Config {
     pub portal_configuration_id: Option<String>,
     pub jwt: JwtConfig,
     pub outbox: OutboxConfig,
+    pub webhooks: WebhookConfig,
 }
 
 impl Config {
@@ -338,7 +362,27 @@ impl Config {
             lease: timeout * 4 + Duration::from_secs(30),
             batch: 32,
         };
+        let secrets: Vec<Secret> = pick(&args.stripe_webhook_secret, file.stripe_webhook_secret)
+            .unwrap_or_default()
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(Secret::new)
+            .collect();
+        if secrets.iter().any(|s| !s.expose().starts_with("whsec_")) {
+            return Err(ConfigError::Invalid(
+                "STRIPE_WEBHOOK_SECRET must be whsec_… secrets, comma-separated".into(),
+            ));
+        }
+        let webhooks = WebhookConfig {
+            secrets,
+            tolerance_secs: pick(&args.webhook_tolerance_secs, file.webhook_tolerance_secs)
+                .unwrap_or(300),
+            writers: 2,
+            max_batch: 256,
+        };
         Ok(Self {
+            webhooks,
             app_url,
             portal_configuration_id: pick(
                 &args.stripe_portal_configuration_id,

@@ -61,6 +61,14 @@ pub enum ApiError {
     JobNotFound,
     #[error("only failed jobs can be retried")]
     JobNotFailed,
+    #[error("{0}")]
+    WebhookSignature(#[from] crate::webhooks::signature::SignatureError),
+    #[error("the event is not valid: {0}")]
+    InvalidPayload(String),
+    #[error("webhooks are not configured: set STRIPE_WEBHOOK_SECRET")]
+    WebhooksDisabled,
+    #[error("no such event")]
+    EventNotFound,
     /// Anything else: logged with its cause, answered as "internal error".
     #[error("internal error")]
     Internal(#[source] anyhow::Error),
@@ -74,7 +82,9 @@ impl ApiError {
     pub fn status(&self) -> StatusCode {
         match self {
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
-            Self::InvalidJson(_) => StatusCode::BAD_REQUEST,
+            Self::InvalidJson(_) | Self::WebhookSignature(_) | Self::InvalidPayload(_) => {
+                StatusCode::BAD_REQUEST
+            }
             Self::InvalidRequest(_) | Self::Validation(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UserNotFound | Self::RouteNotFound => StatusCode::NOT_FOUND,
@@ -85,13 +95,14 @@ impl ApiError {
             | Self::Contended
             | Self::JobNotFailed => StatusCode::CONFLICT,
             Self::EmailRequired | Self::InvalidProfile(_) => StatusCode::UNPROCESSABLE_ENTITY,
-            Self::NoCustomer | Self::JobNotFound => StatusCode::NOT_FOUND,
+            Self::NoCustomer | Self::JobNotFound | Self::EventNotFound => StatusCode::NOT_FOUND,
             Self::AdminDisabled
             | Self::StripeUnavailable
             | Self::DatabaseUnavailable
             | Self::AuthDisabled
             | Self::AuthUnavailable
-            | Self::PortalNotConfigured => StatusCode::SERVICE_UNAVAILABLE,
+            | Self::PortalNotConfigured
+            | Self::WebhooksDisabled => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -121,6 +132,10 @@ impl ApiError {
             Self::Contended => "conflict",
             Self::JobNotFound => "job_not_found",
             Self::JobNotFailed => "job_not_failed",
+            Self::WebhookSignature(e) => e.code(),
+            Self::InvalidPayload(_) => "invalid_payload",
+            Self::WebhooksDisabled => "webhooks_disabled",
+            Self::EventNotFound => "event_not_found",
             Self::Internal(_) => "internal_error",
         }
     }

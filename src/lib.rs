@@ -16,3 +16,4 @@ pub mod portal;
 pub mod profile;
 pub mod store;
 pub mod stripe;
+pub mod webhooks;

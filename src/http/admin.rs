@@ -19,7 +19,9 @@ use super::{
 use crate::{
     domain::{Email, LinkSource, PersonName, Phone, UserId},
     error::ApiError,
-    store::{CustomerLink, JobKind, JobState, OutboxJob, User, UserUpsert},
+    store::{
+        CustomerLink, EventState, JobKind, JobState, OutboxJob, StoredEvent, User, UserUpsert,
+    },
 };
 
 /// Admin routes need the API key; a user's token never works here.
@@ -306,4 +308,95 @@ pub async fn retry_outbox_job(
         None if state.store.get_job(id).await?.is_some() => Err(ApiError::JobNotFailed),
         None => Err(ApiError::JobNotFound),
     }
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct EventView {
+    pub id: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub created: i64,
+    pub livemode: bool,
+    pub customer_id: Option<String>,
+    pub state: EventState,
+    pub attempts: i32,
+    pub last_error: Option<String>,
+    #[serde(with = "time::serde::rfc3339")]
+    #[schema(value_type = String, format = DateTime)]
+    pub received_at: OffsetDateTime,
+}
+
+impl From<StoredEvent> for EventView {
+    fn from(event: StoredEvent) -> Self {
+        Self {
+            id: event.id,
+            kind: event.kind,
+            created: event.created,
+            livemode: event.livemode,
+            customer_id: event.customer_id,
+            state: event.state,
+            attempts: event.attempts,
+            last_error: event.last_error,
+            received_at: event.received_at,
+        }
+    }
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct EventsResponse {
+    pub events: Vec<EventView>,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct EventResponse {
+    pub event: EventView,
+}
+
+/// `GET /v1/events?state=pending|applied|skipped|failed&limit=`: the webhook inbox, newest first.
+#[utoipa::path(get, path = "/v1/events", tag = "admin", security(("admin_key" = [])),
+    params(("state" = Option<String>, Query, description = "pending, applied, skipped or failed"),
+           ("limit" = Option<u32>, Query, description = "at most 1000; default 100")),
+    responses((status = 200, body = EventsResponse), (status = 422, body = crate::http::ErrorBody)))]
+pub async fn list_events(
+    State(state): State<AppState>,
+    RawQuery(query): RawQuery,
+) -> Result<Json<EventsResponse>, ApiError> {
+    let query: OutboxQuery = serde_urlencoded::from_str(query.as_deref().unwrap_or(""))
+        .map_err(|e| ApiError::InvalidRequest(format!("query: {e}")))?;
+    let event_state = query
+        .state
+        .as_deref()
+        .map(|s| {
+            EventState::parse(s).ok_or_else(|| {
+                ApiError::InvalidRequest(format!(
+                    "state must be pending, applied, skipped or failed, not {s:?}"
+                ))
+            })
+        })
+        .transpose()?;
+    let events = state
+        .store
+        .list_events(event_state, query.limit.unwrap_or(100).clamp(1, 1000))
+        .await?;
+    Ok(Json(EventsResponse {
+        events: events.into_iter().map(Into::into).collect(),
+    }))
+}
+
+/// `POST /v1/events/{id}/replay`: applies a stored event again.
+#[utoipa::path(post, path = "/v1/events/{id}/replay", tag = "admin", security(("admin_key" = [])),
+    params(("id" = String, Path)),
+    responses((status = 200, body = EventResponse), (status = 404, body = crate::http::ErrorBody)))]
+pub async fn replay_event(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<EventResponse>, ApiError> {
+    let event = state
+        .store
+        .replay_event(&id)
+        .await?
+        .ok_or(ApiError::EventNotFound)?;
+    Ok(Json(EventResponse {
+        event: event.into(),
+    }))
 }

@@ -4,6 +4,7 @@ mod admin;
 pub mod extract;
 mod openapi;
 mod user;
+mod webhooks;
 
 use std::{sync::Arc, time::Duration};
 
@@ -57,6 +58,10 @@ pub struct AppState {
     pub admin_api_key: Option<Secret>,
     pub app_url: Option<String>,
     pub portal_configuration_id: Option<String>,
+    pub webhooks: crate::config::WebhookConfig,
+    pub ingestor: crate::webhooks::ingest::Ingestor,
+    /// Whether the configured Stripe key is a live one; events of the other mode are skipped.
+    pub livemode: bool,
 }
 
 impl AppState {
@@ -65,6 +70,13 @@ impl AppState {
             worker: OutboxWorker::new(store.clone(), stripe.clone(), config.outbox.clone()),
             jwt: JwtVerifier::from_config(&config.jwt),
             app_url: config.app_url.clone(),
+            webhooks: config.webhooks.clone(),
+            ingestor: crate::webhooks::ingest::Ingestor::spawn(
+                store.clone(),
+                config.webhooks.writers,
+                config.webhooks.max_batch,
+            ),
+            livemode: config.livemode(),
             portal_configuration_id: config.portal_configuration_id.clone(),
             resolver: CustomerResolver::new(
                 store.clone(),
@@ -92,6 +104,8 @@ pub fn app(state: AppState) -> Router {
             post(admin::resolve_customer),
         )
         .route("/v1/outbox", get(admin::list_outbox))
+        .route("/v1/events", get(admin::list_events))
+        .route("/v1/events/{id}/replay", post(admin::replay_event))
         .route("/v1/outbox/{id}/retry", post(admin::retry_outbox_job))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
@@ -109,6 +123,7 @@ pub fn app(state: AppState) -> Router {
         )
         .route("/api/user/export-data", get(user::export_data))
         .route("/api/user/delete-account", delete(user::delete_account))
+        .route("/api/webhooks/stripe", post(webhooks::receive))
         .merge(admin)
         .fallback(|| async { ApiError::RouteNotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })

@@ -21,6 +21,9 @@ use utoipa::{
         super::user::create_portal_session,
         super::user::export_data,
         super::user::delete_account,
+        super::webhooks::receive,
+        super::admin::list_events,
+        super::admin::replay_event,
     ),
     modifiers(&Security),
 )]

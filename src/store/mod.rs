@@ -221,6 +221,62 @@ pub struct SubscriptionMirror {
     pub updated_at: OffsetDateTime,
 }
 
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum EventState {
+    Pending,
+    Applied,
+    Skipped,
+    Failed,
+}
+
+impl EventState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Applied => "applied",
+            Self::Skipped => "skipped",
+            Self::Failed => "failed",
+        }
+    }
+    pub fn parse(raw: &str) -> Option<Self> {
+        [Self::Pending, Self::Applied, Self::Skipped, Self::Failed]
+            .into_iter()
+            .find(|k| k.as_str() == raw)
+    }
+}
+
+/// A verified Stripe event, as it is written to the inbox.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewEvent {
+    pub id: String,
+    pub kind: String,
+    /// Stripe's `created`, unix seconds.
+    pub created: i64,
+    pub livemode: bool,
+    pub customer_id: Option<String>,
+    /// The raw, verified body.
+    pub payload: String,
+    /// `Pending` for events billsync applies, `Skipped` for the rest.
+    pub state: EventState,
+}
+
+/// An inbox entry, without its payload.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredEvent {
+    pub id: String,
+    pub kind: String,
+    pub created: i64,
+    pub livemode: bool,
+    pub customer_id: Option<String>,
+    pub state: EventState,
+    pub attempts: i32,
+    pub last_error: Option<String>,
+    pub received_at: OffsetDateTime,
+}
+
 /// Timestamps are stored with millisecond precision on every backend; values made here
 /// round-trip exactly.
 pub fn now() -> OffsetDateTime {
@@ -329,6 +385,18 @@ pub trait Store: Send + Sync + 'static {
 
     async fn upsert_subscription(&self, subscription: &SubscriptionMirror) -> StoreResult<()>;
     async fn list_subscriptions(&self, user: &UserId) -> StoreResult<Vec<SubscriptionMirror>>;
+
+    /// Writes verified events in one transaction; for each, whether it was new (a
+    /// redelivery of a stored event changes nothing).
+    async fn insert_events(&self, events: &[NewEvent]) -> StoreResult<Vec<bool>>;
+    /// Newest first.
+    async fn list_events(
+        &self,
+        state: Option<EventState>,
+        limit: u32,
+    ) -> StoreResult<Vec<StoredEvent>>;
+    /// Queues a stored event to be applied again; `None` if there is no such event.
+    async fn replay_event(&self, id: &str) -> StoreResult<Option<StoredEvent>>;
 
     /// Takes the user's resolve claim if nobody holds an unexpired one. Re-taking an expired
     /// claim keeps its `started_at`.
@@ -532,4 +600,40 @@ fn parse_json(raw: &str) -> StoreResult<serde_json::Value> {
 /// Errors stored in jobs are for operators, not unbounded.
 fn clip_error(error: &str) -> String {
     error.chars().take(1_000).collect()
+}
+
+type EventHead = (
+    String,
+    String,
+    i64,
+    bool,
+    Option<String>,
+    String,
+    i32,
+    Option<String>,
+);
+
+fn event_from_parts(head: EventHead, received_at: OffsetDateTime) -> StoreResult<StoredEvent> {
+    let (id, kind, created, livemode, customer_id, state, attempts, last_error) = head;
+    Ok(StoredEvent {
+        state: EventState::parse(&state)
+            .ok_or_else(|| StoreError::Corrupt(format!("event state {state:?}")))?,
+        id,
+        kind,
+        created,
+        livemode,
+        customer_id,
+        attempts,
+        last_error,
+        received_at,
+    })
+}
+
+/// For each event, whether it is the first with its id among `events` and in `inserted`.
+fn first_inserted(events: &[NewEvent], inserted: &std::collections::HashSet<String>) -> Vec<bool> {
+    let mut seen = std::collections::HashSet::new();
+    events
+        .iter()
+        .map(|e| seen.insert(e.id.as_str()) && inserted.contains(&e.id))
+        .collect()
 }

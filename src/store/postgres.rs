@@ -8,11 +8,12 @@ use sqlx::{
 use time::OffsetDateTime;
 
 use super::{
-    clip_error, job_from_parts,
+    clip_error, event_from_parts, job_from_parts,
     link_cache::{self, LinkCache},
-    link_from_row, opt_str, parse_json, user_from_row, CustomerLink, JobOutcome, JobState,
-    LinkOutcome, LinkRow, OutboxJob, PushedProfile, ResolveClaim, Store, StoreError, StoreResult,
-    SubscriptionMirror, UsageRecord, User, UserRow, UserUpsert,
+    link_from_row, opt_str, parse_json, user_from_row, CustomerLink, EventState, JobOutcome,
+    JobState, LinkOutcome, LinkRow, NewEvent, OutboxJob, PushedProfile, ResolveClaim, Store,
+    StoreError, StoreResult, StoredEvent, SubscriptionMirror, UsageRecord, User, UserRow,
+    UserUpsert,
 };
 use crate::domain::{LinkSource, StripeCustomerId, UserId};
 
@@ -33,6 +34,30 @@ const JOB_COLUMNS: &str = "id, kind, user_id, payload, state, attempts, last_err
 const SUPERSEDED: &str = "EXISTS (SELECT 1 FROM outbox other WHERE other.user_id = outbox.user_id \
      AND other.kind = outbox.kind AND other.id <> outbox.id \
      AND (other.state = 'pending' OR (other.kind = 'erase' AND other.state = 'in_flight')))";
+
+const EVENT_COLUMNS: &str = "id, type, created, livemode, stripe_customer_id, state, attempts, \
+     last_error, received_at";
+type PgEventRow = (
+    String,
+    String,
+    i64,
+    bool,
+    Option<String>,
+    String,
+    i32,
+    Option<String>,
+    OffsetDateTime,
+);
+
+fn event(row: PgEventRow) -> StoreResult<StoredEvent> {
+    let (id, kind, created, livemode, customer, state, attempts, last_error, received_at) = row;
+    event_from_parts(
+        (
+            id, kind, created, livemode, customer, state, attempts, last_error,
+        ),
+        received_at,
+    )
+}
 
 type PgJobRow = (
     i64,
@@ -688,6 +713,73 @@ impl Store for PgStore {
                 },
             )
             .collect()
+    }
+
+    async fn insert_events(&self, events: &[NewEvent]) -> StoreResult<Vec<bool>> {
+        if events.is_empty() {
+            return Ok(Vec::new());
+        }
+        // One statement for the whole batch; UNNEST keeps arrival order for arrival_seq.
+        let inserted: Vec<String> = sqlx::query_scalar(
+            "INSERT INTO stripe_events (id, type, created, livemode, stripe_customer_id, payload,
+                                        received_at, state)
+             SELECT e.id, e.type, e.created, e.livemode, e.customer, e.payload, now(), e.state
+             FROM UNNEST($1::text[], $2::text[], $3::int8[], $4::bool[], $5::text[], $6::text[],
+                         $7::text[]) AS e(id, type, created, livemode, customer, payload, state)
+             ON CONFLICT (id) DO NOTHING
+             RETURNING id",
+        )
+        .bind(events.iter().map(|e| e.id.as_str()).collect::<Vec<_>>())
+        .bind(events.iter().map(|e| e.kind.as_str()).collect::<Vec<_>>())
+        .bind(events.iter().map(|e| e.created).collect::<Vec<_>>())
+        .bind(events.iter().map(|e| e.livemode).collect::<Vec<_>>())
+        .bind(
+            events
+                .iter()
+                .map(|e| e.customer_id.as_deref())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            events
+                .iter()
+                .map(|e| e.payload.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(events.iter().map(|e| e.state.as_str()).collect::<Vec<_>>())
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(super::first_inserted(
+            events,
+            &inserted.into_iter().collect(),
+        ))
+    }
+
+    async fn list_events(
+        &self,
+        state: Option<EventState>,
+        limit: u32,
+    ) -> StoreResult<Vec<StoredEvent>> {
+        let rows: Vec<PgEventRow> = sqlx::query_as(&format!(
+            "SELECT {EVENT_COLUMNS} FROM stripe_events WHERE ($1::text IS NULL OR state = $1)
+             ORDER BY arrival_seq DESC LIMIT $2"
+        ))
+        .bind(state.map(EventState::as_str))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter().map(event).collect()
+    }
+
+    async fn replay_event(&self, id: &str) -> StoreResult<Option<StoredEvent>> {
+        let row: Option<PgEventRow> = sqlx::query_as(&format!(
+            "UPDATE stripe_events SET state = 'pending', attempts = 0, next_attempt_at = NULL,
+                    last_error = NULL, applied_at = NULL
+             WHERE id = $1 RETURNING {EVENT_COLUMNS}"
+        ))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(event).transpose()
     }
 
     async fn try_claim_resolve(

@@ -8,9 +8,10 @@ use sqlx::{
 use time::OffsetDateTime;
 
 use super::{
-    clip_error, job_from_parts, link_from_row, now, opt_str, parse_json, user_from_row,
-    CustomerLink, JobOutcome, JobState, LinkOutcome, OutboxJob, PushedProfile, ResolveClaim, Store,
-    StoreError, StoreResult, SubscriptionMirror, UsageRecord, User, UserUpsert,
+    clip_error, event_from_parts, job_from_parts, link_from_row, now, opt_str, parse_json,
+    user_from_row, CustomerLink, EventState, JobOutcome, JobState, LinkOutcome, NewEvent,
+    OutboxJob, PushedProfile, ResolveClaim, Store, StoreError, StoreResult, StoredEvent,
+    SubscriptionMirror, UsageRecord, User, UserUpsert,
 };
 use crate::domain::{LinkSource, StripeCustomerId, UserId};
 
@@ -30,6 +31,30 @@ type SqliteUserRow = (
     i64,
 );
 type SqliteLinkRow = (String, String, bool, String, i64);
+const EVENT_COLUMNS: &str = "id, type, created, livemode, stripe_customer_id, state, attempts, \
+     last_error, received_at";
+type SqliteEventRow = (
+    String,
+    String,
+    i64,
+    bool,
+    Option<String>,
+    String,
+    i32,
+    Option<String>,
+    i64,
+);
+
+fn event(row: SqliteEventRow) -> StoreResult<StoredEvent> {
+    let (id, kind, created, livemode, customer, state, attempts, last_error, received_at) = row;
+    event_from_parts(
+        (
+            id, kind, created, livemode, customer, state, attempts, last_error,
+        ),
+        from_ms(received_at)?,
+    )
+}
+
 type SqliteJobRow = (
     i64,
     String,
@@ -708,6 +733,68 @@ impl Store for SqliteStore {
                 },
             )
             .collect()
+    }
+
+    async fn insert_events(&self, events: &[NewEvent]) -> StoreResult<Vec<bool>> {
+        if events.is_empty() {
+            return Ok(Vec::new());
+        }
+        let now = to_ms(now());
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let mut inserted = std::collections::HashSet::new();
+        for event in events {
+            let fresh = sqlx::query(
+                "INSERT INTO stripe_events (id, type, created, livemode, stripe_customer_id,
+                                            payload, received_at, state)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+                 ON CONFLICT (id) DO NOTHING",
+            )
+            .bind(&event.id)
+            .bind(&event.kind)
+            .bind(event.created)
+            .bind(event.livemode)
+            .bind(&event.customer_id)
+            .bind(&event.payload)
+            .bind(now)
+            .bind(event.state.as_str())
+            .execute(&mut *tx)
+            .await?
+            .rows_affected()
+                > 0;
+            if fresh {
+                inserted.insert(event.id.clone());
+            }
+        }
+        tx.commit().await?;
+        Ok(super::first_inserted(events, &inserted))
+    }
+
+    async fn list_events(
+        &self,
+        state: Option<EventState>,
+        limit: u32,
+    ) -> StoreResult<Vec<StoredEvent>> {
+        let rows: Vec<SqliteEventRow> = sqlx::query_as(&format!(
+            "SELECT {EVENT_COLUMNS} FROM stripe_events WHERE (?1 IS NULL OR state = ?1)
+             ORDER BY rowid DESC LIMIT ?2"
+        ))
+        .bind(state.map(EventState::as_str))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter().map(event).collect()
+    }
+
+    async fn replay_event(&self, id: &str) -> StoreResult<Option<StoredEvent>> {
+        let row: Option<SqliteEventRow> = sqlx::query_as(&format!(
+            "UPDATE stripe_events SET state = 'pending', attempts = 0, next_attempt_at = NULL,
+                    last_error = NULL, applied_at = NULL
+             WHERE id = ?1 RETURNING {EVENT_COLUMNS}"
+        ))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(event).transpose()
     }
 
     async fn try_claim_resolve(

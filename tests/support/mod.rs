@@ -21,6 +21,7 @@ use serde_json::Value;
 pub const ADMIN_KEY: &str = "test-admin-key-0123456789";
 pub const JWT_SECRET: &str = "test-jwt-secret-0123456789-abcdefghijklmnop";
 pub const APP_URL: &str = "https://app.example.com";
+pub const WEBHOOK_SECRET: &str = "whsec_test_secret";
 pub const STRIPE_KEY: &str = "sk_test_billsync_0123456789";
 pub const POSTGRES_ENV: &str = "BILLSYNC_TEST_POSTGRES_URL";
 pub const LOCALSTRIPE_ENV: &str = "BILLSYNC_TEST_LOCALSTRIPE_URL";
@@ -139,6 +140,7 @@ pub fn test_config(stripe_base: &str) -> Config {
         outbox_poll_ms: Some(20),
         outbox_debounce_ms: Some(150),
         outbox_backoff_base_ms: Some(50),
+        stripe_webhook_secret: Some(WEBHOOK_SECRET.into()),
         ..Default::default()
     })
     .expect("test config");
@@ -576,4 +578,17 @@ where
         );
         tokio::time::sleep(std::time::Duration::from_millis(25)).await;
     }
+}
+
+/// A `Stripe-Signature` header for `body`, signed now with `secret`.
+pub fn stripe_signature(secret: &str, body: &str) -> String {
+    let t = time::OffsetDateTime::now_utc().unix_timestamp();
+    format!(
+        "t={t},v1={}",
+        hex::encode(billsync::webhooks::signature::sign(
+            secret,
+            t,
+            body.as_bytes()
+        ))
+    )
 }

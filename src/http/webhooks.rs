@@ -1,0 +1,56 @@
+//! `POST /api/webhooks/stripe`: verify the raw body, store the event durably, then answer.
+
+use axum::{extract::State, http::HeaderMap, Json};
+use serde::Serialize;
+
+use super::{extract::RawBody, AppState};
+use crate::{
+    error::ApiError,
+    webhooks::{ingest, signature},
+};
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct Received {
+    pub received: bool,
+}
+
+/// Receives a Stripe event. 2xx only once the event is stored (a redelivery is a no-op);
+/// 400 with a code for what is wrong with the request; 503 while the database is down, so
+/// Stripe retries.
+#[utoipa::path(post, path = "/api/webhooks/stripe", tag = "webhooks",
+    params(("Stripe-Signature" = String, Header)),
+    request_body(content = String, content_type = "application/json"),
+    responses((status = 200, body = Received), (status = 400, body = crate::http::ErrorBody),
+              (status = 413, body = crate::http::ErrorBody), (status = 503, body = crate::http::ErrorBody)))]
+pub async fn receive(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    RawBody(body): RawBody,
+) -> Result<Json<Received>, ApiError> {
+    if state.webhooks.secrets.is_empty() {
+        return Err(ApiError::WebhooksDisabled);
+    }
+    let header = headers
+        .get("stripe-signature")
+        .and_then(|v| v.to_str().ok());
+    signature::verify(
+        header,
+        &body,
+        &state.webhooks.secrets,
+        state.webhooks.tolerance_secs,
+        time::OffsetDateTime::now_utc().unix_timestamp(),
+    )?;
+    let envelope = ingest::parse_envelope(&body).map_err(ApiError::InvalidPayload)?;
+    let event = ingest::file(envelope, &body, state.livemode);
+    let (id, kind) = (event.id.clone(), event.kind.clone());
+    let fresh = state
+        .ingestor
+        .ingest(event)
+        .await
+        .map_err(|err| match &*err {
+            crate::store::StoreError::Unavailable(_) => ApiError::DatabaseUnavailable,
+            other => ApiError::internal(anyhow::anyhow!("{other}")),
+        })?;
+    tracing::debug!(event_id = %id, kind, fresh, "event received");
+    Ok(Json(Received { received: true }))
+}

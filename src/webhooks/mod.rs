@@ -1,0 +1,5 @@
+//! Stripe webhooks: verified (`signature`), durably ingested before they are acknowledged
+//! (`ingest`), then applied in order per customer.
+
+pub mod ingest;
+pub mod signature;
