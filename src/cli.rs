@@ -218,15 +218,20 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     );
     let state = AppState::new(&config, store, stripe);
     let (stop_worker, worker_stopping) = tokio::sync::watch::channel(false);
-    let worker = tokio::spawn(state.worker.clone().run(worker_stopping));
+    let worker = tokio::spawn(state.worker.clone().run(worker_stopping.clone()));
+    let applier = tokio::spawn(state.applier.clone().run(worker_stopping));
     http::serve(listener, http::app(state)).await?;
     // Let the job in hand finish; an unfinished one is reclaimed when its lease runs out.
     let _ = stop_worker.send(true);
-    if tokio::time::timeout(std::time::Duration::from_secs(15), worker)
+    let both = async {
+        let _ = worker.await;
+        let _ = applier.await;
+    };
+    if tokio::time::timeout(std::time::Duration::from_secs(15), both)
         .await
         .is_err()
     {
-        tracing::warn!("outbox worker did not stop in time");
+        tracing::warn!("background workers did not stop in time");
     }
     tracing::info!("stopped");
     Ok(())

@@ -88,6 +88,13 @@ CREATE INDEX stripe_events_pending_idx
     ON stripe_events (stripe_customer_id, created) WHERE state IN ('pending', 'failed');
 CREATE INDEX stripe_events_state_idx ON stripe_events (state, received_at);
 
+-- Which applier works on a customer's events right now (per-customer order across instances).
+CREATE TABLE event_customer_leases (
+    stripe_customer_id TEXT PRIMARY KEY,
+    holder             TEXT NOT NULL,
+    lease_until        INTEGER NOT NULL
+);
+
 -- Durable jobs towards Stripe.
 CREATE TABLE outbox (
     id              INTEGER PRIMARY KEY AUTOINCREMENT,

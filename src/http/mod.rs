@@ -60,6 +60,7 @@ pub struct AppState {
     pub portal_configuration_id: Option<String>,
     pub webhooks: crate::config::WebhookConfig,
     pub ingestor: crate::webhooks::ingest::Ingestor,
+    pub applier: crate::webhooks::apply::Applier,
     /// Whether the configured Stripe key is a live one; events of the other mode are skipped.
     pub livemode: bool,
 }
@@ -77,6 +78,11 @@ impl AppState {
                 config.webhooks.max_batch,
             ),
             livemode: config.livemode(),
+            applier: crate::webhooks::apply::Applier::new(
+                store.clone(),
+                stripe.clone(),
+                config.outbox.clone(),
+            ),
             portal_configuration_id: config.portal_configuration_id.clone(),
             resolver: CustomerResolver::new(
                 store.clone(),

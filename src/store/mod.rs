@@ -277,6 +277,30 @@ pub struct StoredEvent {
     pub received_at: OffsetDateTime,
 }
 
+/// An inbox event ready to apply: its envelope and its raw payload.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EventToApply {
+    pub event: StoredEvent,
+    pub payload: String,
+    /// When a failed event may be tried again; `None` for a pending one.
+    pub next_attempt_at: Option<OffsetDateTime>,
+}
+
+/// How applying an event ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum EventOutcome {
+    Applied,
+    /// Try again after `delay`.
+    Retry {
+        delay: Duration,
+        error: String,
+    },
+    /// Parked for an operator (replay it through `/v1/events/{id}/replay`).
+    Failed {
+        error: String,
+    },
+}
+
 /// Timestamps are stored with millisecond precision on every backend; values made here
 /// round-trip exactly.
 pub fn now() -> OffsetDateTime {
@@ -397,6 +421,41 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreResult<Vec<StoredEvent>>;
     /// Queues a stored event to be applied again; `None` if there is no such event.
     async fn replay_event(&self, id: &str) -> StoreResult<Option<StoredEvent>>;
+
+    /// Customers with events due to be applied (pending, or failed and due for a retry).
+    async fn due_event_customers(&self, limit: u32) -> StoreResult<Vec<String>>;
+    /// Takes the lease on applying a customer's events, if nobody holds it.
+    async fn try_lease_customer(
+        &self,
+        customer: &str,
+        holder: &str,
+        lease: Duration,
+    ) -> StoreResult<bool>;
+    async fn release_customer(&self, customer: &str, holder: &str) -> StoreResult<()>;
+    /// The customer's applicable events in order: Stripe's `created`, then arrival.
+    async fn customer_events(&self, customer: &str, limit: u32) -> StoreResult<Vec<EventToApply>>;
+    async fn finish_event(&self, id: &str, outcome: &EventOutcome) -> StoreResult<()>;
+    /// The `created` of the newest customer snapshot applied to this customer's link.
+    async fn link_watermark(&self, customer: &str) -> StoreResult<Option<i64>>;
+    async fn raise_link_watermark(&self, customer: &str, created: i64) -> StoreResult<()>;
+    /// Writes a change that came from Stripe: like `update_user_if_version`, but queues no
+    /// push (the change is Stripe's already), and records the values as what Stripe holds.
+    async fn apply_remote_profile(
+        &self,
+        user: &UserUpsert,
+        expected: i64,
+        pushed: &PushedProfile,
+    ) -> StoreResult<Option<User>>;
+    /// Whether a profile push for the user is pending or in flight (local edits win then).
+    async fn has_active_push(&self, user: &UserId) -> StoreResult<bool>;
+    /// After `customer.deleted`: the customer's subscriptions become canceled at period end.
+    async fn cancel_customer_subscriptions(&self, customer: &str) -> StoreResult<u64>;
+    /// Upserts the mirror unless it already holds a newer snapshot; returns whether it wrote.
+    async fn upsert_subscription_if_newer(
+        &self,
+        subscription: &SubscriptionMirror,
+        created: i64,
+    ) -> StoreResult<bool>;
 
     /// Takes the user's resolve claim if nobody holds an unexpired one. Re-taking an expired
     /// claim keeps its `started_at`.

@@ -10,10 +10,10 @@ use time::OffsetDateTime;
 use super::{
     clip_error, event_from_parts, job_from_parts,
     link_cache::{self, LinkCache},
-    link_from_row, opt_str, parse_json, user_from_row, CustomerLink, EventState, JobOutcome,
-    JobState, LinkOutcome, LinkRow, NewEvent, OutboxJob, PushedProfile, ResolveClaim, Store,
-    StoreError, StoreResult, StoredEvent, SubscriptionMirror, UsageRecord, User, UserRow,
-    UserUpsert,
+    link_from_row, opt_str, parse_json, user_from_row, CustomerLink, EventOutcome, EventState,
+    EventToApply, JobOutcome, JobState, LinkOutcome, LinkRow, NewEvent, OutboxJob, PushedProfile,
+    ResolveClaim, Store, StoreError, StoreResult, StoredEvent, SubscriptionMirror, UsageRecord,
+    User, UserRow, UserUpsert,
 };
 use crate::domain::{LinkSource, StripeCustomerId, UserId};
 
@@ -780,6 +780,262 @@ impl Store for PgStore {
         .fetch_optional(&self.pool)
         .await?;
         row.map(event).transpose()
+    }
+
+    async fn due_event_customers(&self, limit: u32) -> StoreResult<Vec<String>> {
+        Ok(sqlx::query_scalar(
+            "SELECT stripe_customer_id FROM stripe_events
+             WHERE stripe_customer_id IS NOT NULL
+               AND (state = 'pending' OR (state = 'failed' AND next_attempt_at IS NOT NULL))
+               AND (next_attempt_at IS NULL OR next_attempt_at <= now())
+             GROUP BY stripe_customer_id
+             ORDER BY min(arrival_seq)
+             LIMIT $1",
+        )
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    async fn try_lease_customer(
+        &self,
+        customer: &str,
+        holder: &str,
+        lease: Duration,
+    ) -> StoreResult<bool> {
+        let taken: Option<String> = sqlx::query_scalar(
+            "INSERT INTO event_customer_leases (stripe_customer_id, holder, lease_until)
+             VALUES ($1, $2, now() + make_interval(secs => $3))
+             ON CONFLICT (stripe_customer_id) DO UPDATE
+                SET holder = EXCLUDED.holder, lease_until = EXCLUDED.lease_until
+                WHERE event_customer_leases.lease_until <= now()
+             RETURNING holder",
+        )
+        .bind(customer)
+        .bind(holder)
+        .bind(lease.as_secs_f64())
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(taken.is_some())
+    }
+
+    async fn release_customer(&self, customer: &str, holder: &str) -> StoreResult<()> {
+        sqlx::query(
+            "DELETE FROM event_customer_leases WHERE stripe_customer_id = $1 AND holder = $2",
+        )
+        .bind(customer)
+        .bind(holder)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn customer_events(&self, customer: &str, limit: u32) -> StoreResult<Vec<EventToApply>> {
+        type Row = (
+            String,
+            String,
+            i64,
+            bool,
+            Option<String>,
+            String,
+            i32,
+            Option<String>,
+            OffsetDateTime,
+            String,
+            Option<OffsetDateTime>,
+        );
+        let rows: Vec<Row> = sqlx::query_as(&format!(
+            "SELECT {EVENT_COLUMNS}, payload, next_attempt_at FROM stripe_events
+             WHERE stripe_customer_id = $1
+               AND (state = 'pending' OR (state = 'failed' AND next_attempt_at IS NOT NULL))
+             ORDER BY created, arrival_seq
+             LIMIT $2"
+        ))
+        .bind(customer)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(
+                |(
+                    id,
+                    kind,
+                    created,
+                    livemode,
+                    customer,
+                    state,
+                    attempts,
+                    last_error,
+                    received_at,
+                    payload,
+                    next,
+                )| {
+                    Ok(EventToApply {
+                        event: event((
+                            id,
+                            kind,
+                            created,
+                            livemode,
+                            customer,
+                            state,
+                            attempts,
+                            last_error,
+                            received_at,
+                        ))?,
+                        payload,
+                        next_attempt_at: next,
+                    })
+                },
+            )
+            .collect()
+    }
+
+    async fn finish_event(&self, id: &str, outcome: &EventOutcome) -> StoreResult<()> {
+        let query = match outcome {
+            EventOutcome::Applied => sqlx::query(
+                "UPDATE stripe_events SET state = 'applied', applied_at = now(), last_error = NULL,
+                        next_attempt_at = NULL WHERE id = $1",
+            )
+            .bind(id),
+            EventOutcome::Retry { delay, error } => sqlx::query(
+                "UPDATE stripe_events SET state = 'failed', attempts = attempts + 1, last_error = $2,
+                        next_attempt_at = now() + make_interval(secs => $3) WHERE id = $1",
+            )
+            .bind(id)
+            .bind(clip_error(error))
+            .bind(delay.as_secs_f64()),
+            EventOutcome::Failed { error } => sqlx::query(
+                "UPDATE stripe_events SET state = 'failed', attempts = attempts + 1, last_error = $2,
+                        next_attempt_at = NULL WHERE id = $1",
+            )
+            .bind(id)
+            .bind(clip_error(error)),
+        };
+        query.execute(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn link_watermark(&self, customer: &str) -> StoreResult<Option<i64>> {
+        Ok(sqlx::query_scalar::<_, Option<i64>>(
+            "SELECT event_watermark FROM customer_links WHERE stripe_customer_id = $1",
+        )
+        .bind(customer)
+        .fetch_optional(&self.pool)
+        .await?
+        .flatten())
+    }
+
+    async fn raise_link_watermark(&self, customer: &str, created: i64) -> StoreResult<()> {
+        sqlx::query(
+            "UPDATE customer_links SET event_watermark = GREATEST(COALESCE(event_watermark, $2), $2)
+             WHERE stripe_customer_id = $1",
+        )
+        .bind(customer)
+        .bind(created)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn apply_remote_profile(
+        &self,
+        user: &UserUpsert,
+        expected: i64,
+        pushed: &PushedProfile,
+    ) -> StoreResult<Option<User>> {
+        let mut tx = self.pool.begin().await?;
+        let written: Option<UserRow> = sqlx::query_as(&format!(
+            "UPDATE users SET email = $2, email_verified = $3, first_name = $4, last_name = $5,
+                    phone = $6, version = users.version + 1,
+                    updated_at = date_trunc('milliseconds', now())
+             FROM (SELECT $2::text AS email, $3::boolean AS email_verified, $4::text AS first_name,
+                          $5::text AS last_name, $6::text AS phone) AS excluded
+             WHERE users.id = $1 AND users.version = $7 AND {USER_CHANGED}
+             RETURNING {USER_COLUMNS_QUALIFIED}"
+        ))
+        .bind(user.id.as_str())
+        .bind(user.email.as_str())
+        .bind(user.email_verified)
+        .bind(opt_str(&user.first_name))
+        .bind(opt_str(&user.last_name))
+        .bind(opt_str(&user.phone))
+        .bind(expected)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(row) = written else {
+            tx.rollback().await?;
+            return Ok(None);
+        };
+        let saved = user_from_row(row)?;
+        sqlx::query(
+            "UPDATE customer_links SET pushed_email = $2, pushed_name = $3, pushed_phone = $4,
+                    pushed_version = $5, pushed_at = now()
+             WHERE user_id = $1",
+        )
+        .bind(user.id.as_str())
+        .bind(&pushed.email)
+        .bind(&pushed.name)
+        .bind(&pushed.phone)
+        .bind(saved.version)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(Some(saved))
+    }
+
+    async fn has_active_push(&self, user: &UserId) -> StoreResult<bool> {
+        Ok(sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM outbox WHERE user_id = $1 AND kind = 'push_profile'
+                                                 AND state IN ('pending', 'in_flight'))",
+        )
+        .bind(user.as_str())
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
+    async fn cancel_customer_subscriptions(&self, customer: &str) -> StoreResult<u64> {
+        Ok(sqlx::query(
+            "UPDATE subscriptions SET status = 'canceled', cancel_at_period_end = TRUE,
+                    updated_at = now()
+             WHERE stripe_customer_id = $1",
+        )
+        .bind(customer)
+        .execute(&self.pool)
+        .await?
+        .rows_affected())
+    }
+
+    async fn upsert_subscription_if_newer(
+        &self,
+        sub: &SubscriptionMirror,
+        created: i64,
+    ) -> StoreResult<bool> {
+        Ok(sqlx::query(
+            "INSERT INTO subscriptions (id, user_id, stripe_customer_id, status, price_id,
+                                        cancel_at_period_end, current_period_end, event_watermark,
+                                        created_at, updated_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9)
+             ON CONFLICT (id) DO UPDATE SET user_id = EXCLUDED.user_id,
+                stripe_customer_id = EXCLUDED.stripe_customer_id, status = EXCLUDED.status,
+                price_id = EXCLUDED.price_id, cancel_at_period_end = EXCLUDED.cancel_at_period_end,
+                current_period_end = EXCLUDED.current_period_end,
+                event_watermark = EXCLUDED.event_watermark, updated_at = EXCLUDED.updated_at
+             WHERE subscriptions.event_watermark IS NULL
+                OR subscriptions.event_watermark <= EXCLUDED.event_watermark",
+        )
+        .bind(&sub.id)
+        .bind(sub.user_id.as_ref().map(UserId::as_str))
+        .bind(&sub.customer_id)
+        .bind(&sub.status)
+        .bind(&sub.price_id)
+        .bind(sub.cancel_at_period_end)
+        .bind(sub.current_period_end)
+        .bind(created)
+        .bind(sub.updated_at)
+        .execute(&self.pool)
+        .await?
+        .rows_affected()
+            > 0)
     }
 
     async fn try_claim_resolve(

@@ -9,9 +9,9 @@ use time::OffsetDateTime;
 
 use super::{
     clip_error, event_from_parts, job_from_parts, link_from_row, now, opt_str, parse_json,
-    user_from_row, CustomerLink, EventState, JobOutcome, JobState, LinkOutcome, NewEvent,
-    OutboxJob, PushedProfile, ResolveClaim, Store, StoreError, StoreResult, StoredEvent,
-    SubscriptionMirror, UsageRecord, User, UserUpsert,
+    user_from_row, CustomerLink, EventOutcome, EventState, EventToApply, JobOutcome, JobState,
+    LinkOutcome, NewEvent, OutboxJob, PushedProfile, ResolveClaim, Store, StoreError, StoreResult,
+    StoredEvent, SubscriptionMirror, UsageRecord, User, UserUpsert,
 };
 use crate::domain::{LinkSource, StripeCustomerId, UserId};
 
@@ -795,6 +795,269 @@ impl Store for SqliteStore {
         .fetch_optional(&self.pool)
         .await?;
         row.map(event).transpose()
+    }
+
+    async fn due_event_customers(&self, limit: u32) -> StoreResult<Vec<String>> {
+        Ok(sqlx::query_scalar(
+            "SELECT stripe_customer_id FROM stripe_events
+             WHERE stripe_customer_id IS NOT NULL
+               AND (state = 'pending' OR (state = 'failed' AND next_attempt_at IS NOT NULL))
+               AND (next_attempt_at IS NULL OR next_attempt_at <= ?1)
+             GROUP BY stripe_customer_id
+             ORDER BY min(rowid)
+             LIMIT ?2",
+        )
+        .bind(to_ms(now()))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    async fn try_lease_customer(
+        &self,
+        customer: &str,
+        holder: &str,
+        lease: Duration,
+    ) -> StoreResult<bool> {
+        let now = to_ms(now());
+        let taken: Option<String> = sqlx::query_scalar(
+            "INSERT INTO event_customer_leases (stripe_customer_id, holder, lease_until)
+             VALUES (?1, ?2, ?3)
+             ON CONFLICT (stripe_customer_id) DO UPDATE
+                SET holder = excluded.holder, lease_until = excluded.lease_until
+                WHERE event_customer_leases.lease_until <= ?4
+             RETURNING holder",
+        )
+        .bind(customer)
+        .bind(holder)
+        .bind(now + ms(lease))
+        .bind(now)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(taken.is_some())
+    }
+
+    async fn release_customer(&self, customer: &str, holder: &str) -> StoreResult<()> {
+        sqlx::query(
+            "DELETE FROM event_customer_leases WHERE stripe_customer_id = ?1 AND holder = ?2",
+        )
+        .bind(customer)
+        .bind(holder)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn customer_events(&self, customer: &str, limit: u32) -> StoreResult<Vec<EventToApply>> {
+        type Row = (
+            String,
+            String,
+            i64,
+            bool,
+            Option<String>,
+            String,
+            i32,
+            Option<String>,
+            i64,
+            String,
+            Option<i64>,
+        );
+        let rows: Vec<Row> = sqlx::query_as(&format!(
+            "SELECT {EVENT_COLUMNS}, payload, next_attempt_at FROM stripe_events
+             WHERE stripe_customer_id = ?1
+               AND (state = 'pending' OR (state = 'failed' AND next_attempt_at IS NOT NULL))
+             ORDER BY created, rowid
+             LIMIT ?2"
+        ))
+        .bind(customer)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(
+                |(
+                    id,
+                    kind,
+                    created,
+                    livemode,
+                    customer,
+                    state,
+                    attempts,
+                    last_error,
+                    received_at,
+                    payload,
+                    next,
+                )| {
+                    Ok(EventToApply {
+                        event: event((
+                            id,
+                            kind,
+                            created,
+                            livemode,
+                            customer,
+                            state,
+                            attempts,
+                            last_error,
+                            received_at,
+                        ))?,
+                        payload,
+                        next_attempt_at: next.map(from_ms).transpose()?,
+                    })
+                },
+            )
+            .collect()
+    }
+
+    async fn finish_event(&self, id: &str, outcome: &EventOutcome) -> StoreResult<()> {
+        let now = to_ms(now());
+        let query = match outcome {
+            EventOutcome::Applied => sqlx::query(
+                "UPDATE stripe_events SET state = 'applied', applied_at = ?2, last_error = NULL,
+                        next_attempt_at = NULL WHERE id = ?1",
+            )
+            .bind(id)
+            .bind(now),
+            EventOutcome::Retry { delay, error } => sqlx::query(
+                "UPDATE stripe_events SET state = 'failed', attempts = attempts + 1, last_error = ?2,
+                        next_attempt_at = ?3 WHERE id = ?1",
+            )
+            .bind(id)
+            .bind(clip_error(error))
+            .bind(now + ms(*delay)),
+            EventOutcome::Failed { error } => sqlx::query(
+                "UPDATE stripe_events SET state = 'failed', attempts = attempts + 1, last_error = ?2,
+                        next_attempt_at = NULL WHERE id = ?1",
+            )
+            .bind(id)
+            .bind(clip_error(error)),
+        };
+        query.execute(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn link_watermark(&self, customer: &str) -> StoreResult<Option<i64>> {
+        Ok(sqlx::query_scalar::<_, Option<i64>>(
+            "SELECT event_watermark FROM customer_links WHERE stripe_customer_id = ?1",
+        )
+        .bind(customer)
+        .fetch_optional(&self.pool)
+        .await?
+        .flatten())
+    }
+
+    async fn raise_link_watermark(&self, customer: &str, created: i64) -> StoreResult<()> {
+        sqlx::query(
+            "UPDATE customer_links SET event_watermark = max(COALESCE(event_watermark, ?2), ?2)
+             WHERE stripe_customer_id = ?1",
+        )
+        .bind(customer)
+        .bind(created)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn apply_remote_profile(
+        &self,
+        input: &UserUpsert,
+        expected: i64,
+        pushed: &PushedProfile,
+    ) -> StoreResult<Option<User>> {
+        let now = to_ms(now());
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let written: Option<SqliteUserRow> = sqlx::query_as(&format!(
+            "UPDATE users SET email = ?2, email_verified = ?3, first_name = ?4, last_name = ?5,
+                    phone = ?6, version = version + 1, updated_at = ?8
+             WHERE id = ?1 AND version = ?7
+               AND (email IS NOT ?2 OR email_verified IS NOT ?3 OR first_name IS NOT ?4
+                    OR last_name IS NOT ?5 OR phone IS NOT ?6)
+             RETURNING {USER_COLUMNS}"
+        ))
+        .bind(input.id.as_str())
+        .bind(input.email.as_str())
+        .bind(input.email_verified)
+        .bind(opt_str(&input.first_name))
+        .bind(opt_str(&input.last_name))
+        .bind(opt_str(&input.phone))
+        .bind(expected)
+        .bind(now)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(row) = written else {
+            tx.rollback().await?;
+            return Ok(None);
+        };
+        let saved = user(row)?;
+        sqlx::query(
+            "UPDATE customer_links SET pushed_email = ?2, pushed_name = ?3, pushed_phone = ?4,
+                    pushed_version = ?5, pushed_at = ?6
+             WHERE user_id = ?1",
+        )
+        .bind(input.id.as_str())
+        .bind(&pushed.email)
+        .bind(&pushed.name)
+        .bind(&pushed.phone)
+        .bind(saved.version)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(Some(saved))
+    }
+
+    async fn has_active_push(&self, user_id: &UserId) -> StoreResult<bool> {
+        Ok(sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM outbox WHERE user_id = ?1 AND kind = 'push_profile'
+                                                 AND state IN ('pending', 'in_flight'))",
+        )
+        .bind(user_id.as_str())
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
+    async fn cancel_customer_subscriptions(&self, customer: &str) -> StoreResult<u64> {
+        Ok(sqlx::query(
+            "UPDATE subscriptions SET status = 'canceled', cancel_at_period_end = 1, updated_at = ?2
+             WHERE stripe_customer_id = ?1",
+        )
+        .bind(customer)
+        .bind(to_ms(now()))
+        .execute(&self.pool)
+        .await?
+        .rows_affected())
+    }
+
+    async fn upsert_subscription_if_newer(
+        &self,
+        sub: &SubscriptionMirror,
+        created: i64,
+    ) -> StoreResult<bool> {
+        Ok(sqlx::query(
+            "INSERT INTO subscriptions (id, user_id, stripe_customer_id, status, price_id,
+                                        cancel_at_period_end, current_period_end, event_watermark,
+                                        created_at, updated_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?9)
+             ON CONFLICT (id) DO UPDATE SET user_id = excluded.user_id,
+                stripe_customer_id = excluded.stripe_customer_id, status = excluded.status,
+                price_id = excluded.price_id, cancel_at_period_end = excluded.cancel_at_period_end,
+                current_period_end = excluded.current_period_end,
+                event_watermark = excluded.event_watermark, updated_at = excluded.updated_at
+             WHERE subscriptions.event_watermark IS NULL
+                OR subscriptions.event_watermark <= excluded.event_watermark",
+        )
+        .bind(&sub.id)
+        .bind(sub.user_id.as_ref().map(UserId::as_str))
+        .bind(&sub.customer_id)
+        .bind(&sub.status)
+        .bind(&sub.price_id)
+        .bind(sub.cancel_at_period_end)
+        .bind(sub.current_period_end.map(to_ms))
+        .bind(created)
+        .bind(to_ms(sub.updated_at))
+        .execute(&self.pool)
+        .await?
+        .rows_affected()
+            > 0)
     }
 
     async fn try_claim_resolve(

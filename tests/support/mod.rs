@@ -187,9 +187,10 @@ impl TestApp {
         });
         let (_stop, stopping) = tokio::sync::watch::channel(false);
         let worker = state.worker.clone();
+        let applier = state.applier.clone();
         let worker = tokio::spawn(async move {
             let _keep_sender = _stop;
-            worker.run(stopping).await;
+            tokio::join!(worker.run(stopping.clone()), applier.run(stopping));
         });
         Self {
             base_url: format!("http://{addr}"),

@@ -1,0 +1,357 @@
+//! The applier: applies stored events per customer, in order of Stripe's `created` (then
+//! arrival), one worker per customer at a time across every instance (a lease row), with a
+//! watermark so an older snapshot never overwrites a newer one. A same-second tie is settled
+//! by re-fetching the customer from Stripe, so neither event's change is lost. A failing event
+//! is retried with backoff and holds back only its own customer's later events.
+
+use std::sync::Arc;
+
+use serde_json::Value;
+use tokio::sync::watch;
+
+use crate::{
+    config::OutboxConfig,
+    domain::{full_name, Email, LinkSource, PersonName, Phone, StripeCustomerId, UserId},
+    outbox::{backoff, JobFailure},
+    store::{
+        EventOutcome, EventToApply, PushedProfile, Store, StoreError, SubscriptionMirror, User,
+        UserUpsert,
+    },
+    stripe::{Customer, StripeClient, Subscription},
+};
+
+/// Events of one customer applied per lease.
+const EVENTS_PER_CUSTOMER: u32 = 500;
+/// Customers looked at per tick.
+const CUSTOMERS_PER_TICK: u32 = 64;
+
+#[derive(Clone)]
+pub struct Applier {
+    store: Arc<dyn Store>,
+    stripe: StripeClient,
+    holder: String,
+    /// Retry policy (the outbox's: same backoff, same attempt limit).
+    retry: OutboxConfig,
+}
+
+impl Applier {
+    pub fn new(store: Arc<dyn Store>, stripe: StripeClient, retry: OutboxConfig) -> Self {
+        Self {
+            store,
+            stripe,
+            holder: format!("applier-{}", uuid::Uuid::new_v4()),
+            retry,
+        }
+    }
+
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        tracing::info!("event applier started");
+        loop {
+            if *shutdown.borrow() {
+                break;
+            }
+            let applied = match self.tick().await {
+                Ok(applied) => applied,
+                Err(err) => {
+                    tracing::warn!(error = %err, "event applier cannot reach the database");
+                    0
+                }
+            };
+            if applied == 0 {
+                tokio::select! {
+                    _ = tokio::time::sleep(self.retry.poll_interval) => {}
+                    _ = shutdown.changed() => {}
+                }
+            }
+        }
+        tracing::info!("event applier stopped");
+    }
+
+    /// Applies what is due for up to 64 customers; returns how many events it finished.
+    pub async fn tick(&self) -> Result<usize, StoreError> {
+        let mut finished = 0;
+        for customer in self.store.due_event_customers(CUSTOMERS_PER_TICK).await? {
+            if !self
+                .store
+                .try_lease_customer(&customer, &self.holder, self.retry.lease)
+                .await?
+            {
+                continue; // another instance is on this customer
+            }
+            let result = self.apply_customer(&customer).await;
+            self.store.release_customer(&customer, &self.holder).await?;
+            finished += result?;
+        }
+        Ok(finished)
+    }
+
+    async fn apply_customer(&self, customer: &str) -> Result<usize, StoreError> {
+        let now = time::OffsetDateTime::now_utc();
+        let mut finished = 0;
+        for event in self
+            .store
+            .customer_events(customer, EVENTS_PER_CUSTOMER)
+            .await?
+        {
+            if event.next_attempt_at.is_some_and(|at| at > now) {
+                break; // an earlier event waits for its retry: later ones wait behind it
+            }
+            let outcome = match self.apply(&event).await {
+                Ok(()) => EventOutcome::Applied,
+                Err(failure) => self.outcome_of(&event, failure),
+            };
+            self.store.finish_event(&event.event.id, &outcome).await?;
+            finished += 1;
+            if matches!(outcome, EventOutcome::Retry { .. }) {
+                break;
+            }
+        }
+        Ok(finished)
+    }
+
+    fn outcome_of(&self, event: &EventToApply, failure: JobFailure) -> EventOutcome {
+        let attempts = u32::try_from(event.event.attempts + 1).unwrap_or(u32::MAX);
+        match failure {
+            JobFailure::Transient { error, retry_after } if attempts < self.retry.max_attempts => {
+                tracing::info!(event_id = %event.event.id, %error, "event will be retried");
+                EventOutcome::Retry {
+                    delay: backoff(&self.retry, attempts, retry_after),
+                    error,
+                }
+            }
+            JobFailure::Transient { error, .. } | JobFailure::Permanent(error) => {
+                tracing::warn!(event_id = %event.event.id, %error, "event failed; replay it once fixed");
+                EventOutcome::Failed { error }
+            }
+        }
+    }
+
+    #[tracing::instrument(skip_all, fields(event_id = %event.event.id, kind = %event.event.kind))]
+    async fn apply(&self, event: &EventToApply) -> Result<(), JobFailure> {
+        let payload: Value = serde_json::from_str(&event.payload)
+            .map_err(|e| JobFailure::Permanent(format!("stored payload: {e}")))?;
+        let object = payload
+            .pointer("/data/object")
+            .cloned()
+            .unwrap_or(Value::Null);
+        let created = event.event.created;
+        match event.event.kind.as_str() {
+            "customer.created" => self.customer_created(parse(object)?).await,
+            "customer.updated" => self.customer_updated(parse(object)?, created).await,
+            "customer.deleted" => self.customer_deleted(parse(object)?).await,
+            "customer.subscription.created"
+            | "customer.subscription.updated"
+            | "customer.subscription.deleted" => {
+                self.subscription_changed(parse(object)?, created).await
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Links the customer to the user its metadata names, if that user exists and is unlinked.
+    async fn customer_created(&self, customer: Customer) -> Result<(), JobFailure> {
+        let Some(user) = customer
+            .user_id_metadata()
+            .and_then(|u| UserId::parse(u).ok())
+        else {
+            return Ok(());
+        };
+        let Ok(customer_id) = StripeCustomerId::parse(&customer.id) else {
+            return Ok(());
+        };
+        if self.store.get_user(&user).await?.is_none()
+            || self.store.get_link(&user).await?.is_some()
+        {
+            return Ok(());
+        }
+        let outcome = self
+            .store
+            .insert_link(
+                &user,
+                &customer_id,
+                customer.livemode,
+                LinkSource::StripeMetadata,
+            )
+            .await?;
+        tracing::info!(?outcome, "customer.created linked");
+        Ok(())
+    }
+
+    /// Applies a Stripe-side profile change (the billing portal, the dashboard) to the user,
+    /// unless it is billsync's own push coming back (echo) or a local edit is on its way out.
+    async fn customer_updated(
+        &self,
+        event_snapshot: Customer,
+        created: i64,
+    ) -> Result<(), JobFailure> {
+        let Ok(customer_id) = StripeCustomerId::parse(&event_snapshot.id) else {
+            return Ok(());
+        };
+        let Some(link) = self.store.get_link_by_customer(&customer_id).await? else {
+            return Ok(()); // not one of ours
+        };
+        let watermark = self.store.link_watermark(customer_id.as_str()).await?;
+        let snapshot = match watermark {
+            Some(seen) if created < seen => {
+                tracing::debug!(
+                    created,
+                    seen,
+                    "older snapshot than the one applied: ignored"
+                );
+                return Ok(());
+            }
+            // Same second as the newest applied: which came first is unknowable from the
+            // events, so ask Stripe for the current state.
+            Some(seen) if created == seen => {
+                match self.stripe.retrieve_customer(customer_id.as_str()).await {
+                    Ok(current) if !current.deleted => current,
+                    Ok(_) => return Ok(()),
+                    Err(err) if err.is_not_found() => return Ok(()),
+                    Err(err) => return Err(err.into()),
+                }
+            }
+            _ => event_snapshot,
+        };
+        let Some(user) = self.store.get_user(&link.user_id).await? else {
+            return Ok(());
+        };
+        if self.store.has_active_push(&user.id).await? {
+            tracing::debug!("local edit on its way to Stripe: local values win");
+        } else if let Some((desired, remote)) = remote_change(&user, &snapshot) {
+            let echo = self
+                .store
+                .last_push(&user.id)
+                .await?
+                .is_some_and(|last| same_profile(&last, &remote));
+            if echo {
+                tracing::debug!("billsync's own push came back: nothing to write");
+            } else if self
+                .store
+                .apply_remote_profile(&desired, user.version, &remote)
+                .await?
+                .is_none()
+            {
+                // A local edit landed meanwhile: try again, and it will win.
+                return Err(JobFailure::Transient {
+                    error: "the user changed while applying".into(),
+                    retry_after: None,
+                });
+            } else {
+                tracing::info!(user_id = %user.id, "profile updated from Stripe");
+            }
+        }
+        self.store
+            .raise_link_watermark(customer_id.as_str(), created)
+            .await?;
+        Ok(())
+    }
+
+    /// Unlinks the user (who keeps their account) and marks their subscriptions canceled.
+    async fn customer_deleted(&self, customer: Customer) -> Result<(), JobFailure> {
+        let Ok(customer_id) = StripeCustomerId::parse(&customer.id) else {
+            return Ok(());
+        };
+        if let Some(link) = self.store.get_link_by_customer(&customer_id).await? {
+            self.store.remove_link(&link.user_id).await?;
+            tracing::info!(user_id = %link.user_id, "customer deleted in Stripe: unlinked");
+        }
+        self.store
+            .cancel_customer_subscriptions(customer_id.as_str())
+            .await?;
+        Ok(())
+    }
+
+    async fn subscription_changed(
+        &self,
+        sub: Subscription,
+        created: i64,
+    ) -> Result<(), JobFailure> {
+        let user = match StripeCustomerId::parse(&sub.customer) {
+            Ok(customer) => self
+                .store
+                .get_link_by_customer(&customer)
+                .await?
+                .map(|l| l.user_id),
+            Err(_) => None,
+        };
+        let mirror = SubscriptionMirror {
+            user_id: user,
+            customer_id: sub.customer.clone(),
+            status: sub.status.clone(),
+            price_id: sub.price_id().map(str::to_owned),
+            cancel_at_period_end: sub.cancel_at_period_end,
+            current_period_end: sub
+                .current_period_end()
+                .and_then(|t| time::OffsetDateTime::from_unix_timestamp(t).ok()),
+            updated_at: crate::store::now(),
+            id: sub.id,
+        };
+        self.store
+            .upsert_subscription_if_newer(&mirror, created)
+            .await?;
+        Ok(())
+    }
+}
+
+fn parse<T: serde::de::DeserializeOwned>(object: Value) -> Result<T, JobFailure> {
+    serde_json::from_value(object).map_err(|e| JobFailure::Permanent(format!("event object: {e}")))
+}
+
+fn blank_to_none(value: Option<&str>) -> Option<String> {
+    value
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+        .map(str::to_owned)
+}
+
+fn same_profile(a: &PushedProfile, b: &PushedProfile) -> bool {
+    a.email.eq_ignore_ascii_case(&b.email)
+        && blank_to_none(a.name.as_deref()) == blank_to_none(b.name.as_deref())
+        && blank_to_none(a.phone.as_deref()) == blank_to_none(b.phone.as_deref())
+}
+
+/// The user as the Stripe snapshot would have it, and the snapshot's values; `None` when the
+/// snapshot says nothing new.
+fn remote_change(user: &User, customer: &Customer) -> Option<(UserUpsert, PushedProfile)> {
+    let remote = PushedProfile {
+        email: customer
+            .email
+            .as_deref()
+            .map(str::trim)
+            .unwrap_or_default()
+            .to_lowercase(),
+        name: blank_to_none(customer.name.as_deref()),
+        phone: blank_to_none(customer.phone.as_deref()),
+        version: user.version,
+    };
+    let email = Email::parse(&remote.email).unwrap_or_else(|_| user.email.clone());
+    let local_name = full_name(user.first_name.as_ref(), user.last_name.as_ref());
+    // Split Stripe's one name only when it differs from ours, so "Mary Ann" + "Smith" stays.
+    let (first_name, last_name) = if remote.name == local_name {
+        (user.first_name.clone(), user.last_name.clone())
+    } else {
+        let name = remote.name.clone().unwrap_or_default();
+        let (first, last) = name.split_once(' ').unwrap_or((name.as_str(), ""));
+        (
+            PersonName::parse_optional(Some(first), "first_name").unwrap_or(None),
+            PersonName::parse_optional(Some(last), "last_name").unwrap_or(None),
+        )
+    };
+    let phone = match &remote.phone {
+        None => None,
+        Some(raw) => Phone::parse(raw).ok().or_else(|| user.phone.clone()),
+    };
+    let desired = UserUpsert {
+        id: user.id.clone(),
+        email_verified: user.email_verified && email == user.email,
+        email,
+        first_name,
+        last_name,
+        phone,
+    };
+    let unchanged = desired.email == user.email
+        && desired.first_name == user.first_name
+        && desired.last_name == user.last_name
+        && desired.phone == user.phone;
+    (!unchanged).then_some((desired, remote))
+}

@@ -1,0 +1,508 @@
+//! The applier through a real server: signed events in, user rows and subscription mirrors
+//! out, in order per customer, idempotent, echo-free. Stripe (for same-second re-fetches) is a
+//! wiremock server.
+
+mod support;
+
+use billsync::{
+    domain::{LinkSource, StripeCustomerId, UserId},
+    store::PushedProfile,
+};
+use reqwest::Method;
+use serde_json::{json, Value};
+use support::{eventually, Backend, TestApp};
+use wiremock::{matchers::method, Mock, MockServer, ResponseTemplate};
+
+struct World {
+    app: TestApp,
+    stripe: MockServer,
+    _store: support::TestStore,
+}
+
+async fn world(backend: Backend, test: &str) -> Option<World> {
+    let store = backend.store(test).await?;
+    let stripe = MockServer::start().await;
+    let app = TestApp::spawn(store.store.clone(), &support::test_config(&stripe.uri())).await;
+    Some(World {
+        app,
+        stripe,
+        _store: store,
+    })
+}
+
+async fn link(w: &World, user: &str, customer: &str, profile: Value) {
+    w.app.put_user(user, profile).await;
+    w.app
+        .state
+        .store
+        .insert_link(
+            &UserId::parse(user).unwrap(),
+            &StripeCustomerId::parse(customer).unwrap(),
+            false,
+            LinkSource::Created,
+        )
+        .await
+        .unwrap();
+}
+
+fn customer_event(id: &str, kind: &str, created: i64, customer: Value) -> String {
+    json!({"id": id, "object": "event", "type": kind, "created": created, "livemode": false,
+           "data": {"object": customer}})
+    .to_string()
+}
+
+fn customer(id: &str, email: &str, name: Option<&str>, phone: Option<&str>) -> Value {
+    json!({"id": id, "object": "customer", "email": email, "name": name, "phone": phone,
+           "metadata": {}, "livemode": false})
+}
+
+async fn deliver(app: &TestApp, body: &str) {
+    let response = app
+        .http
+        .post(app.url("/api/webhooks/stripe"))
+        .header(
+            "stripe-signature",
+            support::stripe_signature(support::WEBHOOK_SECRET, body),
+        )
+        .body(body.to_owned())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+}
+
+async fn settled(app: &TestApp) {
+    eventually(15, "every event applied", || async {
+        let pending: Value = app
+            .admin(Method::GET, "/v1/events?state=pending&limit=1000")
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let failed: Value = app
+            .admin(Method::GET, "/v1/events?state=failed&limit=1000")
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        (pending["events"].as_array().unwrap().is_empty()
+            && failed["events"].as_array().unwrap().is_empty())
+        .then_some(())
+    })
+    .await;
+}
+
+async fn user(app: &TestApp, id: &str) -> Value {
+    let body: Value = app
+        .admin(Method::GET, &format!("/v1/users/{id}"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    body
+}
+
+async fn a_portal_change_reaches_the_user(backend: Backend) {
+    let Some(w) = world(backend, "a_portal_change_reaches_the_user").await else {
+        return;
+    };
+    link(
+        &w,
+        "portal",
+        "cus_portal",
+        json!({"email": "old@example.com", "email_verified": true,
+                                           "first_name": "Ada", "last_name": "Lovelace"}),
+    )
+    .await;
+    deliver(
+        &w.app,
+        &customer_event(
+            "evt_p1",
+            "customer.updated",
+            100,
+            customer(
+                "cus_portal",
+                "New@Example.com",
+                Some("Grace Brewster Hopper"),
+                Some("+14155550123"),
+            ),
+        ),
+    )
+    .await;
+    settled(&w.app).await;
+    let u = user(&w.app, "portal").await;
+    assert_eq!(u["user"]["email"], "new@example.com");
+    assert_eq!(
+        u["user"]["email_verified"], false,
+        "a changed email is not verified"
+    );
+    assert_eq!(u["user"]["first_name"], "Grace");
+    assert_eq!(u["user"]["last_name"], "Brewster Hopper");
+    assert_eq!(u["user"]["phone"], "+14155550123");
+    // Stripe's change is not pushed back to Stripe.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(w.stripe.received_requests().await.unwrap().is_empty());
+}
+
+async fn billsyncs_own_push_is_an_echo(backend: Backend) {
+    let Some(w) = world(backend, "billsyncs_own_push_is_an_echo").await else {
+        return;
+    };
+    link(
+        &w,
+        "echo",
+        "cus_echo",
+        json!({"email": "echo@example.com", "first_name": "Ada"}),
+    )
+    .await;
+    let before = user(&w.app, "echo").await["user"]["version"].clone();
+    // What the outbox worker recorded when it pushed a newer local value...
+    w.app
+        .state
+        .store
+        .record_push(
+            &UserId::parse("echo").unwrap(),
+            &PushedProfile {
+                email: "echo@example.com".into(),
+                name: Some("Ada Pushed".into()),
+                phone: None,
+                version: 9,
+            },
+        )
+        .await
+        .unwrap();
+    // ...comes back as customer.updated: nothing is written.
+    deliver(
+        &w.app,
+        &customer_event(
+            "evt_e1",
+            "customer.updated",
+            100,
+            customer("cus_echo", "echo@example.com", Some("Ada Pushed"), None),
+        ),
+    )
+    .await;
+    settled(&w.app).await;
+    assert_eq!(
+        user(&w.app, "echo").await["user"]["version"],
+        before,
+        "no version bump for an echo"
+    );
+}
+
+async fn a_pending_local_edit_wins(backend: Backend) {
+    let Some(w) = world(backend, "a_pending_local_edit_wins").await else {
+        return;
+    };
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(503).set_delay(std::time::Duration::from_secs(5)))
+        .mount(&w.stripe)
+        .await;
+    link(
+        &w,
+        "local",
+        "cus_local",
+        json!({"email": "l@example.com", "first_name": "Ada"}),
+    )
+    .await;
+    // A local edit: its push is pending (Stripe is slow).
+    w.app
+        .put_user(
+            "local",
+            json!({"email": "l@example.com", "first_name": "Local"}),
+        )
+        .await;
+    deliver(
+        &w.app,
+        &customer_event(
+            "evt_l1",
+            "customer.updated",
+            100,
+            customer("cus_local", "l@example.com", Some("Remote"), None),
+        ),
+    )
+    .await;
+    settled(&w.app).await;
+    assert_eq!(user(&w.app, "local").await["user"]["first_name"], "Local");
+}
+
+async fn older_snapshots_never_overwrite_newer(backend: Backend) {
+    let Some(w) = world(backend, "older_snapshots_never_overwrite_newer").await else {
+        return;
+    };
+    link(&w, "order", "cus_order", json!({"email": "o@example.com"})).await;
+    deliver(
+        &w.app,
+        &customer_event(
+            "evt_new",
+            "customer.updated",
+            200,
+            customer("cus_order", "o@example.com", Some("Newer Name"), None),
+        ),
+    )
+    .await;
+    settled(&w.app).await;
+    deliver(
+        &w.app,
+        &customer_event(
+            "evt_old",
+            "customer.updated",
+            100,
+            customer("cus_order", "o@example.com", Some("Older Name"), None),
+        ),
+    )
+    .await;
+    settled(&w.app).await;
+    assert_eq!(user(&w.app, "order").await["user"]["first_name"], "Newer");
+}
+
+async fn same_second_updates_are_both_honoured(backend: Backend) {
+    let Some(w) = world(backend, "same_second_updates_are_both_honoured").await else {
+        return;
+    };
+    link(&w, "tie", "cus_tie", json!({"email": "t@example.com"})).await;
+    // Stripe's current state is the later change.
+    Mock::given(method("GET"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(customer(
+            "cus_tie",
+            "t@example.com",
+            Some("Second Change"),
+            Some("+14155550002"),
+        )))
+        .mount(&w.stripe)
+        .await;
+    // Two changes in the same second; the later one is delivered first.
+    deliver(
+        &w.app,
+        &customer_event(
+            "evt_t2",
+            "customer.updated",
+            300,
+            customer(
+                "cus_tie",
+                "t@example.com",
+                Some("Second Change"),
+                Some("+14155550002"),
+            ),
+        ),
+    )
+    .await;
+    settled(&w.app).await;
+    deliver(
+        &w.app,
+        &customer_event(
+            "evt_t1",
+            "customer.updated",
+            300,
+            customer("cus_tie", "t@example.com", Some("First Change"), None),
+        ),
+    )
+    .await;
+    settled(&w.app).await;
+    let u = user(&w.app, "tie").await;
+    assert_eq!(u["user"]["first_name"], "Second");
+    assert_eq!(u["user"]["phone"], "+14155550002");
+    assert_eq!(
+        w.stripe.received_requests().await.unwrap().len(),
+        1,
+        "the tie was settled by Stripe"
+    );
+}
+
+async fn shuffled_duplicated_delivery_equals_in_order(backend: Backend) {
+    let test = "shuffled_duplicated_delivery_equals_in_order";
+    let Some(ordered) = world(backend, test).await else {
+        return;
+    };
+    let Some(shuffled) = world(backend, test).await else {
+        return;
+    };
+    let mut events = Vec::new();
+    for c in 0..10 {
+        for w in [&ordered, &shuffled] {
+            link(
+                w,
+                &format!("u{c}"),
+                &format!("cus_s{c}"),
+                json!({"email": format!("u{c}@example.com")}),
+            )
+            .await;
+        }
+        for i in 0..20 {
+            let created = 1_000 + i * 10 + c;
+            let phone = if i % 3 == 0 {
+                None
+            } else {
+                Some(format!("+1415555{:04}", i * 10 + c))
+            };
+            events.push(customer_event(
+                &format!("evt_s{c}_{i}"),
+                "customer.updated",
+                created,
+                customer(
+                    &format!("cus_s{c}"),
+                    &format!("u{c}@example.com"),
+                    Some(&format!("Name{i} Family{c}")),
+                    phone.as_deref(),
+                ),
+            ));
+        }
+    }
+    for body in &events {
+        deliver(&ordered.app, body).await;
+    }
+    let mut scrambled: Vec<&String> = events.iter().chain(events.iter()).collect();
+    fastrand::Rng::with_seed(42).shuffle(&mut scrambled);
+    let tasks: Vec<_> = scrambled
+        .chunks(50)
+        .map(|chunk| {
+            let chunk: Vec<String> = chunk.iter().map(|s| (*s).clone()).collect();
+            let http = shuffled.app.http.clone();
+            let url = shuffled.app.url("/api/webhooks/stripe");
+            tokio::spawn(async move {
+                for body in chunk {
+                    let sig = support::stripe_signature(support::WEBHOOK_SECRET, &body);
+                    let status = http
+                        .post(&url)
+                        .header("stripe-signature", sig)
+                        .body(body)
+                        .send()
+                        .await
+                        .unwrap()
+                        .status();
+                    assert_eq!(status, 200);
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap();
+    }
+    settled(&ordered.app).await;
+    settled(&shuffled.app).await;
+    for c in 0..10 {
+        let a = user(&ordered.app, &format!("u{c}")).await["user"].clone();
+        let b = user(&shuffled.app, &format!("u{c}")).await["user"].clone();
+        for field in ["email", "first_name", "last_name", "phone"] {
+            assert_eq!(a[field], b[field], "u{c}.{field}");
+        }
+        assert_eq!(a["first_name"], "Name19", "the newest snapshot wins");
+    }
+    let applied: Value = shuffled
+        .app
+        .admin(Method::GET, "/v1/events?state=applied&limit=1000")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        applied["events"].as_array().unwrap().len(),
+        200,
+        "each event stored and applied once"
+    );
+}
+
+async fn deleted_customers_unlink_and_cancel(backend: Backend) {
+    let Some(w) = world(backend, "deleted_customers_unlink_and_cancel").await else {
+        return;
+    };
+    link(&w, "gone", "cus_gone", json!({"email": "g@example.com"})).await;
+    let sub = json!({"id": "sub_g", "object": "subscription", "customer": "cus_gone", "status": "active",
+                     "cancel_at_period_end": false, "current_period_end": 1_900_000_000,
+                     "items": {"data": [{"price": {"id": "price_pro"}}]}});
+    deliver(
+        &w.app,
+        &customer_event("evt_g1", "customer.subscription.created", 100, sub.clone()),
+    )
+    .await;
+    settled(&w.app).await;
+    let id = UserId::parse("gone").unwrap();
+    let mirrored = w.app.state.store.list_subscriptions(&id).await.unwrap();
+    assert_eq!(mirrored.len(), 1);
+    assert_eq!(mirrored[0].status, "active");
+    assert_eq!(mirrored[0].price_id.as_deref(), Some("price_pro"));
+
+    // An older subscription snapshot arriving late does not win.
+    let mut old = sub.clone();
+    old["status"] = json!("incomplete");
+    deliver(
+        &w.app,
+        &customer_event("evt_g0", "customer.subscription.updated", 50, old),
+    )
+    .await;
+    settled(&w.app).await;
+    assert_eq!(
+        w.app.state.store.list_subscriptions(&id).await.unwrap()[0].status,
+        "active"
+    );
+
+    deliver(
+        &w.app,
+        &customer_event(
+            "evt_g2",
+            "customer.deleted",
+            200,
+            json!({"id": "cus_gone", "object": "customer", "deleted": true}),
+        ),
+    )
+    .await;
+    settled(&w.app).await;
+    let u = user(&w.app, "gone").await;
+    assert_eq!(u["customer"], Value::Null, "unlinked");
+    assert_eq!(
+        u["user"]["email"], "g@example.com",
+        "the user keeps their account"
+    );
+    let subs = w.app.state.store.list_subscriptions(&id).await.unwrap();
+    assert_eq!(
+        (subs[0].status.as_str(), subs[0].cancel_at_period_end),
+        ("canceled", true)
+    );
+}
+
+async fn customer_created_links_by_metadata(backend: Backend) {
+    let Some(w) = world(backend, "customer_created_links_by_metadata").await else {
+        return;
+    };
+    w.app
+        .put_user("meta", json!({"email": "m@example.com"}))
+        .await;
+    let mut c = customer("cus_meta", "m@example.com", None, None);
+    c["metadata"] = json!({"userId": "meta"});
+    deliver(
+        &w.app,
+        &customer_event("evt_m1", "customer.created", 100, c),
+    )
+    .await;
+    // Someone else's customer naming a user who does not exist: nothing happens.
+    let mut stray = customer("cus_stray", "s@example.com", None, None);
+    stray["metadata"] = json!({"userId": "nobody"});
+    deliver(
+        &w.app,
+        &customer_event("evt_m2", "customer.created", 100, stray),
+    )
+    .await;
+    settled(&w.app).await;
+    let u = user(&w.app, "meta").await;
+    assert_eq!(u["customer"]["id"], "cus_meta");
+    assert_eq!(u["customer"]["linked_via"], "stripe_metadata");
+}
+
+on_every_store!(
+    a_portal_change_reaches_the_user,
+    billsyncs_own_push_is_an_echo,
+    a_pending_local_edit_wins,
+    older_snapshots_never_overwrite_newer,
+    same_second_updates_are_both_honoured,
+    shuffled_duplicated_delivery_equals_in_order,
+    deleted_customers_unlink_and_cancel,
+    customer_created_links_by_metadata,
+);
