@@ -34,6 +34,9 @@ pub enum Command {
     /// Customer operations.
     #[command(subcommand)]
     Customer(CustomerCommand),
+    /// Webhook events.
+    #[command(subcommand)]
+    Events(EventsCommand),
     /// Print everything billsync holds about a user as JSON (the GDPR export).
     Export {
         #[arg(long, env = "BILLSYNC_USER_ID")]
@@ -46,6 +49,19 @@ pub enum Command {
         /// Delete the Stripe customer instead of scrubbing it.
         #[arg(long, env = "BILLSYNC_DELETE_STRIPE_CUSTOMER")]
         delete_stripe_customer: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum EventsCommand {
+    /// Queue stored events to be applied again (by a running `billsync serve`).
+    Replay {
+        /// Every failed event.
+        #[arg(long, conflicts_with = "id", required_unless_present = "id")]
+        failed: bool,
+        /// One event, by id (evt_…).
+        #[arg(long)]
+        id: Option<String>,
     },
 }
 
@@ -113,6 +129,20 @@ async fn execute(cli: Cli) -> anyhow::Result<()> {
                 })?;
             println!("{}", resolved.customer_id);
             tracing::info!(source = resolved.source.as_str(), "resolved");
+            Ok(())
+        }
+        Command::Events(EventsCommand::Replay { failed, id }) => {
+            let store = open_store(&config).await?;
+            if failed {
+                let count = store.replay_failed_events().await?;
+                println!("{count} failed events queued again");
+            } else if let Some(id) = id {
+                store
+                    .replay_event(&id)
+                    .await?
+                    .ok_or_else(|| anyhow::anyhow!("no event {id}"))?;
+                println!("{id} queued again");
+            }
             Ok(())
         }
         Command::Export { user } => {

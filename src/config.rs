@@ -146,6 +146,9 @@ pub struct ConfigArgs {
     /// How far a webhook's signed timestamp may be from now, in seconds [default: 300]
     #[arg(long, env = "BILLSYNC_WEBHOOK_TOLERANCE_SECS", global = true)]
     pub webhook_tolerance_secs: Option<u64>,
+    /// Days applied and skipped events are kept (failed and pending ones are kept) [default: 30]
+    #[arg(long, env = "BILLSYNC_EVENT_RETENTION_DAYS", global = true)]
+    pub event_retention_days: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -173,6 +176,7 @@ struct FileConfig {
     outbox_backoff_base_ms: Option<u64>,
     stripe_webhook_secret: Option<String>,
     webhook_tolerance_secs: Option<u64>,
+    event_retention_days: Option<u32>,
 }
 
 #[derive(Debug, Clone)]
@@ -183,6 +187,8 @@ pub struct WebhookConfig {
     /// Group-commit writers and their largest batch.
     pub writers: usize,
     pub max_batch: usize,
+    /// Applied and skipped events older than this are pruned.
+    pub retention: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -380,6 +386,12 @@ impl Config {
                 .unwrap_or(300),
             writers: 2,
             max_batch: 256,
+            retention: Duration::from_secs(
+                86_400
+                    * u64::from(
+                        pick(&args.event_retention_days, file.event_retention_days).unwrap_or(30),
+                    ),
+            ),
         };
         Ok(Self {
             webhooks,

@@ -242,3 +242,32 @@ mod reqwest {
         .unwrap()
     }
 }
+
+#[test]
+fn events_replay_requeues_stored_events() {
+    let dir = tempfile::tempdir().unwrap();
+    assert!(billsync()
+        .current_dir(dir.path())
+        .arg("migrate")
+        .status()
+        .unwrap()
+        .success());
+    let run = |args: &[&str]| {
+        billsync()
+            .current_dir(dir.path())
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let failed = run(&["events", "replay", "--failed"]);
+    assert!(failed.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&failed.stdout).trim(),
+        "0 failed events queued again"
+    );
+    let missing = run(&["events", "replay", "--id", "evt_missing"]);
+    assert!(!missing.status.success());
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("no event evt_missing"));
+    // One of the two is required.
+    assert!(!run(&["events", "replay"]).status.success());
+}

@@ -831,7 +831,166 @@ async fn usage_subscriptions_and_pushes_round_trip(backend: Backend) {
     assert_eq!(store.last_push(&user).await.unwrap(), Some(pushed));
 }
 
+fn new_event(id: &str, created: i64, customer: &str) -> billsync::store::NewEvent {
+    billsync::store::NewEvent {
+        id: id.into(),
+        kind: "customer.updated".into(),
+        created,
+        livemode: false,
+        customer_id: Some(customer.into()),
+        payload: format!("{{\"id\":\"{id}\"}}"),
+        state: billsync::store::EventState::Pending,
+    }
+}
+
+async fn the_event_inbox_orders_dedups_retries_and_prunes(backend: Backend) {
+    use billsync::store::{EventOutcome, EventState};
+    let Some(t) = backend
+        .store("the_event_inbox_orders_dedups_retries_and_prunes")
+        .await
+    else {
+        return;
+    };
+    let store = &t.store;
+    // Duplicates within one batch and across batches are stored once.
+    let fresh = store
+        .insert_events(&[
+            new_event("evt_b", 20, "cus_1"),
+            new_event("evt_a", 10, "cus_1"),
+            new_event("evt_b", 20, "cus_1"),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(fresh, [true, true, false]);
+    let fresh = store
+        .insert_events(&[
+            new_event("evt_a", 10, "cus_1"),
+            new_event("evt_c", 20, "cus_1"),
+            new_event("evt_z", 5, "cus_2"),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(fresh, [false, true, true]);
+    assert_eq!(store.list_events(None, 100).await.unwrap().len(), 4);
+
+    // Order: created, then arrival.
+    let order: Vec<String> = store
+        .customer_events("cus_1", 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.event.id)
+        .collect();
+    assert_eq!(order, ["evt_a", "evt_b", "evt_c"]);
+    assert_eq!(
+        store.customer_events("cus_1", 100).await.unwrap()[1].payload,
+        "{\"id\":\"evt_b\"}"
+    );
+    let due = store.due_event_customers(10).await.unwrap();
+    assert_eq!(due, ["cus_1", "cus_2"]);
+
+    // One applier per customer at a time.
+    assert!(store
+        .try_lease_customer("cus_1", "a", Duration::from_secs(30))
+        .await
+        .unwrap());
+    assert!(!store
+        .try_lease_customer("cus_1", "b", Duration::from_secs(30))
+        .await
+        .unwrap());
+    store.release_customer("cus_1", "a").await.unwrap();
+    assert!(store
+        .try_lease_customer("cus_1", "b", Duration::from_secs(30))
+        .await
+        .unwrap());
+
+    store
+        .finish_event("evt_a", &EventOutcome::Applied)
+        .await
+        .unwrap();
+    store
+        .finish_event(
+            "evt_b",
+            &EventOutcome::Retry {
+                delay: Duration::from_secs(60),
+                error: "later".into(),
+            },
+        )
+        .await
+        .unwrap();
+    store
+        .finish_event(
+            "evt_z",
+            &EventOutcome::Failed {
+                error: "bad".into(),
+            },
+        )
+        .await
+        .unwrap();
+    let failed = store
+        .list_events(Some(EventState::Failed), 10)
+        .await
+        .unwrap();
+    assert_eq!(failed.len(), 2);
+    assert!(failed.iter().all(|e| e.attempts == 1));
+    // A retrying event stays in its customer's queue (holding later ones back), a parked one leaves it.
+    let queue = store.customer_events("cus_1", 100).await.unwrap();
+    assert_eq!(
+        queue
+            .iter()
+            .map(|e| e.event.id.as_str())
+            .collect::<Vec<_>>(),
+        ["evt_b", "evt_c"]
+    );
+    assert!(queue[0].next_attempt_at.is_some());
+    assert!(store
+        .customer_events("cus_2", 100)
+        .await
+        .unwrap()
+        .is_empty());
+    assert_eq!(
+        store.due_event_customers(10).await.unwrap(),
+        ["cus_1"],
+        "evt_c is due; cus_2 is parked"
+    );
+
+    assert_eq!(store.replay_failed_events().await.unwrap(), 2);
+    assert!(store
+        .list_events(Some(EventState::Failed), 10)
+        .await
+        .unwrap()
+        .is_empty());
+
+    // Pruning keeps what is not finished.
+    store
+        .finish_event("evt_c", &EventOutcome::Applied)
+        .await
+        .unwrap();
+    let pruned = store
+        .prune_events(billsync::store::now() + time::Duration::seconds(5))
+        .await
+        .unwrap();
+    assert_eq!(pruned, 2, "evt_a and evt_c");
+    let left: Vec<String> = store
+        .list_events(None, 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.id)
+        .collect();
+    assert_eq!(left.len(), 2);
+    assert!(left.contains(&"evt_b".to_owned()) && left.contains(&"evt_z".to_owned()));
+    assert_eq!(
+        store
+            .prune_events(billsync::store::now() - time::Duration::days(1))
+            .await
+            .unwrap(),
+        0
+    );
+}
+
 on_every_store!(
+    the_event_inbox_orders_dedups_retries_and_prunes,
     profile_changes_queue_one_coalesced_push,
     jobs_retry_fail_and_are_requeued,
     expired_job_leases_are_reclaimed,

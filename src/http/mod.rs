@@ -82,6 +82,7 @@ impl AppState {
                 store.clone(),
                 stripe.clone(),
                 config.outbox.clone(),
+                config.webhooks.retention,
             ),
             portal_configuration_id: config.portal_configuration_id.clone(),
             resolver: CustomerResolver::new(

@@ -422,6 +422,10 @@ pub trait Store: Send + Sync + 'static {
     /// Queues a stored event to be applied again; `None` if there is no such event.
     async fn replay_event(&self, id: &str) -> StoreResult<Option<StoredEvent>>;
 
+    /// Queues every failed event to be applied again; returns how many.
+    async fn replay_failed_events(&self) -> StoreResult<u64>;
+    /// Deletes applied and skipped events received before `cutoff`; returns how many.
+    async fn prune_events(&self, cutoff: OffsetDateTime) -> StoreResult<u64>;
     /// Customers with events due to be applied (pending, or failed and due for a retry).
     async fn due_event_customers(&self, limit: u32) -> StoreResult<Vec<String>>;
     /// Takes the lease on applying a customer's events, if nobody holds it.

@@ -782,6 +782,26 @@ impl Store for PgStore {
         row.map(event).transpose()
     }
 
+    async fn replay_failed_events(&self) -> StoreResult<u64> {
+        Ok(sqlx::query(
+            "UPDATE stripe_events SET state = 'pending', attempts = 0, next_attempt_at = NULL,
+                    last_error = NULL WHERE state = 'failed'",
+        )
+        .execute(&self.pool)
+        .await?
+        .rows_affected())
+    }
+
+    async fn prune_events(&self, cutoff: OffsetDateTime) -> StoreResult<u64> {
+        Ok(sqlx::query(
+            "DELETE FROM stripe_events WHERE state IN ('applied', 'skipped') AND received_at < $1",
+        )
+        .bind(cutoff)
+        .execute(&self.pool)
+        .await?
+        .rows_affected())
+    }
+
     async fn due_event_customers(&self, limit: u32) -> StoreResult<Vec<String>> {
         Ok(sqlx::query_scalar(
             "SELECT stripe_customer_id FROM stripe_events

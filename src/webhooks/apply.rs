@@ -32,23 +32,47 @@ pub struct Applier {
     holder: String,
     /// Retry policy (the outbox's: same backoff, same attempt limit).
     retry: OutboxConfig,
+    retention: std::time::Duration,
 }
 
 impl Applier {
-    pub fn new(store: Arc<dyn Store>, stripe: StripeClient, retry: OutboxConfig) -> Self {
+    pub fn new(
+        store: Arc<dyn Store>,
+        stripe: StripeClient,
+        retry: OutboxConfig,
+        retention: std::time::Duration,
+    ) -> Self {
         Self {
             store,
             stripe,
             holder: format!("applier-{}", uuid::Uuid::new_v4()),
             retry,
+            retention,
         }
+    }
+
+    /// Deletes applied and skipped events past the retention period.
+    pub async fn prune(&self) -> Result<u64, StoreError> {
+        let cutoff = time::OffsetDateTime::now_utc() - self.retention;
+        let pruned = self.store.prune_events(cutoff).await?;
+        if pruned > 0 {
+            tracing::info!(pruned, "old events pruned");
+        }
+        Ok(pruned)
     }
 
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
         tracing::info!("event applier started");
+        let mut next_prune = tokio::time::Instant::now();
         loop {
             if *shutdown.borrow() {
                 break;
+            }
+            if tokio::time::Instant::now() >= next_prune {
+                if let Err(err) = self.prune().await {
+                    tracing::warn!(error = %err, "could not prune old events");
+                }
+                next_prune = tokio::time::Instant::now() + std::time::Duration::from_secs(600);
             }
             let applied = match self.tick().await {
                 Ok(applied) => applied,
