@@ -88,7 +88,9 @@ CREATE INDEX stripe_events_pending_idx
     ON stripe_events (stripe_customer_id, created, arrival_seq) WHERE state IN ('pending', 'failed');
 CREATE INDEX stripe_events_state_idx ON stripe_events (state, received_at);
 
--- Which applier works on a customer's events right now (per-customer order across instances).
+-- Which applier works on a customer's events right now (per-customer order). Postgres uses
+-- session advisory locks instead (freed when a crashed instance's connection closes); the table
+-- is kept so both backends share one schema.
 CREATE TABLE event_customer_leases (
     stripe_customer_id TEXT PRIMARY KEY,
     holder             TEXT NOT NULL,

@@ -1,7 +1,8 @@
-use std::{sync::Arc, time::Duration};
+use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use async_trait::async_trait;
 use sqlx::{
+    pool::PoolConnection,
     postgres::{PgListener, PgPoolOptions},
     PgPool, Postgres, Transaction,
 };
@@ -97,6 +98,8 @@ async fn get_user_in(tx: &mut Transaction<'_, Postgres>, id: &UserId) -> StoreRe
 pub struct PgStore {
     pool: PgPool,
     push_debounce: Duration,
+    /// Connections holding a customer's advisory lock while its events are applied.
+    customer_locks: Arc<std::sync::Mutex<HashMap<String, PoolConnection<Postgres>>>>,
     links: Arc<LinkCache>,
     _listener: Arc<AbortOnDrop>,
 }
@@ -152,6 +155,7 @@ impl PgStore {
         Ok(Self {
             pool,
             push_debounce: options.push_debounce,
+            customer_locks: Arc::default(),
             links,
             _listener: Arc::new(AbortOnDrop(listener)),
         })
@@ -817,36 +821,42 @@ impl Store for PgStore {
         .await?)
     }
 
+    /// A session advisory lock on a connection held until release: if this process dies, the
+    /// connection closes and Postgres frees the lock at once, so another instance carries on
+    /// without waiting for a lease to run out.
     async fn try_lease_customer(
         &self,
         customer: &str,
-        holder: &str,
-        lease: Duration,
+        _holder: &str,
+        _lease: Duration,
     ) -> StoreResult<bool> {
-        let taken: Option<String> = sqlx::query_scalar(
-            "INSERT INTO event_customer_leases (stripe_customer_id, holder, lease_until)
-             VALUES ($1, $2, now() + make_interval(secs => $3))
-             ON CONFLICT (stripe_customer_id) DO UPDATE
-                SET holder = EXCLUDED.holder, lease_until = EXCLUDED.lease_until
-                WHERE event_customer_leases.lease_until <= now()
-             RETURNING holder",
-        )
-        .bind(customer)
-        .bind(holder)
-        .bind(lease.as_secs_f64())
-        .fetch_optional(&self.pool)
-        .await?;
-        Ok(taken.is_some())
+        let mut connection = self.pool.acquire().await?;
+        let locked: bool =
+            sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtextextended($1, 42))")
+                .bind(customer)
+                .fetch_one(&mut *connection)
+                .await?;
+        if locked {
+            self.customer_locks
+                .lock()
+                .expect("customer lock map poisoned")
+                .insert(customer.to_owned(), connection);
+        }
+        Ok(locked)
     }
 
-    async fn release_customer(&self, customer: &str, holder: &str) -> StoreResult<()> {
-        sqlx::query(
-            "DELETE FROM event_customer_leases WHERE stripe_customer_id = $1 AND holder = $2",
-        )
-        .bind(customer)
-        .bind(holder)
-        .execute(&self.pool)
-        .await?;
+    async fn release_customer(&self, customer: &str, _holder: &str) -> StoreResult<()> {
+        let connection = self
+            .customer_locks
+            .lock()
+            .expect("customer lock map poisoned")
+            .remove(customer);
+        if let Some(mut connection) = connection {
+            sqlx::query("SELECT pg_advisory_unlock(hashtextextended($1, 42))")
+                .bind(customer)
+                .execute(&mut *connection)
+                .await?;
+        }
         Ok(())
     }
 

@@ -157,6 +157,11 @@ impl SqliteStore {
             .acquire_timeout(Duration::from_secs(5))
             .connect_with(connect)
             .await?;
+        // One serving process per SQLite file: leases left by a process that died are void.
+        // (The table does not exist before the first migration.)
+        let _ = sqlx::query("DELETE FROM event_customer_leases")
+            .execute(&pool)
+            .await;
         Ok(Self {
             pool,
             push_debounce: options.push_debounce,
