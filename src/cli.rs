@@ -246,6 +246,10 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         stripe_api = %config.stripe.api_base,
         "billsync serving"
     );
+    if store.backend() == "sqlite" {
+        // One serving process per SQLite file: leases left by one that died are void.
+        store.clear_customer_leases().await?;
+    }
     let state = AppState::new(&config, store, stripe);
     let (stop_worker, worker_stopping) = tokio::sync::watch::channel(false);
     let worker = tokio::spawn(state.worker.clone().run(worker_stopping.clone()));

@@ -89,7 +89,7 @@ pub struct ConfigArgs {
     #[arg(long, env = "BILLSYNC_STRIPE_MAX_RETRIES", global = true)]
     pub stripe_max_retries: Option<u32>,
     /// Seconds a Postgres instance may serve a customer link from memory; changes evict it at
-    /// once through LISTEN/NOTIFY, this bounds staleness if a notification is lost (0 = off) [default: 300]
+    /// once through LISTEN/NOTIFY, this bounds staleness if a notification is lost (0 = off) [default: 60]
     #[arg(long, env = "BILLSYNC_LINK_CACHE_TTL_SECS", global = true)]
     pub link_cache_ttl_secs: Option<u64>,
     /// Bearer key for the admin API (/v1/…); admin routes answer 503 while unset.
@@ -414,7 +414,7 @@ impl Config {
             database_url: Secret::new(database_url),
             db_max_connections,
             link_cache_ttl: Duration::from_secs(
-                pick(&args.link_cache_ttl_secs, file.link_cache_ttl_secs).unwrap_or(300),
+                pick(&args.link_cache_ttl_secs, file.link_cache_ttl_secs).unwrap_or(60),
             ),
             listen,
             stripe: StripeConfig {

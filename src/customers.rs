@@ -83,9 +83,13 @@ impl CustomerResolver {
             Claimed::Held(claim) => claim,
         };
         let result = self.resolve_claimed(user_id, &claim).await;
+        // A final 5xx is replayed by Stripe for 24 h under the same idempotency key: start the
+        // next attempt afresh (its list-by-metadata step still finds anything this one made).
+        let server_error =
+            matches!(&result, Err(ResolveError::Stripe(StripeError::Api(e))) if e.status >= 500);
         if let Err(err) = self
             .store
-            .release_resolve(user_id, &self.holder, result.is_ok())
+            .release_resolve(user_id, &self.holder, result.is_ok() || server_error)
             .await
         {
             // The lease expires by itself; the next attempt takes it over.
@@ -137,28 +141,55 @@ impl CustomerResolver {
 
         let candidates = self.stripe.customers_by_email(user.email.as_str()).await?;
         for (customer, via) in self.pick_existing(&user, &candidates).await? {
-            match self
+            let linked = self
                 .link(&user, &customer.id, customer.livemode, via)
-                .await?
-            {
-                Some(resolved) => return Ok(resolved),
-                None => continue,
+                .await?;
+            let Some(resolved) = linked else { continue };
+            if via == LinkSource::StripeEmail {
+                self.stamp_user_id(&user.id, &customer.id).await;
             }
+            return Ok(resolved);
         }
 
-        let params = create_params(&user, claim);
-        let key = creation_idempotency_key(&user.id, &params);
+        if self.store.active_erase(&user.id).await?.is_some() {
+            return Err(ResolveError::UserNotFound); // being erased: create nothing
+        }
+        // Every attempt of this claim sends the first attempt's request, with one key: a create
+        // whose answer was lost is answered with the same customer, even after a profile edit.
+        let params = match claim.create_params.as_deref().map(serde_json::from_str) {
+            Some(Ok(params)) => params,
+            _ => {
+                let params = create_params(&user, claim);
+                let json = serde_json::to_string(&params).expect("customer params serialize");
+                self.store
+                    .save_claim_params(&user.id, &self.holder, &json)
+                    .await?;
+                params
+            }
+        };
+        let key = creation_idempotency_key(&user.id, claim);
         let customer = self.stripe.create_customer(&params, &key).await?;
         tracing::info!(customer_id = %customer.id, "created stripe customer");
-        self.link(&user, &customer.id, customer.livemode, LinkSource::Created)
-            .await?
-            .ok_or_else(|| {
+        match self
+            .link(&user, &customer.id, customer.livemode, LinkSource::Created)
+            .await
+        {
+            Ok(Some(resolved)) => Ok(resolved),
+            Err(ResolveError::UserNotFound) => {
+                // Erased while we created: the new customer must not outlive the user.
+                tracing::warn!(customer_id = %customer.id, "user erased during creation: deleting the new customer");
+                if let Err(err) = self.stripe.delete_customer(&customer.id).await {
+                    tracing::error!(customer_id = %customer.id, error = %err, "could not delete the orphan customer");
+                }
+                Err(ResolveError::UserNotFound)
+            }
+            Ok(None) => Err(ResolveError::Store(StoreError::Corrupt(format!(
                 // A brand-new customer cannot be linked elsewhere; if it is, the data is wrong.
-                ResolveError::Store(StoreError::Corrupt(format!(
-                    "new customer {} already linked to another user",
-                    customer.id
-                )))
-            })
+                "new customer {} already linked to another user",
+                customer.id
+            )))),
+            Err(other) => Err(other),
+        }
     }
 
     /// The existing customers this user may be linked to, best first: customers made for this
@@ -207,6 +238,18 @@ impl CustomerResolver {
             }
         }
         Ok(picks)
+    }
+
+    /// Marks a customer linked by email as this user's, so it is never linked to anyone else
+    /// by email later (after an unlink, say). Best effort: the link stands either way.
+    async fn stamp_user_id(&self, user: &UserId, customer: &str) {
+        let params = CustomerParams {
+            metadata: BTreeMap::from([(METADATA_USER_ID.to_owned(), user.to_string())]),
+            ..Default::default()
+        };
+        if let Err(err) = self.stripe.update_customer(customer, &params, None).await {
+            tracing::warn!(customer_id = customer, error = %err, "could not stamp metadata.userId");
+        }
     }
 
     /// Links, or says (`None`) that the customer belongs to another user.
@@ -277,13 +320,14 @@ fn create_params(user: &User, claim: &ResolveClaim) -> CustomerParams {
     }
 }
 
-/// Same user and same parameters give the same key: a create retried after a crash or a lost
-/// answer returns the first customer instead of making a second (Stripe keeps keys 24 h).
-pub fn creation_idempotency_key(user: &UserId, params: &CustomerParams) -> String {
+/// One key per user and claim: every retry of a claim (after a crash or a lost answer) sends
+/// it with the claim's recorded request, and Stripe returns the first customer instead of
+/// making a second (it keeps keys 24 h).
+pub fn creation_idempotency_key(user: &UserId, claim: &ResolveClaim) -> String {
     let mut hash = Sha256::new();
     hash.update(user.as_str().as_bytes());
     hash.update([0]);
-    hash.update(serde_json::to_vec(params).expect("customer params serialize"));
+    hash.update(claim.started_at.unix_timestamp_nanos().to_be_bytes());
     format!(
         "billsync-customer-create-{}",
         &hex::encode(hash.finalize())[..48]
@@ -313,6 +357,7 @@ mod tests {
     fn create_params_carry_email_joined_name_and_metadata() {
         let claim = ResolveClaim {
             started_at: time::macros::datetime!(2026-11-26 10:00:00 UTC),
+            create_params: None,
         };
         let params = create_params(&user(Some("Ada"), Some("Lovelace")), &claim);
         assert_eq!(params.email.as_deref(), Some("ada@example.com"));
@@ -330,29 +375,23 @@ mod tests {
     }
 
     #[test]
-    fn idempotency_key_is_deterministic_per_user_and_request() {
+    fn idempotency_key_is_one_per_user_and_claim() {
         let claim = ResolveClaim {
             started_at: time::macros::datetime!(2026-11-26 10:00:00 UTC),
+            create_params: None,
         };
         let u = user(Some("Ada"), None);
-        let a = creation_idempotency_key(&u.id, &create_params(&u, &claim));
-        let b = creation_idempotency_key(&u.id, &create_params(&u, &claim));
-        assert_eq!(a, b);
+        let a = creation_idempotency_key(&u.id, &claim);
+        assert_eq!(a, creation_idempotency_key(&u.id, &claim));
         assert!(a.len() <= 255);
-        let other = User {
-            id: UserId::parse("user-2").unwrap(),
-            ..u.clone()
-        };
         assert_ne!(
             a,
-            creation_idempotency_key(&other.id, &create_params(&other, &claim))
+            creation_idempotency_key(&UserId::parse("user-2").unwrap(), &claim)
         );
         let later = ResolveClaim {
             started_at: time::macros::datetime!(2026-11-26 10:00:01 UTC),
+            create_params: None,
         };
-        assert_ne!(
-            a,
-            creation_idempotency_key(&u.id, &create_params(&u, &later))
-        );
+        assert_ne!(a, creation_idempotency_key(&u.id, &later));
     }
 }

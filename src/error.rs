@@ -69,6 +69,12 @@ pub enum ApiError {
     WebhooksDisabled,
     #[error("no such event")]
     EventNotFound,
+    /// Stripe refused the request (its validation is stricter than ours somewhere).
+    #[error("Stripe refused the request: {message}")]
+    StripeRejected {
+        code: Option<String>,
+        message: String,
+    },
     /// Anything else: logged with its cause, answered as "internal error".
     #[error("internal error")]
     Internal(#[source] anyhow::Error),
@@ -94,7 +100,9 @@ impl ApiError {
             | Self::DeletionPending
             | Self::Contended
             | Self::JobNotFailed => StatusCode::CONFLICT,
-            Self::EmailRequired | Self::InvalidProfile(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::EmailRequired | Self::InvalidProfile(_) | Self::StripeRejected { .. } => {
+                StatusCode::UNPROCESSABLE_ENTITY
+            }
             Self::NoCustomer | Self::JobNotFound | Self::EventNotFound => StatusCode::NOT_FOUND,
             Self::AdminDisabled
             | Self::StripeUnavailable
@@ -136,6 +144,7 @@ impl ApiError {
             Self::InvalidPayload(_) => "invalid_payload",
             Self::WebhooksDisabled => "webhooks_disabled",
             Self::EventNotFound => "event_not_found",
+            Self::StripeRejected { .. } => "stripe_rejected",
             Self::Internal(_) => "internal_error",
         }
     }
@@ -184,11 +193,21 @@ impl From<StoreError> for ApiError {
 
 impl From<StripeError> for ApiError {
     fn from(err: StripeError) -> Self {
-        if err.is_unavailable() {
+        match &err {
             // The client has logged the failure with its operation and attempts.
-            Self::StripeUnavailable
-        } else {
-            Self::internal(err)
+            e if e.is_unavailable() => Self::StripeUnavailable,
+            StripeError::Api(api) if api.status == 401 || api.status == 403 => {
+                // billsync's own key is wrong or lacks a permission: an operator's problem.
+                tracing::error!(error = %err, "Stripe refused billsync's key");
+                Self::StripeUnavailable
+            }
+            StripeError::Api(api) if (400..500).contains(&api.status) && api.status != 404 => {
+                Self::StripeRejected {
+                    code: api.code.clone(),
+                    message: api.code.clone().unwrap_or_else(|| api.kind.clone()),
+                }
+            }
+            _ => Self::internal(err),
         }
     }
 }

@@ -214,6 +214,12 @@ pub async fn run_erasure(
 ) -> Result<(), JobFailure> {
     let mut plan: ErasurePlan = serde_json::from_value(job.payload.clone())
         .map_err(|e| JobFailure::Permanent(format!("unreadable erasure plan: {e}")))?;
+    let user = UserId::parse(&job.user_id)
+        .map_err(|e| JobFailure::Permanent(format!("job user id: {}", e.message)))?;
+    let hash = job
+        .user_id
+        .strip_prefix("erased:")
+        .map_or_else(|| subject_hash(&user), str::to_owned);
     if let Some(customer) = plan.customer_id.clone() {
         if !plan.subscriptions_canceled {
             let subscriptions = match stripe.list_subscriptions(&customer).await {
@@ -238,14 +244,19 @@ pub async fn run_erasure(
             let result = if plan.delete_customer {
                 stripe.delete_customer(&customer).await.map(|_| ())
             } else {
+                // Our metadata is emptied, but `userId` keeps a tombstone (the subject hash):
+                // a customer with a non-empty userId is never linked to anyone by email, so a
+                // newcomer with the same address cannot inherit this customer's billing.
+                let mut metadata: BTreeMap<String, String> = OUR_METADATA
+                    .iter()
+                    .map(|k| ((*k).to_owned(), String::new()))
+                    .collect();
+                metadata.insert(METADATA_USER_ID.to_owned(), format!("erased:{hash}"));
                 let scrub = CustomerParams {
                     email: None,
                     name: Some(String::new()),
                     phone: Some(String::new()),
-                    metadata: OUR_METADATA
-                        .iter()
-                        .map(|k| ((*k).to_owned(), String::new()))
-                        .collect(),
+                    metadata,
                 };
                 stripe
                     .update_customer(&customer, &scrub, None)
@@ -261,12 +272,6 @@ pub async fn run_erasure(
             save(store, job.id, &plan).await?;
         }
     }
-    let user = UserId::parse(&job.user_id)
-        .map_err(|e| JobFailure::Permanent(format!("job user id: {}", e.message)))?;
-    let hash = job
-        .user_id
-        .strip_prefix("erased:")
-        .map_or_else(|| subject_hash(&user), str::to_owned);
     let detail = json!({
         "delete_from_stripe": plan.delete_customer,
         "had_customer": plan.customer_id.is_some(),

@@ -33,7 +33,23 @@ fn free_port() -> u16 {
         .port()
 }
 
-fn start(database_url: &str, port: u16) -> Child {
+/// The server process; killed when dropped, so a failing test leaves nothing running.
+struct Server(Child);
+
+impl Server {
+    fn kill(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn start(database_url: &str, port: u16) -> Server {
     let mut command = Command::new(env!("CARGO_BIN_EXE_billsync"));
     for (key, _) in std::env::vars() {
         if key.starts_with("BILLSYNC_") || key.starts_with("STRIPE_") || key == "DATABASE_URL" {
@@ -52,6 +68,7 @@ fn start(database_url: &str, port: u16) -> Child {
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(log_path(port)).expect("log file"))
         .spawn()
+        .map(Server)
         .expect("start billsync")
 }
 
@@ -161,8 +178,7 @@ async fn a_kill_during_a_burst_loses_no_acknowledged_event(backend: Backend) {
     while acked.lock().unwrap().len() < 1_500 {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    server.kill().expect("SIGKILL");
-    server.wait().unwrap();
+    server.kill(); // SIGKILL
     for sender in senders {
         sender.await.unwrap();
     }
@@ -240,8 +256,7 @@ async fn a_kill_during_a_burst_loses_no_acknowledged_event(backend: Backend) {
             "crash{c}"
         );
     }
-    server.kill().unwrap();
-    server.wait().unwrap();
+    server.kill();
     println!(
         "acknowledged {} of {EVENTS} before the kill; all applied",
         acknowledged.len()

@@ -309,7 +309,7 @@ async fn ids_cannot_escape_their_path_segment() {
     let requests = server.received_requests().await.unwrap();
     assert_eq!(
         requests[0].url.path(),
-        "/v1/customers/..%2Fcharges%3Flimit%3D1"
+        "/v1/customers/%2E%2E%2Fcharges%3Flimit%3D1"
     );
     assert_eq!(requests[0].url.query(), None);
 }

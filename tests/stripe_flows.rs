@@ -375,7 +375,123 @@ async fn retry_after_is_honoured(backend: Backend) {
     assert_eq!(form(&requests[1])["name"], "Ada Later");
 }
 
+async fn a_lost_create_is_replayed_identically_after_a_profile_edit(backend: Backend) {
+    let test = "a_lost_create_is_replayed_identically_after_a_profile_edit";
+    let Some(w) = world(backend, test, |c| {
+        c.stripe.timeout = std::time::Duration::from_millis(300)
+    })
+    .await
+    else {
+        return;
+    };
+    Mock::given(method("GET"))
+        .and(path("/v1/customers"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(json!({"object": "list", "data": [], "has_more": false})),
+        )
+        .mount(&w.stripe)
+        .await;
+    // Stripe makes the customer but the answer is lost (slower than our timeout)...
+    Mock::given(method("POST"))
+        .and(path("/v1/customers"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(json!({"id": "cus_lost", "object": "customer", "metadata": {}}))
+                .set_delay(std::time::Duration::from_secs(2)),
+        )
+        .up_to_n_times(1)
+        .mount(&w.stripe)
+        .await;
+    Mock::given(method("POST"))
+        .and(path("/v1/customers"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(json!({"id": "cus_lost", "object": "customer", "metadata": {}})),
+        )
+        .mount(&w.stripe)
+        .await;
+    w.app
+        .put_user(
+            "lost",
+            json!({"email": "first@example.com", "first_name": "First"}),
+        )
+        .await;
+    let (status, body) = w.app.resolve("lost").await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (503, Some("stripe_unavailable"))
+    );
+    // ...the profile changes before the retry...
+    w.app
+        .put_user(
+            "lost",
+            json!({"email": "second@example.com", "first_name": "Second"}),
+        )
+        .await;
+    let (status, body) = w.app.resolve("lost").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["customer_id"], "cus_lost");
+    // ...and the retry was the very same request: Stripe would answer it with the first customer.
+    let creates: Vec<Request> = w
+        .stripe
+        .received_requests()
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|r| r.method.as_str() == "POST")
+        .collect();
+    assert_eq!(creates.len(), 2);
+    let key = |r: &Request| {
+        r.headers
+            .get("idempotency-key")
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .to_owned()
+    };
+    assert_eq!(key(&creates[0]), key(&creates[1]));
+    assert_eq!(form(&creates[0]), form(&creates[1]));
+    assert_eq!(form(&creates[1])["email"], "first@example.com");
+}
+
+async fn stripe_refusing_a_create_is_422(backend: Backend) {
+    let Some(w) = world(backend, "stripe_refusing_a_create_is_422", |_| {}).await else {
+        return;
+    };
+    Mock::given(method("GET"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(json!({"object": "list", "data": [], "has_more": false})),
+        )
+        .mount(&w.stripe)
+        .await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(400).set_body_json(
+            json!({"error": {"type": "invalid_request_error", "code": "email_invalid", "param": "email", "message": "Invalid email address: x"}}),
+        ))
+        .mount(&w.stripe)
+        .await;
+    w.app
+        .put_user("refused", json!({"email": "odd@example.com"}))
+        .await;
+    let (status, body) = w.app.resolve("refused").await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (422, Some("stripe_rejected"))
+    );
+    assert!(
+        !body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("Invalid email address"),
+        "Stripe text may echo input: {body}"
+    );
+}
+
 on_every_store!(
+    a_lost_create_is_replayed_identically_after_a_profile_edit,
+    stripe_refusing_a_create_is_422,
     portal_sessions_send_what_stripe_documents,
     portal_without_app_url_is_503,
     refused_pushes_park_and_can_be_retried,

@@ -269,12 +269,27 @@ async fn erasure_keeps_a_scrubbed_customer_by_default(backend: Backend) {
     assert_eq!(kept["id"], customer.as_str(), "the customer is kept");
     assert!(kept["name"].is_null() || kept["name"] == "", "{kept}");
     assert!(kept["phone"].is_null() || kept["phone"] == "");
-    for key in ["userId", "source", "created_at"] {
+    for key in ["source", "created_at"] {
         assert!(
             kept["metadata"][key].is_null() || kept["metadata"][key] == "",
             "{key}: {kept}"
         );
     }
+    // A tombstone, not the user id: the customer can never be linked to a newcomer by email.
+    let hash = billsync::gdpr::subject_hash(&billsync::domain::UserId::parse(&user).unwrap());
+    assert_eq!(kept["metadata"]["userId"], format!("erased:{hash}"));
+    let newcomer = support::unique("newcomer");
+    let email = kept["email"].as_str().unwrap().to_owned();
+    w.app
+        .put_user(&newcomer, json!({"email": email, "email_verified": true}))
+        .await;
+    let (status, resolved) = w.app.resolve(&newcomer).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        resolved["source"], "created",
+        "not linked to the erased customer"
+    );
+    assert_ne!(resolved["customer_id"], customer.as_str());
     let sub = w
         .stripe
         .subscription(subscription["id"].as_str().unwrap())

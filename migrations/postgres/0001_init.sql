@@ -33,13 +33,16 @@ CREATE TABLE customer_links (
 );
 
 -- A per-user claim on customer creation, so two instances never both create a customer.
--- `started_at` survives a failed attempt: it fixes the create request's metadata and hence its
--- idempotency key, so a retry after a crash replays the same request.
+-- `started_at` and `create_params` survive a failed attempt: they fix the create request and
+-- its idempotency key, so a retry after a crash (even after a profile edit) replays the very
+-- same request and Stripe answers with the customer it already made.
 CREATE TABLE customer_resolve_claims (
     user_id     TEXT PRIMARY KEY REFERENCES users (id) ON DELETE CASCADE,
     holder      TEXT NOT NULL,
     started_at  TIMESTAMPTZ NOT NULL,
-    lease_until TIMESTAMPTZ NOT NULL
+    lease_until TIMESTAMPTZ NOT NULL,
+    -- the exact form of the first create attempt (JSON)
+    create_params TEXT
 );
 
 CREATE TABLE subscriptions (

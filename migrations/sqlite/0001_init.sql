@@ -34,13 +34,16 @@ CREATE TABLE customer_links (
 );
 
 -- A per-user claim on customer creation, so two instances never both create a customer.
--- `started_at` survives a failed attempt: it fixes the create request's metadata and hence its
--- idempotency key, so a retry after a crash replays the same request.
+-- `started_at` and `create_params` survive a failed attempt: they fix the create request and
+-- its idempotency key, so a retry after a crash (even after a profile edit) replays the very
+-- same request and Stripe answers with the customer it already made.
 CREATE TABLE customer_resolve_claims (
     user_id     TEXT PRIMARY KEY REFERENCES users (id) ON DELETE CASCADE,
     holder      TEXT NOT NULL,
     started_at  INTEGER NOT NULL,
-    lease_until INTEGER NOT NULL
+    lease_until INTEGER NOT NULL,
+    -- the exact form of the first create attempt (JSON)
+    create_params TEXT
 );
 
 CREATE TABLE subscriptions (
@@ -68,9 +71,11 @@ CREATE TABLE usage_records (
 );
 CREATE INDEX usage_records_user_idx ON usage_records (user_id, created_at);
 
--- Inbox of verified Stripe webhook events (arrival order is the rowid).
+-- Inbox of verified Stripe webhook events; `seq` is the arrival order (AUTOINCREMENT: never
+-- reused, unlike a rowid after deletes or VACUUM).
 CREATE TABLE stripe_events (
-    id                 TEXT PRIMARY KEY,
+    seq                INTEGER PRIMARY KEY AUTOINCREMENT,
+    id                 TEXT NOT NULL UNIQUE,
     type               TEXT NOT NULL,
     created            INTEGER NOT NULL,
     livemode           INTEGER NOT NULL,
@@ -85,7 +90,7 @@ CREATE TABLE stripe_events (
     applied_at         INTEGER
 );
 CREATE INDEX stripe_events_pending_idx
-    ON stripe_events (stripe_customer_id, created) WHERE state IN ('pending', 'failed');
+    ON stripe_events (stripe_customer_id, created, seq) WHERE state IN ('pending', 'failed');
 CREATE INDEX stripe_events_state_idx ON stripe_events (state, received_at);
 
 -- Which applier works on a customer's events right now (per-customer order across instances).

@@ -204,7 +204,12 @@ pub async fn resolve_customer(
         let upsert = body.into_upsert(user_id.clone())?;
         state.store.upsert_user(&upsert).await?;
     }
-    let resolved = state.resolver.resolve(&user_id).await?;
+    // Detached: a client that hangs up must not cancel a resolve half-way (its claim would
+    // block the user until the lease runs out); the work finishes and the next call is fast.
+    let resolver = state.resolver.clone();
+    let resolved = tokio::spawn(async move { resolver.resolve(&user_id).await })
+        .await
+        .map_err(ApiError::internal)??;
     Ok(Json(ResolveResponse {
         customer_id: resolved.customer_id.to_string(),
         source: resolved.source,

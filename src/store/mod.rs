@@ -36,11 +36,18 @@ impl From<sqlx::Error> for StoreError {
             | sqlx::Error::PoolTimedOut
             | sqlx::Error::PoolClosed
             | sqlx::Error::WorkerCrashed => Self::Unavailable(err),
-            // Postgres shutting down / connection lost mid-query (class 57P, 08).
+            // Postgres shutting down or connection lost mid-query (57P, 08), a serialization
+            // failure or deadlock (40001, 40P01); SQLite busy or locked (5, 6, and their
+            // extended codes): transient, worth a retry, never the client's fault.
             sqlx::Error::Database(ref db)
-                if db
-                    .code()
-                    .is_some_and(|c| c.starts_with("57P") || c.starts_with("08")) =>
+                if db.code().is_some_and(|c| {
+                    c.starts_with("57P")
+                        || c.starts_with("08")
+                        || c == "40001"
+                        || c == "40P01"
+                        || c.parse::<i32>()
+                            .is_ok_and(|n| n & 0xff == 5 || n & 0xff == 6)
+                }) =>
             {
                 Self::Unavailable(err)
             }
@@ -104,6 +111,8 @@ pub struct ResolveClaim {
     /// When the first attempt began; kept across failed attempts so a retried create is the
     /// same request (same metadata, same idempotency key).
     pub started_at: OffsetDateTime,
+    /// The first attempt's create parameters (JSON), resent unchanged by every retry.
+    pub create_params: Option<String>,
 }
 
 /// A durable job towards Stripe.
@@ -426,6 +435,10 @@ pub trait Store: Send + Sync + 'static {
     async fn replay_failed_events(&self) -> StoreResult<u64>;
     /// Deletes applied and skipped events received before `cutoff`; returns how many.
     async fn prune_events(&self, cutoff: OffsetDateTime) -> StoreResult<u64>;
+    /// Frees every customer lease: for a process that knows it is the only applier (SQLite,
+    /// one serving process per file) and starts after one that died. A no-op on Postgres,
+    /// whose locks die with their connection.
+    async fn clear_customer_leases(&self) -> StoreResult<()>;
     /// Customers with events due to be applied (pending, or failed and due for a retry).
     async fn due_event_customers(&self, limit: u32) -> StoreResult<Vec<String>>;
     /// Takes the lease on applying a customer's events, if nobody holds it.
@@ -439,9 +452,14 @@ pub trait Store: Send + Sync + 'static {
     /// The customer's applicable events in order: Stripe's `created`, then arrival.
     async fn customer_events(&self, customer: &str, limit: u32) -> StoreResult<Vec<EventToApply>>;
     async fn finish_event(&self, id: &str, outcome: &EventOutcome) -> StoreResult<()>;
-    /// The `created` of the newest customer snapshot applied to this customer's link.
-    async fn link_watermark(&self, customer: &str) -> StoreResult<Option<i64>>;
-    async fn raise_link_watermark(&self, customer: &str, created: i64) -> StoreResult<()>;
+    /// The `created` and event id of the newest customer snapshot applied to this link.
+    async fn link_watermark(&self, customer: &str) -> StoreResult<Option<(i64, Option<String>)>>;
+    async fn raise_link_watermark(
+        &self,
+        customer: &str,
+        created: i64,
+        event_id: &str,
+    ) -> StoreResult<()>;
     /// Writes a change that came from Stripe: like `update_user_if_version`, but queues no
     /// push (the change is Stripe's already), and records the values as what Stripe holds.
     async fn apply_remote_profile(
@@ -469,6 +487,9 @@ pub trait Store: Send + Sync + 'static {
         holder: &str,
         lease: Duration,
     ) -> StoreResult<Option<ResolveClaim>>;
+    /// Records the create request of the claim's first attempt (kept if one is recorded).
+    async fn save_claim_params(&self, user: &UserId, holder: &str, params: &str)
+        -> StoreResult<()>;
     /// Ends a claim held by `holder`: `completed` deletes it, otherwise it is expired at once
     /// (keeping `started_at` for the next attempt).
     async fn release_resolve(
@@ -494,7 +515,7 @@ impl StoreOptions {
         Self {
             max_connections,
             push_debounce: Duration::from_millis(300),
-            link_cache_ttl: Duration::from_secs(300),
+            link_cache_ttl: Duration::from_secs(60),
         }
     }
 }

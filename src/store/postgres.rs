@@ -552,11 +552,13 @@ impl Store for PgStore {
         .bind(user.as_str())
         .execute(&mut *tx)
         .await?;
-        sqlx::query("UPDATE outbox SET user_id = 'erased:' || $2 WHERE user_id = $1")
-            .bind(user.as_str())
-            .bind(subject_hash)
-            .execute(&mut *tx)
-            .await?;
+        sqlx::query(
+            "UPDATE outbox SET user_id = 'erased:' || $2, last_error = NULL WHERE user_id = $1",
+        )
+        .bind(user.as_str())
+        .bind(subject_hash)
+        .execute(&mut *tx)
+        .await?;
         sqlx::query(
             "INSERT INTO audit_log (at, actor, action, subject_hash, detail)
              VALUES (now(), 'billsync', 'account_erased', $1, $2)",
@@ -852,11 +854,21 @@ impl Store for PgStore {
             .expect("customer lock map poisoned")
             .remove(customer);
         if let Some(mut connection) = connection {
-            sqlx::query("SELECT pg_advisory_unlock(hashtextextended($1, 42))")
+            let unlocked = sqlx::query("SELECT pg_advisory_unlock(hashtextextended($1, 42))")
                 .bind(customer)
                 .execute(&mut *connection)
-                .await?;
+                .await;
+            if let Err(err) = unlocked {
+                // Never return a connection that may still hold the lock to the pool: closing
+                // it frees the lock.
+                drop(connection.detach());
+                return Err(err.into());
+            }
         }
+        Ok(())
+    }
+
+    async fn clear_customer_leases(&self) -> StoreResult<()> {
         Ok(())
     }
 
@@ -945,23 +957,31 @@ impl Store for PgStore {
         Ok(())
     }
 
-    async fn link_watermark(&self, customer: &str) -> StoreResult<Option<i64>> {
-        Ok(sqlx::query_scalar::<_, Option<i64>>(
-            "SELECT event_watermark FROM customer_links WHERE stripe_customer_id = $1",
-        )
-        .bind(customer)
-        .fetch_optional(&self.pool)
-        .await?
-        .flatten())
-    }
-
-    async fn raise_link_watermark(&self, customer: &str, created: i64) -> StoreResult<()> {
-        sqlx::query(
-            "UPDATE customer_links SET event_watermark = GREATEST(COALESCE(event_watermark, $2), $2)
+    async fn link_watermark(&self, customer: &str) -> StoreResult<Option<(i64, Option<String>)>> {
+        let row: Option<(Option<i64>, Option<String>)> = sqlx::query_as(
+            "SELECT event_watermark, event_watermark_id FROM customer_links
              WHERE stripe_customer_id = $1",
         )
         .bind(customer)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.and_then(|(created, id)| created.map(|c| (c, id))))
+    }
+
+    async fn raise_link_watermark(
+        &self,
+        customer: &str,
+        created: i64,
+        event_id: &str,
+    ) -> StoreResult<()> {
+        sqlx::query(
+            "UPDATE customer_links SET event_watermark = $2, event_watermark_id = $3
+             WHERE stripe_customer_id = $1
+               AND (event_watermark IS NULL OR event_watermark <= $2)",
+        )
+        .bind(customer)
         .bind(created)
+        .bind(event_id)
         .execute(&self.pool)
         .await?;
         Ok(())
@@ -1074,21 +1094,42 @@ impl Store for PgStore {
         holder: &str,
         lease: Duration,
     ) -> StoreResult<Option<ResolveClaim>> {
-        let started_at: Option<time::OffsetDateTime> = sqlx::query_scalar(
+        let claim: Option<(OffsetDateTime, Option<String>)> = sqlx::query_as(
             "INSERT INTO customer_resolve_claims (user_id, holder, started_at, lease_until)
              VALUES ($1, $2, date_trunc('milliseconds', now()),
                      now() + make_interval(secs => $3))
              ON CONFLICT (user_id) DO UPDATE
                 SET holder = EXCLUDED.holder, lease_until = EXCLUDED.lease_until
                 WHERE customer_resolve_claims.lease_until <= now()
-             RETURNING started_at",
+             RETURNING started_at, create_params",
         )
         .bind(user.as_str())
         .bind(holder)
         .bind(lease.as_secs_f64())
         .fetch_optional(&self.pool)
         .await?;
-        Ok(started_at.map(|started_at| ResolveClaim { started_at }))
+        Ok(claim.map(|(started_at, create_params)| ResolveClaim {
+            started_at,
+            create_params,
+        }))
+    }
+
+    async fn save_claim_params(
+        &self,
+        user: &UserId,
+        holder: &str,
+        params: &str,
+    ) -> StoreResult<()> {
+        sqlx::query(
+            "UPDATE customer_resolve_claims SET create_params = $3
+             WHERE user_id = $1 AND holder = $2 AND create_params IS NULL",
+        )
+        .bind(user.as_str())
+        .bind(holder)
+        .bind(params)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
     }
 
     async fn release_resolve(

@@ -572,11 +572,13 @@ impl Store for SqliteStore {
         .bind(user_id.as_str())
         .execute(&mut *tx)
         .await?;
-        sqlx::query("UPDATE outbox SET user_id = 'erased:' || ?2 WHERE user_id = ?1")
-            .bind(user_id.as_str())
-            .bind(subject_hash)
-            .execute(&mut *tx)
-            .await?;
+        sqlx::query(
+            "UPDATE outbox SET user_id = 'erased:' || ?2, last_error = NULL WHERE user_id = ?1",
+        )
+        .bind(user_id.as_str())
+        .bind(subject_hash)
+        .execute(&mut *tx)
+        .await?;
         sqlx::query(
             "INSERT INTO audit_log (at, actor, action, subject_hash, detail)
              VALUES (?1, 'billsync', 'account_erased', ?2, ?3)",
@@ -781,7 +783,7 @@ impl Store for SqliteStore {
     ) -> StoreResult<Vec<StoredEvent>> {
         let rows: Vec<SqliteEventRow> = sqlx::query_as(&format!(
             "SELECT {EVENT_COLUMNS} FROM stripe_events WHERE (?1 IS NULL OR state = ?1)
-             ORDER BY rowid DESC LIMIT ?2"
+             ORDER BY seq DESC LIMIT ?2"
         ))
         .bind(state.map(EventState::as_str))
         .bind(i64::from(limit))
@@ -822,6 +824,13 @@ impl Store for SqliteStore {
         .rows_affected())
     }
 
+    async fn clear_customer_leases(&self) -> StoreResult<()> {
+        sqlx::query("DELETE FROM event_customer_leases")
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
     async fn due_event_customers(&self, limit: u32) -> StoreResult<Vec<String>> {
         Ok(sqlx::query_scalar(
             "SELECT stripe_customer_id FROM stripe_events
@@ -829,7 +838,7 @@ impl Store for SqliteStore {
                AND (state = 'pending' OR (state = 'failed' AND next_attempt_at IS NOT NULL))
                AND (next_attempt_at IS NULL OR next_attempt_at <= ?1)
              GROUP BY stripe_customer_id
-             ORDER BY min(rowid)
+             ORDER BY min(seq)
              LIMIT ?2",
         )
         .bind(to_ms(now()))
@@ -891,7 +900,7 @@ impl Store for SqliteStore {
             "SELECT {EVENT_COLUMNS}, payload, next_attempt_at FROM stripe_events
              WHERE stripe_customer_id = ?1
                AND (state = 'pending' OR (state = 'failed' AND next_attempt_at IS NOT NULL))
-             ORDER BY created, rowid
+             ORDER BY created, seq
              LIMIT ?2"
         ))
         .bind(customer)
@@ -960,23 +969,31 @@ impl Store for SqliteStore {
         Ok(())
     }
 
-    async fn link_watermark(&self, customer: &str) -> StoreResult<Option<i64>> {
-        Ok(sqlx::query_scalar::<_, Option<i64>>(
-            "SELECT event_watermark FROM customer_links WHERE stripe_customer_id = ?1",
-        )
-        .bind(customer)
-        .fetch_optional(&self.pool)
-        .await?
-        .flatten())
-    }
-
-    async fn raise_link_watermark(&self, customer: &str, created: i64) -> StoreResult<()> {
-        sqlx::query(
-            "UPDATE customer_links SET event_watermark = max(COALESCE(event_watermark, ?2), ?2)
+    async fn link_watermark(&self, customer: &str) -> StoreResult<Option<(i64, Option<String>)>> {
+        let row: Option<(Option<i64>, Option<String>)> = sqlx::query_as(
+            "SELECT event_watermark, event_watermark_id FROM customer_links
              WHERE stripe_customer_id = ?1",
         )
         .bind(customer)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.and_then(|(created, id)| created.map(|c| (c, id))))
+    }
+
+    async fn raise_link_watermark(
+        &self,
+        customer: &str,
+        created: i64,
+        event_id: &str,
+    ) -> StoreResult<()> {
+        sqlx::query(
+            "UPDATE customer_links SET event_watermark = ?2, event_watermark_id = ?3
+             WHERE stripe_customer_id = ?1
+               AND (event_watermark IS NULL OR event_watermark <= ?2)",
+        )
+        .bind(customer)
         .bind(created)
+        .bind(event_id)
         .execute(&self.pool)
         .await?;
         Ok(())
@@ -1092,13 +1109,13 @@ impl Store for SqliteStore {
         lease: Duration,
     ) -> StoreResult<Option<ResolveClaim>> {
         let now = now();
-        let started_at: Option<i64> = sqlx::query_scalar(
+        let claim: Option<(i64, Option<String>)> = sqlx::query_as(
             "INSERT INTO customer_resolve_claims (user_id, holder, started_at, lease_until)
              VALUES (?1, ?2, ?3, ?4)
              ON CONFLICT (user_id) DO UPDATE
                 SET holder = excluded.holder, lease_until = excluded.lease_until
                 WHERE customer_resolve_claims.lease_until <= excluded.started_at
-             RETURNING started_at",
+             RETURNING started_at, create_params",
         )
         .bind(user_id.as_str())
         .bind(holder)
@@ -1106,13 +1123,32 @@ impl Store for SqliteStore {
         .bind(to_ms(now + lease))
         .fetch_optional(&self.pool)
         .await?;
-        started_at
-            .map(|ms| {
+        claim
+            .map(|(ms, create_params)| {
                 Ok(ResolveClaim {
                     started_at: from_ms(ms)?,
+                    create_params,
                 })
             })
             .transpose()
+    }
+
+    async fn save_claim_params(
+        &self,
+        user_id: &UserId,
+        holder: &str,
+        params: &str,
+    ) -> StoreResult<()> {
+        sqlx::query(
+            "UPDATE customer_resolve_claims SET create_params = ?3
+             WHERE user_id = ?1 AND holder = ?2 AND create_params IS NULL",
+        )
+        .bind(user_id.as_str())
+        .bind(holder)
+        .bind(params)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
     }
 
     async fn release_resolve(

@@ -36,7 +36,7 @@ const MAX_EMAIL_MATCHES: usize = 1_000;
 pub type StripeResult<T> = Result<T, StripeError>;
 
 /// Fields of a customer create or update. `Some("")` clears a field on update.
-#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct CustomerParams {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub email: Option<String>,
@@ -44,7 +44,7 @@ pub struct CustomerParams {
     pub name: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub phone: Option<String>,
-    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub metadata: std::collections::BTreeMap<String, String>,
 }
 
@@ -199,12 +199,14 @@ impl StripeClient {
     /// Every live customer with exactly this email, oldest first.
     pub async fn customers_by_email(&self, email: &str) -> StripeResult<Vec<Customer>> {
         let mut found: Vec<Customer> = Vec::new();
+        let mut cursor: Option<String> = None;
         loop {
-            let cursor = found.last().map(|c| c.id.clone());
             let page = self
                 .list_customers(Some(email), MAX_PAGE, cursor.as_deref())
                 .await?;
             let more = page.has_more && !page.data.is_empty();
+            // The cursor is the page's own last item, filtered or not.
+            cursor = page.data.last().map(|c| c.id.clone());
             found.extend(page.data.into_iter().filter(|c| !c.deleted));
             if !more || found.len() >= MAX_EMAIL_MATCHES {
                 if more {
@@ -354,7 +356,12 @@ impl StripeClient {
                 }
                 Err(failure) => failure,
             };
-            if !failure.retryable || attempt >= config.max_retries {
+            // A server asking for a longer wait than we allow gets its answer passed on, with
+            // its Retry-After, rather than a retry sooner than it asked.
+            let wait_too_long = failure
+                .retry_after
+                .is_some_and(|w| w > config.retry_max_delay);
+            if !failure.retryable || attempt >= config.max_retries || wait_too_long {
                 tracing::warn!(
                     operation = request.operation,
                     attempt,
@@ -384,12 +391,19 @@ fn encode_params<P: Serialize>(params: &P) -> String {
     form::encode(&form::form_pairs(&value))
 }
 
-/// Ids come from Stripe or our database, but they go into a URL path: never let one add a
-/// segment or a query.
+/// Ids come from Stripe or our database, but they go into a URL path: anything but Stripe's
+/// id alphabet (including `.` and `..`, which URL normalisation would resolve) is encoded
+/// character by character, so it can never add a segment, a query or a step up.
 fn path_segment(id: &str) -> String {
-    serde_urlencoded::to_string([("", id)])
-        .map(|s| s.trim_start_matches('=').replace('+', "%20"))
-        .unwrap_or_default()
+    let mut out = String::with_capacity(id.len());
+    for byte in id.bytes() {
+        if byte.is_ascii_alphanumeric() || byte == b'_' {
+            out.push(byte as char);
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
 }
 
 struct Failure {
@@ -512,8 +526,9 @@ mod tests {
         assert_eq!(path_segment("cus_123"), "cus_123");
         assert_eq!(
             path_segment("../v1/charges?x=1"),
-            "..%2Fv1%2Fcharges%3Fx%3D1"
+            "%2E%2E%2Fv1%2Fcharges%3Fx%3D1"
         );
+        assert_eq!(path_segment(".."), "%2E%2E");
         assert_eq!(path_segment("a b"), "a%20b");
     }
 

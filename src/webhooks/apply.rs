@@ -161,7 +161,10 @@ impl Applier {
         let created = event.event.created;
         match event.event.kind.as_str() {
             "customer.created" => self.customer_created(parse(object)?).await,
-            "customer.updated" => self.customer_updated(parse(object)?, created).await,
+            "customer.updated" => {
+                self.customer_updated(parse(object)?, created, &event.event.id)
+                    .await
+            }
             "customer.deleted" => self.customer_deleted(parse(object)?).await,
             "customer.subscription.created"
             | "customer.subscription.updated"
@@ -207,6 +210,7 @@ impl Applier {
         &self,
         event_snapshot: Customer,
         created: i64,
+        event_id: &str,
     ) -> Result<(), JobFailure> {
         let Ok(customer_id) = StripeCustomerId::parse(&event_snapshot.id) else {
             return Ok(());
@@ -216,7 +220,10 @@ impl Applier {
         };
         let watermark = self.store.link_watermark(customer_id.as_str()).await?;
         let snapshot = match watermark {
-            Some(seen) if created < seen => {
+            // This very event was applied before (a crash came between applying it and
+            // marking it applied): nothing to do again.
+            Some((seen, Some(id))) if created == seen && id == event_id => return Ok(()),
+            Some((seen, _)) if created < seen => {
                 tracing::debug!(
                     created,
                     seen,
@@ -226,7 +233,7 @@ impl Applier {
             }
             // Same second as the newest applied: which came first is unknowable from the
             // events, so ask Stripe for the current state.
-            Some(seen) if created == seen => {
+            Some((seen, _)) if created == seen => {
                 match self.stripe.retrieve_customer(customer_id.as_str()).await {
                     Ok(current) if !current.deleted => current,
                     Ok(_) => return Ok(()),
@@ -265,7 +272,7 @@ impl Applier {
             }
         }
         self.store
-            .raise_link_watermark(customer_id.as_str(), created)
+            .raise_link_watermark(customer_id.as_str(), created, event_id)
             .await?;
         Ok(())
     }

@@ -27,7 +27,11 @@ pub const POSTGRES_ENV: &str = "BILLSYNC_TEST_POSTGRES_URL";
 pub const LOCALSTRIPE_ENV: &str = "BILLSYNC_TEST_LOCALSTRIPE_URL";
 
 /// Says on the real stderr (not the captured test output) that a test did not run and why.
+/// With `BILLSYNC_REQUIRE_SUITES=1` (CI) a skip is a failure: the suite must run.
 pub fn skip(test: &str, reason: &str) {
+    if std::env::var("BILLSYNC_REQUIRE_SUITES").is_ok_and(|v| v == "1") {
+        panic!("{test} cannot run: {reason} (BILLSYNC_REQUIRE_SUITES=1)");
+    }
     let _ = writeln!(std::io::stderr(), "SKIPPED {test}: {reason}");
 }
 
