@@ -353,9 +353,13 @@ async fn retry_after_is_honoured(backend: Backend) {
     })
     .await;
     let requests = w.stripe.received_requests().await.unwrap();
-    // wiremock does not timestamp requests; the job's own record shows the wait.
-    let done = outbox_jobs(&w, "done").await;
-    let job = &done[0];
+    // wiremock does not timestamp requests; the job's own record shows the wait. (The job is
+    // marked done just after Stripe answered.)
+    let job = eventually(10, "the job marked done", || async {
+        outbox_jobs(&w, "done").await.pop()
+    })
+    .await;
+    let job = &job;
     let created = time::OffsetDateTime::parse(
         job["created_at"].as_str().unwrap(),
         &time::format_description::well_known::Rfc3339,
