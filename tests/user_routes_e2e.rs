@@ -20,7 +20,9 @@ async fn world(backend: Backend, test: &str) -> Option<World> {
     let proxy = CuttableProxy::start(&base).await;
     let mut config = support::test_config(&proxy.url);
     config.stripe.max_retries = 1;
-    config.stripe.timeout = std::time::Duration::from_millis(500);
+    // Generous: localstripe slows down when every suite runs at once; an outage here is a cut
+    // connection, which fails at once whatever the timeout.
+    config.stripe.timeout = std::time::Duration::from_secs(3);
     let app = TestApp::spawn(store.store.clone(), &config).await;
     Some(World {
         app,

@@ -83,6 +83,34 @@ fn job(row: PgJobRow) -> StoreResult<OutboxJob> {
     )
 }
 
+/// Writes the user's profile if its version is still `expected` and something differs;
+/// the new row, or `None`.
+async fn update_user_in(
+    tx: &mut Transaction<'_, Postgres>,
+    user: &UserUpsert,
+    expected: i64,
+) -> StoreResult<Option<User>> {
+    let row: Option<UserRow> = sqlx::query_as(&format!(
+        "UPDATE users SET email = $2, email_verified = $3, first_name = $4, last_name = $5,
+                phone = $6, version = users.version + 1,
+                updated_at = date_trunc('milliseconds', now())
+         FROM (SELECT $2::text AS email, $3::boolean AS email_verified, $4::text AS first_name,
+                      $5::text AS last_name, $6::text AS phone) AS excluded
+         WHERE users.id = $1 AND users.version = $7 AND {USER_CHANGED}
+         RETURNING {USER_COLUMNS_QUALIFIED}"
+    ))
+    .bind(user.id.as_str())
+    .bind(user.email.as_str())
+    .bind(user.email_verified)
+    .bind(opt_str(&user.first_name))
+    .bind(opt_str(&user.last_name))
+    .bind(opt_str(&user.phone))
+    .bind(expected)
+    .fetch_optional(&mut **tx)
+    .await?;
+    row.map(user_from_row).transpose()
+}
+
 async fn get_user_in(tx: &mut Transaction<'_, Postgres>, id: &UserId) -> StoreResult<Option<User>> {
     let row: Option<UserRow> =
         sqlx::query_as(&format!("SELECT {USER_COLUMNS} FROM users WHERE id = $1"))
@@ -238,27 +266,9 @@ impl Store for PgStore {
         expected: i64,
     ) -> StoreResult<Option<User>> {
         let mut tx = self.pool.begin().await?;
-        let written: Option<UserRow> = sqlx::query_as(&format!(
-            "UPDATE users SET email = $2, email_verified = $3, first_name = $4, last_name = $5,
-                    phone = $6, version = users.version + 1,
-                    updated_at = date_trunc('milliseconds', now())
-             FROM (SELECT $2::text AS email, $3::boolean AS email_verified, $4::text AS first_name,
-                          $5::text AS last_name, $6::text AS phone) AS excluded
-             WHERE users.id = $1 AND users.version = $7 AND {USER_CHANGED}
-             RETURNING {USER_COLUMNS_QUALIFIED}"
-        ))
-        .bind(user.id.as_str())
-        .bind(user.email.as_str())
-        .bind(user.email_verified)
-        .bind(opt_str(&user.first_name))
-        .bind(opt_str(&user.last_name))
-        .bind(opt_str(&user.phone))
-        .bind(expected)
-        .fetch_optional(&mut *tx)
-        .await?;
+        let written = update_user_in(&mut tx, user, expected).await?;
         let outcome = match written {
-            Some(row) => {
-                let saved = user_from_row(row)?;
+            Some(saved) => {
                 self.enqueue_push(&mut tx, &saved.id).await?;
                 Some(saved)
             }
@@ -994,29 +1004,10 @@ impl Store for PgStore {
         pushed: &PushedProfile,
     ) -> StoreResult<Option<User>> {
         let mut tx = self.pool.begin().await?;
-        let written: Option<UserRow> = sqlx::query_as(&format!(
-            "UPDATE users SET email = $2, email_verified = $3, first_name = $4, last_name = $5,
-                    phone = $6, version = users.version + 1,
-                    updated_at = date_trunc('milliseconds', now())
-             FROM (SELECT $2::text AS email, $3::boolean AS email_verified, $4::text AS first_name,
-                          $5::text AS last_name, $6::text AS phone) AS excluded
-             WHERE users.id = $1 AND users.version = $7 AND {USER_CHANGED}
-             RETURNING {USER_COLUMNS_QUALIFIED}"
-        ))
-        .bind(user.id.as_str())
-        .bind(user.email.as_str())
-        .bind(user.email_verified)
-        .bind(opt_str(&user.first_name))
-        .bind(opt_str(&user.last_name))
-        .bind(opt_str(&user.phone))
-        .bind(expected)
-        .fetch_optional(&mut *tx)
-        .await?;
-        let Some(row) = written else {
+        let Some(saved) = update_user_in(&mut tx, user, expected).await? else {
             tx.rollback().await?;
             return Ok(None);
         };
-        let saved = user_from_row(row)?;
         sqlx::query(
             "UPDATE customer_links SET pushed_email = $2, pushed_name = $3, pushed_phone = $4,
                     pushed_version = $5, pushed_at = now()

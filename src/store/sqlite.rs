@@ -95,6 +95,35 @@ fn ms(duration: Duration) -> i64 {
     i64::try_from(duration.as_millis()).unwrap_or(i64::MAX)
 }
 
+/// Writes the user's profile if its version is still `expected` and something differs;
+/// the new row, or `None`.
+async fn update_user_in(
+    tx: &mut Transaction<'_, Sqlite>,
+    input: &UserUpsert,
+    expected: i64,
+    now: i64,
+) -> StoreResult<Option<User>> {
+    let row: Option<SqliteUserRow> = sqlx::query_as(&format!(
+        "UPDATE users SET email = ?2, email_verified = ?3, first_name = ?4, last_name = ?5,
+                phone = ?6, version = version + 1, updated_at = ?8
+         WHERE id = ?1 AND version = ?7
+           AND (email IS NOT ?2 OR email_verified IS NOT ?3 OR first_name IS NOT ?4
+                OR last_name IS NOT ?5 OR phone IS NOT ?6)
+         RETURNING {USER_COLUMNS}"
+    ))
+    .bind(input.id.as_str())
+    .bind(input.email.as_str())
+    .bind(input.email_verified)
+    .bind(opt_str(&input.first_name))
+    .bind(opt_str(&input.last_name))
+    .bind(opt_str(&input.phone))
+    .bind(expected)
+    .bind(now)
+    .fetch_optional(&mut **tx)
+    .await?;
+    row.map(user).transpose()
+}
+
 async fn get_user_in(tx: &mut Transaction<'_, Sqlite>, id: &UserId) -> StoreResult<Option<User>> {
     let row: Option<SqliteUserRow> =
         sqlx::query_as(&format!("SELECT {USER_COLUMNS} FROM users WHERE id = ?1"))
@@ -261,27 +290,9 @@ impl Store for SqliteStore {
     ) -> StoreResult<Option<User>> {
         let now = to_ms(now());
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        let written: Option<SqliteUserRow> = sqlx::query_as(&format!(
-            "UPDATE users SET email = ?2, email_verified = ?3, first_name = ?4, last_name = ?5,
-                    phone = ?6, version = version + 1, updated_at = ?8
-             WHERE id = ?1 AND version = ?7
-               AND (email IS NOT ?2 OR email_verified IS NOT ?3 OR first_name IS NOT ?4
-                    OR last_name IS NOT ?5 OR phone IS NOT ?6)
-             RETURNING {USER_COLUMNS}"
-        ))
-        .bind(input.id.as_str())
-        .bind(input.email.as_str())
-        .bind(input.email_verified)
-        .bind(opt_str(&input.first_name))
-        .bind(opt_str(&input.last_name))
-        .bind(opt_str(&input.phone))
-        .bind(expected)
-        .bind(now)
-        .fetch_optional(&mut *tx)
-        .await?;
+        let written = update_user_in(&mut tx, input, expected, now).await?;
         let outcome = match written {
-            Some(row) => {
-                let saved = user(row)?;
+            Some(saved) => {
                 self.enqueue_push(&mut tx, &saved.id, now).await?;
                 Some(saved)
             }
@@ -1007,29 +1018,11 @@ impl Store for SqliteStore {
     ) -> StoreResult<Option<User>> {
         let now = to_ms(now());
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        let written: Option<SqliteUserRow> = sqlx::query_as(&format!(
-            "UPDATE users SET email = ?2, email_verified = ?3, first_name = ?4, last_name = ?5,
-                    phone = ?6, version = version + 1, updated_at = ?8
-             WHERE id = ?1 AND version = ?7
-               AND (email IS NOT ?2 OR email_verified IS NOT ?3 OR first_name IS NOT ?4
-                    OR last_name IS NOT ?5 OR phone IS NOT ?6)
-             RETURNING {USER_COLUMNS}"
-        ))
-        .bind(input.id.as_str())
-        .bind(input.email.as_str())
-        .bind(input.email_verified)
-        .bind(opt_str(&input.first_name))
-        .bind(opt_str(&input.last_name))
-        .bind(opt_str(&input.phone))
-        .bind(expected)
-        .bind(now)
-        .fetch_optional(&mut *tx)
-        .await?;
-        let Some(row) = written else {
+        let written = update_user_in(&mut tx, input, expected, now).await?;
+        let Some(saved) = written else {
             tx.rollback().await?;
             return Ok(None);
         };
-        let saved = user(row)?;
         sqlx::query(
             "UPDATE customer_links SET pushed_email = ?2, pushed_name = ?3, pushed_phone = ?4,
                     pushed_version = ?5, pushed_at = ?6
