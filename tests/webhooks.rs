@@ -73,7 +73,12 @@ async fn a_signed_event_is_stored_once(backend: Backend) {
     assert_eq!(events[0]["id"], "evt_once");
     assert_eq!(events[0]["type"], "customer.updated");
     assert_eq!(events[0]["customer_id"], "cus_once");
-    assert_eq!(events[0]["state"], "pending");
+    // Stored for the applier, which may already have run (the customer is nobody's: a no-op).
+    assert!(
+        events[0]["state"] == "pending" || events[0]["state"] == "applied",
+        "{}",
+        events[0]
+    );
 
     // Unknown types are acknowledged and kept as skipped.
     let other = event("evt_other", "invoice.paid", "cus_once");
