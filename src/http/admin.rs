@@ -216,9 +216,10 @@ pub async fn resolve_customer(
     }))
 }
 
+/// `?state=&limit=` of the admin list routes (outbox jobs, webhook events).
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct OutboxQuery {
+struct ListQuery {
     state: Option<String>,
     limit: Option<u32>,
 }
@@ -278,7 +279,7 @@ pub async fn list_outbox(
     State(state): State<AppState>,
     RawQuery(query): RawQuery,
 ) -> Result<Json<JobsResponse>, ApiError> {
-    let query: OutboxQuery = serde_urlencoded::from_str(query.as_deref().unwrap_or(""))
+    let query: ListQuery = serde_urlencoded::from_str(query.as_deref().unwrap_or(""))
         .map_err(|e| ApiError::InvalidRequest(format!("query: {e}")))?;
     let job_state = query
         .state
@@ -366,7 +367,7 @@ pub async fn list_events(
     State(state): State<AppState>,
     RawQuery(query): RawQuery,
 ) -> Result<Json<EventsResponse>, ApiError> {
-    let query: OutboxQuery = serde_urlencoded::from_str(query.as_deref().unwrap_or(""))
+    let query: ListQuery = serde_urlencoded::from_str(query.as_deref().unwrap_or(""))
         .map_err(|e| ApiError::InvalidRequest(format!("query: {e}")))?;
     let event_state = query
         .state
