@@ -496,7 +496,229 @@ async fn customer_created_links_by_metadata(backend: Backend) {
     assert_eq!(u["customer"]["linked_via"], "stripe_metadata");
 }
 
+/// A backlog (as after an outage) is applied without the server's applier running, one tick
+/// at a time, straight from the inbox.
+struct Backlog {
+    store: support::TestStore,
+    stripe: MockServer,
+    applier: billsync::webhooks::apply::Applier,
+}
+
+async fn backlog(backend: Backend, test: &str) -> Option<Backlog> {
+    let store = backend.store(test).await?;
+    let stripe = MockServer::start().await;
+    let config = support::test_config(&stripe.uri());
+    let client =
+        billsync::stripe::StripeClient::new(&config.stripe, config.stripe_secret_key().unwrap())
+            .unwrap();
+    let applier = billsync::webhooks::apply::Applier::new(
+        store.store.clone(),
+        client,
+        config.outbox.clone(),
+        config.webhooks.retention,
+    );
+    Some(Backlog {
+        store,
+        stripe,
+        applier,
+    })
+}
+
+impl Backlog {
+    async fn linked_user(&self, user: &str, customer: &str) {
+        let store = &self.store.store;
+        store
+            .upsert_user(&billsync::store::UserUpsert {
+                id: UserId::parse(user).unwrap(),
+                email: billsync::domain::Email::parse(&format!("{user}@example.com")).unwrap(),
+                email_verified: true,
+                first_name: None,
+                last_name: None,
+                phone: None,
+            })
+            .await
+            .unwrap();
+        store
+            .insert_link(
+                &UserId::parse(user).unwrap(),
+                &StripeCustomerId::parse(customer).unwrap(),
+                false,
+                LinkSource::Created,
+            )
+            .await
+            .unwrap();
+    }
+
+    async fn queue(&self, bodies: &[String]) {
+        let events: Vec<_> = bodies
+            .iter()
+            .map(|body| {
+                let envelope = billsync::webhooks::ingest::parse_envelope(body.as_bytes()).unwrap();
+                billsync::webhooks::ingest::file(envelope, body.as_bytes(), false)
+            })
+            .collect();
+        self.store.store.insert_events(&events).await.unwrap();
+    }
+
+    async fn user(&self, user: &str) -> billsync::store::User {
+        self.store
+            .store
+            .get_user(&UserId::parse(user).unwrap())
+            .await
+            .unwrap()
+            .unwrap()
+    }
+
+    async fn ids_in(&self, state: billsync::store::EventState) -> Vec<String> {
+        let mut ids: Vec<String> = self
+            .store
+            .store
+            .list_events(Some(state), 1000)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|e| e.id)
+            .collect();
+        ids.sort();
+        ids
+    }
+}
+
+async fn a_backlog_is_applied_as_its_newest_snapshot(backend: Backend) {
+    use billsync::store::EventState;
+    let Some(b) = backlog(backend, "a_backlog_is_applied_as_its_newest_snapshot").await else {
+        return;
+    };
+    b.linked_user("backlog", "cus_backlog").await;
+    Mock::given(method("GET"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(customer(
+            "cus_backlog",
+            "backlog@example.com",
+            Some("Tie Second"),
+            Some("+14155550002"),
+        )))
+        .mount(&b.stripe)
+        .await;
+    // 50 changes, then two in the same second (the last of the run), then a subscription.
+    let mut bodies: Vec<String> = (0..50)
+        .map(|n| {
+            customer_event(
+                &format!("evt_run{n:02}"),
+                "customer.updated",
+                1_000 + n,
+                customer(
+                    "cus_backlog",
+                    "backlog@example.com",
+                    Some(&format!("Name{n} Backlog")),
+                    None,
+                ),
+            )
+        })
+        .collect();
+    for (id, name) in [("evt_tie_a", "Tie First"), ("evt_tie_b", "Tie Second")] {
+        bodies.push(customer_event(
+            id,
+            "customer.updated",
+            1_050,
+            customer("cus_backlog", "backlog@example.com", Some(name), None),
+        ));
+    }
+    bodies.push(
+        json!({"id": "evt_sub", "object": "event", "type": "customer.subscription.updated",
+               "created": 1_051, "livemode": false,
+               "data": {"object": {"id": "sub_backlog", "object": "subscription",
+                                   "customer": "cus_backlog", "status": "active",
+                                   "cancel_at_period_end": false,
+                                   "items": {"data": [{"price": {"id": "price_pro"},
+                                                       "current_period_end": 1_900_000_000}]}}}})
+        .to_string(),
+    );
+    b.queue(&bodies).await;
+
+    assert_eq!(b.applier.tick().await.unwrap(), 53);
+    assert_eq!(b.ids_in(EventState::Pending).await, Vec::<String>::new());
+    assert_eq!(b.ids_in(EventState::Applied).await.len(), 53);
+    let user = b.user("backlog").await;
+    assert_eq!(
+        (
+            user.first_name.unwrap().as_str(),
+            user.phone.unwrap().as_str()
+        ),
+        ("Tie", "+14155550002"),
+        "the same-second pair at the end of the run was settled by Stripe"
+    );
+    assert_eq!(user.version, 2, "one write for the whole run, not 52");
+    assert_eq!(b.stripe.received_requests().await.unwrap().len(), 1);
+    let subscriptions = b
+        .store
+        .store
+        .list_subscriptions(&UserId::parse("backlog").unwrap())
+        .await
+        .unwrap();
+    assert_eq!(subscriptions.len(), 1);
+    assert_eq!(subscriptions[0].status, "active");
+}
+
+async fn a_broken_newest_snapshot_leaves_the_older_ones_to_apply(backend: Backend) {
+    use billsync::store::EventState;
+    let Some(b) = backlog(
+        backend,
+        "a_broken_newest_snapshot_leaves_the_older_ones_to_apply",
+    )
+    .await
+    else {
+        return;
+    };
+    b.linked_user("broken", "cus_broken").await;
+    let mut bodies: Vec<String> = ["Good One", "Good Two"]
+        .iter()
+        .enumerate()
+        .map(|(n, name)| {
+            customer_event(
+                &format!("evt_good{n}"),
+                "customer.updated",
+                2_000 + n as i64,
+                customer("cus_broken", "broken@example.com", Some(name), None),
+            )
+        })
+        .collect();
+    bodies.push(customer_event(
+        "evt_bad",
+        "customer.updated",
+        2_002,
+        json!({"id": "cus_broken", "object": "customer", "email": 42}),
+    ));
+    b.queue(&bodies).await;
+
+    assert_eq!(
+        b.applier.tick().await.unwrap(),
+        1,
+        "the broken one fails first"
+    );
+    assert_eq!(b.ids_in(EventState::Failed).await, ["evt_bad"]);
+    assert_eq!(
+        b.ids_in(EventState::Pending).await,
+        ["evt_good0", "evt_good1"]
+    );
+    assert_eq!(b.applier.tick().await.unwrap(), 2);
+    assert_eq!(
+        b.ids_in(EventState::Applied).await,
+        ["evt_good0", "evt_good1"]
+    );
+    let user = b.user("broken").await;
+    assert_eq!(
+        (
+            user.first_name.unwrap().as_str(),
+            user.last_name.unwrap().as_str()
+        ),
+        ("Good", "Two")
+    );
+    assert!(b.stripe.received_requests().await.unwrap().is_empty());
+}
+
 on_every_store!(
+    a_backlog_is_applied_as_its_newest_snapshot,
+    a_broken_newest_snapshot_leaves_the_older_ones_to_apply,
     a_portal_change_reaches_the_user,
     billsyncs_own_push_is_an_echo,
     a_pending_local_edit_wins,

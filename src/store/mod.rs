@@ -439,7 +439,10 @@ pub trait Store: Send + Sync + 'static {
     /// one serving process per file) and starts after one that died. A no-op on Postgres,
     /// whose locks die with their connection.
     async fn clear_customer_leases(&self) -> StoreResult<()>;
-    /// Customers with events due to be applied (pending, or failed and due for a retry).
+    /// Customers with events due to be applied (pending, or failed and due for a retry),
+    /// oldest arrival first, leaving out those held back by an event waiting for its retry.
+    /// Only the oldest due events are looked at, so the query stays cheap however long the
+    /// backlog is.
     async fn due_event_customers(&self, limit: u32) -> StoreResult<Vec<String>>;
     /// Takes the lease on applying a customer's events, if nobody holds it.
     async fn try_lease_customer(
@@ -451,7 +454,11 @@ pub trait Store: Send + Sync + 'static {
     async fn release_customer(&self, customer: &str, holder: &str) -> StoreResult<()>;
     /// The customer's applicable events in order: Stripe's `created`, then arrival.
     async fn customer_events(&self, customer: &str, limit: u32) -> StoreResult<Vec<EventToApply>>;
-    async fn finish_event(&self, id: &str, outcome: &EventOutcome) -> StoreResult<()>;
+    /// Records how applying these events ended, in one statement.
+    async fn finish_events(&self, ids: &[String], outcome: &EventOutcome) -> StoreResult<()>;
+    async fn finish_event(&self, id: &str, outcome: &EventOutcome) -> StoreResult<()> {
+        self.finish_events(&[id.to_owned()], outcome).await
+    }
     /// The `created` and event id of the newest customer snapshot applied to this link.
     async fn link_watermark(&self, customer: &str) -> StoreResult<Option<(i64, Option<String>)>>;
     async fn raise_link_watermark(
@@ -499,6 +506,9 @@ pub trait Store: Send + Sync + 'static {
         completed: bool,
     ) -> StoreResult<()>;
 }
+
+/// `due_event_customers` looks at this many of the oldest due events per customer it returns.
+const DUE_WINDOW_PER_CUSTOMER: i64 = 16;
 
 #[derive(Debug, Clone)]
 pub struct StoreOptions {
@@ -567,15 +577,27 @@ pub(crate) fn postgres_migrator() -> Migrator {
             "link change notify",
             include_str!("../../migrations/postgres/0002_link_change_notify.sql"),
         ),
+        (
+            3,
+            "due events index",
+            include_str!("../../migrations/postgres/0003_due_events_index.sql"),
+        ),
     ])
 }
 
 pub(crate) fn sqlite_migrator() -> Migrator {
-    embedded_migrator(&[(
-        1,
-        "init",
-        include_str!("../../migrations/sqlite/0001_init.sql"),
-    )])
+    embedded_migrator(&[
+        (
+            1,
+            "init",
+            include_str!("../../migrations/sqlite/0001_init.sql"),
+        ),
+        (
+            2,
+            "due events index",
+            include_str!("../../migrations/sqlite/0002_due_events_index.sql"),
+        ),
+    ])
 }
 
 /// Columns of a user row, in the order both backends select them.

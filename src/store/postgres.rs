@@ -14,7 +14,7 @@ use super::{
     link_from_row, opt_str, parse_json, user_from_row, CustomerLink, EventOutcome, EventState,
     EventToApply, JobOutcome, JobState, LinkOutcome, LinkRow, NewEvent, OutboxJob, PushedProfile,
     ResolveClaim, Store, StoreError, StoreResult, StoredEvent, SubscriptionMirror, UsageRecord,
-    User, UserRow, UserUpsert,
+    User, UserRow, UserUpsert, DUE_WINDOW_PER_CUSTOMER,
 };
 use crate::domain::{LinkSource, StripeCustomerId, UserId};
 
@@ -125,6 +125,8 @@ async fn get_user_in(tx: &mut Transaction<'_, Postgres>, id: &UserId) -> StoreRe
 #[derive(Clone)]
 pub struct PgStore {
     pool: PgPool,
+    /// Only for the connections in `customer_locks`.
+    lock_pool: PgPool,
     push_debounce: Duration,
     /// Connections holding a customer's advisory lock while its events are applied.
     customer_locks: Arc<std::sync::Mutex<HashMap<String, PoolConnection<Postgres>>>>,
@@ -163,6 +165,9 @@ impl PgStore {
     }
 }
 
+/// Customers whose events one process applies at once, at most (each holds a connection).
+const CUSTOMER_LOCK_CONNECTIONS: u32 = 8;
+
 /// Entries kept at most; ~200 bytes each.
 const LINK_CACHE_CAPACITY: usize = 100_000;
 
@@ -174,6 +179,12 @@ impl PgStore {
             // Fail fast when the database is down, so callers answer 503 instead of hanging.
             .acquire_timeout(Duration::from_secs(3))
             .connect_lazy(url)?;
+        // Held connections for the applier's customer locks, apart from the main pool so that
+        // locks held across a customer's work never starve ingestion of connections.
+        let lock_pool = PgPoolOptions::new()
+            .max_connections(CUSTOMER_LOCK_CONNECTIONS)
+            .acquire_timeout(Duration::from_secs(3))
+            .connect_lazy(url)?;
         let links = Arc::new(LinkCache::new(options.link_cache_ttl, LINK_CACHE_CAPACITY));
         let listener = if options.link_cache_ttl.is_zero() {
             tokio::spawn(async {})
@@ -182,6 +193,7 @@ impl PgStore {
         };
         Ok(Self {
             pool,
+            lock_pool,
             push_debounce: options.push_debounce,
             customer_locks: Arc::default(),
             links,
@@ -820,15 +832,27 @@ impl Store for PgStore {
 
     async fn due_event_customers(&self, limit: u32) -> StoreResult<Vec<String>> {
         Ok(sqlx::query_scalar(
-            "SELECT stripe_customer_id FROM stripe_events
-             WHERE stripe_customer_id IS NOT NULL
-               AND (state = 'pending' OR (state = 'failed' AND next_attempt_at IS NOT NULL))
-               AND (next_attempt_at IS NULL OR next_attempt_at <= now())
+            "WITH due AS (
+                 (SELECT stripe_customer_id, arrival_seq FROM stripe_events
+                  WHERE state = 'pending' AND stripe_customer_id IS NOT NULL
+                  ORDER BY arrival_seq LIMIT $2)
+                 UNION ALL
+                 (SELECT stripe_customer_id, arrival_seq FROM stripe_events
+                  WHERE state = 'failed' AND next_attempt_at <= now()
+                    AND stripe_customer_id IS NOT NULL
+                  ORDER BY arrival_seq LIMIT $2)
+             )
+             SELECT stripe_customer_id FROM due
+             WHERE NOT EXISTS (
+                 SELECT 1 FROM stripe_events waiting
+                 WHERE waiting.stripe_customer_id = due.stripe_customer_id
+                   AND waiting.state = 'failed' AND waiting.next_attempt_at > now())
              GROUP BY stripe_customer_id
              ORDER BY min(arrival_seq)
              LIMIT $1",
         )
         .bind(i64::from(limit))
+        .bind(i64::from(limit) * DUE_WINDOW_PER_CUSTOMER)
         .fetch_all(&self.pool)
         .await?)
     }
@@ -842,7 +866,7 @@ impl Store for PgStore {
         _holder: &str,
         _lease: Duration,
     ) -> StoreResult<bool> {
-        let mut connection = self.pool.acquire().await?;
+        let mut connection = self.lock_pool.acquire().await?;
         let locked: bool =
             sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtextextended($1, 42))")
                 .bind(customer)
@@ -942,25 +966,25 @@ impl Store for PgStore {
             .collect()
     }
 
-    async fn finish_event(&self, id: &str, outcome: &EventOutcome) -> StoreResult<()> {
+    async fn finish_events(&self, ids: &[String], outcome: &EventOutcome) -> StoreResult<()> {
         let query = match outcome {
             EventOutcome::Applied => sqlx::query(
                 "UPDATE stripe_events SET state = 'applied', applied_at = now(), last_error = NULL,
-                        next_attempt_at = NULL WHERE id = $1",
+                        next_attempt_at = NULL WHERE id = ANY($1)",
             )
-            .bind(id),
+            .bind(ids),
             EventOutcome::Retry { delay, error } => sqlx::query(
                 "UPDATE stripe_events SET state = 'failed', attempts = attempts + 1, last_error = $2,
-                        next_attempt_at = now() + make_interval(secs => $3) WHERE id = $1",
+                        next_attempt_at = now() + make_interval(secs => $3) WHERE id = ANY($1)",
             )
-            .bind(id)
+            .bind(ids)
             .bind(clip_error(error))
             .bind(delay.as_secs_f64()),
             EventOutcome::Failed { error } => sqlx::query(
                 "UPDATE stripe_events SET state = 'failed', attempts = attempts + 1, last_error = $2,
-                        next_attempt_at = NULL WHERE id = $1",
+                        next_attempt_at = NULL WHERE id = ANY($1)",
             )
-            .bind(id)
+            .bind(ids)
             .bind(clip_error(error)),
         };
         query.execute(&self.pool).await?;

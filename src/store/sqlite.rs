@@ -11,9 +11,14 @@ use super::{
     clip_error, event_from_parts, job_from_parts, link_from_row, now, opt_str, parse_json,
     user_from_row, CustomerLink, EventOutcome, EventState, EventToApply, JobOutcome, JobState,
     LinkOutcome, NewEvent, OutboxJob, PushedProfile, ResolveClaim, Store, StoreError, StoreResult,
-    StoredEvent, SubscriptionMirror, UsageRecord, User, UserUpsert,
+    StoredEvent, SubscriptionMirror, UsageRecord, User, UserUpsert, DUE_WINDOW_PER_CUSTOMER,
 };
 use crate::domain::{LinkSource, StripeCustomerId, UserId};
+
+/// Ids as a JSON array, for `IN (SELECT value FROM json_each(?))`: SQLite has no array binds.
+fn ids_json(ids: &[String]) -> String {
+    serde_json::Value::from(ids).to_string()
+}
 
 const USER_COLUMNS: &str =
     "id, email, email_verified, first_name, last_name, phone, version, created_at, updated_at";
@@ -844,16 +849,28 @@ impl Store for SqliteStore {
 
     async fn due_event_customers(&self, limit: u32) -> StoreResult<Vec<String>> {
         Ok(sqlx::query_scalar(
-            "SELECT stripe_customer_id FROM stripe_events
-             WHERE stripe_customer_id IS NOT NULL
-               AND (state = 'pending' OR (state = 'failed' AND next_attempt_at IS NOT NULL))
-               AND (next_attempt_at IS NULL OR next_attempt_at <= ?1)
+            "WITH due AS (
+                 SELECT * FROM (SELECT stripe_customer_id, seq FROM stripe_events
+                                WHERE state = 'pending' AND stripe_customer_id IS NOT NULL
+                                ORDER BY seq LIMIT ?3)
+                 UNION ALL
+                 SELECT * FROM (SELECT stripe_customer_id, seq FROM stripe_events
+                                WHERE state = 'failed' AND next_attempt_at <= ?1
+                                  AND stripe_customer_id IS NOT NULL
+                                ORDER BY seq LIMIT ?3)
+             )
+             SELECT stripe_customer_id FROM due
+             WHERE NOT EXISTS (
+                 SELECT 1 FROM stripe_events waiting
+                 WHERE waiting.stripe_customer_id = due.stripe_customer_id
+                   AND waiting.state = 'failed' AND waiting.next_attempt_at > ?1)
              GROUP BY stripe_customer_id
              ORDER BY min(seq)
              LIMIT ?2",
         )
         .bind(to_ms(now()))
         .bind(i64::from(limit))
+        .bind(i64::from(limit) * DUE_WINDOW_PER_CUSTOMER)
         .fetch_all(&self.pool)
         .await?)
     }
@@ -953,27 +970,27 @@ impl Store for SqliteStore {
             .collect()
     }
 
-    async fn finish_event(&self, id: &str, outcome: &EventOutcome) -> StoreResult<()> {
+    async fn finish_events(&self, ids: &[String], outcome: &EventOutcome) -> StoreResult<()> {
         let now = to_ms(now());
         let query = match outcome {
             EventOutcome::Applied => sqlx::query(
                 "UPDATE stripe_events SET state = 'applied', applied_at = ?2, last_error = NULL,
-                        next_attempt_at = NULL WHERE id = ?1",
+                        next_attempt_at = NULL WHERE id IN (SELECT value FROM json_each(?1))",
             )
-            .bind(id)
+            .bind(ids_json(ids))
             .bind(now),
             EventOutcome::Retry { delay, error } => sqlx::query(
                 "UPDATE stripe_events SET state = 'failed', attempts = attempts + 1, last_error = ?2,
-                        next_attempt_at = ?3 WHERE id = ?1",
+                        next_attempt_at = ?3 WHERE id IN (SELECT value FROM json_each(?1))",
             )
-            .bind(id)
+            .bind(ids_json(ids))
             .bind(clip_error(error))
             .bind(now + ms(*delay)),
             EventOutcome::Failed { error } => sqlx::query(
                 "UPDATE stripe_events SET state = 'failed', attempts = attempts + 1, last_error = ?2,
-                        next_attempt_at = NULL WHERE id = ?1",
+                        next_attempt_at = NULL WHERE id IN (SELECT value FROM json_each(?1))",
             )
-            .bind(id)
+            .bind(ids_json(ids))
             .bind(clip_error(error)),
         };
         query.execute(&self.pool).await?;

@@ -6,6 +6,7 @@
 
 use std::sync::Arc;
 
+use futures_util::StreamExt;
 use serde_json::Value;
 use tokio::sync::watch;
 
@@ -20,6 +21,11 @@ use crate::{
     stripe::{Customer, StripeClient, Subscription},
 };
 
+const CUSTOMER_UPDATED: &str = "customer.updated";
+/// Customers applied at the same time: their database round trips overlap.
+const CONCURRENT_CUSTOMERS: usize = 8;
+/// The longest breather between ticks that found work (see `run`).
+const BUSY_PAUSE_MAX: std::time::Duration = std::time::Duration::from_millis(100);
 /// Events of one customer applied per lease.
 const EVENTS_PER_CUSTOMER: u32 = 500;
 /// Customers looked at per tick.
@@ -74,6 +80,7 @@ impl Applier {
                 }
                 next_prune = tokio::time::Instant::now() + std::time::Duration::from_secs(600);
             }
+            let started = tokio::time::Instant::now();
             let applied = match self.tick().await {
                 Ok(applied) => applied,
                 Err(err) => {
@@ -81,52 +88,100 @@ impl Applier {
                     0
                 }
             };
-            if applied == 0 {
-                tokio::select! {
-                    _ = tokio::time::sleep(self.retry.poll_interval) => {}
-                    _ = shutdown.changed() => {}
-                }
+            // After work, a breather as long as the work (at most BUSY_PAUSE_MAX): ingestion,
+            // which Stripe waits on, keeps at least half the time, and a customer's events
+            // arriving in a burst meanwhile are applied as one snapshot.
+            let pause = if applied == 0 {
+                self.retry.poll_interval
+            } else {
+                started.elapsed().min(BUSY_PAUSE_MAX)
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(pause) => {}
+                _ = shutdown.changed() => {}
             }
         }
         tracing::info!("event applier stopped");
     }
 
-    /// Applies what is due for up to 64 customers; returns how many events it finished.
+    /// Applies what is due for up to 64 customers, several at a time; returns how many events
+    /// it finished.
     pub async fn tick(&self) -> Result<usize, StoreError> {
+        let customers = self.store.due_event_customers(CUSTOMERS_PER_TICK).await?;
+        let mut runs = futures_util::stream::iter(customers)
+            .map(|customer| async move { self.lease_and_apply(&customer).await })
+            .buffer_unordered(CONCURRENT_CUSTOMERS);
         let mut finished = 0;
-        for customer in self.store.due_event_customers(CUSTOMERS_PER_TICK).await? {
-            if !self
-                .store
-                .try_lease_customer(&customer, &self.holder, self.retry.lease)
-                .await?
-            {
-                continue; // another instance is on this customer
+        let mut first_error = None;
+        while let Some(result) = runs.next().await {
+            match result {
+                Ok(n) => finished += n,
+                Err(err) => first_error = first_error.or(Some(err)),
             }
-            let result = self.apply_customer(&customer).await;
-            self.store.release_customer(&customer, &self.holder).await?;
-            finished += result?;
         }
-        Ok(finished)
+        match first_error {
+            Some(err) if finished == 0 => Err(err),
+            _ => Ok(finished),
+        }
     }
 
-    async fn apply_customer(&self, customer: &str) -> Result<usize, StoreError> {
-        let now = time::OffsetDateTime::now_utc();
-        let mut finished = 0;
-        for event in self
+    async fn lease_and_apply(&self, customer: &str) -> Result<usize, StoreError> {
+        if !self
             .store
-            .customer_events(customer, EVENTS_PER_CUSTOMER)
+            .try_lease_customer(customer, &self.holder, self.retry.lease)
             .await?
         {
-            if event.next_attempt_at.is_some_and(|at| at > now) {
-                break; // an earlier event waits for its retry: later ones wait behind it
+            return Ok(0); // another instance is on this customer
+        }
+        let result = self.apply_customer(customer).await;
+        self.store.release_customer(customer, &self.holder).await?;
+        result
+    }
+
+    /// Applies the customer's due events in order. A run of consecutive `customer.updated`
+    /// events is applied as its newest snapshot only: each snapshot is the whole customer, so
+    /// the older ones would be overwritten anyway. They still count for the same-second rule,
+    /// and they are marked applied together with the snapshot that superseded them.
+    async fn apply_customer(&self, customer: &str) -> Result<usize, StoreError> {
+        let now = time::OffsetDateTime::now_utc();
+        let events = self
+            .store
+            .customer_events(customer, EVENTS_PER_CUSTOMER)
+            .await?;
+        // An earlier event waiting for its retry holds the later ones back.
+        let due = events
+            .iter()
+            .take_while(|e| e.next_attempt_at.is_none_or(|at| at <= now))
+            .collect::<Vec<_>>();
+        let mut finished = 0;
+        let mut superseded: Vec<String> = Vec::new();
+        let mut newest_superseded: Option<(i64, &str)> = None;
+        for (index, event) in due.iter().enumerate() {
+            let is_update = event.event.kind == CUSTOMER_UPDATED;
+            if is_update
+                && due
+                    .get(index + 1)
+                    .is_some_and(|next| next.event.kind == CUSTOMER_UPDATED)
+            {
+                superseded.push(event.event.id.clone());
+                newest_superseded = Some((event.event.created, &event.event.id));
+                continue;
             }
-            let outcome = match self.apply(&event).await {
+            let outcome = match self.apply(event, newest_superseded).await {
                 Ok(()) => EventOutcome::Applied,
-                Err(failure) => self.outcome_of(&event, failure),
+                Err(failure) => self.outcome_of(event, failure),
             };
-            self.store.finish_event(&event.event.id, &outcome).await?;
-            finished += 1;
-            if matches!(outcome, EventOutcome::Retry { .. }) {
+            if matches!(outcome, EventOutcome::Applied) {
+                superseded.push(event.event.id.clone());
+                self.store.finish_events(&superseded, &outcome).await?;
+                finished += superseded.len();
+                superseded.clear();
+                newest_superseded = None;
+            } else {
+                // The superseded events stay pending: the next pass applies the newest of them
+                // in order, then meets this one again (due for retry, or parked).
+                self.store.finish_event(&event.event.id, &outcome).await?;
+                finished += 1;
                 break;
             }
         }
@@ -150,8 +205,14 @@ impl Applier {
         }
     }
 
+    /// `superseded` is the newest `customer.updated` folded into this one (see
+    /// `apply_customer`).
     #[tracing::instrument(skip_all, fields(event_id = %event.event.id, kind = %event.event.kind))]
-    async fn apply(&self, event: &EventToApply) -> Result<(), JobFailure> {
+    async fn apply(
+        &self,
+        event: &EventToApply,
+        superseded: Option<(i64, &str)>,
+    ) -> Result<(), JobFailure> {
         let payload: Value = serde_json::from_str(&event.payload)
             .map_err(|e| JobFailure::Permanent(format!("stored payload: {e}")))?;
         let object = payload
@@ -161,8 +222,8 @@ impl Applier {
         let created = event.event.created;
         match event.event.kind.as_str() {
             "customer.created" => self.customer_created(parse(object)?).await,
-            "customer.updated" => {
-                self.customer_updated(parse(object)?, created, &event.event.id)
+            CUSTOMER_UPDATED => {
+                self.customer_updated(parse(object)?, created, &event.event.id, superseded)
                     .await
             }
             "customer.deleted" => self.customer_deleted(parse(object)?).await,
@@ -211,6 +272,7 @@ impl Applier {
         event_snapshot: Customer,
         created: i64,
         event_id: &str,
+        superseded: Option<(i64, &str)>,
     ) -> Result<(), JobFailure> {
         let Ok(customer_id) = StripeCustomerId::parse(&event_snapshot.id) else {
             return Ok(());
@@ -218,7 +280,14 @@ impl Applier {
         let Some(link) = self.store.get_link_by_customer(&customer_id).await? else {
             return Ok(()); // not one of ours
         };
-        let watermark = self.store.link_watermark(customer_id.as_str()).await?;
+        let stored = self.store.link_watermark(customer_id.as_str()).await?;
+        // A folded-in older snapshot counts as applied just before this one: on the same
+        // second it is the one to compare with (as if it had been applied on its own).
+        let watermark = match (stored, superseded) {
+            (Some((seen, id)), Some((folded, _))) if seen > folded => Some((seen, id)),
+            (_, Some((folded, id))) => Some((folded, Some(id.to_owned()))),
+            (stored, None) => stored,
+        };
         let snapshot = match watermark {
             // This very event was applied before (a crash came between applying it and
             // marking it applied): nothing to do again.
