@@ -56,11 +56,13 @@ trap 'kill $SERVER 2>/dev/null || true; rm -rf "$WORK"' EXIT
 for _ in $(seq 1 100); do curl -sf "http://127.0.0.1:$PORT/readyz" >/dev/null && break; sleep 0.1; done
 
 export BENCH_THREADS=2
+INGEST_START=$(date +%s.%N)
 BURST="$(BENCH_EVENTS="$WORK/burst.tsv" wrk -t2 -c64 -d"$DURATION" -s bench/webhook_replay.lua "http://127.0.0.1:$PORT")"
 LAT="$(BENCH_EVENTS="$WORK/latency.tsv" wrk -t2 -c16 -d"$DURATION" --latency -s bench/webhook_replay.lua "http://127.0.0.1:$PORT")"
 
 # The applier drains what was stored: time it from here.
 START=$(date +%s.%N); START_PENDING=$(SQL "SELECT count(*) FROM stripe_events WHERE state = 'pending'")
+APPLIED_LIVE=$(SQL "SELECT count(*) FROM stripe_events WHERE state = 'applied'")
 while :; do
   PENDING=$(SQL "SELECT count(*) FROM stripe_events WHERE state = 'pending'")
   [ "$PENDING" = 0 ] && break
@@ -74,12 +76,14 @@ kill -TERM $SERVER; wait $SERVER 2>/dev/null || true
 
 field() { sed -n "s/.* $1=\([0-9.]*\).*/\1/p" <<<"$2" | head -n1; }
 APPLY_RATE=$(python3 -c "print(round($START_PENDING / max($END - $START, 1e-9)))")
+LIVE_RATE=$(python3 -c "print(round($APPLIED_LIVE / max($START - $INGEST_START, 1e-9)))")
 {
   echo "webhook ingestion, $BACKEND, ${DURATION}s runs, $CUSTOMERS customers (linked users), ~1.5 KB events"
   echo "machine: $(nproc) cores; $(date -u +%FT%TZ)"
   echo "64 connections: $(field rps "$BURST") acknowledged events/s, p99 $(field p99_ms "$BURST") ms, non-2xx $(field non2xx "$BURST"), duplicates $(field duplicates "$BURST")"
   echo "16 connections: $(field rps "$LAT") events/s, p50 $(field p50_ms "$LAT") ms, p99 $(field p99_ms "$LAT") ms, non-2xx $(field non2xx "$LAT")"
-  echo "applier: drained $START_PENDING pending events at $APPLY_RATE events/s (after ingestion stopped)"
+  echo "applier while ingesting: $APPLIED_LIVE applied in $(python3 -c "print(round($START - $INGEST_START, 1))") s, $LIVE_RATE events/s"
+  echo "applier after ingestion: drained $START_PENDING pending events at $APPLY_RATE events/s"
   echo "stored $STORED, applied $APPLIED; server RSS peak $((RSS_KB / 1024)) MiB"
   echo; echo "--- wrk 64"; echo "$BURST"; echo "--- wrk 16"; echo "$LAT"
 } | tee "$OUT"
