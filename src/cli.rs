@@ -37,6 +37,9 @@ pub enum Command {
     /// Webhook events.
     #[command(subcommand)]
     Events(EventsCommand),
+    /// The billing-portal configuration, kept as code.
+    #[command(subcommand)]
+    Portal(PortalCommand),
     /// Print everything billsync holds about a user as JSON (the GDPR export).
     Export {
         #[arg(long, env = "BILLSYNC_USER_ID")]
@@ -49,6 +52,21 @@ pub enum Command {
         /// Delete the Stripe customer instead of scrubbing it.
         #[arg(long, env = "BILLSYNC_DELETE_STRIPE_CUSTOMER")]
         delete_stripe_customer: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PortalCommand {
+    /// Validate FILE and make Stripe hold it: create, update in place, or (unchanged) nothing.
+    Apply {
+        /// A TOML file like portal.example.toml.
+        file: std::path::PathBuf,
+    },
+    /// Print what a configuration was applied as, and what Stripe holds now.
+    Show {
+        /// The `name` in its file.
+        #[arg(long, default_value = "default")]
+        name: String,
     },
 }
 
@@ -81,8 +99,15 @@ pub enum CustomerCommand {
 /// Parses arguments, runs the command, and turns any failure into one clear line on stderr.
 pub async fn run() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing();
-    match execute(cli).await {
+    let config = match Config::load(&cli.config) {
+        Ok(config) => config,
+        Err(err) => {
+            eprintln!("billsync: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    crate::telemetry::init_logs(config.log_format, config.secret_values());
+    match execute(cli.command, config).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("billsync: {err:#}");
@@ -91,19 +116,8 @@ pub async fn run() -> ExitCode {
     }
 }
 
-fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .try_init();
-}
-
-async fn execute(cli: Cli) -> anyhow::Result<()> {
-    let config = Config::load(&cli.config)?;
-    match cli.command {
+async fn execute(command: Command, config: Config) -> anyhow::Result<()> {
+    match command {
         Command::Serve => serve(config).await,
         Command::Migrate => {
             let store = open_store(&config).await?;
@@ -143,6 +157,39 @@ async fn execute(cli: Cli) -> anyhow::Result<()> {
                     .ok_or_else(|| anyhow::anyhow!("no event {id}"))?;
                 println!("{id} queued again");
             }
+            Ok(())
+        }
+        Command::Portal(PortalCommand::Apply { file }) => {
+            let text = std::fs::read_to_string(&file)
+                .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?;
+            let spec = crate::portal_config::PortalSpec::parse(&text)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+            let stripe = StripeClient::new(&config.stripe, config.stripe_secret_key()?)?;
+            let store = open_store(&config).await?;
+            let applied = crate::portal_config::apply(store.as_ref(), &stripe, &spec).await?;
+            println!("{}", serde_json::to_string(&applied)?);
+            Ok(())
+        }
+        Command::Portal(PortalCommand::Show { name }) => {
+            let store = open_store(&config).await?;
+            let record = store.portal_config(&name).await?.ok_or_else(|| {
+                anyhow::anyhow!("no portal configuration named {name:?} was applied")
+            })?;
+            let stripe = StripeClient::new(&config.stripe, config.stripe_secret_key()?)?;
+            let live = stripe
+                .retrieve_portal_configuration(&record.stripe_configuration_id)
+                .await?;
+            let applied_at = record
+                .applied_at
+                .format(&time::format_description::well_known::Rfc3339)?;
+            let shown = serde_json::json!({
+                "name": record.name,
+                "id": record.stripe_configuration_id,
+                "spec_hash": record.spec_hash,
+                "applied_at": applied_at,
+                "stripe": live,
+            });
+            println!("{}", serde_json::to_string_pretty(&shown)?);
             Ok(())
         }
         Command::Export { user } => {

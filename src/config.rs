@@ -57,6 +57,38 @@ pub const DEFAULT_STRIPE_API_BASE: &str = "https://api.stripe.com";
 /// account's default version cannot change the shapes billsync parses.
 pub const DEFAULT_STRIPE_API_VERSION: &str = "2025-08-27.basil";
 
+/// An exact browser origin: `http(s)://host[:port]`, no path, no wildcard (credentials are
+/// allowed on the user routes, and a wildcard with credentials would trust any site).
+fn parse_origin(raw: &str) -> Result<String, ConfigError> {
+    let invalid = || {
+        ConfigError::Invalid(format!(
+            "BILLSYNC_CORS_ORIGINS must list exact origins like https://app.example.com, got {raw:?}"
+        ))
+    };
+    let rest = raw
+        .strip_prefix("https://")
+        .or_else(|| raw.strip_prefix("http://"))
+        .ok_or_else(invalid)?;
+    let host_ok = !rest.is_empty()
+        && rest
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-.:[]".contains(&b));
+    if !host_ok || rest.starts_with([':', '.']) || rest.ends_with([':', '.']) {
+        return Err(invalid());
+    }
+    Ok(raw.to_ascii_lowercase())
+}
+
+/// The password of a `scheme://user:password@host/…` URL.
+fn url_password(url: &str) -> Option<&str> {
+    let authority = url.split_once("://")?.1.split(['/', '?']).next()?;
+    let userinfo = authority.rsplit_once('@')?.0;
+    userinfo
+        .split_once(':')
+        .map(|(_, p)| p)
+        .filter(|p| !p.is_empty())
+}
+
 /// Every setting, as a flag and an environment variable. All optional here: defaults and the
 /// TOML file fill the gaps in [`Config::load`].
 #[derive(Debug, Default, Clone, clap::Args)]
@@ -149,6 +181,13 @@ pub struct ConfigArgs {
     /// Days applied and skipped events are kept (failed and pending ones are kept) [default: 30]
     #[arg(long, env = "BILLSYNC_EVENT_RETENTION_DAYS", global = true)]
     pub event_retention_days: Option<u32>,
+    /// Log output: pretty or json (one object per line, request id on each) [default: pretty]
+    #[arg(long, env = "BILLSYNC_LOG_FORMAT", global = true)]
+    pub log_format: Option<String>,
+    /// Browser origins allowed to call the user routes (exact, comma-separated, e.g.
+    /// https://app.example.com); none by default.
+    #[arg(long, env = "BILLSYNC_CORS_ORIGINS", global = true)]
+    pub cors_origins: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -177,6 +216,8 @@ struct FileConfig {
     stripe_webhook_secret: Option<String>,
     webhook_tolerance_secs: Option<u64>,
     event_retention_days: Option<u32>,
+    log_format: Option<String>,
+    cors_origins: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -246,6 +287,9 @@ pub struct Config {
     pub jwt: JwtConfig,
     pub outbox: OutboxConfig,
     pub webhooks: WebhookConfig,
+    pub log_format: crate::telemetry::LogFormat,
+    /// Exact origins (`https://app.example.com`) allowed to call the user routes from a browser.
+    pub cors_origins: Vec<String>,
 }
 
 impl Config {
@@ -393,8 +437,21 @@ impl Config {
                     ),
             ),
         };
+        let log_format = pick(&args.log_format, file.log_format)
+            .map(|f| f.parse().map_err(ConfigError::Invalid))
+            .transpose()?
+            .unwrap_or_default();
+        let cors_origins = pick(&args.cors_origins, file.cors_origins)
+            .unwrap_or_default()
+            .split(',')
+            .map(str::trim)
+            .filter(|o| !o.is_empty())
+            .map(parse_origin)
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(Self {
             webhooks,
+            log_format,
+            cors_origins,
             app_url,
             portal_configuration_id: pick(
                 &args.stripe_portal_configuration_id,
@@ -460,6 +517,24 @@ impl Config {
         }
     }
 
+    /// Every configured secret value, for the log scrubber to redact wherever one appears.
+    pub fn secret_values(&self) -> Vec<String> {
+        let mut secrets: Vec<String> = [
+            self.stripe.secret_key.as_ref(),
+            self.admin_api_key.as_ref(),
+            self.jwt.secret.as_ref(),
+        ]
+        .into_iter()
+        .flatten()
+        .chain(&self.webhooks.secrets)
+        .map(|s| s.expose().to_owned())
+        .collect();
+        if let Some(password) = url_password(self.database_url.expose()) {
+            secrets.push(password.to_owned());
+        }
+        secrets
+    }
+
     pub fn livemode(&self) -> bool {
         self.stripe
             .secret_key
@@ -471,6 +546,55 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cors_origins_must_be_exact() {
+        let load = |origins: &str| {
+            Config::load(&ConfigArgs {
+                cors_origins: Some(origins.into()),
+                ..Default::default()
+            })
+        };
+        assert_eq!(
+            load("https://App.example.com, http://localhost:3000")
+                .unwrap()
+                .cors_origins,
+            ["https://app.example.com", "http://localhost:3000"]
+        );
+        for bad in [
+            "*",
+            "https://*.example.com",
+            "app.example.com",
+            "https://app.example.com/",
+            "https://app.example.com/path",
+            "null",
+        ] {
+            let err = load(bad).unwrap_err().to_string();
+            assert!(err.contains("BILLSYNC_CORS_ORIGINS"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn secrets_for_the_log_scrubber_include_the_database_password() {
+        let config = Config::load(&ConfigArgs {
+            database_url: Some("postgres://billsync:pa55word-xyz@db:5432/billsync".into()),
+            stripe_secret_key: Some("sk_test_123456789".into()),
+            stripe_webhook_secret: Some("whsec_one,whsec_two".into()),
+            ..Default::default()
+        })
+        .unwrap();
+        let secrets = config.secret_values();
+        for expected in [
+            "pa55word-xyz",
+            "sk_test_123456789",
+            "whsec_one",
+            "whsec_two",
+        ] {
+            assert!(secrets.iter().any(|s| s == expected), "{expected}");
+        }
+        assert_eq!(url_password("postgres://postgres@127.0.0.1/x"), None);
+        assert_eq!(url_password("sqlite://./billsync.db"), None);
+    }
 
     #[test]
     fn defaults_apply_without_any_configuration() {

@@ -76,10 +76,19 @@ impl OutboxWorker {
             JobKind::PushProfile => self.push_profile(job).await,
             JobKind::Erase => gdpr::run_erasure(self.store.as_ref(), &self.stripe, job).await,
         };
-        match result {
+        let outcome = match result {
             Ok(()) => JobOutcome::Done,
             Err(failure) => self.outcome_of(job, failure),
-        }
+        };
+        let label = match outcome {
+            JobOutcome::Done => "done",
+            JobOutcome::Retry { .. } => "retry",
+            JobOutcome::Failed { .. } => "failed",
+        };
+        metrics::counter!("billsync_outbox_jobs_total",
+            "kind" => job.kind.as_str(), "outcome" => label)
+        .increment(1);
+        outcome
     }
 
     fn outcome_of(&self, job: &OutboxJob, failure: JobFailure) -> JobOutcome {

@@ -533,6 +533,7 @@ async fn openapi_describes_every_route() {
         ("/api/billing/create-portal-session", "post"),
         ("/api/user/export-data", "get"),
         ("/api/user/delete-account", "delete"),
+        ("/metrics", "get"),
     ] {
         assert!(
             paths.get(route).and_then(|p| p.get(verb)).is_some(),

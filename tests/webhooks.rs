@@ -219,6 +219,14 @@ async fn secrets_rotate(backend: Backend) {
     assert_eq!(stored(&app, None).await.len(), 3);
 }
 
+async fn futures_join(tasks: Vec<tokio::task::JoinHandle<u16>>) -> Vec<u16> {
+    let mut statuses = Vec::with_capacity(tasks.len());
+    for task in tasks {
+        statuses.push(task.await.unwrap());
+    }
+    statuses
+}
+
 async fn concurrent_deliveries_are_group_committed(backend: Backend) {
     let Some((app, _s)) = app(backend, "concurrent_deliveries_are_group_committed").await else {
         return;
@@ -240,9 +248,12 @@ async fn concurrent_deliveries_are_group_committed(backend: Backend) {
             tokio::spawn(async move { request.send().await.unwrap().status().as_u16() })
         })
         .collect();
-    for task in tasks {
-        assert_eq!(task.await.unwrap(), 200);
-    }
+    let statuses: Vec<u16> = futures_join(tasks).await;
+    assert!(
+        statuses.iter().all(|s| *s == 200),
+        "every delivery acknowledged: {:?}",
+        statuses.iter().filter(|s| **s != 200).collect::<Vec<_>>()
+    );
     let events = stored(&app, None).await;
     assert_eq!(events.len(), 150, "each event stored exactly once");
 }

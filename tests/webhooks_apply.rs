@@ -4,10 +4,7 @@
 
 mod support;
 
-use billsync::{
-    domain::{LinkSource, StripeCustomerId, UserId},
-    store::PushedProfile,
-};
+use billsync::{domain::UserId, store::PushedProfile};
 use reqwest::Method;
 use serde_json::{json, Value};
 use support::{eventually, Backend, TestApp};
@@ -32,17 +29,7 @@ async fn world(backend: Backend, test: &str) -> Option<World> {
 
 async fn link(w: &World, user: &str, customer: &str, profile: Value) {
     w.app.put_user(user, profile).await;
-    w.app
-        .state
-        .store
-        .insert_link(
-            &UserId::parse(user).unwrap(),
-            &StripeCustomerId::parse(customer).unwrap(),
-            false,
-            LinkSource::Created,
-        )
-        .await
-        .unwrap();
+    support::link_in_store(w.app.state.store.as_ref(), user, customer).await;
 }
 
 fn customer_event(id: &str, kind: &str, created: i64, customer: Value) -> String {
@@ -538,15 +525,7 @@ impl Backlog {
             })
             .await
             .unwrap();
-        store
-            .insert_link(
-                &UserId::parse(user).unwrap(),
-                &StripeCustomerId::parse(customer).unwrap(),
-                false,
-                LinkSource::Created,
-            )
-            .await
-            .unwrap();
+        support::link_in_store(store.as_ref(), user, customer).await;
     }
 
     async fn queue(&self, bodies: &[String]) {

@@ -10,7 +10,7 @@ use std::{sync::Arc, time::Duration};
 
 use axum::{
     extract::{DefaultBodyLimit, State},
-    http::{HeaderName, Request, StatusCode},
+    http::{HeaderName, HeaderValue, Method, Request, StatusCode},
     middleware,
     response::IntoResponse,
     routing::{delete, get, post, put},
@@ -18,6 +18,7 @@ use axum::{
 };
 use serde_json::json;
 use tower_http::{
+    cors::{AllowOrigin, CorsLayer},
     request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer},
     trace::TraceLayer,
 };
@@ -63,11 +64,18 @@ pub struct AppState {
     pub applier: crate::webhooks::apply::Applier,
     /// Whether the configured Stripe key is a live one; events of the other mode are skipped.
     pub livemode: bool,
+    pub cors_origins: Vec<HeaderValue>,
 }
 
 impl AppState {
     pub fn new(config: &Config, store: Arc<dyn Store>, stripe: StripeClient) -> Self {
+        crate::telemetry::prometheus(); // record from the first request on
         Self {
+            cors_origins: config
+                .cors_origins
+                .iter()
+                .filter_map(|o| HeaderValue::from_str(o).ok())
+                .collect(),
             worker: OutboxWorker::new(store.clone(), stripe.clone(), config.outbox.clone()),
             jwt: JwtVerifier::from_config(&config.jwt),
             app_url: config.app_url.clone(),
@@ -83,7 +91,9 @@ impl AppState {
                 stripe.clone(),
                 config.outbox.clone(),
                 config.webhooks.retention,
-            ),
+            )
+            // A quarter of the pool: ingestion and the API keep the rest.
+            .with_concurrency(config.db_max_connections as usize / 4),
             portal_configuration_id: config.portal_configuration_id.clone(),
             resolver: CustomerResolver::new(
                 store.clone(),
@@ -114,15 +124,14 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/events", get(admin::list_events))
         .route("/v1/events/{id}/replay", post(admin::replay_event))
         .route("/v1/outbox/{id}/retry", post(admin::retry_outbox_job))
+        .route("/metrics", get(metrics))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             admin::require_admin_key,
         ));
 
-    Router::new()
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .route("/openapi.json", get(openapi::serve))
+    // Called from the app's pages in a browser: the only routes with CORS.
+    let user = Router::new()
         .route("/api/user/profile", put(user::update_profile))
         .route(
             "/api/billing/create-portal-session",
@@ -130,7 +139,16 @@ pub fn app(state: AppState) -> Router {
         )
         .route("/api/user/export-data", get(user::export_data))
         .route("/api/user/delete-account", delete(user::delete_account))
+        // Set here, under the CORS layer, so a preflight of a PUT-only route reaches CORS.
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .layer(cors(&state.cors_origins));
+
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/openapi.json", get(openapi::serve))
         .route("/api/webhooks/stripe", post(webhooks::receive))
+        .merge(user)
         .merge(admin)
         .fallback(|| async { ApiError::RouteNotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
@@ -150,9 +168,75 @@ pub fn app(state: AppState) -> Router {
                 )
             }),
         )
+        .layer(middleware::from_fn(crate::telemetry::track_http))
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))
         .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
+        .layer(middleware::map_request(drop_unusable_request_id))
         .with_state(state)
+}
+
+/// A client's `x-request-id` is kept (so a trace spans the app and billsync) only if it is a
+/// short token; anything else is replaced by a generated id, so it cannot forge log content.
+async fn drop_unusable_request_id<B>(mut request: Request<B>) -> Request<B> {
+    let usable = request.headers().get(&REQUEST_ID).is_none_or(|v| {
+        (1..=128).contains(&v.len())
+            && v.as_bytes()
+                .iter()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(b))
+    });
+    if !usable {
+        request.headers_mut().remove(&REQUEST_ID);
+    }
+    request
+}
+
+/// CORS for the browser-facing user routes: exact origins only, with credentials (the
+/// `Authorization` header); no configured origin means no cross-origin access.
+fn cors(origins: &[HeaderValue]) -> CorsLayer {
+    CorsLayer::new()
+        .allow_origin(AllowOrigin::list(origins.iter().cloned()))
+        .allow_methods([Method::GET, Method::PUT, Method::POST, Method::DELETE])
+        .allow_headers([
+            axum::http::header::AUTHORIZATION,
+            axum::http::header::CONTENT_TYPE,
+            REQUEST_ID,
+        ])
+        .expose_headers([REQUEST_ID])
+        .allow_credentials(true)
+        .max_age(Duration::from_secs(600))
+}
+
+/// Prometheus text: counters and histograms recorded as things happen, and queue gauges read
+/// from the database at scrape time (so every instance reports the shared queues).
+#[utoipa::path(get, path = "/metrics", tag = "admin", security(("admin_key" = [])),
+    responses((status = 200, description = "Prometheus text format", body = String, content_type = "text/plain"),
+              (status = 401, body = ErrorBody), (status = 503, body = ErrorBody)))]
+pub(crate) async fn metrics(State(state): State<AppState>) -> Result<impl IntoResponse, ApiError> {
+    let stats = state.store.queue_stats().await?;
+    let age = |at: Option<time::OffsetDateTime>| {
+        at.map_or(0.0, |at| {
+            (time::OffsetDateTime::now_utc() - at)
+                .as_seconds_f64()
+                .max(0.0)
+        })
+    };
+    metrics::gauge!("billsync_outbox_depth").set(stats.outbox_depth as f64);
+    metrics::gauge!("billsync_outbox_oldest_pending_age_seconds")
+        .set(age(stats.outbox_oldest_pending));
+    metrics::gauge!("billsync_outbox_failed_jobs").set(stats.outbox_failed as f64);
+    metrics::gauge!("billsync_webhook_events_pending").set(stats.events_pending as f64);
+    metrics::gauge!("billsync_webhook_oldest_pending_age_seconds")
+        .set(age(stats.events_oldest_pending));
+    metrics::gauge!("billsync_webhook_events_failed").set(stats.events_failed as f64);
+    let prometheus = crate::telemetry::prometheus();
+    prometheus.run_upkeep();
+    Ok((
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        prometheus.render(),
+    ))
 }
 
 /// The process is up.

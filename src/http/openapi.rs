@@ -24,6 +24,7 @@ use utoipa::{
         super::webhooks::receive,
         super::admin::list_events,
         super::admin::replay_event,
+        super::metrics,
     ),
     modifiers(&Security),
 )]

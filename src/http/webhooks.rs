@@ -27,6 +27,25 @@ pub async fn receive(
     headers: HeaderMap,
     RawBody(body): RawBody,
 ) -> Result<Json<Received>, ApiError> {
+    let result = store_event(&state, &headers, &body).await;
+    match &result {
+        Ok(filed) => {
+            metrics::counter!("billsync_webhook_events_received_total", "result" => *filed)
+                .increment(1)
+        }
+        Err(err) => metrics::counter!("billsync_webhook_rejections_total", "code" => err.code())
+            .increment(1),
+    }
+    result.map(|_| Json(Received { received: true }))
+}
+
+/// Verifies and stores the event; says how it was filed: `stored` (to apply), `skipped` (kept,
+/// not applied) or `duplicate` (a redelivery, nothing changed).
+async fn store_event(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<&'static str, ApiError> {
     if state.webhooks.secrets.is_empty() {
         return Err(ApiError::WebhooksDisabled);
     }
@@ -35,14 +54,15 @@ pub async fn receive(
         .and_then(|v| v.to_str().ok());
     signature::verify(
         header,
-        &body,
+        body,
         &state.webhooks.secrets,
         state.webhooks.tolerance_secs,
         time::OffsetDateTime::now_utc().unix_timestamp(),
     )?;
-    let envelope = ingest::parse_envelope(&body).map_err(ApiError::InvalidPayload)?;
-    let event = ingest::file(envelope, &body, state.livemode);
+    let envelope = ingest::parse_envelope(body).map_err(ApiError::InvalidPayload)?;
+    let event = ingest::file(envelope, body, state.livemode);
     let (id, kind) = (event.id.clone(), event.kind.clone());
+    let skipped = event.state == crate::store::EventState::Skipped;
     let fresh = state
         .ingestor
         .ingest(event)
@@ -52,5 +72,9 @@ pub async fn receive(
             other => ApiError::internal(anyhow::anyhow!("{other}")),
         })?;
     tracing::debug!(event_id = %id, kind, fresh, "event received");
-    Ok(Json(Received { received: true }))
+    Ok(match (fresh, skipped) {
+        (false, _) => "duplicate",
+        (true, true) => "skipped",
+        (true, false) => "stored",
+    })
 }

@@ -325,6 +325,12 @@ pub trait Store: Send + Sync + 'static {
     async fn migrate(&self) -> StoreResult<()>;
     /// A round trip to the database, for readiness.
     async fn ping(&self) -> StoreResult<()>;
+    /// Queue depths and ages, for the metrics gauges.
+    async fn queue_stats(&self) -> StoreResult<QueueStats>;
+
+    async fn portal_config(&self, name: &str) -> StoreResult<Option<PortalConfigRecord>>;
+    /// Records (or replaces) what `name` was last applied as.
+    async fn save_portal_config(&self, record: &PortalConfigRecord) -> StoreResult<()>;
 
     /// Creates the user or replaces its profile; `version` increases only when a field changed,
     /// and a change of an existing user queues a profile push in the same transaction.
@@ -505,6 +511,29 @@ pub trait Store: Send + Sync + 'static {
         holder: &str,
         completed: bool,
     ) -> StoreResult<()>;
+}
+
+/// A billing-portal configuration kept as code, as last applied.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PortalConfigRecord {
+    pub name: String,
+    pub stripe_configuration_id: String,
+    /// Fingerprint of the parameters sent to Stripe.
+    pub spec_hash: String,
+    pub applied_at: OffsetDateTime,
+}
+
+/// What is waiting, for an operator's gauges.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct QueueStats {
+    /// Outbox jobs pending or in flight.
+    pub outbox_depth: i64,
+    pub outbox_oldest_pending: Option<OffsetDateTime>,
+    /// Outbox jobs parked as failed, waiting for an operator.
+    pub outbox_failed: i64,
+    pub events_pending: i64,
+    pub events_oldest_pending: Option<OffsetDateTime>,
+    pub events_failed: i64,
 }
 
 /// `due_event_customers` looks at this many of the oldest due events per customer it returns.

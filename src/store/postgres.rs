@@ -166,7 +166,7 @@ impl PgStore {
 }
 
 /// Customers whose events one process applies at once, at most (each holds a connection).
-const CUSTOMER_LOCK_CONNECTIONS: u32 = 8;
+const CUSTOMER_LOCK_CONNECTIONS: u32 = crate::webhooks::apply::MAX_CONCURRENT_CUSTOMERS as u32;
 
 /// Entries kept at most; ~200 bytes each.
 const LINK_CACHE_CAPACITY: usize = 100_000;
@@ -230,6 +230,66 @@ impl Store for PgStore {
     async fn ping(&self) -> StoreResult<()> {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())
+    }
+
+    async fn portal_config(&self, name: &str) -> StoreResult<Option<super::PortalConfigRecord>> {
+        let row: Option<(String, String, String, OffsetDateTime)> = sqlx::query_as(
+            "SELECT name, stripe_configuration_id, spec_hash, applied_at
+             FROM portal_configurations WHERE name = $1",
+        )
+        .bind(name)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(|(name, id, hash, at)| super::PortalConfigRecord {
+            name,
+            stripe_configuration_id: id,
+            spec_hash: hash,
+            applied_at: at,
+        }))
+    }
+
+    async fn save_portal_config(&self, record: &super::PortalConfigRecord) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO portal_configurations (name, stripe_configuration_id, spec_hash, applied_at)
+             VALUES ($1, $2, $3, $4)
+             ON CONFLICT (name) DO UPDATE SET stripe_configuration_id = EXCLUDED.stripe_configuration_id,
+                 spec_hash = EXCLUDED.spec_hash, applied_at = EXCLUDED.applied_at",
+        )
+        .bind(&record.name)
+        .bind(&record.stripe_configuration_id)
+        .bind(&record.spec_hash)
+        .bind(record.applied_at)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn queue_stats(&self) -> StoreResult<super::QueueStats> {
+        let row: (
+            i64,
+            Option<OffsetDateTime>,
+            i64,
+            i64,
+            Option<OffsetDateTime>,
+            i64,
+        ) = sqlx::query_as(
+            "SELECT (SELECT count(*) FROM outbox WHERE state IN ('pending', 'in_flight')),
+                    (SELECT min(created_at) FROM outbox WHERE state = 'pending'),
+                    (SELECT count(*) FROM outbox WHERE state = 'failed'),
+                    (SELECT count(*) FROM stripe_events WHERE state = 'pending'),
+                    (SELECT min(received_at) FROM stripe_events WHERE state = 'pending'),
+                    (SELECT count(*) FROM stripe_events WHERE state = 'failed')",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(super::QueueStats {
+            outbox_depth: row.0,
+            outbox_oldest_pending: row.1,
+            outbox_failed: row.2,
+            events_pending: row.3,
+            events_oldest_pending: row.4,
+            events_failed: row.5,
+        })
     }
 
     async fn upsert_user(&self, user: &UserUpsert) -> StoreResult<User> {

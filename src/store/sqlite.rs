@@ -248,6 +248,62 @@ impl Store for SqliteStore {
         Ok(())
     }
 
+    async fn portal_config(&self, name: &str) -> StoreResult<Option<super::PortalConfigRecord>> {
+        let row: Option<(String, String, String, i64)> = sqlx::query_as(
+            "SELECT name, stripe_configuration_id, spec_hash, applied_at
+             FROM portal_configurations WHERE name = ?1",
+        )
+        .bind(name)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|(name, id, hash, at)| {
+            Ok(super::PortalConfigRecord {
+                name,
+                stripe_configuration_id: id,
+                spec_hash: hash,
+                applied_at: from_ms(at)?,
+            })
+        })
+        .transpose()
+    }
+
+    async fn save_portal_config(&self, record: &super::PortalConfigRecord) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO portal_configurations (name, stripe_configuration_id, spec_hash, applied_at)
+             VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (name) DO UPDATE SET stripe_configuration_id = excluded.stripe_configuration_id,
+                 spec_hash = excluded.spec_hash, applied_at = excluded.applied_at",
+        )
+        .bind(&record.name)
+        .bind(&record.stripe_configuration_id)
+        .bind(&record.spec_hash)
+        .bind(to_ms(record.applied_at))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn queue_stats(&self) -> StoreResult<super::QueueStats> {
+        let row: (i64, Option<i64>, i64, i64, Option<i64>, i64) = sqlx::query_as(
+            "SELECT (SELECT count(*) FROM outbox WHERE state IN ('pending', 'in_flight')),
+                    (SELECT min(created_at) FROM outbox WHERE state = 'pending'),
+                    (SELECT count(*) FROM outbox WHERE state = 'failed'),
+                    (SELECT count(*) FROM stripe_events WHERE state = 'pending'),
+                    (SELECT min(received_at) FROM stripe_events WHERE state = 'pending'),
+                    (SELECT count(*) FROM stripe_events WHERE state = 'failed')",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(super::QueueStats {
+            outbox_depth: row.0,
+            outbox_oldest_pending: row.1.map(from_ms).transpose()?,
+            outbox_failed: row.2,
+            events_pending: row.3,
+            events_oldest_pending: row.4.map(from_ms).transpose()?,
+            events_failed: row.5,
+        })
+    }
+
     async fn upsert_user(&self, input: &UserUpsert) -> StoreResult<User> {
         let now = to_ms(now());
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;

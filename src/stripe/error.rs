@@ -52,6 +52,20 @@ impl StripeError {
         }
     }
 
+    /// The outcome label of a failed attempt in the metrics.
+    pub fn metric_outcome(&self) -> &'static str {
+        match self {
+            Self::Transport {
+                timed_out: true, ..
+            } => "timeout",
+            Self::Transport { .. } => "network_error",
+            Self::Api(e) if e.status == 429 => "rate_limited",
+            Self::Api(e) if e.status >= 500 => "server_error",
+            Self::Api(_) => "client_error",
+            Self::Decode(_) => "decode_error",
+        }
+    }
+
     /// How long Stripe asked us to wait, if it did.
     pub fn retry_after(&self) -> Option<std::time::Duration> {
         match self {

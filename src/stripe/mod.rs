@@ -290,6 +290,19 @@ impl StripeClient {
         .await
     }
 
+    /// The configuration as Stripe holds it, whole.
+    pub async fn retrieve_portal_configuration(&self, id: &str) -> StripeResult<Value> {
+        self.send(Request {
+            operation: "billing_portal.configurations.retrieve",
+            method: Method::GET,
+            path: format!("/v1/billing_portal/configurations/{}", path_segment(id)),
+            query: vec![],
+            form: None,
+            idempotency_key: None,
+        })
+        .await
+    }
+
     pub async fn update_portal_configuration(
         &self,
         id: &str,
@@ -343,7 +356,16 @@ impl StripeClient {
                 Ok(response) => read_response::<T>(response).await,
                 Err(err) => Err(Failure::transport(&err)),
             };
-            let elapsed_ms = started.elapsed().as_millis() as u64;
+            let elapsed = started.elapsed();
+            let elapsed_ms = elapsed.as_millis() as u64;
+            crate::telemetry::stripe_attempt(
+                request.operation,
+                match &outcome {
+                    Ok(_) => "ok",
+                    Err(failure) => failure.error.metric_outcome(),
+                },
+                elapsed.as_secs_f64(),
+            );
             let failure = match outcome {
                 Ok(value) => {
                     tracing::debug!(

@@ -22,8 +22,9 @@ use crate::{
 };
 
 const CUSTOMER_UPDATED: &str = "customer.updated";
-/// Customers applied at the same time: their database round trips overlap.
-const CONCURRENT_CUSTOMERS: usize = 8;
+/// Customers applied at the same time at most (their database round trips overlap); the
+/// Postgres store keeps this many lock connections.
+pub const MAX_CONCURRENT_CUSTOMERS: usize = 8;
 /// The longest breather between ticks that found work (see `run`).
 const BUSY_PAUSE_MAX: std::time::Duration = std::time::Duration::from_millis(100);
 /// Events of one customer applied per lease.
@@ -39,6 +40,7 @@ pub struct Applier {
     /// Retry policy (the outbox's: same backoff, same attempt limit).
     retry: OutboxConfig,
     retention: std::time::Duration,
+    concurrency: usize,
 }
 
 impl Applier {
@@ -54,7 +56,15 @@ impl Applier {
             holder: format!("applier-{}", uuid::Uuid::new_v4()),
             retry,
             retention,
+            concurrency: 1,
         }
+    }
+
+    /// Applies up to `customers` customers at once (at most `MAX_CONCURRENT_CUSTOMERS`). Each
+    /// uses a pooled connection while it works, so keep it well under the pool's size.
+    pub fn with_concurrency(mut self, customers: usize) -> Self {
+        self.concurrency = customers.clamp(1, MAX_CONCURRENT_CUSTOMERS);
+        self
     }
 
     /// Deletes applied and skipped events past the retention period.
@@ -110,7 +120,7 @@ impl Applier {
         let customers = self.store.due_event_customers(CUSTOMERS_PER_TICK).await?;
         let mut runs = futures_util::stream::iter(customers)
             .map(|customer| async move { self.lease_and_apply(&customer).await })
-            .buffer_unordered(CONCURRENT_CUSTOMERS);
+            .buffer_unordered(self.concurrency);
         let mut finished = 0;
         let mut first_error = None;
         while let Some(result) = runs.next().await {
@@ -174,6 +184,13 @@ impl Applier {
             if matches!(outcome, EventOutcome::Applied) {
                 superseded.push(event.event.id.clone());
                 self.store.finish_events(&superseded, &outcome).await?;
+                metrics::counter!("billsync_webhook_events_applied_total")
+                    .increment(superseded.len() as u64);
+                metrics::histogram!("billsync_webhook_apply_lag_seconds").record(
+                    (time::OffsetDateTime::now_utc() - event.event.received_at)
+                        .as_seconds_f64()
+                        .max(0.0),
+                );
                 finished += superseded.len();
                 superseded.clear();
                 newest_superseded = None;
@@ -181,6 +198,10 @@ impl Applier {
                 // The superseded events stay pending: the next pass applies the newest of them
                 // in order, then meets this one again (due for retry, or parked).
                 self.store.finish_event(&event.event.id, &outcome).await?;
+                let last_attempt = matches!(outcome, EventOutcome::Failed { .. });
+                metrics::counter!("billsync_webhook_event_failures_total",
+                    "final" => if last_attempt { "true" } else { "false" })
+                .increment(1);
                 finished += 1;
                 break;
             }

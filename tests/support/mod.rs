@@ -419,6 +419,19 @@ impl LocalStripe {
     }
 }
 
+/// Links `user` (who must exist) to `customer` directly in the store, as a resolve would.
+pub async fn link_in_store(store: &dyn Store, user: &str, customer: &str) {
+    store
+        .insert_link(
+            &billsync::domain::UserId::parse(user).unwrap(),
+            &billsync::domain::StripeCustomerId::parse(customer).unwrap(),
+            false,
+            billsync::domain::LinkSource::Created,
+        )
+        .await
+        .unwrap();
+}
+
 /// Every log line of this test binary, captured once, for tests that assert what was logged.
 /// Tests search it for their own unique ids, so concurrent tests do not interfere.
 pub fn captured_logs() -> Arc<Mutex<Vec<u8>>> {
