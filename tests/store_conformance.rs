@@ -717,6 +717,20 @@ async fn erasure_removes_the_user_and_keeps_no_personal_data(backend: Backend) {
         "one at a time"
     );
     assert_eq!(store.active_erase(&user).await.unwrap().unwrap().id, job.id);
+    assert!(
+        store
+            .claim_jobs(10, Duration::from_secs(30))
+            .await
+            .unwrap()
+            .iter()
+            .all(|j| j.id != job.id),
+        "workers leave a fresh erasure to the request that queued it"
+    );
+    let claimed = store
+        .claim_job(job.id, Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(claimed.map(|j| j.id), Some(job.id));
     store
         .save_job_payload(job.id, &serde_json::json!({"done": ["customer"]}))
         .await

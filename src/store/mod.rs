@@ -378,7 +378,9 @@ pub trait Store: Send + Sync + 'static {
     /// Puts a failed job back in the queue, due now, with its attempts reset; `None` when the
     /// job does not exist or is not failed.
     async fn retry_job(&self, id: i64) -> StoreResult<Option<OutboxJob>>;
-    /// The user's erasure job if one is pending or in flight; otherwise a new pending one.
+    /// The user's erasure job if one is pending or in flight; otherwise a new pending one,
+    /// due in 30 s: the caller runs it now (`claim_job`), and the delay keeps workers from
+    /// racing it for it; they take it over only if the caller dies first.
     async fn enqueue_erase(
         &self,
         user: &UserId,

@@ -585,7 +585,7 @@ impl Store for PgStore {
         let row: Option<PgJobRow> = sqlx::query_as(&format!(
             "INSERT INTO outbox (kind, user_id, payload, state, attempts, next_attempt_at,
                                  created_at, updated_at)
-             VALUES ('erase', $1, $2, 'pending', 0, now(), now(), now())
+             VALUES ('erase', $1, $2, 'pending', 0, now() + interval '30 seconds', now(), now())
              ON CONFLICT (user_id) WHERE kind = 'erase' AND state IN ('pending', 'in_flight')
              DO NOTHING
              RETURNING {JOB_COLUMNS}"

@@ -593,7 +593,7 @@ impl Store for SqliteStore {
         let row: Option<SqliteJobRow> = sqlx::query_as(&format!(
             "INSERT INTO outbox (kind, user_id, payload, state, attempts, next_attempt_at,
                                  created_at, updated_at)
-             VALUES ('erase', ?1, ?2, 'pending', 0, ?3, ?3, ?3)
+             VALUES ('erase', ?1, ?2, 'pending', 0, ?3 + 30000, ?3, ?3)
              ON CONFLICT (user_id) WHERE kind = 'erase' AND state IN ('pending', 'in_flight')
              DO NOTHING
              RETURNING {JOB_COLUMNS}"
