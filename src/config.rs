@@ -181,6 +181,9 @@ pub struct ConfigArgs {
     /// Days applied and skipped events are kept (failed and pending ones are kept) [default: 30]
     #[arg(long, env = "BILLSYNC_EVENT_RETENTION_DAYS", global = true)]
     pub event_retention_days: Option<u32>,
+    /// Stripe requests per second a reconciliation may make (Stripe's test mode allows 25) [default: 20]
+    #[arg(long, env = "BILLSYNC_STRIPE_RPS", global = true)]
+    pub stripe_rps: Option<u32>,
     /// Log output: pretty or json (one object per line, request id on each) [default: pretty]
     #[arg(long, env = "BILLSYNC_LOG_FORMAT", global = true)]
     pub log_format: Option<String>,
@@ -218,6 +221,7 @@ struct FileConfig {
     event_retention_days: Option<u32>,
     log_format: Option<String>,
     cors_origins: Option<String>,
+    stripe_rps: Option<u32>,
 }
 
 #[derive(Debug, Clone)]
@@ -288,6 +292,8 @@ pub struct Config {
     pub outbox: OutboxConfig,
     pub webhooks: WebhookConfig,
     pub log_format: crate::telemetry::LogFormat,
+    /// Request rate of a reconciliation's Stripe calls.
+    pub stripe_rps: u32,
     /// Exact origins (`https://app.example.com`) allowed to call the user routes from a browser.
     pub cors_origins: Vec<String>,
 }
@@ -448,8 +454,15 @@ impl Config {
             .filter(|o| !o.is_empty())
             .map(parse_origin)
             .collect::<Result<Vec<_>, _>>()?;
+        let stripe_rps = pick(&args.stripe_rps, file.stripe_rps).unwrap_or(20);
+        if !(1..=1_000).contains(&stripe_rps) {
+            return Err(ConfigError::Invalid(format!(
+                "BILLSYNC_STRIPE_RPS must be between 1 and 1000, got {stripe_rps}"
+            )));
+        }
         Ok(Self {
             webhooks,
+            stripe_rps,
             log_format,
             cors_origins,
             app_url,

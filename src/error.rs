@@ -69,6 +69,10 @@ pub enum ApiError {
     WebhooksDisabled,
     #[error("no such event")]
     EventNotFound,
+    #[error("no such reconciliation run (runs are kept in the memory of the instance that started them)")]
+    ReconcileNotFound,
+    #[error("a reconciliation is already running on this instance")]
+    ReconcileRunning,
     /// Stripe refused the request (its validation is stricter than ours somewhere).
     #[error("Stripe refused the request: {message}")]
     StripeRejected {
@@ -99,11 +103,15 @@ impl ApiError {
             | Self::NoSubscription
             | Self::DeletionPending
             | Self::Contended
-            | Self::JobNotFailed => StatusCode::CONFLICT,
+            | Self::JobNotFailed
+            | Self::ReconcileRunning => StatusCode::CONFLICT,
             Self::EmailRequired | Self::InvalidProfile(_) | Self::StripeRejected { .. } => {
                 StatusCode::UNPROCESSABLE_ENTITY
             }
-            Self::NoCustomer | Self::JobNotFound | Self::EventNotFound => StatusCode::NOT_FOUND,
+            Self::NoCustomer
+            | Self::JobNotFound
+            | Self::EventNotFound
+            | Self::ReconcileNotFound => StatusCode::NOT_FOUND,
             Self::AdminDisabled
             | Self::StripeUnavailable
             | Self::DatabaseUnavailable
@@ -144,6 +152,8 @@ impl ApiError {
             Self::InvalidPayload(_) => "invalid_payload",
             Self::WebhooksDisabled => "webhooks_disabled",
             Self::EventNotFound => "event_not_found",
+            Self::ReconcileNotFound => "reconcile_not_found",
+            Self::ReconcileRunning => "reconcile_in_progress",
             Self::StripeRejected { .. } => "stripe_rejected",
             Self::Internal(_) => "internal_error",
         }

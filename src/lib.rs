@@ -15,6 +15,7 @@ pub mod outbox;
 pub mod portal;
 pub mod portal_config;
 pub mod profile;
+pub mod reconcile;
 pub mod store;
 pub mod stripe;
 pub mod telemetry;

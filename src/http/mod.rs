@@ -3,6 +3,7 @@
 mod admin;
 pub mod extract;
 mod openapi;
+mod reconcile;
 mod user;
 mod webhooks;
 
@@ -65,12 +66,16 @@ pub struct AppState {
     /// Whether the configured Stripe key is a live one; events of the other mode are skipped.
     pub livemode: bool,
     pub cors_origins: Vec<HeaderValue>,
+    pub stripe_rps: u32,
+    pub reconcile_runs: reconcile::SharedRuns,
 }
 
 impl AppState {
     pub fn new(config: &Config, store: Arc<dyn Store>, stripe: StripeClient) -> Self {
         crate::telemetry::prometheus(); // record from the first request on
         Self {
+            stripe_rps: config.stripe_rps,
+            reconcile_runs: Default::default(),
             cors_origins: config
                 .cors_origins
                 .iter()
@@ -125,6 +130,8 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/events/{id}/replay", post(admin::replay_event))
         .route("/v1/outbox/{id}/retry", post(admin::retry_outbox_job))
         .route("/metrics", get(metrics))
+        .route("/v1/reconcile", post(reconcile::start))
+        .route("/v1/reconcile/{id}", get(reconcile::get))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             admin::require_admin_key,

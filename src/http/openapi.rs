@@ -25,6 +25,8 @@ use utoipa::{
         super::admin::list_events,
         super::admin::replay_event,
         super::metrics,
+        super::reconcile::start,
+        super::reconcile::get,
     ),
     modifiers(&Security),
 )]

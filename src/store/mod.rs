@@ -328,6 +328,17 @@ pub trait Store: Send + Sync + 'static {
     /// Queue depths and ages, for the metrics gauges.
     async fn queue_stats(&self) -> StoreResult<QueueStats>;
 
+    /// Users with `id > after`, by id, at most `limit`: pages for a full scan (reconcile).
+    async fn users_page(&self, after: Option<&UserId>, limit: u32) -> StoreResult<Vec<User>>;
+    /// Links with `user_id > after`, by user id, at most `limit`.
+    async fn links_page(
+        &self,
+        after: Option<&UserId>,
+        limit: u32,
+    ) -> StoreResult<Vec<CustomerLink>>;
+    /// Queues a push of the user's current profile to Stripe (none if one is pending).
+    async fn queue_profile_push(&self, user: &UserId) -> StoreResult<()>;
+
     async fn portal_config(&self, name: &str) -> StoreResult<Option<PortalConfigRecord>>;
     /// Records (or replaces) what `name` was last applied as.
     async fn save_portal_config(&self, record: &PortalConfigRecord) -> StoreResult<()>;

@@ -248,6 +248,41 @@ impl Store for SqliteStore {
         Ok(())
     }
 
+    async fn users_page(&self, after: Option<&UserId>, limit: u32) -> StoreResult<Vec<User>> {
+        let rows: Vec<SqliteUserRow> = sqlx::query_as(&format!(
+            "SELECT {USER_COLUMNS} FROM users WHERE (?1 IS NULL OR id > ?1) ORDER BY id LIMIT ?2"
+        ))
+        .bind(after.map(UserId::as_str))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter().map(user).collect()
+    }
+
+    async fn links_page(
+        &self,
+        after: Option<&UserId>,
+        limit: u32,
+    ) -> StoreResult<Vec<CustomerLink>> {
+        let rows: Vec<SqliteLinkRow> = sqlx::query_as(&format!(
+            "SELECT {LINK_COLUMNS} FROM customer_links WHERE (?1 IS NULL OR user_id > ?1)
+             ORDER BY user_id LIMIT ?2"
+        ))
+        .bind(after.map(UserId::as_str))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter().map(link).collect()
+    }
+
+    async fn queue_profile_push(&self, user: &UserId) -> StoreResult<()> {
+        let now = to_ms(now());
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        self.enqueue_push(&mut tx, user, now).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
     async fn portal_config(&self, name: &str) -> StoreResult<Option<super::PortalConfigRecord>> {
         let row: Option<(String, String, String, i64)> = sqlx::query_as(
             "SELECT name, stripe_configuration_id, spec_hash, applied_at

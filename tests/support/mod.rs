@@ -131,6 +131,66 @@ pub fn localstripe_url(test: &str) -> Option<String> {
     }
 }
 
+/// A localstripe of the test's own (for tests that must see every customer, such as
+/// reconcile): started from the venv `scripts/localstripe.sh install` made, on a free port,
+/// killed on drop. Runs when the shared one is configured (which means it is installed).
+pub struct PrivateLocalStripe {
+    pub base: String,
+    child: std::process::Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for PrivateLocalStripe {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub async fn private_localstripe(test: &str) -> Option<PrivateLocalStripe> {
+    localstripe_url(test)?;
+    let venv = std::env::var("BILLSYNC_LOCALSTRIPE_VENV").unwrap_or_else(|_| {
+        format!(
+            "{}/.cache/billsync/localstripe-venv",
+            std::env::var("HOME").unwrap_or_default()
+        )
+    });
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let child = std::process::Command::new(format!("{venv}/bin/python"))
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/scripts/localstripe_server.py"
+        ))
+        .arg(port.to_string())
+        .arg(dir.path())
+        .env("BILLSYNC_LOCALSTRIPE_PERSIST", "0")
+        .env("TMPDIR", dir.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start a private localstripe");
+    let private = PrivateLocalStripe {
+        base: format!("http://127.0.0.1:{port}"),
+        child,
+        _dir: dir,
+    };
+    let http = reqwest::Client::new();
+    eventually(30, "private localstripe up", || async {
+        http.get(format!("{}/v1/customers?limit=1", private.base))
+            .basic_auth(STRIPE_KEY, Some(""))
+            .send()
+            .await
+            .ok()
+            .filter(|r| r.status().is_success())
+    })
+    .await;
+    Some(private)
+}
+
 /// Test configuration: short Stripe timeouts and retry delays, an admin key.
 pub fn test_config(stripe_base: &str) -> Config {
     let mut config = Config::load(&ConfigArgs {
@@ -376,6 +436,18 @@ impl LocalStripe {
             .json()
             .await
             .expect("json")
+    }
+
+    /// Deletes the customer, as the dashboard would.
+    pub async fn delete_customer(&self, id: &str) {
+        let response = self
+            .http
+            .delete(format!("{}/v1/customers/{id}", self.base))
+            .basic_auth(STRIPE_KEY, Some(""))
+            .send()
+            .await
+            .expect("localstripe delete");
+        assert!(response.status().is_success(), "delete {id}");
     }
 
     /// Status and body of a customer retrieve (404 once deleted).

@@ -1,0 +1,457 @@
+//! Drift reconciliation: every Stripe customer (paged, under a request-rate limit) against
+//! every user and link, each classified; `apply` fixes only what is safe — it links a
+//! customer to the unlinked user its metadata names, unlinks a link whose customer Stripe no
+//! longer has, and queues a push for a profile that drifted. It never deletes a customer.
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    time::Duration,
+};
+
+use serde::Serialize;
+use tokio::time::Instant;
+
+use crate::{
+    domain::{full_name, LinkSource, StripeCustomerId, UserId},
+    store::{LinkOutcome, Store, StoreError, User},
+    stripe::{Customer, StripeClient, StripeError},
+};
+
+const PAGE: u32 = 100;
+const DB_PAGE: u32 = 1_000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Stripe(#[from] StripeError),
+}
+
+/// Spaces request starts `1/rps` apart (a request's own latency overlaps the wait).
+pub struct RateLimiter {
+    period: Duration,
+    next: tokio::sync::Mutex<Instant>,
+}
+
+impl RateLimiter {
+    pub fn per_second(rps: u32) -> Self {
+        Self {
+            period: Duration::from_secs(1) / rps.max(1),
+            next: tokio::sync::Mutex::new(Instant::now()),
+        }
+    }
+
+    pub async fn acquire(&self) {
+        let at = {
+            let mut next = self.next.lock().await;
+            let at = (*next).max(Instant::now());
+            *next = at + self.period;
+            at
+        };
+        tokio::time::sleep_until(at).await;
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Category {
+    /// Linked, and the profiles agree.
+    Ok,
+    /// The customer's `metadata.userId` is an existing user with no link.
+    UnlinkedMatch,
+    /// The customer's `metadata.userId` names no user.
+    Orphan,
+    /// Another customer of a user who is linked (the linked one is canonical).
+    Duplicate,
+    /// A link to a customer Stripe no longer has.
+    DanglingLink,
+    /// Linked, but email, name or phone differ.
+    Drift,
+    /// Not created by billsync (no `metadata.userId`) and not linked: left alone.
+    Unmanaged,
+    /// Kept after an erasure (`metadata.userId = erased:…`): left alone.
+    Erased,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Finding {
+    pub category: Category,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub customer_id: Option<String>,
+    /// For `drift`: which fields differ (never their values: the report is a file).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub fields: Vec<&'static str>,
+    /// For `duplicate`: the linked customer.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub canonical_customer_id: Option<String>,
+    /// What `--apply` did: `linked`, `unlinked`, `push_queued`, or why it did nothing.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub action: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
+pub struct Tally {
+    pub found: u64,
+    pub fixed: u64,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Progress {
+    /// `stripe`, `database`, `checking_links`, `applying`, `done`.
+    pub phase: &'static str,
+    pub stripe_pages: u64,
+    pub stripe_customers: u64,
+    pub users: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub apply: bool,
+    pub started_at: String,
+    pub finished_at: String,
+    pub stripe_pages: u64,
+    pub stripe_customers: u64,
+    pub users: u64,
+    pub links: u64,
+    pub summary: BTreeMap<Category, Tally>,
+    pub findings: Vec<Finding>,
+}
+
+impl Report {
+    pub fn count(&self, category: Category) -> u64 {
+        self.summary.get(&category).map_or(0, |t| t.found)
+    }
+
+    /// A fixed-width table of the summary, for a terminal.
+    pub fn table(&self) -> String {
+        let mut out = format!("{:<16} {:>8} {:>8}\n", "category", "found", "fixed");
+        for (category, tally) in &self.summary {
+            let name = serde_json::to_value(category)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_owned))
+                .unwrap_or_default();
+            let fixed = if self.apply {
+                tally.fixed.to_string()
+            } else {
+                "-".into()
+            };
+            out.push_str(&format!("{name:<16} {:>8} {fixed:>8}\n", tally.found));
+        }
+        out.push_str(&format!(
+            "{} Stripe customers in {} pages; {} users, {} links\n",
+            self.stripe_customers, self.stripe_pages, self.users, self.links
+        ));
+        out
+    }
+}
+
+/// What the report needs of a customer (the rest of Stripe's object is dropped at once).
+struct Snapshot {
+    email: Option<String>,
+    name: Option<String>,
+    phone: Option<String>,
+    user_id: Option<String>,
+    livemode: bool,
+    created: i64,
+}
+
+impl From<Customer> for Snapshot {
+    fn from(c: Customer) -> Self {
+        Self {
+            user_id: c.user_id_metadata().map(str::to_owned),
+            email: c.email,
+            name: c.name,
+            phone: c.phone,
+            livemode: c.livemode,
+            created: c.created,
+        }
+    }
+}
+
+fn blank_to_none(value: Option<&str>) -> Option<String> {
+    value
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+        .map(str::to_owned)
+}
+
+/// The profile fields on which the user and the customer disagree.
+fn drifted(user: &User, customer: &Snapshot) -> Vec<&'static str> {
+    let mut fields = Vec::new();
+    let stripe_email = customer.email.as_deref().unwrap_or("").trim();
+    if !stripe_email.eq_ignore_ascii_case(user.email.as_str()) {
+        fields.push("email");
+    }
+    if blank_to_none(customer.name.as_deref())
+        != full_name(user.first_name.as_ref(), user.last_name.as_ref())
+    {
+        fields.push("name");
+    }
+    if blank_to_none(customer.phone.as_deref()) != user.phone.as_ref().map(|p| p.to_string()) {
+        fields.push("phone");
+    }
+    fields
+}
+
+fn finding(category: Category, user: Option<&str>, customer: Option<&str>) -> Finding {
+    Finding {
+        category,
+        user_id: user.map(str::to_owned),
+        customer_id: customer.map(str::to_owned),
+        fields: Vec::new(),
+        canonical_customer_id: None,
+        action: None,
+    }
+}
+
+fn rfc3339(at: time::OffsetDateTime) -> String {
+    at.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+/// Runs one reconciliation; `observe` hears the progress (a progress bar, or an admin run).
+#[tracing::instrument(skip_all, fields(apply))]
+pub async fn run(
+    store: &dyn Store,
+    stripe: &StripeClient,
+    limiter: &RateLimiter,
+    apply: bool,
+    observe: &(dyn Fn(&Progress) + Send + Sync),
+) -> Result<Report, ReconcileError> {
+    let started_at = time::OffsetDateTime::now_utc();
+    let mut progress = Progress {
+        phase: "stripe",
+        ..Progress::default()
+    };
+    observe(&progress);
+
+    // Every live customer Stripe lists (deleted ones are not listed).
+    let mut customers: BTreeMap<String, Snapshot> = BTreeMap::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        limiter.acquire().await;
+        let page = stripe.list_customers(None, PAGE, cursor.as_deref()).await?;
+        progress.stripe_pages += 1;
+        let more = page.has_more && !page.data.is_empty();
+        cursor = page.data.last().map(|c| c.id.clone());
+        for customer in page.data.into_iter().filter(|c| !c.deleted) {
+            customers.insert(customer.id.clone(), customer.into());
+        }
+        progress.stripe_customers = customers.len() as u64;
+        observe(&progress);
+        if !more {
+            break;
+        }
+    }
+
+    progress.phase = "database";
+    observe(&progress);
+    let mut users: HashMap<String, User> = HashMap::new();
+    let mut after: Option<UserId> = None;
+    loop {
+        let page = store.users_page(after.as_ref(), DB_PAGE).await?;
+        let full = page.len() == DB_PAGE as usize;
+        after = page.last().map(|u| u.id.clone());
+        users.extend(page.into_iter().map(|u| (u.id.to_string(), u)));
+        progress.users = users.len() as u64;
+        if !full {
+            break;
+        }
+    }
+    observe(&progress);
+    // user → customer, and back.
+    let mut links: BTreeMap<String, String> = BTreeMap::new();
+    let mut after: Option<UserId> = None;
+    loop {
+        let page = store.links_page(after.as_ref(), DB_PAGE).await?;
+        let full = page.len() == DB_PAGE as usize;
+        after = page.last().map(|l| l.user_id.clone());
+        links.extend(
+            page.into_iter()
+                .map(|l| (l.user_id.to_string(), l.customer_id.to_string())),
+        );
+        if !full {
+            break;
+        }
+    }
+    let linked_customers: HashMap<&str, &str> = links
+        .iter()
+        .map(|(user, customer)| (customer.as_str(), user.as_str()))
+        .collect();
+
+    let mut findings: Vec<Finding> = Vec::new();
+    // Oldest first, so that of several unlinked customers naming one user the oldest is the
+    // match and the rest are its duplicates.
+    let mut by_age: Vec<(&String, &Snapshot)> = customers.iter().collect();
+    by_age.sort_by_key(|(id, c)| (c.created, id.as_str()));
+    let mut matched: HashMap<&str, &str> = HashMap::new();
+    for (customer_id, snapshot) in by_age {
+        if let Some(user_id) = linked_customers.get(customer_id.as_str()) {
+            let mut f = finding(Category::Ok, Some(user_id), Some(customer_id));
+            if let Some(user) = users.get(*user_id) {
+                f.fields = drifted(user, snapshot);
+                if !f.fields.is_empty() {
+                    f.category = Category::Drift;
+                }
+            }
+            findings.push(f);
+            continue;
+        }
+        let named = snapshot.user_id.as_deref();
+        let category = match named {
+            None => Category::Unmanaged,
+            Some(u) if u.starts_with("erased:") => Category::Erased,
+            Some(u) if !users.contains_key(u) => Category::Orphan,
+            Some(u) if links.contains_key(u) || matched.contains_key(u) => Category::Duplicate,
+            Some(u) => {
+                matched.insert(u, customer_id);
+                Category::UnlinkedMatch
+            }
+        };
+        let mut f = finding(category, named, Some(customer_id));
+        if category == Category::Duplicate {
+            f.canonical_customer_id = named
+                .and_then(|u| links.get(u).map(String::as_str).or(matched.get(u).copied()))
+                .map(str::to_owned);
+        }
+        if matches!(category, Category::Unmanaged | Category::Erased) {
+            f.user_id = None;
+        }
+        findings.push(f);
+    }
+
+    // Links to customers Stripe did not list: confirm each one before calling it dangling (it
+    // may have been created after its page was read).
+    progress.phase = "checking_links";
+    observe(&progress);
+    for (user_id, customer_id) in &links {
+        if customers.contains_key(customer_id) {
+            continue;
+        }
+        limiter.acquire().await;
+        let mut f = finding(Category::DanglingLink, Some(user_id), Some(customer_id));
+        match stripe.retrieve_customer(customer_id).await {
+            Ok(customer) if !customer.deleted => {
+                let snapshot = Snapshot::from(customer);
+                f.category = Category::Ok;
+                if let Some(user) = users.get(user_id) {
+                    f.fields = drifted(user, &snapshot);
+                    if !f.fields.is_empty() {
+                        f.category = Category::Drift;
+                    }
+                }
+            }
+            Ok(_) => {}
+            Err(err) if err.is_not_found() => {}
+            Err(err) => return Err(err.into()),
+        }
+        findings.push(f);
+    }
+
+    if apply {
+        progress.phase = "applying";
+        observe(&progress);
+        for f in &mut findings {
+            f.action = fix(store, f, &customers).await?;
+        }
+    }
+
+    let mut summary: BTreeMap<Category, Tally> = BTreeMap::new();
+    for f in &findings {
+        let tally = summary.entry(f.category).or_default();
+        tally.found += 1;
+        if matches!(
+            f.action.as_deref(),
+            Some("linked" | "unlinked" | "push_queued")
+        ) {
+            tally.fixed += 1;
+        }
+    }
+    progress.phase = "done";
+    observe(&progress);
+    Ok(Report {
+        apply,
+        started_at: rfc3339(started_at),
+        finished_at: rfc3339(time::OffsetDateTime::now_utc()),
+        stripe_pages: progress.stripe_pages,
+        stripe_customers: progress.stripe_customers,
+        users: users.len() as u64,
+        links: links.len() as u64,
+        summary,
+        findings,
+    })
+}
+
+/// The safe fix of one finding, re-checked against the database at the moment of fixing.
+async fn fix(
+    store: &dyn Store,
+    f: &Finding,
+    customers: &BTreeMap<String, Snapshot>,
+) -> Result<Option<String>, ReconcileError> {
+    let (Some(user), Some(customer)) = (f.user_id.as_deref(), f.customer_id.as_deref()) else {
+        return Ok(None);
+    };
+    let (Ok(user_id), Ok(customer_id)) = (UserId::parse(user), StripeCustomerId::parse(customer))
+    else {
+        return Ok(Some("skipped: not a valid id".into()));
+    };
+    let action = match f.category {
+        Category::UnlinkedMatch => {
+            let livemode = customers.get(customer).is_some_and(|c| c.livemode);
+            match store
+                .insert_link(&user_id, &customer_id, livemode, LinkSource::StripeMetadata)
+                .await?
+            {
+                LinkOutcome::Linked(_) => "linked".to_owned(),
+                _ => "skipped: linked meanwhile".to_owned(),
+            }
+        }
+        Category::DanglingLink => match store.get_link(&user_id).await? {
+            Some(link) if link.customer_id == customer_id => {
+                store.remove_link(&user_id).await?;
+                "unlinked".to_owned()
+            }
+            _ => "skipped: relinked meanwhile".to_owned(),
+        },
+        Category::Drift => {
+            store.queue_profile_push(&user_id).await?;
+            "push_queued".to_owned()
+        }
+        _ => return Ok(None),
+    };
+    tracing::info!(category = ?f.category, %user_id, %customer_id, %action, "reconcile fix");
+    Ok(Some(action))
+}
+
+/// Which of `seen` are still waiting for a push (for the CLI, which delivers its own pushes).
+pub fn queued_pushes(report: &Report) -> HashSet<String> {
+    report
+        .findings
+        .iter()
+        .filter(|f| f.action.as_deref() == Some("push_queued"))
+        .filter_map(|f| f.user_id.clone())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_limiter_spaces_request_starts() {
+        let limiter = RateLimiter::per_second(50);
+        let start = Instant::now();
+        for _ in 0..11 {
+            limiter.acquire().await;
+        }
+        // Ten intervals of 20 ms after the first (immediate) start; never sooner.
+        let elapsed = start.elapsed();
+        assert!(
+            elapsed >= Duration::from_millis(200) && elapsed < Duration::from_secs(2),
+            "{elapsed:?}"
+        );
+    }
+}
