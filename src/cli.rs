@@ -378,11 +378,12 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         // One serving process per SQLite file: leases left by one that died are void.
         store.clear_customer_leases().await?;
     }
+    let limits = config.server;
     let state = AppState::new(&config, store, stripe);
     let (stop_worker, worker_stopping) = tokio::sync::watch::channel(false);
     let worker = tokio::spawn(state.worker.clone().run(worker_stopping.clone()));
     let applier = tokio::spawn(state.applier.clone().run(worker_stopping));
-    http::serve(listener, http::app(state)).await?;
+    http::serve(listener, http::app(state), limits).await?;
     // Let the job in hand finish; an unfinished one is reclaimed when its lease runs out.
     let _ = stop_worker.send(true);
     let both = async {

@@ -184,6 +184,15 @@ pub struct ConfigArgs {
     /// Stripe requests per second a reconciliation may make (Stripe's test mode allows 25) [default: 20]
     #[arg(long, env = "BILLSYNC_STRIPE_RPS", global = true)]
     pub stripe_rps: Option<u32>,
+    /// Seconds a client has to send a request's headers; slower connections are closed [default: 10]
+    #[arg(long, env = "BILLSYNC_HEADER_READ_TIMEOUT_SECS", global = true)]
+    pub header_read_timeout_secs: Option<u64>,
+    /// Seconds a client has to send a request's whole body (else 408) [default: 30]
+    #[arg(long, env = "BILLSYNC_BODY_READ_TIMEOUT_SECS", global = true)]
+    pub body_read_timeout_secs: Option<u64>,
+    /// Connections served at once; more wait until one closes [default: 1024]
+    #[arg(long, env = "BILLSYNC_MAX_CONNECTIONS", global = true)]
+    pub max_connections: Option<usize>,
     /// Log output: pretty or json (one object per line, request id on each) [default: pretty]
     #[arg(long, env = "BILLSYNC_LOG_FORMAT", global = true)]
     pub log_format: Option<String>,
@@ -222,6 +231,9 @@ struct FileConfig {
     log_format: Option<String>,
     cors_origins: Option<String>,
     stripe_rps: Option<u32>,
+    header_read_timeout_secs: Option<u64>,
+    body_read_timeout_secs: Option<u64>,
+    max_connections: Option<usize>,
 }
 
 #[derive(Debug, Clone)]
@@ -294,6 +306,9 @@ pub struct Config {
     pub log_format: crate::telemetry::LogFormat,
     /// Request rate of a reconciliation's Stripe calls.
     pub stripe_rps: u32,
+    pub server: crate::http::server::ServerLimits,
+    /// A request's whole body must arrive within this.
+    pub body_read_timeout: Duration,
     /// Exact origins (`https://app.example.com`) allowed to call the user routes from a browser.
     pub cors_origins: Vec<String>,
 }
@@ -460,9 +475,38 @@ impl Config {
                 "BILLSYNC_STRIPE_RPS must be between 1 and 1000, got {stripe_rps}"
             )));
         }
+        let positive = |value: Option<u64>, default: u64, name: &str| match value.unwrap_or(default)
+        {
+            0 => Err(ConfigError::Invalid(format!("{name} must be positive"))),
+            secs => Ok(Duration::from_secs(secs)),
+        };
+        let header_read_timeout = positive(
+            pick(
+                &args.header_read_timeout_secs,
+                file.header_read_timeout_secs,
+            ),
+            10,
+            "BILLSYNC_HEADER_READ_TIMEOUT_SECS",
+        )?;
+        let body_read_timeout = positive(
+            pick(&args.body_read_timeout_secs, file.body_read_timeout_secs),
+            30,
+            "BILLSYNC_BODY_READ_TIMEOUT_SECS",
+        )?;
+        let max_connections = pick(&args.max_connections, file.max_connections).unwrap_or(1024);
+        if max_connections == 0 {
+            return Err(ConfigError::Invalid(
+                "BILLSYNC_MAX_CONNECTIONS must be at least 1".into(),
+            ));
+        }
         Ok(Self {
             webhooks,
             stripe_rps,
+            server: crate::http::server::ServerLimits {
+                header_read_timeout,
+                max_connections,
+            },
+            body_read_timeout,
             log_format,
             cors_origins,
             app_url,

@@ -69,6 +69,8 @@ pub enum ApiError {
     WebhooksDisabled,
     #[error("no such event")]
     EventNotFound,
+    #[error("the request body did not arrive in time")]
+    RequestTimeout,
     #[error("no such reconciliation run (runs are kept in the memory of the instance that started them)")]
     ReconcileNotFound,
     #[error("a reconciliation is already running on this instance")]
@@ -99,6 +101,7 @@ impl ApiError {
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UserNotFound | Self::RouteNotFound => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Self::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             Self::ResolveBusy
             | Self::NoSubscription
             | Self::DeletionPending
@@ -152,6 +155,7 @@ impl ApiError {
             Self::InvalidPayload(_) => "invalid_payload",
             Self::WebhooksDisabled => "webhooks_disabled",
             Self::EventNotFound => "event_not_found",
+            Self::RequestTimeout => "request_timeout",
             Self::ReconcileNotFound => "reconcile_not_found",
             Self::ReconcileRunning => "reconcile_in_progress",
             Self::StripeRejected { .. } => "stripe_rejected",

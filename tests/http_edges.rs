@@ -156,3 +156,144 @@ async fn request_ids_are_kept_generated_or_replaced() {
     assert_eq!(missing.status(), 404);
     assert_eq!(id_of(&missing).len(), 36);
 }
+
+/// A server with tight limits, and raw TCP to misbehave with.
+async fn limited(
+    header_secs: u64,
+    body_secs: u64,
+    connections: usize,
+) -> (TestApp, support::TestStore) {
+    let store = support::sqlite_store().await;
+    let mut config = support::test_config("http://127.0.0.1:9");
+    config.server.header_read_timeout = std::time::Duration::from_secs(header_secs);
+    config.server.max_connections = connections;
+    config.body_read_timeout = std::time::Duration::from_secs(body_secs);
+    (TestApp::spawn(store.store.clone(), &config).await, store)
+}
+
+async fn read_until_closed(
+    stream: &mut tokio::net::TcpStream,
+    within: std::time::Duration,
+) -> Option<String> {
+    use tokio::io::AsyncReadExt;
+    let mut received = Vec::new();
+    let mut buf = [0u8; 4096];
+    let read = tokio::time::timeout(within, async {
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => received.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    read.ok()
+        .map(|()| String::from_utf8_lossy(&received).into_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_loris_is_cut_off() {
+    use tokio::io::AsyncWriteExt;
+    let (app, _store) = limited(1, 30, 64).await;
+    let started = std::time::Instant::now();
+    let mut stream = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    stream
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: billsync\r\nX-Slow: ")
+        .await
+        .unwrap();
+    // Never finishes its headers: the server closes the connection after its deadline.
+    let answer = read_until_closed(&mut stream, std::time::Duration::from_secs(5))
+        .await
+        .expect("the server closed the connection");
+    assert!(started.elapsed() >= std::time::Duration::from_millis(900));
+    assert!(!answer.contains("200 OK"), "{answer}");
+
+    // An idle keep-alive connection is closed the same way, freeing its slot.
+    let mut idle = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: billsync\r\n\r\n")
+        .await
+        .unwrap();
+    let answer = read_until_closed(&mut idle, std::time::Duration::from_secs(5))
+        .await
+        .expect("an idle connection is closed");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trickling_body_gets_408() {
+    use tokio::io::AsyncWriteExt;
+    let (app, _store) = limited(10, 1, 64).await;
+    let mut stream = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    stream
+        .write_all(
+            format!(
+                "PUT /v1/users/slow HTTP/1.1\r\nHost: billsync\r\nAuthorization: Bearer {}\r\n\
+                 Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"email\":",
+                support::ADMIN_KEY
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    let answer = read_until_closed(&mut stream, std::time::Duration::from_secs(5))
+        .await
+        .unwrap_or_default();
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("\"code\":\"request_timeout\""), "{answer}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_headers_get_431() {
+    let (app, _store) = limited(10, 30, 64).await;
+    let response = app
+        .http
+        .get(app.url("/healthz"))
+        .header("x-padding", "a".repeat(20 * 1024))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 431);
+    // Headers under the limit are fine.
+    let response = app
+        .http
+        .get(app.url("/healthz"))
+        .header("x-padding", "a".repeat(8 * 1024))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_over_the_limit_wait_for_a_free_slot() {
+    use tokio::io::AsyncWriteExt;
+    let (app, _store) = limited(30, 30, 2).await;
+    let request = b"GET /healthz HTTP/1.1\r\nHost: billsync\r\n\r\n";
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut stream = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+        stream.write_all(request).await.unwrap();
+        let mut buf = [0u8; 512];
+        let n = tokio::io::AsyncReadExt::read(&mut stream, &mut buf)
+            .await
+            .unwrap();
+        assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+        held.push(stream); // kept open: keep-alive holds the slot
+    }
+    let mut third = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    third
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: billsync\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    assert!(
+        read_until_closed(&mut third, std::time::Duration::from_millis(700))
+            .await
+            .is_none(),
+        "the third connection is not served while two are open"
+    );
+    drop(held.pop());
+    let answer = read_until_closed(&mut third, std::time::Duration::from_secs(5))
+        .await
+        .expect("served once a slot is free");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+}

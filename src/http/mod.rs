@@ -4,6 +4,7 @@ mod admin;
 pub mod extract;
 mod openapi;
 mod reconcile;
+pub mod server;
 mod user;
 mod webhooks;
 
@@ -68,6 +69,7 @@ pub struct AppState {
     pub cors_origins: Vec<HeaderValue>,
     pub stripe_rps: u32,
     pub reconcile_runs: reconcile::SharedRuns,
+    pub body_read_timeout: Duration,
 }
 
 impl AppState {
@@ -75,6 +77,7 @@ impl AppState {
         crate::telemetry::prometheus(); // record from the first request on
         Self {
             stripe_rps: config.stripe_rps,
+            body_read_timeout: config.body_read_timeout,
             reconcile_runs: Default::default(),
             cors_origins: config
                 .cors_origins
@@ -160,6 +163,9 @@ pub fn app(state: AppState) -> Router {
         .fallback(|| async { ApiError::RouteNotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(DefaultBodyLimit::max(extract::BODY_LIMIT))
+        .layer(axum::Extension(extract::BodyReadTimeout(
+            state.body_read_timeout,
+        )))
         .layer(
             TraceLayer::new_for_http().make_span_with(|request: &Request<_>| {
                 let request_id = request
@@ -274,10 +280,12 @@ async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
 }
 
 /// Serves until SIGINT or SIGTERM, then lets in-flight requests finish.
-pub async fn serve(listener: tokio::net::TcpListener, router: Router) -> std::io::Result<()> {
-    axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown_signal())
-        .await
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    limits: server::ServerLimits,
+) -> std::io::Result<()> {
+    server::serve(listener, router, limits, shutdown_signal()).await
 }
 
 pub async fn shutdown_signal() {

@@ -246,8 +246,12 @@ impl TestApp {
             .expect("bind");
         let addr = listener.local_addr().expect("local addr");
         let router = app(state.clone());
+        let limits = config.server;
+        // The production server, with its limits (and a shutdown that never comes).
         let server = tokio::spawn(async move {
-            axum::serve(listener, router).await.expect("server runs");
+            billsync::http::server::serve(listener, router, limits, std::future::pending())
+                .await
+                .expect("server runs");
         });
         let (_stop, stopping) = tokio::sync::watch::channel(false);
         let worker = state.worker.clone();
