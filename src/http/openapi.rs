@@ -28,7 +28,7 @@ use utoipa::{
         super::reconcile::start,
         super::reconcile::get,
     ),
-    modifiers(&Security),
+    modifiers(&Security, &CommonErrors),
 )]
 pub struct ApiDoc;
 
@@ -50,6 +50,62 @@ impl Modify for Security {
                     .build(),
             ),
         );
+    }
+}
+
+/// The answers any route can give, added where a route does not list them itself: malformed
+/// or mis-shaped input, missing credentials, an oversized or slow body, a database that is down.
+struct CommonErrors;
+
+impl Modify for CommonErrors {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::{ContentBuilder, Ref, RefOr, ResponseBuilder};
+        let common = [
+            (
+                "400",
+                "Malformed JSON (`invalid_json`) or an invalid webhook",
+            ),
+            ("401", "Missing or invalid credentials (`unauthorized`)"),
+            ("408", "The body did not arrive in time (`request_timeout`)"),
+            ("413", "The body is over 1 MiB (`payload_too_large`)"),
+            (
+                "422",
+                "Well-formed input of the wrong shape or value (`invalid_request`, …)",
+            ),
+            (
+                "503",
+                "The database (or a configured dependency) is unavailable",
+            ),
+        ];
+        for item in openapi.paths.paths.values_mut() {
+            let operations = [
+                &mut item.get,
+                &mut item.put,
+                &mut item.post,
+                &mut item.delete,
+            ];
+            for operation in operations.into_iter().flatten() {
+                for (status, description) in common {
+                    operation
+                        .responses
+                        .responses
+                        .entry(status.to_owned())
+                        .or_insert_with(|| {
+                            RefOr::T(
+                                ResponseBuilder::new()
+                                    .description(description)
+                                    .content(
+                                        "application/json",
+                                        ContentBuilder::new()
+                                            .schema(Some(Ref::from_schema_name("ErrorBody")))
+                                            .build(),
+                                    )
+                                    .build(),
+                            )
+                        });
+                }
+            }
+        }
     }
 }
 

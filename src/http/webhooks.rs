@@ -18,7 +18,8 @@ pub struct Received {
 /// 400 with a code for what is wrong with the request; 503 while the database is down, so
 /// Stripe retries.
 #[utoipa::path(post, path = "/api/webhooks/stripe", tag = "webhooks",
-    params(("Stripe-Signature" = String, Header)),
+    params(("Stripe-Signature" = String, Header, pattern = "^[ -~]*$",
+        description = "t=<unix time>,v1=<hex HMAC-SHA256>[,v1=…]: visible ASCII, as every HTTP header value")),
     request_body(content = String, content_type = "application/json"),
     responses((status = 200, body = Received), (status = 400, body = crate::http::ErrorBody),
               (status = 413, body = crate::http::ErrorBody), (status = 503, body = crate::http::ErrorBody)))]
