@@ -244,6 +244,15 @@ async fn stripe_faults_lose_nothing_and_duplicate_nothing(backend: Backend) {
         "one customer per user: {per_user:?}"
     );
     assert_eq!(resolved.len(), USERS);
+    println!(
+        "{} faults injected; {unavailable} resolves answered 503 during the window; {} customers \
+         for {} users; {} pushes queued, {} applied",
+        ledger.faults,
+        ledger.customers.len(),
+        per_user.len(),
+        editing.len(),
+        ledger.updates.values().sum::<usize>(),
+    );
     for (i, user) in editing.iter().enumerate() {
         let id = format!("cus_pre{i}");
         assert_eq!(

@@ -317,6 +317,8 @@ async fn the_database_down_is_503_never_2xx() {
         (status, answer["error"]["code"].as_str()),
         (503, Some("database_unavailable"))
     );
+    let ready = app.http.get(app.url("/readyz")).send().await.unwrap();
+    assert_eq!(ready.status(), 503, "readyz says so");
 }
 
 #[tokio::test]
