@@ -167,6 +167,10 @@ pub struct ConfigArgs {
     /// First retry delay of a failed outbox job, in milliseconds; doubles per attempt [default: 1000]
     #[arg(long, env = "BILLSYNC_OUTBOX_BACKOFF_BASE_MS", global = true)]
     pub outbox_backoff_base_ms: Option<u64>,
+    /// Seconds a claimed outbox job is protected; a worker that dies holding one is replaced
+    /// after this. Must outlast a job's Stripe calls [default: 4 × the Stripe timeout + 30]
+    #[arg(long, env = "BILLSYNC_OUTBOX_LEASE_SECS", global = true)]
+    pub outbox_lease_secs: Option<u64>,
     /// Webhook signing secrets (whsec_…), comma-separated: several during a rotation.
     #[arg(
         long,
@@ -225,6 +229,7 @@ struct FileConfig {
     outbox_poll_ms: Option<u64>,
     outbox_debounce_ms: Option<u64>,
     outbox_backoff_base_ms: Option<u64>,
+    outbox_lease_secs: Option<u64>,
     stripe_webhook_secret: Option<String>,
     webhook_tolerance_secs: Option<u64>,
     event_retention_days: Option<u32>,
@@ -430,7 +435,17 @@ impl Config {
                     .max(1),
             ),
             backoff_max: Duration::from_secs(600),
-            lease: timeout * 4 + Duration::from_secs(30),
+            lease: match pick(&args.outbox_lease_secs, file.outbox_lease_secs) {
+                Some(secs) if Duration::from_secs(secs) <= timeout * 2 => {
+                    return Err(ConfigError::Invalid(format!(
+                        "BILLSYNC_OUTBOX_LEASE_SECS must be more than twice the Stripe timeout \
+                         ({} ms), or jobs still running are taken over",
+                        timeout.as_millis()
+                    )))
+                }
+                Some(secs) => Duration::from_secs(secs),
+                None => timeout * 4 + Duration::from_secs(30),
+            },
             batch: 32,
         };
         let secrets: Vec<Secret> = pick(&args.stripe_webhook_secret, file.stripe_webhook_secret)

@@ -50,6 +50,10 @@ impl Drop for Server {
 }
 
 fn start(database_url: &str, port: u16) -> Server {
+    start_with(database_url, port, &[])
+}
+
+fn start_with(database_url: &str, port: u16, settings: &[(&str, String)]) -> Server {
     let mut command = Command::new(env!("CARGO_BIN_EXE_billsync"));
     for (key, _) in std::env::vars() {
         if key.starts_with("BILLSYNC_") || key.starts_with("STRIPE_") || key == "DATABASE_URL" {
@@ -64,6 +68,7 @@ fn start(database_url: &str, port: u16) -> Server {
         .env("BILLSYNC_LISTEN", format!("127.0.0.1:{port}"))
         .env("BILLSYNC_OUTBOX_POLL_MS", "20")
         .env("RUST_LOG", "warn")
+        .envs(settings.iter().map(|(k, v)| (*k, v.as_str())))
         .arg("serve")
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(log_path(port)).expect("log file"))
@@ -263,4 +268,142 @@ async fn a_kill_during_a_burst_loses_no_acknowledged_event(backend: Backend) {
     );
 }
 
-on_every_store!(a_kill_during_a_burst_loses_no_acknowledged_event);
+/// The fake Stripe's record of applied customer updates: (customer, name), in arrival order.
+#[derive(Clone, Default)]
+struct Updates(Arc<Mutex<Vec<(String, String)>>>);
+
+impl wiremock::Respond for Updates {
+    fn respond(&self, request: &wiremock::Request) -> wiremock::ResponseTemplate {
+        let form: Vec<(String, String)> = serde_urlencoded::from_bytes(&request.body).unwrap();
+        let name = form
+            .iter()
+            .find(|(k, _)| k == "name")
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default();
+        let customer = request
+            .url
+            .path()
+            .trim_start_matches("/v1/customers/")
+            .to_owned();
+        self.0.lock().unwrap().push((customer.clone(), name));
+        wiremock::ResponseTemplate::new(200)
+            .set_body_json(json!({"id": customer, "object": "customer"}))
+            .set_delay(Duration::from_millis(50))
+    }
+}
+
+const PUSHES: usize = 60;
+
+async fn a_kill_during_outbox_work_loses_no_push(backend: Backend) {
+    let test = "a_kill_during_outbox_work_loses_no_push";
+    let Some(t) = backend.store(test).await else {
+        return;
+    };
+    let stripe = wiremock::MockServer::start().await;
+    let updates = Updates::default();
+    wiremock::Mock::given(wiremock::matchers::method("POST"))
+        .respond_with(updates.clone())
+        .mount(&stripe)
+        .await;
+    for c in 0..PUSHES {
+        let user = format!("push{c}");
+        t.store
+            .upsert_user(&billsync::store::UserUpsert {
+                id: UserId::parse(&user).unwrap(),
+                email: billsync::domain::Email::parse(&format!("{user}@example.com")).unwrap(),
+                email_verified: true,
+                first_name: None,
+                last_name: None,
+                phone: None,
+            })
+            .await
+            .unwrap();
+        support::link_in_store(t.store.as_ref(), &user, &format!("cus_push{c}")).await;
+    }
+    let settings = [
+        ("BILLSYNC_STRIPE_API_BASE", stripe.uri()),
+        ("BILLSYNC_STRIPE_TIMEOUT_MS", "500".to_owned()),
+        ("BILLSYNC_OUTBOX_LEASE_SECS", "3".to_owned()),
+        ("BILLSYNC_OUTBOX_DEBOUNCE_MS", "0".to_owned()),
+        ("BILLSYNC_ADMIN_API_KEY", support::ADMIN_KEY.to_owned()),
+    ];
+    let port = free_port();
+    let mut server = start_with(&t.url, port, &settings);
+    wait_ready(port).await;
+    let http = reqwest::Client::new();
+    for c in 0..PUSHES {
+        let response = http
+            .put(format!("http://127.0.0.1:{port}/v1/users/push{c}"))
+            .bearer_auth(support::ADMIN_KEY)
+            .json(
+                &json!({"email": format!("push{c}@example.com"), "email_verified": true,
+                          "first_name": "Final", "last_name": format!("N{c}")}),
+            )
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+    }
+    // Kill it in the middle of the pushes.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while updates.0.lock().unwrap().len() < PUSHES / 4 {
+        assert!(Instant::now() < deadline, "pushes never started");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    server.kill();
+    let at_kill = updates.0.lock().unwrap().len();
+    assert!(
+        at_kill < PUSHES,
+        "killed too late to test anything: {at_kill}"
+    );
+
+    let port = free_port();
+    let mut server = start_with(&t.url, port, &settings);
+    wait_ready(port).await;
+    support::eventually(30, "every push landed after the restart", || async {
+        let landed: HashSet<String> = updates
+            .0
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(c, _)| c.clone())
+            .collect();
+        (landed.len() == PUSHES).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    server.kill();
+
+    let log = updates.0.lock().unwrap().clone();
+    let mut last: HashMap<String, String> = HashMap::new();
+    let mut count: HashMap<String, usize> = HashMap::new();
+    for (customer, name) in &log {
+        last.insert(customer.clone(), name.clone());
+        *count.entry(customer.clone()).or_default() += 1;
+    }
+    for c in 0..PUSHES {
+        let customer = format!("cus_push{c}");
+        assert_eq!(
+            last[&customer],
+            format!("Final N{c}"),
+            "{customer} ends as the user is"
+        );
+        // A push in flight at the kill may run again (same values): never more.
+        assert!(
+            count[&customer] <= 2,
+            "{customer} pushed {} times",
+            count[&customer]
+        );
+    }
+    let repeated = count.values().filter(|n| **n > 1).count();
+    println!(
+        "{PUSHES} pushes queued; {at_kill} landed before the kill; {} landed in all, {repeated} \
+         repeated (same values)",
+        last.len()
+    );
+}
+
+on_every_store!(
+    a_kill_during_a_burst_loses_no_acknowledged_event,
+    a_kill_during_outbox_work_loses_no_push
+);
