@@ -4,9 +4,10 @@
 
 mod support;
 
+use support::process::{free_port, start, start_with, wait_ready};
+
 use std::{
     collections::{HashMap, HashSet},
-    process::{Child, Command, Stdio},
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -20,84 +21,6 @@ use support::Backend;
 
 const CUSTOMERS: usize = 50;
 const EVENTS: usize = 5_000;
-
-fn log_path(port: u16) -> std::path::PathBuf {
-    std::env::temp_dir().join(format!("billsync-crash-{port}.log"))
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// The server process; killed when dropped, so a failing test leaves nothing running.
-struct Server(Child);
-
-impl Server {
-    fn kill(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-fn start(database_url: &str, port: u16) -> Server {
-    start_with(database_url, port, &[])
-}
-
-fn start_with(database_url: &str, port: u16, settings: &[(&str, String)]) -> Server {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_billsync"));
-    for (key, _) in std::env::vars() {
-        if key.starts_with("BILLSYNC_") || key.starts_with("STRIPE_") || key == "DATABASE_URL" {
-            command.env_remove(key);
-        }
-    }
-    command
-        .env("DATABASE_URL", database_url)
-        .env("STRIPE_SECRET_KEY", support::STRIPE_KEY)
-        .env("STRIPE_WEBHOOK_SECRET", support::WEBHOOK_SECRET)
-        .env("BILLSYNC_STRIPE_API_BASE", "http://127.0.0.1:9")
-        .env("BILLSYNC_LISTEN", format!("127.0.0.1:{port}"))
-        .env("BILLSYNC_OUTBOX_POLL_MS", "20")
-        .env("RUST_LOG", "warn")
-        .envs(settings.iter().map(|(k, v)| (*k, v.as_str())))
-        .arg("serve")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(log_path(port)).expect("log file"))
-        .spawn()
-        .map(Server)
-        .expect("start billsync")
-}
-
-async fn wait_ready(port: u16) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let http = reqwest::Client::new();
-    loop {
-        if let Ok(r) = http
-            .get(format!("http://127.0.0.1:{port}/readyz"))
-            .send()
-            .await
-        {
-            if r.status() == 200 {
-                return;
-            }
-        }
-        assert!(
-            Instant::now() < deadline,
-            "billsync did not become ready: {}",
-            std::fs::read_to_string(log_path(port)).unwrap_or_default()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
 
 fn event(i: usize) -> (String, String, usize) {
     let customer = i % CUSTOMERS;

@@ -4,6 +4,8 @@
 //! is missing are skipped out loud, never silently.
 #![allow(dead_code)]
 
+pub mod process;
+
 use std::{
     io::Write,
     net::SocketAddr,
