@@ -13,7 +13,7 @@ use std::{
 };
 
 use billsync::{
-    domain::{LinkSource, StripeCustomerId, UserId},
+    domain::UserId,
     store::{EventState, Store},
 };
 use serde_json::json;
@@ -42,27 +42,12 @@ async fn a_kill_during_a_burst_loses_no_acknowledged_event(backend: Backend) {
         return;
     };
     for c in 0..CUSTOMERS {
-        let user = UserId::parse(&format!("crash{c}")).unwrap();
-        t.store
-            .upsert_user(&billsync::store::UserUpsert {
-                id: user.clone(),
-                email: billsync::domain::Email::parse(&format!("crash{c}@example.com")).unwrap(),
-                email_verified: true,
-                first_name: None,
-                last_name: None,
-                phone: None,
-            })
-            .await
-            .unwrap();
-        t.store
-            .insert_link(
-                &user,
-                &StripeCustomerId::parse(&format!("cus_crash{c}")).unwrap(),
-                false,
-                LinkSource::Created,
-            )
-            .await
-            .unwrap();
+        support::seed_linked_user(
+            t.store.as_ref(),
+            &format!("crash{c}"),
+            &format!("cus_crash{c}"),
+        )
+        .await;
     }
 
     let port = free_port();
@@ -229,19 +214,12 @@ async fn a_kill_during_outbox_work_loses_no_push(backend: Backend) {
         .mount(&stripe)
         .await;
     for c in 0..PUSHES {
-        let user = format!("push{c}");
-        t.store
-            .upsert_user(&billsync::store::UserUpsert {
-                id: UserId::parse(&user).unwrap(),
-                email: billsync::domain::Email::parse(&format!("{user}@example.com")).unwrap(),
-                email_verified: true,
-                first_name: None,
-                last_name: None,
-                phone: None,
-            })
-            .await
-            .unwrap();
-        support::link_in_store(t.store.as_ref(), &user, &format!("cus_push{c}")).await;
+        support::seed_linked_user(
+            t.store.as_ref(),
+            &format!("push{c}"),
+            &format!("cus_push{c}"),
+        )
+        .await;
     }
     let settings = [
         ("BILLSYNC_STRIPE_API_BASE", stripe.uri()),

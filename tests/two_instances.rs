@@ -81,18 +81,7 @@ async fn two_instances_share_the_work_and_lose_nothing() {
     for (prefix, count) in [("ev", EVENT_USERS), ("ed", EDIT_USERS)] {
         for c in 0..count {
             let user = format!("{prefix}{c}");
-            t.store
-                .upsert_user(&billsync::store::UserUpsert {
-                    id: billsync::domain::UserId::parse(&user).unwrap(),
-                    email: billsync::domain::Email::parse(&format!("{user}@example.com")).unwrap(),
-                    email_verified: true,
-                    first_name: None,
-                    last_name: None,
-                    phone: None,
-                })
-                .await
-                .unwrap();
-            support::link_in_store(t.store.as_ref(), &user, &format!("cus_{user}")).await;
+            support::seed_linked_user(t.store.as_ref(), &user, &format!("cus_{user}")).await;
         }
     }
     let settings = [

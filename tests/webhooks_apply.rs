@@ -513,19 +513,7 @@ async fn backlog(backend: Backend, test: &str) -> Option<Backlog> {
 
 impl Backlog {
     async fn linked_user(&self, user: &str, customer: &str) {
-        let store = &self.store.store;
-        store
-            .upsert_user(&billsync::store::UserUpsert {
-                id: UserId::parse(user).unwrap(),
-                email: billsync::domain::Email::parse(&format!("{user}@example.com")).unwrap(),
-                email_verified: true,
-                first_name: None,
-                last_name: None,
-                phone: None,
-            })
-            .await
-            .unwrap();
-        support::link_in_store(store.as_ref(), user, customer).await;
+        support::seed_linked_user(self.store.store.as_ref(), user, customer).await;
     }
 
     async fn queue(&self, bodies: &[String]) {

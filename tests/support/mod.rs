@@ -497,6 +497,23 @@ impl LocalStripe {
     }
 }
 
+/// Creates `user` (verified `<user>@example.com`, no name) and links it to `customer`,
+/// directly in the store.
+pub async fn seed_linked_user(store: &dyn Store, user: &str, customer: &str) {
+    store
+        .upsert_user(&billsync::store::UserUpsert {
+            id: billsync::domain::UserId::parse(user).unwrap(),
+            email: billsync::domain::Email::parse(&format!("{user}@example.com")).unwrap(),
+            email_verified: true,
+            first_name: None,
+            last_name: None,
+            phone: None,
+        })
+        .await
+        .unwrap();
+    link_in_store(store, user, customer).await;
+}
+
 /// Links `user` (who must exist) to `customer` directly in the store, as a resolve would.
 pub async fn link_in_store(store: &dyn Store, user: &str, customer: &str) {
     store
