@@ -358,6 +358,14 @@ pub enum Applied {
     Unchanged { id: String },
 }
 
+impl Applied {
+    pub fn id(&self) -> &str {
+        match self {
+            Self::Created { id } | Self::Updated { id } | Self::Unchanged { id } => id,
+        }
+    }
+}
+
 /// A stable fingerprint of the parameters (serde_json maps are ordered, so the text is too).
 fn fingerprint(params: &Value) -> String {
     hex::encode(Sha256::digest(params.to_string().as_bytes()))
@@ -392,13 +400,10 @@ pub async fn apply(
             Applied::Created { id: created.id }
         }
     };
-    let id = match &applied {
-        Applied::Created { id } | Applied::Updated { id } | Applied::Unchanged { id } => id,
-    };
     store
         .save_portal_config(&PortalConfigRecord {
             name: spec.name.clone(),
-            stripe_configuration_id: id.clone(),
+            stripe_configuration_id: applied.id().to_owned(),
             spec_hash: hash,
             applied_at: crate::store::now(),
         })

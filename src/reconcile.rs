@@ -426,7 +426,7 @@ async fn fix(
     Ok(Some(action))
 }
 
-/// Which of `seen` are still waiting for a push (for the CLI, which delivers its own pushes).
+/// The users `--apply` queued a push for (the CLI delivers them before it exits).
 pub fn queued_pushes(report: &Report) -> HashSet<String> {
     report
         .findings

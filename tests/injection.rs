@@ -58,39 +58,20 @@ async fn hostile_strings_round_trip_and_change_nothing_else(backend: Backend) {
             .await;
         assert_eq!(written["user"]["id"], *id);
         let read: Value = app
-            .admin(Method::GET, &format!("/v1/users/{}", support::encode(id)))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+            .admin_json(&format!("/v1/users/{}", support::encode(id)))
+            .await;
         assert_eq!(read["user"]["id"], *id, "{id}");
         assert_eq!(read["user"]["first_name"], name);
         assert_eq!(read["user"]["last_name"], *id);
         assert_eq!(read["user"]["email"], email);
     }
-    let again: Value = app
-        .admin(Method::GET, "/v1/users/bystander")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let again: Value = app.admin_json("/v1/users/bystander").await;
     assert_eq!(
         again["user"], bystander["user"],
         "the bystander is untouched"
     );
     // Every table is still there and holds exactly what was written.
-    let events: Value = app
-        .admin(Method::GET, "/v1/events")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let events: Value = app.admin_json("/v1/events").await;
     assert!(events["events"].is_array());
     let missing = app
         .admin(

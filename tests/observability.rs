@@ -107,14 +107,7 @@ async fn metrics_move_by_what_the_workload_did() {
         .await;
     }
     eventually(10, "both pushes finished", || async {
-        let jobs: Value = app
-            .admin(Method::GET, "/v1/outbox?limit=10")
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let jobs: Value = app.admin_json("/v1/outbox?limit=10").await;
         let finished = jobs["jobs"]
             .as_array()
             .unwrap()

@@ -340,14 +340,7 @@ async fn every_category_is_counted_fixed_and_stays_fixed(backend: Backend) {
         .unwrap();
     assert_eq!(busy.status(), 409, "one run at a time");
     let done = eventually(30, "the run finished", || async {
-        let run: Value = app
-            .admin(Method::GET, &format!("/v1/reconcile/{id}"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let run: Value = app.admin_json(&format!("/v1/reconcile/{id}")).await;
         (run["run"]["status"] != "running").then_some(run)
     })
     .await;

@@ -307,6 +307,17 @@ impl TestApp {
         response.json().await.expect("json")
     }
 
+    /// An admin `GET`'s JSON body, whatever its status.
+    pub async fn admin_json(&self, path: &str) -> Value {
+        self.admin(reqwest::Method::GET, path)
+            .send()
+            .await
+            .expect("admin GET")
+            .json()
+            .await
+            .expect("json")
+    }
+
     /// `POST /v1/users/{id}/customer`; the status and the JSON body.
     pub async fn resolve(&self, user_id: &str) -> (u16, Value) {
         let response = self
