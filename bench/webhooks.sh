@@ -61,17 +61,17 @@ BURST="$(BENCH_EVENTS="$WORK/burst.tsv" wrk -t2 -c64 -d"$DURATION" -s bench/webh
 LAT="$(BENCH_EVENTS="$WORK/latency.tsv" wrk -t2 -c16 -d"$DURATION" --latency -s bench/webhook_replay.lua "http://127.0.0.1:$PORT")"
 
 # The applier drains what was stored: time it from here.
-START=$(date +%s.%N); START_PENDING=$(SQL "SELECT count(*) FROM stripe_events WHERE state = 'pending'")
-APPLIED_LIVE=$(SQL "SELECT count(*) FROM stripe_events WHERE state = 'applied'")
+START=$(date +%s.%N); START_PENDING=$(SQL "SELECT count(*) FROM stripe_event_queue")
+APPLIED_LIVE=$(SQL "SELECT count(*) FROM stripe_event_states WHERE state = 'applied'")
 while :; do
-  PENDING=$(SQL "SELECT count(*) FROM stripe_events WHERE state = 'pending'")
+  PENDING=$(SQL "SELECT count(*) FROM stripe_event_queue")
   [ "$PENDING" = 0 ] && break
   sleep 0.5
 done
 END=$(date +%s.%N)
 RSS_KB="$(awk '/VmHWM/ {print $2}' "/proc/$SERVER/status")"
 STORED=$(SQL "SELECT count(*) FROM stripe_events")
-APPLIED=$(SQL "SELECT count(*) FROM stripe_events WHERE state = 'applied'")
+APPLIED=$(SQL "SELECT count(*) FROM stripe_event_states WHERE state = 'applied'")
 kill -TERM $SERVER; wait $SERVER 2>/dev/null || true
 
 field() { sed -n "s/.* $1=\([0-9.]*\).*/\1/p" <<<"$2" | head -n1; }

@@ -845,6 +845,17 @@ async fn usage_subscriptions_and_pushes_round_trip(backend: Backend) {
     assert_eq!(store.last_push(&user).await.unwrap(), Some(pushed));
 }
 
+/// The ids of a customer's waiting events, in apply order.
+async fn queued_ids(store: &dyn Store, customer: &str) -> Vec<String> {
+    store
+        .customer_events(customer, 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.event.id)
+        .collect()
+}
+
 fn new_event(id: &str, created: i64, customer: &str) -> billsync::store::NewEvent {
     billsync::store::NewEvent {
         id: id.into(),
@@ -888,13 +899,7 @@ async fn the_event_inbox_orders_dedups_retries_and_prunes(backend: Backend) {
     assert_eq!(store.list_events(None, 100).await.unwrap().len(), 4);
 
     // Order: created, then arrival.
-    let order: Vec<String> = store
-        .customer_events("cus_1", 100)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|e| e.event.id)
-        .collect();
+    let order = queued_ids(store.as_ref(), "cus_1").await;
     assert_eq!(order, ["evt_a", "evt_b", "evt_c"]);
     assert_eq!(
         store.customer_events("cus_1", 100).await.unwrap()[1].payload,
@@ -1007,7 +1012,191 @@ async fn the_event_inbox_orders_dedups_retries_and_prunes(backend: Backend) {
     );
 }
 
+/// Where an event stands is its queue row while it waits, what ingest filed once it is done.
+async fn event_states_follow_the_queue(backend: Backend) {
+    use billsync::store::{EventOutcome, EventState};
+    let Some(t) = backend.store("event_states_follow_the_queue").await else {
+        return;
+    };
+    let store = &t.store;
+    let mut invoice = new_event("evt_invoice", 2, "cus_1");
+    invoice.kind = "invoice.paid".into();
+    invoice.state = EventState::Skipped;
+    let mut anonymous = new_event("evt_anonymous", 3, "cus_1");
+    anonymous.kind = "invoice.paid".into();
+    anonymous.customer_id = None;
+    anonymous.state = EventState::Skipped;
+    store
+        .insert_events(&[new_event("evt_update", 1, "cus_1"), invoice, anonymous])
+        .await
+        .unwrap();
+    let ids = |events: Vec<billsync::store::StoredEvent>| {
+        events.into_iter().map(|e| e.id).collect::<Vec<_>>()
+    };
+    let listed = |state| async move { ids(store.list_events(Some(state), 10).await.unwrap()) };
+    assert_eq!(listed(EventState::Pending).await, ["evt_update"]);
+    assert_eq!(
+        listed(EventState::Skipped).await,
+        ["evt_anonymous", "evt_invoice"]
+    );
+    assert!(listed(EventState::Applied).await.is_empty());
+    assert_eq!(store.queue_stats().await.unwrap().events_pending, 1);
+
+    // Applied after one failure: the attempt is remembered, the error is not.
+    store
+        .finish_event(
+            "evt_update",
+            &EventOutcome::Retry {
+                delay: Duration::ZERO,
+                error: "stripe down".into(),
+            },
+        )
+        .await
+        .unwrap();
+    let stats = store.queue_stats().await.unwrap();
+    assert_eq!((stats.events_pending, stats.events_failed), (0, 1));
+    store
+        .finish_event("evt_update", &EventOutcome::Applied)
+        .await
+        .unwrap();
+    let applied = store
+        .list_events(Some(EventState::Applied), 10)
+        .await
+        .unwrap();
+    assert_eq!(applied.len(), 1);
+    assert_eq!(
+        (
+            applied[0].id.as_str(),
+            applied[0].attempts,
+            &applied[0].last_error
+        ),
+        ("evt_update", 1, &None)
+    );
+    assert!(listed(EventState::Failed).await.is_empty());
+    assert!(store.customer_events("cus_1", 10).await.unwrap().is_empty());
+
+    // Replay queues an event again, from scratch; one with no customer stays skipped.
+    let replayed = store.replay_event("evt_update").await.unwrap().unwrap();
+    assert_eq!(
+        (replayed.state, replayed.attempts),
+        (EventState::Pending, 0)
+    );
+    let replayed = store.replay_event("evt_invoice").await.unwrap().unwrap();
+    assert_eq!(replayed.state, EventState::Pending);
+    let replayed = store.replay_event("evt_anonymous").await.unwrap().unwrap();
+    assert_eq!(replayed.state, EventState::Skipped);
+    assert_eq!(store.replay_event("evt_unknown").await.unwrap(), None);
+    let queue = queued_ids(store.as_ref(), "cus_1").await;
+    assert_eq!(queue, ["evt_update", "evt_invoice"]);
+    assert_eq!(store.due_event_customers(10).await.unwrap(), ["cus_1"]);
+
+    // Retention never takes an event that is still waiting.
+    store
+        .finish_event("evt_update", &EventOutcome::Applied)
+        .await
+        .unwrap();
+    let pruned = store
+        .prune_events(billsync::store::now() + time::Duration::seconds(5))
+        .await
+        .unwrap();
+    assert_eq!(pruned, 2, "evt_update and evt_anonymous");
+    assert_eq!(
+        ids(store.list_events(None, 10).await.unwrap()),
+        ["evt_invoice"]
+    );
+}
+
+/// An inbox written before the event queue existed keeps every event where it stood.
+async fn upgrading_keeps_waiting_events_waiting(backend: Backend) {
+    use billsync::store::EventState;
+    let Some(t) = backend
+        .unmigrated_store("upgrading_keeps_waiting_events_waiting")
+        .await
+    else {
+        return;
+    };
+    // The schema as it was before the queue: the migrations up to 0003.
+    let before = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(backend.migrations_dir()).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_str().unwrap().to_owned();
+        if name.as_str() < "0004" && !name.starts_with("0003_event_queue") {
+            std::fs::copy(&path, before.path().join(&name)).unwrap();
+        }
+    }
+    let legacy = sqlx::migrate::Migrator::new(before.path()).await.unwrap();
+    let received = match backend {
+        Backend::Postgres => "now()",
+        Backend::Sqlite => "1700000000000",
+    };
+    let rows = format!(
+        "INSERT INTO stripe_events (id, type, created, livemode, stripe_customer_id, payload,
+                                    received_at, state, attempts, next_attempt_at, last_error)
+         VALUES ('evt_applied', 'customer.updated', 1, FALSE, 'cus_1', '{{}}', {received},
+                 'applied', 0, NULL, NULL),
+                ('evt_pending', 'customer.updated', 2, FALSE, 'cus_1', '{{}}', {received},
+                 'pending', 0, NULL, NULL),
+                ('evt_failed', 'customer.updated', 3, FALSE, 'cus_2', '{{}}', {received},
+                 'failed', 2, NULL, 'boom'),
+                ('evt_orphan', 'customer.updated', 4, FALSE, NULL, '{{}}', {received},
+                 'pending', 0, NULL, NULL),
+                ('evt_skipped', 'invoice.paid', 5, FALSE, NULL, '{{}}', {received},
+                 'skipped', 0, NULL, NULL)"
+    );
+    match backend {
+        Backend::Postgres => {
+            let pool = sqlx::PgPool::connect(&t.url).await.unwrap();
+            legacy.run(&pool).await.unwrap();
+            sqlx::query(&rows).execute(&pool).await.unwrap();
+            pool.close().await;
+        }
+        Backend::Sqlite => {
+            let pool = sqlx::SqlitePool::connect(&t.url).await.unwrap();
+            legacy.run(&pool).await.unwrap();
+            sqlx::query(&rows).execute(&pool).await.unwrap();
+            pool.close().await;
+        }
+    }
+
+    t.store.migrate().await.unwrap();
+    let store = &t.store;
+    let listed = |state| async move {
+        store
+            .list_events(Some(state), 10)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|e| (e.id, e.attempts, e.last_error))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        listed(EventState::Applied).await,
+        [("evt_applied".to_owned(), 0, None)]
+    );
+    assert_eq!(
+        listed(EventState::Pending).await,
+        [("evt_pending".to_owned(), 0, None)]
+    );
+    assert_eq!(
+        listed(EventState::Failed).await,
+        [("evt_failed".to_owned(), 2, Some("boom".to_owned()))]
+    );
+    assert_eq!(
+        listed(EventState::Skipped).await,
+        [
+            ("evt_skipped".to_owned(), 0, None),
+            ("evt_orphan".to_owned(), 0, None)
+        ],
+        "a handled event naming no customer had nothing to apply it to"
+    );
+    assert_eq!(store.due_event_customers(10).await.unwrap(), ["cus_1"]);
+    let queue = queued_ids(store.as_ref(), "cus_1").await;
+    assert_eq!(queue, ["evt_pending"]);
+}
+
 on_every_store!(
+    event_states_follow_the_queue,
+    upgrading_keeps_waiting_events_waiting,
     the_event_inbox_orders_dedups_retries_and_prunes,
     profile_changes_queue_one_coalesced_push,
     jobs_retry_fail_and_are_requeued,

@@ -624,6 +624,11 @@ pub(crate) fn postgres_migrator() -> Migrator {
             "due events index",
             include_str!("../../migrations/postgres/0003_due_events_index.sql"),
         ),
+        (
+            4,
+            "event queue",
+            include_str!("../../migrations/postgres/0004_event_queue.sql"),
+        ),
     ])
 }
 
@@ -638,6 +643,11 @@ pub(crate) fn sqlite_migrator() -> Migrator {
             2,
             "due events index",
             include_str!("../../migrations/sqlite/0002_due_events_index.sql"),
+        ),
+        (
+            3,
+            "event queue",
+            include_str!("../../migrations/sqlite/0003_event_queue.sql"),
         ),
     ])
 }

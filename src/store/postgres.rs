@@ -311,9 +311,9 @@ impl Store for PgStore {
             "SELECT (SELECT count(*) FROM outbox WHERE state IN ('pending', 'in_flight')),
                     (SELECT min(created_at) FROM outbox WHERE state = 'pending'),
                     (SELECT count(*) FROM outbox WHERE state = 'failed'),
-                    (SELECT count(*) FROM stripe_events WHERE state = 'pending'),
-                    (SELECT min(received_at) FROM stripe_events WHERE state = 'pending'),
-                    (SELECT count(*) FROM stripe_events WHERE state = 'failed')",
+                    (SELECT count(*) FROM stripe_event_queue WHERE state = 'pending'),
+                    (SELECT min(received_at) FROM stripe_event_queue WHERE state = 'pending'),
+                    (SELECT count(*) FROM stripe_event_queue WHERE state = 'failed')",
         )
         .fetch_one(&self.pool)
         .await?;
@@ -842,15 +842,24 @@ impl Store for PgStore {
         if events.is_empty() {
             return Ok(Vec::new());
         }
-        // One statement for the whole batch; UNNEST keeps arrival order for arrival_seq.
+        // One statement for the whole batch; UNNEST keeps arrival order for arrival_seq. Events
+        // to apply also get their queue row, in the same statement.
         let inserted: Vec<String> = sqlx::query_scalar(
-            "INSERT INTO stripe_events (id, type, created, livemode, stripe_customer_id, payload,
-                                        received_at, state)
-             SELECT e.id, e.type, e.created, e.livemode, e.customer, e.payload, now(), e.state
-             FROM UNNEST($1::text[], $2::text[], $3::int8[], $4::bool[], $5::text[], $6::text[],
-                         $7::text[]) AS e(id, type, created, livemode, customer, payload, state)
-             ON CONFLICT (id) DO NOTHING
-             RETURNING id",
+            "WITH fresh AS (
+                 INSERT INTO stripe_events (id, type, created, livemode, stripe_customer_id,
+                                            payload, received_at, state)
+                 SELECT e.id, e.type, e.created, e.livemode, e.customer, e.payload, now(), e.state
+                 FROM UNNEST($1::text[], $2::text[], $3::int8[], $4::bool[], $5::text[],
+                             $6::text[], $7::text[])
+                      AS e(id, type, created, livemode, customer, payload, state)
+                 ON CONFLICT (id) DO NOTHING
+                 RETURNING id, stripe_customer_id, created, arrival_seq, received_at, state),
+             queued AS (
+                 INSERT INTO stripe_event_queue (event_id, stripe_customer_id, created,
+                                                 arrival_seq, received_at)
+                 SELECT id, stripe_customer_id, created, arrival_seq, received_at FROM fresh
+                 WHERE state = 'pending')
+             SELECT id FROM fresh",
         )
         .bind(events.iter().map(|e| e.id.as_str()).collect::<Vec<_>>())
         .bind(events.iter().map(|e| e.kind.as_str()).collect::<Vec<_>>())
@@ -882,8 +891,17 @@ impl Store for PgStore {
         state: Option<EventState>,
         limit: u32,
     ) -> StoreResult<Vec<StoredEvent>> {
+        // Waiting events are found through the (small) queue, the others by walking the
+        // inbox newest first.
+        let source = match state {
+            Some(EventState::Pending | EventState::Failed) => {
+                "(SELECT s.* FROM stripe_event_queue q
+                  JOIN stripe_event_states s ON s.id = q.event_id WHERE q.state = $1)"
+            }
+            _ => "stripe_event_states",
+        };
         let rows: Vec<PgEventRow> = sqlx::query_as(&format!(
-            "SELECT {EVENT_COLUMNS} FROM stripe_events WHERE ($1::text IS NULL OR state = $1)
+            "SELECT {EVENT_COLUMNS} FROM {source} AS s WHERE ($1::text IS NULL OR state = $1)
              ORDER BY arrival_seq DESC LIMIT $2"
         ))
         .bind(state.map(EventState::as_str))
@@ -894,20 +912,39 @@ impl Store for PgStore {
     }
 
     async fn replay_event(&self, id: &str) -> StoreResult<Option<StoredEvent>> {
+        let mut tx = self.pool.begin().await?;
+        // An event without a customer has nothing to apply it to: it stays as it is.
+        let queued = sqlx::query(
+            "WITH event AS (
+                 UPDATE stripe_events SET state = 'pending', attempts = 0, last_error = NULL,
+                                          next_attempt_at = NULL, applied_at = NULL
+                 WHERE id = $1 AND stripe_customer_id IS NOT NULL
+                 RETURNING id, stripe_customer_id, created, arrival_seq, received_at)
+             INSERT INTO stripe_event_queue (event_id, stripe_customer_id, created, arrival_seq,
+                                             received_at)
+             SELECT id, stripe_customer_id, created, arrival_seq, received_at FROM event
+             ON CONFLICT (event_id) DO UPDATE
+                SET state = 'pending', attempts = 0, next_attempt_at = NULL, last_error = NULL",
+        )
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
         let row: Option<PgEventRow> = sqlx::query_as(&format!(
-            "UPDATE stripe_events SET state = 'pending', attempts = 0, next_attempt_at = NULL,
-                    last_error = NULL, applied_at = NULL
-             WHERE id = $1 RETURNING {EVENT_COLUMNS}"
+            "SELECT {EVENT_COLUMNS} FROM stripe_event_states WHERE id = $1"
         ))
         .bind(id)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *tx)
         .await?;
+        tx.commit().await?;
+        if queued.rows_affected() == 0 && row.is_some() {
+            tracing::info!(event_id = %id, "replay: the event names no customer; nothing to apply");
+        }
         row.map(event).transpose()
     }
 
     async fn replay_failed_events(&self) -> StoreResult<u64> {
         Ok(sqlx::query(
-            "UPDATE stripe_events SET state = 'pending', attempts = 0, next_attempt_at = NULL,
+            "UPDATE stripe_event_queue SET state = 'pending', attempts = 0, next_attempt_at = NULL,
                     last_error = NULL WHERE state = 'failed'",
         )
         .execute(&self.pool)
@@ -917,7 +954,8 @@ impl Store for PgStore {
 
     async fn prune_events(&self, cutoff: OffsetDateTime) -> StoreResult<u64> {
         Ok(sqlx::query(
-            "DELETE FROM stripe_events WHERE state IN ('applied', 'skipped') AND received_at < $1",
+            "DELETE FROM stripe_events e WHERE received_at < $1
+                AND NOT EXISTS (SELECT 1 FROM stripe_event_queue q WHERE q.event_id = e.id)",
         )
         .bind(cutoff)
         .execute(&self.pool)
@@ -928,18 +966,16 @@ impl Store for PgStore {
     async fn due_event_customers(&self, limit: u32) -> StoreResult<Vec<String>> {
         Ok(sqlx::query_scalar(
             "WITH due AS (
-                 (SELECT stripe_customer_id, arrival_seq FROM stripe_events
-                  WHERE state = 'pending' AND stripe_customer_id IS NOT NULL
-                  ORDER BY arrival_seq LIMIT $2)
+                 (SELECT stripe_customer_id, arrival_seq FROM stripe_event_queue
+                  WHERE state = 'pending' ORDER BY arrival_seq LIMIT $2)
                  UNION ALL
-                 (SELECT stripe_customer_id, arrival_seq FROM stripe_events
+                 (SELECT stripe_customer_id, arrival_seq FROM stripe_event_queue
                   WHERE state = 'failed' AND next_attempt_at <= now()
-                    AND stripe_customer_id IS NOT NULL
                   ORDER BY arrival_seq LIMIT $2)
              )
              SELECT stripe_customer_id FROM due
              WHERE NOT EXISTS (
-                 SELECT 1 FROM stripe_events waiting
+                 SELECT 1 FROM stripe_event_queue waiting
                  WHERE waiting.stripe_customer_id = due.stripe_customer_id
                    AND waiting.state = 'failed' AND waiting.next_attempt_at > now())
              GROUP BY stripe_customer_id
@@ -1015,13 +1051,15 @@ impl Store for PgStore {
             String,
             Option<OffsetDateTime>,
         );
-        let rows: Vec<Row> = sqlx::query_as(&format!(
-            "SELECT {EVENT_COLUMNS}, payload, next_attempt_at FROM stripe_events
-             WHERE stripe_customer_id = $1
-               AND (state = 'pending' OR (state = 'failed' AND next_attempt_at IS NOT NULL))
-             ORDER BY created, arrival_seq
-             LIMIT $2"
-        ))
+        let rows: Vec<Row> = sqlx::query_as(
+            "SELECT e.id, e.type, e.created, e.livemode, e.stripe_customer_id, q.state,
+                    q.attempts, q.last_error, e.received_at, e.payload, q.next_attempt_at
+             FROM stripe_event_queue q JOIN stripe_events e ON e.id = q.event_id
+             WHERE q.stripe_customer_id = $1
+               AND (q.state = 'pending' OR q.next_attempt_at IS NOT NULL)
+             ORDER BY q.created, q.arrival_seq
+             LIMIT $2",
+        )
         .bind(customer)
         .bind(i64::from(limit))
         .fetch_all(&self.pool)
@@ -1063,21 +1101,30 @@ impl Store for PgStore {
 
     async fn finish_events(&self, ids: &[String], outcome: &EventOutcome) -> StoreResult<()> {
         let query = match outcome {
+            // The event row is rewritten only for an event that failed before, to keep its
+            // attempt count; the common case deletes queue rows and nothing else.
             EventOutcome::Applied => sqlx::query(
-                "UPDATE stripe_events SET state = 'applied', applied_at = now(), last_error = NULL,
-                        next_attempt_at = NULL WHERE id = ANY($1)",
+                "WITH done AS (
+                     DELETE FROM stripe_event_queue WHERE event_id = ANY($1)
+                     RETURNING event_id, attempts)
+                 UPDATE stripe_events e
+                 SET state = 'applied', attempts = done.attempts, last_error = NULL,
+                     applied_at = now()
+                 FROM done WHERE e.id = done.event_id AND done.attempts > 0",
             )
             .bind(ids),
             EventOutcome::Retry { delay, error } => sqlx::query(
-                "UPDATE stripe_events SET state = 'failed', attempts = attempts + 1, last_error = $2,
-                        next_attempt_at = now() + make_interval(secs => $3) WHERE id = ANY($1)",
+                "UPDATE stripe_event_queue SET state = 'failed', attempts = attempts + 1,
+                        last_error = $2, next_attempt_at = now() + make_interval(secs => $3)
+                 WHERE event_id = ANY($1)",
             )
             .bind(ids)
             .bind(clip_error(error))
             .bind(delay.as_secs_f64()),
             EventOutcome::Failed { error } => sqlx::query(
-                "UPDATE stripe_events SET state = 'failed', attempts = attempts + 1, last_error = $2,
-                        next_attempt_at = NULL WHERE id = ANY($1)",
+                "UPDATE stripe_event_queue SET state = 'failed', attempts = attempts + 1,
+                        last_error = $2, next_attempt_at = NULL
+                 WHERE event_id = ANY($1)",
             )
             .bind(ids)
             .bind(clip_error(error)),

@@ -326,9 +326,9 @@ impl Store for SqliteStore {
             "SELECT (SELECT count(*) FROM outbox WHERE state IN ('pending', 'in_flight')),
                     (SELECT min(created_at) FROM outbox WHERE state = 'pending'),
                     (SELECT count(*) FROM outbox WHERE state = 'failed'),
-                    (SELECT count(*) FROM stripe_events WHERE state = 'pending'),
-                    (SELECT min(received_at) FROM stripe_events WHERE state = 'pending'),
-                    (SELECT count(*) FROM stripe_events WHERE state = 'failed')",
+                    (SELECT count(*) FROM stripe_event_queue WHERE state = 'pending'),
+                    (SELECT min(received_at) FROM stripe_event_queue WHERE state = 'pending'),
+                    (SELECT count(*) FROM stripe_event_queue WHERE state = 'failed')",
         )
         .fetch_one(&self.pool)
         .await?;
@@ -860,11 +860,12 @@ impl Store for SqliteStore {
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         let mut inserted = std::collections::HashSet::new();
         for event in events {
-            let fresh = sqlx::query(
+            let seq: Option<i64> = sqlx::query_scalar(
                 "INSERT INTO stripe_events (id, type, created, livemode, stripe_customer_id,
                                             payload, received_at, state)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
-                 ON CONFLICT (id) DO NOTHING",
+                 ON CONFLICT (id) DO NOTHING
+                 RETURNING seq",
             )
             .bind(&event.id)
             .bind(&event.kind)
@@ -874,13 +875,24 @@ impl Store for SqliteStore {
             .bind(&event.payload)
             .bind(now)
             .bind(event.state.as_str())
-            .execute(&mut *tx)
-            .await?
-            .rows_affected()
-                > 0;
-            if fresh {
-                inserted.insert(event.id.clone());
+            .fetch_optional(&mut *tx)
+            .await?;
+            let Some(seq) = seq else { continue };
+            if event.state == EventState::Pending {
+                sqlx::query(
+                    "INSERT INTO stripe_event_queue (event_id, stripe_customer_id, created, seq,
+                                                     received_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5)",
+                )
+                .bind(&event.id)
+                .bind(&event.customer_id)
+                .bind(event.created)
+                .bind(seq)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
             }
+            inserted.insert(event.id.clone());
         }
         tx.commit().await?;
         Ok(super::first_inserted(events, &inserted))
@@ -891,8 +903,17 @@ impl Store for SqliteStore {
         state: Option<EventState>,
         limit: u32,
     ) -> StoreResult<Vec<StoredEvent>> {
+        // Waiting events are found through the (small) queue, the others by walking the
+        // inbox newest first.
+        let source = match state {
+            Some(EventState::Pending | EventState::Failed) => {
+                "(SELECT s.* FROM stripe_event_queue q
+                  JOIN stripe_event_states s ON s.id = q.event_id WHERE q.state = ?1)"
+            }
+            _ => "stripe_event_states",
+        };
         let rows: Vec<SqliteEventRow> = sqlx::query_as(&format!(
-            "SELECT {EVENT_COLUMNS} FROM stripe_events WHERE (?1 IS NULL OR state = ?1)
+            "SELECT {EVENT_COLUMNS} FROM {source} WHERE (?1 IS NULL OR state = ?1)
              ORDER BY seq DESC LIMIT ?2"
         ))
         .bind(state.map(EventState::as_str))
@@ -903,20 +924,46 @@ impl Store for SqliteStore {
     }
 
     async fn replay_event(&self, id: &str) -> StoreResult<Option<StoredEvent>> {
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        // An event without a customer has nothing to apply it to: it stays as it is.
+        let reset = sqlx::query(
+            "UPDATE stripe_events SET state = 'pending', attempts = 0, last_error = NULL,
+                                      next_attempt_at = NULL, applied_at = NULL
+             WHERE id = ?1 AND stripe_customer_id IS NOT NULL",
+        )
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+        if reset.rows_affected() > 0 {
+            sqlx::query(
+                "INSERT INTO stripe_event_queue (event_id, stripe_customer_id, created, seq,
+                                                 received_at)
+                 SELECT id, stripe_customer_id, created, seq, received_at FROM stripe_events
+                 WHERE id = ?1
+                 ON CONFLICT (event_id) DO UPDATE
+                    SET state = 'pending', attempts = 0, next_attempt_at = NULL,
+                        last_error = NULL",
+            )
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        }
         let row: Option<SqliteEventRow> = sqlx::query_as(&format!(
-            "UPDATE stripe_events SET state = 'pending', attempts = 0, next_attempt_at = NULL,
-                    last_error = NULL, applied_at = NULL
-             WHERE id = ?1 RETURNING {EVENT_COLUMNS}"
+            "SELECT {EVENT_COLUMNS} FROM stripe_event_states WHERE id = ?1"
         ))
         .bind(id)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *tx)
         .await?;
+        tx.commit().await?;
+        if reset.rows_affected() == 0 && row.is_some() {
+            tracing::info!(event_id = %id, "replay: the event names no customer; nothing to apply");
+        }
         row.map(event).transpose()
     }
 
     async fn replay_failed_events(&self) -> StoreResult<u64> {
         Ok(sqlx::query(
-            "UPDATE stripe_events SET state = 'pending', attempts = 0, next_attempt_at = NULL,
+            "UPDATE stripe_event_queue SET state = 'pending', attempts = 0, next_attempt_at = NULL,
                     last_error = NULL WHERE state = 'failed'",
         )
         .execute(&self.pool)
@@ -926,7 +973,9 @@ impl Store for SqliteStore {
 
     async fn prune_events(&self, cutoff: OffsetDateTime) -> StoreResult<u64> {
         Ok(sqlx::query(
-            "DELETE FROM stripe_events WHERE state IN ('applied', 'skipped') AND received_at < ?1",
+            "DELETE FROM stripe_events WHERE received_at < ?1
+                AND NOT EXISTS (SELECT 1 FROM stripe_event_queue q
+                                WHERE q.event_id = stripe_events.id)",
         )
         .bind(to_ms(cutoff))
         .execute(&self.pool)
@@ -944,18 +993,16 @@ impl Store for SqliteStore {
     async fn due_event_customers(&self, limit: u32) -> StoreResult<Vec<String>> {
         Ok(sqlx::query_scalar(
             "WITH due AS (
-                 SELECT * FROM (SELECT stripe_customer_id, seq FROM stripe_events
-                                WHERE state = 'pending' AND stripe_customer_id IS NOT NULL
-                                ORDER BY seq LIMIT ?3)
+                 SELECT * FROM (SELECT stripe_customer_id, seq FROM stripe_event_queue
+                                WHERE state = 'pending' ORDER BY seq LIMIT ?3)
                  UNION ALL
-                 SELECT * FROM (SELECT stripe_customer_id, seq FROM stripe_events
+                 SELECT * FROM (SELECT stripe_customer_id, seq FROM stripe_event_queue
                                 WHERE state = 'failed' AND next_attempt_at <= ?1
-                                  AND stripe_customer_id IS NOT NULL
                                 ORDER BY seq LIMIT ?3)
              )
              SELECT stripe_customer_id FROM due
              WHERE NOT EXISTS (
-                 SELECT 1 FROM stripe_events waiting
+                 SELECT 1 FROM stripe_event_queue waiting
                  WHERE waiting.stripe_customer_id = due.stripe_customer_id
                    AND waiting.state = 'failed' AND waiting.next_attempt_at > ?1)
              GROUP BY stripe_customer_id
@@ -1018,13 +1065,15 @@ impl Store for SqliteStore {
             String,
             Option<i64>,
         );
-        let rows: Vec<Row> = sqlx::query_as(&format!(
-            "SELECT {EVENT_COLUMNS}, payload, next_attempt_at FROM stripe_events
-             WHERE stripe_customer_id = ?1
-               AND (state = 'pending' OR (state = 'failed' AND next_attempt_at IS NOT NULL))
-             ORDER BY created, seq
-             LIMIT ?2"
-        ))
+        let rows: Vec<Row> = sqlx::query_as(
+            "SELECT e.id, e.type, e.created, e.livemode, e.stripe_customer_id, q.state,
+                    q.attempts, q.last_error, e.received_at, e.payload, q.next_attempt_at
+             FROM stripe_event_queue q JOIN stripe_events e ON e.id = q.event_id
+             WHERE q.stripe_customer_id = ?1
+               AND (q.state = 'pending' OR q.next_attempt_at IS NOT NULL)
+             ORDER BY q.created, q.seq
+             LIMIT ?2",
+        )
         .bind(customer)
         .bind(i64::from(limit))
         .fetch_all(&self.pool)
@@ -1066,28 +1115,57 @@ impl Store for SqliteStore {
 
     async fn finish_events(&self, ids: &[String], outcome: &EventOutcome) -> StoreResult<()> {
         let now = to_ms(now());
-        let query = match outcome {
-            EventOutcome::Applied => sqlx::query(
-                "UPDATE stripe_events SET state = 'applied', applied_at = ?2, last_error = NULL,
-                        next_attempt_at = NULL WHERE id IN (SELECT value FROM json_each(?1))",
-            )
-            .bind(ids_json(ids))
-            .bind(now),
-            EventOutcome::Retry { delay, error } => sqlx::query(
-                "UPDATE stripe_events SET state = 'failed', attempts = attempts + 1, last_error = ?2,
-                        next_attempt_at = ?3 WHERE id IN (SELECT value FROM json_each(?1))",
-            )
-            .bind(ids_json(ids))
-            .bind(clip_error(error))
-            .bind(now + ms(*delay)),
-            EventOutcome::Failed { error } => sqlx::query(
-                "UPDATE stripe_events SET state = 'failed', attempts = attempts + 1, last_error = ?2,
-                        next_attempt_at = NULL WHERE id IN (SELECT value FROM json_each(?1))",
-            )
-            .bind(ids_json(ids))
-            .bind(clip_error(error)),
-        };
-        query.execute(&self.pool).await?;
+        match outcome {
+            // The event row is rewritten only for an event that failed before, to keep its
+            // attempt count; the common case deletes queue rows and nothing else.
+            EventOutcome::Applied => {
+                let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+                sqlx::query(
+                    "UPDATE stripe_events
+                     SET state = 'applied', last_error = NULL, applied_at = ?2,
+                         attempts = (SELECT q.attempts FROM stripe_event_queue q
+                                     WHERE q.event_id = stripe_events.id)
+                     WHERE id IN (SELECT event_id FROM stripe_event_queue
+                                  WHERE event_id IN (SELECT value FROM json_each(?1))
+                                    AND attempts > 0)",
+                )
+                .bind(ids_json(ids))
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+                sqlx::query(
+                    "DELETE FROM stripe_event_queue
+                     WHERE event_id IN (SELECT value FROM json_each(?1))",
+                )
+                .bind(ids_json(ids))
+                .execute(&mut *tx)
+                .await?;
+                tx.commit().await?;
+            }
+            EventOutcome::Retry { delay, error } => {
+                sqlx::query(
+                    "UPDATE stripe_event_queue SET state = 'failed', attempts = attempts + 1,
+                            last_error = ?2, next_attempt_at = ?3
+                     WHERE event_id IN (SELECT value FROM json_each(?1))",
+                )
+                .bind(ids_json(ids))
+                .bind(clip_error(error))
+                .bind(now + ms(*delay))
+                .execute(&self.pool)
+                .await?;
+            }
+            EventOutcome::Failed { error } => {
+                sqlx::query(
+                    "UPDATE stripe_event_queue SET state = 'failed', attempts = attempts + 1,
+                            last_error = ?2, next_attempt_at = NULL
+                     WHERE event_id IN (SELECT value FROM json_each(?1))",
+                )
+                .bind(ids_json(ids))
+                .bind(clip_error(error))
+                .execute(&self.pool)
+                .await?;
+            }
+        }
         Ok(())
     }
 

@@ -99,8 +99,8 @@ pub fn parse_envelope(body: &[u8]) -> Result<Envelope, String> {
     })
 }
 
-/// How an event is filed: applied later if billsync handles its type and it belongs to the
-/// configured mode, otherwise kept as `skipped`.
+/// How an event is filed: applied later if billsync handles its type, it belongs to the
+/// configured mode and it names a customer, otherwise kept as `skipped`.
 pub fn file(envelope: Envelope, body: &[u8], livemode: bool) -> NewEvent {
     let handled = HANDLED_TYPES.contains(&envelope.kind.as_str());
     if envelope.livemode != livemode {
@@ -109,9 +109,15 @@ pub fn file(envelope: Envelope, body: &[u8], livemode: bool) -> NewEvent {
             event_livemode = envelope.livemode,
             "event from the other mode than the configured key: stored as skipped"
         );
+    } else if handled && envelope.customer_id.is_none() {
+        tracing::warn!(
+            event_id = %envelope.id,
+            kind = %envelope.kind,
+            "event names no customer: stored as skipped"
+        );
     }
     NewEvent {
-        state: if handled && envelope.livemode == livemode {
+        state: if handled && envelope.livemode == livemode && envelope.customer_id.is_some() {
             EventState::Pending
         } else {
             EventState::Skipped
@@ -255,6 +261,13 @@ mod tests {
         assert_eq!(
             file(parse_envelope(body).unwrap(), body, true).state,
             EventState::Pending
+        );
+        let body = br#"{"id":"evt_3","type":"customer.subscription.updated","created":1,
+                        "data":{"object":{"object":"subscription","id":"sub_1"}}}"#;
+        assert_eq!(
+            file(parse_envelope(body).unwrap(), body, false).state,
+            EventState::Skipped,
+            "nothing to apply an event to without a customer"
         );
     }
 }

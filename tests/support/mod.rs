@@ -52,18 +52,40 @@ pub struct TestStore {
 impl Backend {
     /// A fresh, migrated store, or `None` (reported) when this backend is not configured.
     pub async fn store(self, test: &str) -> Option<TestStore> {
+        let t = self.unmigrated_store(test).await?;
+        t.store.migrate().await.expect("migrate");
+        Some(t)
+    }
+
+    /// A fresh store whose database has no schema yet (for upgrade tests).
+    pub async fn unmigrated_store(self, test: &str) -> Option<TestStore> {
         match self {
-            Self::Sqlite => Some(sqlite_store().await),
-            Self::Postgres => postgres_store(test).await,
+            Self::Sqlite => Some(unmigrated_sqlite_store().await),
+            Self::Postgres => unmigrated_postgres_store(test).await,
         }
+    }
+
+    /// This backend's migration files (`migrations/<backend>`).
+    pub fn migrations_dir(self) -> std::path::PathBuf {
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("migrations")
+            .join(match self {
+                Self::Sqlite => "sqlite",
+                Self::Postgres => "postgres",
+            })
     }
 }
 
 pub async fn sqlite_store() -> TestStore {
+    let t = unmigrated_sqlite_store().await;
+    t.store.migrate().await.expect("migrate sqlite");
+    t
+}
+
+async fn unmigrated_sqlite_store() -> TestStore {
     let dir = tempfile::tempdir().expect("temp dir");
     let url = format!("sqlite://{}", dir.path().join("billsync.db").display());
     let store = store::connect(&url, 8).await.expect("open sqlite");
-    store.migrate().await.expect("migrate sqlite");
     TestStore {
         store,
         url,
@@ -72,6 +94,12 @@ pub async fn sqlite_store() -> TestStore {
 }
 
 pub async fn postgres_store(test: &str) -> Option<TestStore> {
+    let t = unmigrated_postgres_store(test).await?;
+    t.store.migrate().await.expect("migrate postgres");
+    Some(t)
+}
+
+async fn unmigrated_postgres_store(test: &str) -> Option<TestStore> {
     let Ok(admin_url) = std::env::var(POSTGRES_ENV) else {
         skip(
             test,
@@ -90,7 +118,6 @@ pub async fn postgres_store(test: &str) -> Option<TestStore> {
     admin.close().await;
     let url = database_url(&admin_url, &name);
     let store = store::connect(&url, 20).await.expect("open postgres");
-    store.migrate().await.expect("migrate postgres");
     Some(TestStore {
         store,
         url,
