@@ -1115,14 +1115,18 @@ async fn upgrading_keeps_waiting_events_waiting(backend: Backend) {
     else {
         return;
     };
-    // The schema as it was before the queue: the migrations up to 0003.
+    // The schema as it was before the queue: every migration before `*_event_queue.sql`.
     let before = tempfile::tempdir().unwrap();
-    for entry in std::fs::read_dir(backend.migrations_dir()).unwrap() {
-        let path = entry.unwrap().path();
-        let name = path.file_name().unwrap().to_str().unwrap().to_owned();
-        if name.as_str() < "0004" && !name.starts_with("0003_event_queue") {
-            std::fs::copy(&path, before.path().join(&name)).unwrap();
-        }
+    let mut files: Vec<_> = std::fs::read_dir(backend.migrations_dir())
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .collect();
+    files.sort();
+    for path in files
+        .iter()
+        .take_while(|path| !path.to_string_lossy().contains("event_queue"))
+    {
+        std::fs::copy(path, before.path().join(path.file_name().unwrap())).unwrap();
     }
     let legacy = sqlx::migrate::Migrator::new(before.path()).await.unwrap();
     let received = match backend {
