@@ -901,9 +901,24 @@ async fn the_event_inbox_orders_dedups_retries_and_prunes(backend: Backend) {
     // Order: created, then arrival.
     let order = queued_ids(store.as_ref(), "cus_1").await;
     assert_eq!(order, ["evt_a", "evt_b", "evt_c"]);
+    // Of a run of customer.updated snapshots only the newest is applied, so only its
+    // payload is loaded.
+    let payloads = store
+        .customer_events("cus_1", 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.payload)
+        .collect::<Vec<_>>();
     assert_eq!(
-        store.customer_events("cus_1", 100).await.unwrap()[1].payload,
-        "{\"id\":\"evt_b\"}"
+        payloads,
+        [None, None, Some("{\"id\":\"evt_c\"}".to_owned())]
+    );
+    let limited = store.customer_events("cus_1", 2).await.unwrap();
+    assert_eq!(
+        limited.last().unwrap().payload.as_deref(),
+        Some("{\"id\":\"evt_b\"}"),
+        "the newest of those loaded is applied, so it comes with its payload"
     );
     let due = store.due_event_customers(10).await.unwrap();
     assert_eq!(due, ["cus_1", "cus_2"]);
@@ -918,6 +933,41 @@ async fn the_event_inbox_orders_dedups_retries_and_prunes(backend: Backend) {
         .await
         .unwrap());
     store.release_customer("cus_1", "a").await.unwrap();
+    assert!(store
+        .try_lease_customer("cus_1", "b", Duration::from_secs(30))
+        .await
+        .unwrap());
+    // Many at once: those nobody holds, each once.
+    let lease = Duration::from_secs(30);
+    let ids = |names: &[&str]| names.iter().map(|n| n.to_string()).collect::<Vec<_>>();
+    let mut leased = store
+        .try_lease_customers(&ids(&["cus_3", "cus_1", "cus_2", "cus_3"]), "c", lease)
+        .await
+        .unwrap();
+    leased.sort();
+    assert_eq!(leased, ["cus_2", "cus_3"], "cus_1 is b's");
+    store
+        .release_customers(&ids(&["cus_1"]), "b")
+        .await
+        .unwrap();
+    store
+        .release_customers(&ids(&["cus_2"]), "c")
+        .await
+        .unwrap();
+    let mut leased = store
+        .try_lease_customers(&ids(&["cus_1", "cus_2", "cus_3"]), "d", lease)
+        .await
+        .unwrap();
+    leased.sort();
+    assert_eq!(leased, ["cus_1", "cus_2"], "cus_3 is still c's");
+    store
+        .release_customers(&ids(&["cus_1", "cus_2"]), "d")
+        .await
+        .unwrap();
+    store
+        .release_customers(&ids(&["cus_3"]), "c")
+        .await
+        .unwrap();
     assert!(store
         .try_lease_customer("cus_1", "b", Duration::from_secs(30))
         .await
@@ -1198,7 +1248,166 @@ async fn upgrading_keeps_waiting_events_waiting(backend: Backend) {
     assert_eq!(queue, ["evt_pending"]);
 }
 
+/// The applier's batched path: one read of what it needs for many customers, one
+/// transaction for their writes, and a user edited meanwhile left out of it.
+async fn customer_updates_are_read_and_written_in_batches(backend: Backend) {
+    use billsync::store::{CustomerUpdate, RemoteProfile};
+    let Some(t) = backend
+        .store("customer_updates_are_read_and_written_in_batches")
+        .await
+    else {
+        return;
+    };
+    let store = &t.store;
+    let mut users = Vec::new();
+    for n in 1..=3 {
+        let user = store
+            .upsert_user(&upsert(&format!("u{n}"), &format!("u{n}@example.com")))
+            .await
+            .unwrap();
+        store
+            .insert_link(
+                &user.id,
+                &cus(&format!("cus_{n}")),
+                false,
+                LinkSource::Created,
+            )
+            .await
+            .unwrap();
+        users.push(user);
+    }
+    store
+        .upsert_user(&upsert("unlinked", "x@example.com"))
+        .await
+        .unwrap();
+    let pushed = PushedProfile {
+        email: "u2@example.com".into(),
+        name: None,
+        phone: None,
+        version: 1,
+    };
+    store.record_push(&users[1].id, &pushed).await.unwrap();
+    store
+        .insert_events(&[
+            new_event("evt_1a", 10, "cus_1"),
+            new_event("evt_1b", 12, "cus_1"),
+            new_event("evt_2", 12, "cus_2"),
+            new_event("evt_3", 13, "cus_3"),
+        ])
+        .await
+        .unwrap();
+    store
+        .raise_link_watermark("cus_3", 11, "evt_0")
+        .await
+        .unwrap();
+
+    let ids = |names: &[&str]| names.iter().map(|n| n.to_string()).collect::<Vec<_>>();
+    let mut contexts = store
+        .update_contexts(&ids(&["cus_1", "cus_2", "cus_3", "cus_nobody"]))
+        .await
+        .unwrap();
+    contexts.sort_by(|a, b| a.customer_id.cmp(&b.customer_id));
+    assert_eq!(contexts.len(), 3, "only linked customers");
+    assert_eq!(contexts[0].user, users[0]);
+    assert_eq!(contexts[0].watermark, None);
+    assert_eq!(contexts[0].last_push, None);
+    assert!(!contexts[0].active_push);
+    assert_eq!(contexts[1].last_push, Some(pushed));
+    assert_eq!(contexts[2].watermark, Some((11, Some("evt_0".to_owned()))));
+
+    let change = |n: usize, email: &str, expected: i64| RemoteProfile {
+        user: upsert(&format!("u{}", n + 1), email),
+        expected,
+        pushed: PushedProfile {
+            email: email.into(),
+            name: None,
+            phone: None,
+            version: expected,
+        },
+    };
+    let conflicts = store
+        .commit_customer_updates(&[
+            CustomerUpdate {
+                customer_id: "cus_1".into(),
+                profile: Some(change(0, "new1@example.com", users[0].version)),
+                watermark: Some((12, "evt_1b".into())),
+                events: ids(&["evt_1a", "evt_1b"]),
+            },
+            CustomerUpdate {
+                customer_id: "cus_2".into(),
+                profile: Some(change(1, "new2@example.com", users[1].version - 1)),
+                watermark: Some((12, "evt_2".into())),
+                events: ids(&["evt_2"]),
+            },
+            CustomerUpdate {
+                customer_id: "cus_3".into(),
+                profile: None,
+                watermark: Some((13, "evt_3".into())),
+                events: ids(&["evt_3"]),
+            },
+        ])
+        .await
+        .unwrap();
+    assert_eq!(
+        conflicts,
+        ["cus_2"],
+        "u2 is not at the version the change was read at"
+    );
+
+    let u1 = store.get_user(&users[0].id).await.unwrap().unwrap();
+    assert_eq!(u1.email.as_str(), "new1@example.com");
+    assert_eq!(u1.version, users[0].version + 1);
+    assert_eq!(
+        store
+            .last_push(&u1.id)
+            .await
+            .unwrap()
+            .map(|p| (p.email, p.version)),
+        Some(("new1@example.com".to_owned(), u1.version)),
+        "Stripe's values are recorded, to recognise them when they come back"
+    );
+    assert_eq!(
+        store.link_watermark("cus_1").await.unwrap(),
+        Some((12, Some("evt_1b".to_owned())))
+    );
+    assert!(queued_ids(store.as_ref(), "cus_1").await.is_empty());
+
+    assert_eq!(
+        store.get_user(&users[1].id).await.unwrap().unwrap(),
+        users[1]
+    );
+    assert_eq!(store.link_watermark("cus_2").await.unwrap(), None);
+    assert_eq!(queued_ids(store.as_ref(), "cus_2").await, ["evt_2"]);
+
+    assert_eq!(
+        store.link_watermark("cus_3").await.unwrap(),
+        Some((13, Some("evt_3".to_owned())))
+    );
+    assert!(queued_ids(store.as_ref(), "cus_3").await.is_empty());
+    let applied = store
+        .list_events(Some(billsync::store::EventState::Applied), 10)
+        .await
+        .unwrap();
+    assert_eq!(applied.len(), 3, "{applied:?}");
+
+    // A watermark never goes back.
+    store
+        .commit_customer_updates(&[CustomerUpdate {
+            customer_id: "cus_3".into(),
+            profile: None,
+            watermark: Some((5, "evt_old".into())),
+            events: vec![],
+        }])
+        .await
+        .unwrap();
+    assert_eq!(
+        store.link_watermark("cus_3").await.unwrap(),
+        Some((13, Some("evt_3".to_owned())))
+    );
+}
+
 on_every_store!(
+    customer_updates_are_read_and_written_in_batches,
     event_states_follow_the_queue,
     upgrading_keeps_waiting_events_waiting,
     the_event_inbox_orders_dedups_retries_and_prunes,

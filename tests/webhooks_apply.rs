@@ -683,7 +683,152 @@ async fn a_broken_newest_snapshot_leaves_the_older_ones_to_apply(backend: Backen
     assert!(b.stripe.received_requests().await.unwrap().is_empty());
 }
 
+/// One tick over customers in every situation: runs of updates (applied together), a run
+/// broken by a subscription event, a same-second tie (Stripe asked), a pending local edit, a
+/// snapshot older than the one applied, and a customer that is not billsync's. Each ends as
+/// if it had been applied alone.
+async fn a_mixed_batch_applies_each_customer_as_if_alone(backend: Backend) {
+    use billsync::store::EventState;
+    use wiremock::matchers::path;
+    let Some(b) = backlog(backend, "a_mixed_batch_applies_each_customer_as_if_alone").await else {
+        return;
+    };
+    let name_event = |id: &str, customer_id: &str, created: i64, name: &str| {
+        customer_event(
+            id,
+            "customer.updated",
+            created,
+            customer(
+                customer_id,
+                &format!("{}@example.com", &customer_id[4..]),
+                Some(name),
+                None,
+            ),
+        )
+    };
+    let mut bodies = Vec::new();
+    for n in 0..20 {
+        let (user, cus) = (format!("run{n}"), format!("cus_run{n}"));
+        b.linked_user(&user, &cus).await;
+        for k in 0..3 {
+            bodies.push(name_event(
+                &format!("evt_run{n}_{k}"),
+                &cus,
+                100 + k,
+                &format!("Run{k} N{n}"),
+            ));
+        }
+    }
+    b.linked_user("broken", "cus_broken").await;
+    bodies.push(name_event(
+        "evt_broken_1",
+        "cus_broken",
+        100,
+        "First Broken",
+    ));
+    bodies.push(
+        json!({"id": "evt_broken_sub", "object": "event", "type": "customer.subscription.created",
+               "created": 101, "livemode": false,
+               "data": {"object": {"id": "sub_broken", "object": "subscription",
+                                   "customer": "cus_broken", "status": "trialing",
+                                   "cancel_at_period_end": false, "items": {"data": []}}}})
+        .to_string(),
+    );
+    bodies.push(name_event(
+        "evt_broken_2",
+        "cus_broken",
+        102,
+        "Second Broken",
+    ));
+    b.linked_user("tie", "cus_tie").await;
+    b.store
+        .store
+        .raise_link_watermark("cus_tie", 200, "evt_tie_seen")
+        .await
+        .unwrap();
+    bodies.push(name_event("evt_tie", "cus_tie", 200, "Event Tie"));
+    Mock::given(method("GET"))
+        .and(path("/v1/customers/cus_tie"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(customer(
+            "cus_tie",
+            "tie@example.com",
+            Some("Stripe Tie"),
+            None,
+        )))
+        .mount(&b.stripe)
+        .await;
+    b.linked_user("local", "cus_local").await;
+    b.store
+        .store
+        .queue_profile_push(&UserId::parse("local").unwrap())
+        .await
+        .unwrap();
+    bodies.push(name_event("evt_local", "cus_local", 100, "Remote Local"));
+    b.linked_user("old", "cus_old").await;
+    b.store
+        .store
+        .raise_link_watermark("cus_old", 500, "evt_old_seen")
+        .await
+        .unwrap();
+    bodies.push(name_event("evt_old", "cus_old", 400, "Stale Old"));
+    bodies.push(name_event("evt_stranger", "cus_stranger", 100, "Not Ours"));
+    b.queue(&bodies).await;
+
+    let expected = 60 + 3 + 1 + 1 + 1 + 1;
+    assert_eq!(b.applier.tick().await.unwrap(), expected);
+    assert!(b.ids_in(EventState::Pending).await.is_empty());
+    assert!(b.ids_in(EventState::Failed).await.is_empty());
+    assert_eq!(b.ids_in(EventState::Applied).await.len(), expected);
+    for n in 0..20 {
+        let user = b.user(&format!("run{n}")).await;
+        assert_eq!(
+            user.first_name.unwrap().as_str(),
+            "Run2",
+            "run{n}: its newest snapshot"
+        );
+        assert_eq!(user.version, 2, "run{n}: one write for its run");
+    }
+    let broken = b.user("broken").await;
+    assert_eq!(broken.first_name.unwrap().as_str(), "Second");
+    assert_eq!(
+        broken.version, 3,
+        "two writes: the subscription event split the run"
+    );
+    assert_eq!(
+        b.store.store.list_subscriptions(&broken.id).await.unwrap()[0].status,
+        "trialing"
+    );
+    assert_eq!(b.user("tie").await.first_name.unwrap().as_str(), "Stripe");
+    assert_eq!(
+        b.stripe.received_requests().await.unwrap().len(),
+        1,
+        "only the tie asked Stripe"
+    );
+    let local = b.user("local").await;
+    assert_eq!(
+        (local.first_name, local.version),
+        (None, 1),
+        "the local edit wins"
+    );
+    let old = b.user("old").await;
+    assert_eq!(
+        (old.first_name, old.version),
+        (None, 1),
+        "older than the one applied"
+    );
+    assert_eq!(
+        b.store.store.link_watermark("cus_run7").await.unwrap(),
+        Some((102, Some("evt_run7_2".to_owned())))
+    );
+    assert_eq!(
+        b.store.store.link_watermark("cus_old").await.unwrap(),
+        Some((500, Some("evt_old_seen".to_owned()))),
+        "a watermark never goes back"
+    );
+}
+
 on_every_store!(
+    a_mixed_batch_applies_each_customer_as_if_alone,
     a_backlog_is_applied_as_its_newest_snapshot,
     a_broken_newest_snapshot_leaves_the_older_ones_to_apply,
     a_portal_change_reaches_the_user,

@@ -290,7 +290,9 @@ pub struct StoredEvent {
 #[derive(Debug, Clone, PartialEq)]
 pub struct EventToApply {
     pub event: StoredEvent,
-    pub payload: String,
+    /// `None` for a `customer.updated` followed by another due one: only the newest snapshot
+    /// of such a run is applied, so the older payloads are not loaded.
+    pub payload: Option<String>,
     /// When a failed event may be tried again; `None` for a pending one.
     pub next_attempt_at: Option<OffsetDateTime>,
 }
@@ -308,6 +310,39 @@ pub enum EventOutcome {
     Failed {
         error: String,
     },
+}
+
+/// What applying a customer's newest `customer.updated` snapshot needs to know about the
+/// user linked to it; read for many customers at once.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UpdateContext {
+    pub customer_id: String,
+    pub user: User,
+    /// The `created` and event id of the newest snapshot applied.
+    pub watermark: Option<(i64, Option<String>)>,
+    /// A profile push is pending or in flight: local values win.
+    pub active_push: bool,
+    pub last_push: Option<PushedProfile>,
+}
+
+/// A Stripe-side profile change to write, if the user is still at `expected`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RemoteProfile {
+    pub user: UserUpsert,
+    pub expected: i64,
+    /// The snapshot's values, recorded as what Stripe holds.
+    pub pushed: PushedProfile,
+}
+
+/// One customer's share of a batch of applied `customer.updated` events.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CustomerUpdate {
+    pub customer_id: String,
+    pub profile: Option<RemoteProfile>,
+    /// Raise the link's watermark to this snapshot (`created`, event id).
+    pub watermark: Option<(i64, String)>,
+    /// The events this finishes, as applied.
+    pub events: Vec<String>,
 }
 
 /// Timestamps are stored with millisecond precision on every backend; values made here
@@ -463,16 +498,49 @@ pub trait Store: Send + Sync + 'static {
     /// Only the oldest due events are looked at, so the query stays cheap however long the
     /// backlog is.
     async fn due_event_customers(&self, limit: u32) -> StoreResult<Vec<String>>;
-    /// Takes the lease on applying a customer's events, if nobody holds it.
+    /// Takes the lease on applying each customer's events that nobody holds; returns the
+    /// customers leased. One round trip however many customers.
+    async fn try_lease_customers(
+        &self,
+        customers: &[String],
+        holder: &str,
+        lease: Duration,
+    ) -> StoreResult<Vec<String>>;
+    async fn release_customers(&self, customers: &[String], holder: &str) -> StoreResult<()>;
     async fn try_lease_customer(
         &self,
         customer: &str,
         holder: &str,
         lease: Duration,
-    ) -> StoreResult<bool>;
-    async fn release_customer(&self, customer: &str, holder: &str) -> StoreResult<()>;
-    /// The customer's applicable events in order: Stripe's `created`, then arrival.
-    async fn customer_events(&self, customer: &str, limit: u32) -> StoreResult<Vec<EventToApply>>;
+    ) -> StoreResult<bool> {
+        let leased = self
+            .try_lease_customers(&[customer.to_owned()], holder, lease)
+            .await?;
+        Ok(!leased.is_empty())
+    }
+    async fn release_customer(&self, customer: &str, holder: &str) -> StoreResult<()> {
+        self.release_customers(&[customer.to_owned()], holder).await
+    }
+    /// Each customer's applicable events in order (Stripe's `created`, then arrival), up to
+    /// `limit` per customer, in one query; customers without any are left out.
+    async fn customers_events(
+        &self,
+        customers: &[String],
+        limit: u32,
+    ) -> StoreResult<Vec<(String, Vec<EventToApply>)>>;
+    async fn customer_events(&self, customer: &str, limit: u32) -> StoreResult<Vec<EventToApply>> {
+        let mut found = self.customers_events(&[customer.to_owned()], limit).await?;
+        Ok(found.pop().map(|(_, events)| events).unwrap_or_default())
+    }
+    /// The linked user of each customer, with what applying a snapshot to them needs;
+    /// customers not linked to a user are left out.
+    async fn update_contexts(&self, customers: &[String]) -> StoreResult<Vec<UpdateContext>>;
+    /// Writes a batch of applied `customer.updated` events in one transaction: per customer,
+    /// the profile change (if the user is still at its expected version), the watermark, and
+    /// the events finished. A customer whose user changed meanwhile is left untouched and
+    /// returned, to be applied again. An error writes nothing.
+    async fn commit_customer_updates(&self, updates: &[CustomerUpdate])
+        -> StoreResult<Vec<String>>;
     /// Records how applying these events ended, in one statement.
     async fn finish_events(&self, ids: &[String], outcome: &EventOutcome) -> StoreResult<()>;
     async fn finish_event(&self, id: &str, outcome: &EventOutcome) -> StoreResult<()> {
@@ -664,6 +732,24 @@ type UserRow = (
     OffsetDateTime,
     OffsetDateTime,
 );
+
+/// The `pushed_*` columns of a link, when a push (or a Stripe-side change) was recorded.
+fn pushed_profile(
+    email: Option<String>,
+    name: Option<String>,
+    phone: Option<String>,
+    version: Option<i64>,
+) -> Option<PushedProfile> {
+    match (email, version) {
+        (Some(email), Some(version)) => Some(PushedProfile {
+            email,
+            name,
+            phone,
+            version,
+        }),
+        _ => None,
+    }
+}
 
 fn user_from_row(row: UserRow) -> StoreResult<User> {
     let (id, email, email_verified, first_name, last_name, phone, version, created_at, updated_at) =

@@ -4,17 +4,18 @@ use async_trait::async_trait;
 use sqlx::{
     pool::PoolConnection,
     postgres::{PgListener, PgPoolOptions},
-    PgPool, Postgres, Transaction,
+    PgPool, Postgres, Row, Transaction,
 };
 use time::OffsetDateTime;
 
 use super::{
     clip_error, event_from_parts, job_from_parts,
     link_cache::{self, LinkCache},
-    link_from_row, opt_str, parse_json, user_from_row, CustomerLink, EventOutcome, EventState,
-    EventToApply, JobOutcome, JobState, LinkOutcome, LinkRow, NewEvent, OutboxJob, PushedProfile,
-    ResolveClaim, Store, StoreError, StoreResult, StoredEvent, SubscriptionMirror, UsageRecord,
-    User, UserRow, UserUpsert, DUE_WINDOW_PER_CUSTOMER,
+    link_from_row, opt_str, parse_json, pushed_profile, user_from_row, CustomerLink,
+    CustomerUpdate, EventOutcome, EventState, EventToApply, JobOutcome, JobState, LinkOutcome,
+    LinkRow, NewEvent, OutboxJob, PushedProfile, RemoteProfile, ResolveClaim, Store, StoreError,
+    StoreResult, StoredEvent, SubscriptionMirror, UpdateContext, UsageRecord, User, UserRow,
+    UserUpsert, DUE_WINDOW_PER_CUSTOMER,
 };
 use crate::domain::{LinkSource, StripeCustomerId, UserId};
 
@@ -111,6 +112,115 @@ async fn update_user_in(
     row.map(user_from_row).transpose()
 }
 
+/// Finishes applied events: deletes their queue rows; the event row is rewritten only for an
+/// event that failed before, to keep its attempt count.
+const FINISH_APPLIED: &str = "WITH done AS (
+         DELETE FROM stripe_event_queue WHERE event_id = ANY($1)
+         RETURNING event_id, attempts)
+     UPDATE stripe_events e
+     SET state = 'applied', attempts = done.attempts, last_error = NULL, applied_at = now()
+     FROM done WHERE e.id = done.event_id AND done.attempts > 0";
+
+async fn finish_applied_in(tx: &mut Transaction<'_, Postgres>, ids: &[String]) -> StoreResult<()> {
+    if !ids.is_empty() {
+        sqlx::query(FINISH_APPLIED)
+            .bind(ids)
+            .execute(&mut **tx)
+            .await?;
+    }
+    Ok(())
+}
+
+/// Writes a batch's Stripe-side profile changes, each only if its user is still at the
+/// expected version, and records their values as what Stripe holds; returns the customers
+/// whose user changed meanwhile.
+async fn apply_remote_profiles_in(
+    tx: &mut Transaction<'_, Postgres>,
+    updates: &[CustomerUpdate],
+) -> StoreResult<Vec<String>> {
+    let profiles = updates
+        .iter()
+        .filter_map(|u| u.profile.as_ref().map(|p| (u.customer_id.as_str(), p)))
+        .collect::<Vec<_>>();
+    if profiles.is_empty() {
+        return Ok(Vec::new());
+    }
+    let column = |f: fn(&RemoteProfile) -> Option<&str>| {
+        profiles.iter().map(|(_, p)| f(p)).collect::<Vec<_>>()
+    };
+    let written: Vec<(String, i64)> = sqlx::query_as(&format!(
+        "UPDATE users SET email = excluded.email, email_verified = excluded.email_verified,
+                first_name = excluded.first_name, last_name = excluded.last_name,
+                phone = excluded.phone, version = users.version + 1,
+                updated_at = date_trunc('milliseconds', now())
+         FROM unnest($1::text[], $2::text[], $3::boolean[], $4::text[], $5::text[], $6::text[],
+                     $7::bigint[])
+              AS excluded(id, email, email_verified, first_name, last_name, phone, expected)
+         WHERE users.id = excluded.id AND users.version = excluded.expected AND {USER_CHANGED}
+         RETURNING users.id, users.version"
+    ))
+    .bind(column(|p| Some(p.user.id.as_str())))
+    .bind(column(|p| Some(p.user.email.as_str())))
+    .bind(
+        profiles
+            .iter()
+            .map(|(_, p)| p.user.email_verified)
+            .collect::<Vec<_>>(),
+    )
+    .bind(column(|p| opt_str(&p.user.first_name)))
+    .bind(column(|p| opt_str(&p.user.last_name)))
+    .bind(column(|p| opt_str(&p.user.phone)))
+    .bind(profiles.iter().map(|(_, p)| p.expected).collect::<Vec<_>>())
+    .fetch_all(&mut **tx)
+    .await?;
+    let version_of = written.into_iter().collect::<HashMap<_, _>>();
+    let mut conflicts = Vec::new();
+    let mut pushed = Vec::new();
+    for (customer, profile) in &profiles {
+        match version_of.get(profile.user.id.as_str()) {
+            Some(version) => pushed.push((profile, *version)),
+            None => conflicts.push((*customer).to_owned()),
+        }
+    }
+    if !pushed.is_empty() {
+        sqlx::query(
+            "UPDATE customer_links l SET pushed_email = x.email, pushed_name = x.name,
+                    pushed_phone = x.phone, pushed_version = x.version, pushed_at = now()
+             FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[])
+                  AS x(user_id, email, name, phone, version)
+             WHERE l.user_id = x.user_id",
+        )
+        .bind(
+            pushed
+                .iter()
+                .map(|(p, _)| p.user.id.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            pushed
+                .iter()
+                .map(|(p, _)| p.pushed.email.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            pushed
+                .iter()
+                .map(|(p, _)| p.pushed.name.as_deref())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            pushed
+                .iter()
+                .map(|(p, _)| p.pushed.phone.as_deref())
+                .collect::<Vec<_>>(),
+        )
+        .bind(pushed.iter().map(|(_, v)| *v).collect::<Vec<_>>())
+        .execute(&mut **tx)
+        .await?;
+    }
+    Ok(conflicts)
+}
+
 async fn get_user_in(tx: &mut Transaction<'_, Postgres>, id: &UserId) -> StoreResult<Option<User>> {
     let row: Option<UserRow> =
         sqlx::query_as(&format!("SELECT {USER_COLUMNS} FROM users WHERE id = $1"))
@@ -118,6 +228,12 @@ async fn get_user_in(tx: &mut Transaction<'_, Postgres>, id: &UserId) -> StoreRe
             .fetch_optional(&mut **tx)
             .await?;
     row.map(user_from_row).transpose()
+}
+
+/// A lock connection and how many customer locks it holds for a batch.
+struct LockSession {
+    connection: Option<PoolConnection<Postgres>>,
+    held: usize,
 }
 
 /// The production store. Leases and timestamps use the database clock, so instances with
@@ -129,7 +245,7 @@ pub struct PgStore {
     lock_pool: PgPool,
     push_debounce: Duration,
     /// Connections holding a customer's advisory lock while its events are applied.
-    customer_locks: Arc<std::sync::Mutex<HashMap<String, PoolConnection<Postgres>>>>,
+    customer_locks: Arc<std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<LockSession>>>>>,
     links: Arc<LinkCache>,
     _listener: Arc<AbortOnDrop>,
 }
@@ -165,8 +281,9 @@ impl PgStore {
     }
 }
 
-/// Customers whose events one process applies at once, at most (each holds a connection).
-const CUSTOMER_LOCK_CONNECTIONS: u32 = crate::webhooks::apply::MAX_CONCURRENT_CUSTOMERS as u32;
+/// Connections holding customer locks at once: one per batch of customers being applied
+/// (an applier holds one batch at a time), with room for several appliers in one process.
+const CUSTOMER_LOCK_CONNECTIONS: u32 = 4;
 
 /// Entries kept at most; ~200 bytes each.
 const LINK_CACHE_CAPACITY: usize = 100_000;
@@ -493,15 +610,8 @@ impl Store for PgStore {
             .bind(user.as_str())
             .fetch_optional(&self.pool)
             .await?;
-        Ok(match row {
-            Some((Some(email), name, phone, Some(version))) => Some(PushedProfile {
-                email,
-                name,
-                phone,
-                version,
-            }),
-            _ => None,
-        })
+        Ok(row
+            .and_then(|(email, name, phone, version)| pushed_profile(email, name, phone, version)))
     }
 
     async fn claim_jobs(&self, limit: u32, lease: Duration) -> StoreResult<Vec<OutboxJob>> {
@@ -988,56 +1098,112 @@ impl Store for PgStore {
         .await?)
     }
 
-    /// A session advisory lock on a connection held until release: if this process dies, the
-    /// connection closes and Postgres frees the lock at once, so another instance carries on
-    /// without waiting for a lease to run out.
-    async fn try_lease_customer(
+    /// Session advisory locks on a connection held until release: if this process dies, the
+    /// connection closes and Postgres frees the locks at once, so another instance carries on
+    /// without waiting for a lease to run out. One connection holds a whole batch.
+    async fn try_lease_customers(
         &self,
-        customer: &str,
+        customers: &[String],
         _holder: &str,
         _lease: Duration,
-    ) -> StoreResult<bool> {
+    ) -> StoreResult<Vec<String>> {
+        let mut wanted = customers.to_vec();
+        wanted.sort_unstable();
+        wanted.dedup(); // a session takes an advisory lock twice: it would stay held once
         let mut connection = self.lock_pool.acquire().await?;
-        let locked: bool =
-            sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtextextended($1, 42))")
-                .bind(customer)
-                .fetch_one(&mut *connection)
-                .await?;
-        if locked {
-            self.customer_locks
+        let locked: Result<Vec<String>, sqlx::Error> = sqlx::query_scalar(
+            "SELECT c FROM unnest($1::text[]) AS c
+             WHERE pg_try_advisory_lock(hashtextextended(c, 42))",
+        )
+        .bind(&wanted)
+        .fetch_all(&mut *connection)
+        .await;
+        let locked = match locked {
+            Ok(locked) => locked,
+            Err(err) => {
+                // Some locks may be held: closing the connection frees them.
+                drop(connection.detach());
+                return Err(err.into());
+            }
+        };
+        if !locked.is_empty() {
+            let session = Arc::new(tokio::sync::Mutex::new(LockSession {
+                connection: Some(connection),
+                held: locked.len(),
+            }));
+            let mut table = self
+                .customer_locks
                 .lock()
-                .expect("customer lock map poisoned")
-                .insert(customer.to_owned(), connection);
+                .expect("customer lock map poisoned");
+            for customer in &locked {
+                table.insert(customer.clone(), session.clone());
+            }
         }
         Ok(locked)
     }
 
-    async fn release_customer(&self, customer: &str, _holder: &str) -> StoreResult<()> {
-        let connection = self
-            .customer_locks
-            .lock()
-            .expect("customer lock map poisoned")
-            .remove(customer);
-        if let Some(mut connection) = connection {
-            let unlocked = sqlx::query("SELECT pg_advisory_unlock(hashtextextended($1, 42))")
-                .bind(customer)
-                .execute(&mut *connection)
-                .await;
-            if let Err(err) = unlocked {
-                // Never return a connection that may still hold the lock to the pool: closing
-                // it frees the lock.
-                drop(connection.detach());
-                return Err(err.into());
+    async fn release_customers(&self, customers: &[String], _holder: &str) -> StoreResult<()> {
+        // Group by the connection holding each lock.
+        let mut sessions: Vec<(Arc<tokio::sync::Mutex<LockSession>>, Vec<String>)> = Vec::new();
+        {
+            let mut table = self
+                .customer_locks
+                .lock()
+                .expect("customer lock map poisoned");
+            for customer in customers {
+                let Some(session) = table.remove(customer) else {
+                    continue;
+                };
+                match sessions.iter_mut().find(|(s, _)| Arc::ptr_eq(s, &session)) {
+                    Some((_, held)) => held.push(customer.clone()),
+                    None => sessions.push((session, vec![customer.clone()])),
+                }
             }
         }
-        Ok(())
+        let mut first_error = None;
+        for (session, released) in sessions {
+            let mut session = session.lock().await;
+            let Some(connection) = session.connection.as_mut() else {
+                continue; // closed after an error: its locks are gone
+            };
+            let unlocked = sqlx::query(
+                "SELECT pg_advisory_unlock(hashtextextended(c, 42)) FROM unnest($1::text[]) AS c",
+            )
+            .bind(&released)
+            .execute(&mut **connection)
+            .await;
+            match unlocked {
+                Ok(_) => {
+                    session.held = session.held.saturating_sub(released.len());
+                    if session.held == 0 {
+                        session.connection = None; // back to the pool, holding nothing
+                    }
+                }
+                Err(err) => {
+                    // Never return a connection that may still hold locks to the pool:
+                    // closing it frees them.
+                    if let Some(connection) = session.connection.take() {
+                        drop(connection.detach());
+                    }
+                    first_error.get_or_insert(err);
+                }
+            }
+        }
+        match first_error {
+            Some(err) => Err(err.into()),
+            None => Ok(()),
+        }
     }
 
     async fn clear_customer_leases(&self) -> StoreResult<()> {
         Ok(())
     }
 
-    async fn customer_events(&self, customer: &str, limit: u32) -> StoreResult<Vec<EventToApply>> {
+    async fn customers_events(
+        &self,
+        customers: &[String],
+        limit: u32,
+    ) -> StoreResult<Vec<(String, Vec<EventToApply>)>> {
         type Row = (
             String,
             String,
@@ -1048,25 +1214,56 @@ impl Store for PgStore {
             i32,
             Option<String>,
             OffsetDateTime,
-            String,
+            Option<String>,
             Option<OffsetDateTime>,
         );
+        // A `customer.updated` followed by another due one is superseded by it: its payload
+        // stays in the database.
         let rows: Vec<Row> = sqlx::query_as(
-            "SELECT e.id, e.type, e.created, e.livemode, e.stripe_customer_id, q.state,
-                    q.attempts, q.last_error, e.received_at, e.payload, q.next_attempt_at
-             FROM stripe_event_queue q JOIN stripe_events e ON e.id = q.event_id
-             WHERE q.stripe_customer_id = $1
-               AND (q.state = 'pending' OR q.next_attempt_at IS NOT NULL)
-             ORDER BY q.created, q.arrival_seq
-             LIMIT $2",
+            "SELECT x.id, x.type, x.created, x.livemode, x.stripe_customer_id, x.state,
+                    x.attempts, x.last_error, x.received_at,
+                    CASE WHEN x.type = 'customer.updated' AND x.next_supersedes THEN NULL
+                         ELSE x.payload END,
+                    x.next_attempt_at
+             FROM unnest($1::text[]) WITH ORDINALITY AS c(customer, ord)
+             CROSS JOIN LATERAL (
+                 SELECT w.*, coalesce(lead(w.type = 'customer.updated' AND w.due)
+                                      OVER (ORDER BY w.created, w.arrival_seq), false)
+                             AS next_supersedes
+                 FROM (SELECT e.id, e.type, q.created, q.arrival_seq, e.livemode,
+                              e.stripe_customer_id, q.state, q.attempts, q.last_error,
+                              e.received_at, e.payload, q.next_attempt_at,
+                              (q.next_attempt_at IS NULL OR q.next_attempt_at <= now()) AS due
+                       FROM stripe_event_queue q JOIN stripe_events e ON e.id = q.event_id
+                       WHERE q.stripe_customer_id = c.customer
+                         AND (q.state = 'pending' OR q.next_attempt_at IS NOT NULL)
+                       ORDER BY q.created, q.arrival_seq
+                       LIMIT $2) AS w
+             ) AS x
+             ORDER BY c.ord, x.created, x.arrival_seq",
         )
-        .bind(customer)
+        .bind(customers)
         .bind(i64::from(limit))
         .fetch_all(&self.pool)
         .await?;
-        rows.into_iter()
-            .map(
-                |(
+        let mut found: Vec<(String, Vec<EventToApply>)> = Vec::new();
+        for (
+            id,
+            kind,
+            created,
+            livemode,
+            customer,
+            state,
+            attempts,
+            last_error,
+            received_at,
+            payload,
+            next,
+        ) in rows
+        {
+            let owner = customer.clone().unwrap_or_default();
+            let event = EventToApply {
+                event: event((
                     id,
                     kind,
                     created,
@@ -1076,43 +1273,119 @@ impl Store for PgStore {
                     attempts,
                     last_error,
                     received_at,
-                    payload,
-                    next,
-                )| {
-                    Ok(EventToApply {
-                        event: event((
-                            id,
-                            kind,
-                            created,
-                            livemode,
-                            customer,
-                            state,
-                            attempts,
-                            last_error,
-                            received_at,
-                        ))?,
-                        payload,
-                        next_attempt_at: next,
-                    })
-                },
-            )
+                ))?,
+                payload,
+                next_attempt_at: next,
+            };
+            match found.last_mut() {
+                Some((last, events)) if *last == owner => events.push(event),
+                _ => found.push((owner, vec![event])),
+            }
+        }
+        Ok(found)
+    }
+
+    async fn update_contexts(&self, customers: &[String]) -> StoreResult<Vec<UpdateContext>> {
+        let rows = sqlx::query(&format!(
+            "SELECT l.stripe_customer_id, {USER_COLUMNS_QUALIFIED}, l.event_watermark,
+                    l.event_watermark_id, l.pushed_email, l.pushed_name, l.pushed_phone,
+                    l.pushed_version,
+                    EXISTS (SELECT 1 FROM outbox o WHERE o.user_id = l.user_id
+                              AND o.kind = 'push_profile' AND o.state IN ('pending', 'in_flight'))
+                        AS active_push
+             FROM customer_links l JOIN users ON users.id = l.user_id
+             WHERE l.stripe_customer_id = ANY($1)"
+        ))
+        .bind(customers)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                let user: UserRow = (
+                    row.try_get("id")?,
+                    row.try_get("email")?,
+                    row.try_get("email_verified")?,
+                    row.try_get("first_name")?,
+                    row.try_get("last_name")?,
+                    row.try_get("phone")?,
+                    row.try_get("version")?,
+                    row.try_get("created_at")?,
+                    row.try_get("updated_at")?,
+                );
+                let watermark: Option<i64> = row.try_get("event_watermark")?;
+                Ok(UpdateContext {
+                    customer_id: row.try_get("stripe_customer_id")?,
+                    user: user_from_row(user)?,
+                    watermark: watermark
+                        .map(|created| {
+                            Ok::<_, sqlx::Error>((created, row.try_get("event_watermark_id")?))
+                        })
+                        .transpose()?,
+                    active_push: row.try_get("active_push")?,
+                    last_push: pushed_profile(
+                        row.try_get("pushed_email")?,
+                        row.try_get("pushed_name")?,
+                        row.try_get("pushed_phone")?,
+                        row.try_get("pushed_version")?,
+                    ),
+                })
+            })
             .collect()
+    }
+
+    async fn commit_customer_updates(
+        &self,
+        updates: &[CustomerUpdate],
+    ) -> StoreResult<Vec<String>> {
+        let mut tx = self.pool.begin().await?;
+        let conflicts = apply_remote_profiles_in(&mut tx, updates).await?;
+        let done = updates
+            .iter()
+            .filter(|u| !conflicts.contains(&u.customer_id))
+            .collect::<Vec<_>>();
+        let (customers, created, ids): (Vec<&str>, Vec<i64>, Vec<&str>) = done
+            .iter()
+            .filter_map(|u| {
+                u.watermark
+                    .as_ref()
+                    .map(|(created, id)| (u.customer_id.as_str(), *created, id.as_str()))
+            })
+            .fold(
+                (vec![], vec![], vec![]),
+                |(mut c, mut t, mut i), (cu, cr, id)| {
+                    c.push(cu);
+                    t.push(cr);
+                    i.push(id);
+                    (c, t, i)
+                },
+            );
+        if !customers.is_empty() {
+            sqlx::query(
+                "UPDATE customer_links l SET event_watermark = x.created, event_watermark_id = x.id
+                 FROM unnest($1::text[], $2::bigint[], $3::text[]) AS x(customer, created, id)
+                 WHERE l.stripe_customer_id = x.customer
+                   AND (l.event_watermark IS NULL OR l.event_watermark <= x.created)",
+            )
+            .bind(&customers)
+            .bind(&created)
+            .bind(&ids)
+            .execute(&mut *tx)
+            .await?;
+        }
+        let events = done
+            .iter()
+            .flat_map(|u| u.events.iter().cloned())
+            .collect::<Vec<_>>();
+        finish_applied_in(&mut tx, &events).await?;
+        tx.commit().await?;
+        Ok(conflicts)
     }
 
     async fn finish_events(&self, ids: &[String], outcome: &EventOutcome) -> StoreResult<()> {
         let query = match outcome {
             // The event row is rewritten only for an event that failed before, to keep its
             // attempt count; the common case deletes queue rows and nothing else.
-            EventOutcome::Applied => sqlx::query(
-                "WITH done AS (
-                     DELETE FROM stripe_event_queue WHERE event_id = ANY($1)
-                     RETURNING event_id, attempts)
-                 UPDATE stripe_events e
-                 SET state = 'applied', attempts = done.attempts, last_error = NULL,
-                     applied_at = now()
-                 FROM done WHERE e.id = done.event_id AND done.attempts > 0",
-            )
-            .bind(ids),
+            EventOutcome::Applied => sqlx::query(FINISH_APPLIED).bind(ids),
             EventOutcome::Retry { delay, error } => sqlx::query(
                 "UPDATE stripe_event_queue SET state = 'failed', attempts = attempts + 1,
                         last_error = $2, next_attempt_at = now() + make_interval(secs => $3)

@@ -3,15 +3,16 @@ use std::{str::FromStr, time::Duration};
 use async_trait::async_trait;
 use sqlx::{
     sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous},
-    Sqlite, SqlitePool, Transaction,
+    Row, Sqlite, SqlitePool, Transaction,
 };
 use time::OffsetDateTime;
 
 use super::{
     clip_error, event_from_parts, job_from_parts, link_from_row, now, opt_str, parse_json,
-    user_from_row, CustomerLink, EventOutcome, EventState, EventToApply, JobOutcome, JobState,
-    LinkOutcome, NewEvent, OutboxJob, PushedProfile, ResolveClaim, Store, StoreError, StoreResult,
-    StoredEvent, SubscriptionMirror, UsageRecord, User, UserUpsert, DUE_WINDOW_PER_CUSTOMER,
+    pushed_profile, user_from_row, CustomerLink, CustomerUpdate, EventOutcome, EventState,
+    EventToApply, JobOutcome, JobState, LinkOutcome, NewEvent, OutboxJob, PushedProfile,
+    ResolveClaim, Store, StoreError, StoreResult, StoredEvent, SubscriptionMirror, UpdateContext,
+    UsageRecord, User, UserUpsert, DUE_WINDOW_PER_CUSTOMER,
 };
 use crate::domain::{LinkSource, StripeCustomerId, UserId};
 
@@ -23,6 +24,9 @@ fn ids_json(ids: &[String]) -> String {
 const USER_COLUMNS: &str =
     "id, email, email_verified, first_name, last_name, phone, version, created_at, updated_at";
 const LINK_COLUMNS: &str = "user_id, stripe_customer_id, livemode, linked_via, linked_at";
+const USER_COLUMNS_QUALIFIED: &str = "users.id, users.email, users.email_verified, \
+     users.first_name, users.last_name, users.phone, users.version, users.created_at, \
+     users.updated_at";
 
 type SqliteUserRow = (
     String,
@@ -127,6 +131,81 @@ async fn update_user_in(
     .fetch_optional(&mut **tx)
     .await?;
     row.map(user).transpose()
+}
+
+/// Records a profile as what Stripe holds for the user's customer.
+async fn record_pushed_on(
+    connection: &mut sqlx::SqliteConnection,
+    user: &UserId,
+    pushed: &PushedProfile,
+    version: i64,
+    now: i64,
+) -> StoreResult<()> {
+    sqlx::query(
+        "UPDATE customer_links SET pushed_email = ?2, pushed_name = ?3, pushed_phone = ?4,
+                pushed_version = ?5, pushed_at = ?6
+         WHERE user_id = ?1",
+    )
+    .bind(user.as_str())
+    .bind(&pushed.email)
+    .bind(&pushed.name)
+    .bind(&pushed.phone)
+    .bind(version)
+    .bind(now)
+    .execute(connection)
+    .await?;
+    Ok(())
+}
+
+async fn raise_watermark_on(
+    connection: &mut sqlx::SqliteConnection,
+    customer: &str,
+    created: i64,
+    event_id: &str,
+) -> StoreResult<()> {
+    sqlx::query(
+        "UPDATE customer_links SET event_watermark = ?2, event_watermark_id = ?3
+         WHERE stripe_customer_id = ?1
+           AND (event_watermark IS NULL OR event_watermark <= ?2)",
+    )
+    .bind(customer)
+    .bind(created)
+    .bind(event_id)
+    .execute(connection)
+    .await?;
+    Ok(())
+}
+
+/// Finishes applied events: deletes their queue rows; the event row is rewritten only for an
+/// event that failed before, to keep its attempt count.
+async fn finish_applied_in(
+    tx: &mut Transaction<'_, Sqlite>,
+    ids: &[String],
+    now: i64,
+) -> StoreResult<()> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(
+        "UPDATE stripe_events
+         SET state = 'applied', last_error = NULL, applied_at = ?2,
+             attempts = (SELECT q.attempts FROM stripe_event_queue q
+                         WHERE q.event_id = stripe_events.id)
+         WHERE id IN (SELECT event_id FROM stripe_event_queue
+                      WHERE event_id IN (SELECT value FROM json_each(?1))
+                        AND attempts > 0)",
+    )
+    .bind(ids_json(ids))
+    .bind(now)
+    .execute(&mut **tx)
+    .await?;
+    sqlx::query(
+        "DELETE FROM stripe_event_queue WHERE event_id IN (SELECT value FROM json_each(?1))",
+    )
+    .bind(ids_json(ids))
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
 }
 
 async fn get_user_in(tx: &mut Transaction<'_, Sqlite>, id: &UserId) -> StoreResult<Option<User>> {
@@ -473,20 +552,15 @@ impl Store for SqliteStore {
     }
 
     async fn record_push(&self, user_id: &UserId, pushed: &PushedProfile) -> StoreResult<()> {
-        sqlx::query(
-            "UPDATE customer_links SET pushed_email = ?2, pushed_name = ?3, pushed_phone = ?4,
-                    pushed_version = ?5, pushed_at = ?6
-             WHERE user_id = ?1",
+        let mut connection = self.pool.acquire().await?;
+        record_pushed_on(
+            &mut connection,
+            user_id,
+            pushed,
+            pushed.version,
+            to_ms(now()),
         )
-        .bind(user_id.as_str())
-        .bind(&pushed.email)
-        .bind(&pushed.name)
-        .bind(&pushed.phone)
-        .bind(pushed.version)
-        .bind(to_ms(now()))
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+        .await
     }
 
     async fn last_push(&self, user_id: &UserId) -> StoreResult<Option<PushedProfile>> {
@@ -498,15 +572,8 @@ impl Store for SqliteStore {
             .bind(user_id.as_str())
             .fetch_optional(&self.pool)
             .await?;
-        Ok(match row {
-            Some((Some(email), name, phone, Some(version))) => Some(PushedProfile {
-                email,
-                name,
-                phone,
-                version,
-            }),
-            _ => None,
-        })
+        Ok(row
+            .and_then(|(email, name, phone, version)| pushed_profile(email, name, phone, version)))
     }
 
     async fn claim_jobs(&self, limit: u32, lease: Duration) -> StoreResult<Vec<OutboxJob>> {
@@ -1016,42 +1083,47 @@ impl Store for SqliteStore {
         .await?)
     }
 
-    async fn try_lease_customer(
+    async fn try_lease_customers(
         &self,
-        customer: &str,
+        customers: &[String],
         holder: &str,
         lease: Duration,
-    ) -> StoreResult<bool> {
+    ) -> StoreResult<Vec<String>> {
         let now = to_ms(now());
-        let taken: Option<String> = sqlx::query_scalar(
+        // `WHERE true` lets SQLite parse the upsert clause after a SELECT.
+        Ok(sqlx::query_scalar(
             "INSERT INTO event_customer_leases (stripe_customer_id, holder, lease_until)
-             VALUES (?1, ?2, ?3)
+             SELECT DISTINCT value, ?2, ?3 FROM json_each(?1) WHERE true
              ON CONFLICT (stripe_customer_id) DO UPDATE
                 SET holder = excluded.holder, lease_until = excluded.lease_until
                 WHERE event_customer_leases.lease_until <= ?4
-             RETURNING holder",
+             RETURNING stripe_customer_id",
         )
-        .bind(customer)
+        .bind(ids_json(customers))
         .bind(holder)
         .bind(now + ms(lease))
         .bind(now)
-        .fetch_optional(&self.pool)
-        .await?;
-        Ok(taken.is_some())
+        .fetch_all(&self.pool)
+        .await?)
     }
 
-    async fn release_customer(&self, customer: &str, holder: &str) -> StoreResult<()> {
+    async fn release_customers(&self, customers: &[String], holder: &str) -> StoreResult<()> {
         sqlx::query(
-            "DELETE FROM event_customer_leases WHERE stripe_customer_id = ?1 AND holder = ?2",
+            "DELETE FROM event_customer_leases
+             WHERE stripe_customer_id IN (SELECT value FROM json_each(?1)) AND holder = ?2",
         )
-        .bind(customer)
+        .bind(ids_json(customers))
         .bind(holder)
         .execute(&self.pool)
         .await?;
         Ok(())
     }
 
-    async fn customer_events(&self, customer: &str, limit: u32) -> StoreResult<Vec<EventToApply>> {
+    async fn customers_events(
+        &self,
+        customers: &[String],
+        limit: u32,
+    ) -> StoreResult<Vec<(String, Vec<EventToApply>)>> {
         type Row = (
             String,
             String,
@@ -1062,55 +1134,166 @@ impl Store for SqliteStore {
             i32,
             Option<String>,
             i64,
-            String,
+            Option<String>,
             Option<i64>,
         );
-        let rows: Vec<Row> = sqlx::query_as(
-            "SELECT e.id, e.type, e.created, e.livemode, e.stripe_customer_id, q.state,
-                    q.attempts, q.last_error, e.received_at, e.payload, q.next_attempt_at
-             FROM stripe_event_queue q JOIN stripe_events e ON e.id = q.event_id
-             WHERE q.stripe_customer_id = ?1
-               AND (q.state = 'pending' OR q.next_attempt_at IS NOT NULL)
-             ORDER BY q.created, q.seq
-             LIMIT ?2",
-        )
-        .bind(customer)
-        .bind(i64::from(limit))
+        let now = to_ms(now());
+        let mut connection = self.pool.acquire().await?;
+        let mut found = Vec::new();
+        for customer in customers {
+            // A `customer.updated` followed by another due one is superseded by it: its
+            // payload stays in the database.
+            let rows: Vec<Row> = sqlx::query_as(
+                "SELECT id, type, created, livemode, stripe_customer_id, state, attempts,
+                        last_error, received_at,
+                        CASE WHEN type = 'customer.updated' AND next_supersedes THEN NULL
+                             ELSE payload END,
+                        next_attempt_at
+                 FROM (SELECT w.*, coalesce(lead(w.type = 'customer.updated' AND w.due)
+                                            OVER (ORDER BY w.created, w.seq), 0)
+                                   AS next_supersedes
+                       FROM (SELECT e.id, e.type, q.created, q.seq, e.livemode,
+                                    e.stripe_customer_id, q.state, q.attempts, q.last_error,
+                                    e.received_at, e.payload, q.next_attempt_at,
+                                    (q.next_attempt_at IS NULL OR q.next_attempt_at <= ?3) AS due
+                             FROM stripe_event_queue q JOIN stripe_events e ON e.id = q.event_id
+                             WHERE q.stripe_customer_id = ?1
+                               AND (q.state = 'pending' OR q.next_attempt_at IS NOT NULL)
+                             ORDER BY q.created, q.seq
+                             LIMIT ?2) AS w)
+                 ORDER BY created, seq",
+            )
+            .bind(customer)
+            .bind(i64::from(limit))
+            .bind(now)
+            .fetch_all(&mut *connection)
+            .await?;
+            if rows.is_empty() {
+                continue;
+            }
+            let events = rows
+                .into_iter()
+                .map(
+                    |(
+                        id,
+                        kind,
+                        created,
+                        livemode,
+                        customer,
+                        state,
+                        attempts,
+                        last_error,
+                        received_at,
+                        payload,
+                        next,
+                    )| {
+                        Ok(EventToApply {
+                            event: event((
+                                id,
+                                kind,
+                                created,
+                                livemode,
+                                customer,
+                                state,
+                                attempts,
+                                last_error,
+                                received_at,
+                            ))?,
+                            payload,
+                            next_attempt_at: next.map(from_ms).transpose()?,
+                        })
+                    },
+                )
+                .collect::<StoreResult<Vec<_>>>()?;
+            found.push((customer.clone(), events));
+        }
+        Ok(found)
+    }
+
+    async fn update_contexts(&self, customers: &[String]) -> StoreResult<Vec<UpdateContext>> {
+        type Row = (
+            String,
+            Option<i64>,
+            Option<String>,
+            Option<String>,
+            Option<String>,
+            Option<String>,
+            Option<i64>,
+            bool,
+        );
+        let rows = sqlx::query(&format!(
+            "SELECT l.stripe_customer_id, l.event_watermark, l.event_watermark_id,
+                    l.pushed_email, l.pushed_name, l.pushed_phone, l.pushed_version,
+                    EXISTS (SELECT 1 FROM outbox o WHERE o.user_id = l.user_id
+                              AND o.kind = 'push_profile' AND o.state IN ('pending', 'in_flight'))
+                        AS active_push,
+                    {USER_COLUMNS_QUALIFIED}
+             FROM customer_links l JOIN users ON users.id = l.user_id
+             WHERE l.stripe_customer_id IN (SELECT value FROM json_each(?1))"
+        ))
+        .bind(ids_json(customers))
         .fetch_all(&self.pool)
         .await?;
-        rows.into_iter()
-            .map(
-                |(
-                    id,
-                    kind,
-                    created,
-                    livemode,
-                    customer,
-                    state,
-                    attempts,
-                    last_error,
-                    received_at,
-                    payload,
-                    next,
-                )| {
-                    Ok(EventToApply {
-                        event: event((
-                            id,
-                            kind,
-                            created,
-                            livemode,
-                            customer,
-                            state,
-                            attempts,
-                            last_error,
-                            received_at,
-                        ))?,
-                        payload,
-                        next_attempt_at: next.map(from_ms).transpose()?,
-                    })
-                },
-            )
+        rows.iter()
+            .map(|row| {
+                let link: Row = sqlx::FromRow::from_row(row)?;
+                let (customer_id, watermark, watermark_id, email, name, phone, version, active) =
+                    link;
+                let user_row: SqliteUserRow = (
+                    row.try_get(8)?,
+                    row.try_get(9)?,
+                    row.try_get(10)?,
+                    row.try_get(11)?,
+                    row.try_get(12)?,
+                    row.try_get(13)?,
+                    row.try_get(14)?,
+                    row.try_get(15)?,
+                    row.try_get(16)?,
+                );
+                Ok(UpdateContext {
+                    customer_id,
+                    user: user(user_row)?,
+                    watermark: watermark.map(|created| (created, watermark_id)),
+                    active_push: active,
+                    last_push: pushed_profile(email, name, phone, version),
+                })
+            })
             .collect()
+    }
+
+    async fn commit_customer_updates(
+        &self,
+        updates: &[CustomerUpdate],
+    ) -> StoreResult<Vec<String>> {
+        let now = to_ms(now());
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let mut conflicts = Vec::new();
+        let mut finished = Vec::new();
+        for update in updates {
+            if let Some(profile) = &update.profile {
+                let Some(saved) =
+                    update_user_in(&mut tx, &profile.user, profile.expected, now).await?
+                else {
+                    conflicts.push(update.customer_id.clone());
+                    continue;
+                };
+                record_pushed_on(
+                    &mut tx,
+                    &profile.user.id,
+                    &profile.pushed,
+                    saved.version,
+                    now,
+                )
+                .await?;
+            }
+            if let Some((created, event_id)) = &update.watermark {
+                raise_watermark_on(&mut tx, &update.customer_id, *created, event_id).await?;
+            }
+            finished.extend(update.events.iter().cloned());
+        }
+        finish_applied_in(&mut tx, &finished, now).await?;
+        tx.commit().await?;
+        Ok(conflicts)
     }
 
     async fn finish_events(&self, ids: &[String], outcome: &EventOutcome) -> StoreResult<()> {
@@ -1120,26 +1303,7 @@ impl Store for SqliteStore {
             // attempt count; the common case deletes queue rows and nothing else.
             EventOutcome::Applied => {
                 let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-                sqlx::query(
-                    "UPDATE stripe_events
-                     SET state = 'applied', last_error = NULL, applied_at = ?2,
-                         attempts = (SELECT q.attempts FROM stripe_event_queue q
-                                     WHERE q.event_id = stripe_events.id)
-                     WHERE id IN (SELECT event_id FROM stripe_event_queue
-                                  WHERE event_id IN (SELECT value FROM json_each(?1))
-                                    AND attempts > 0)",
-                )
-                .bind(ids_json(ids))
-                .bind(now)
-                .execute(&mut *tx)
-                .await?;
-                sqlx::query(
-                    "DELETE FROM stripe_event_queue
-                     WHERE event_id IN (SELECT value FROM json_each(?1))",
-                )
-                .bind(ids_json(ids))
-                .execute(&mut *tx)
-                .await?;
+                finish_applied_in(&mut tx, ids, now).await?;
                 tx.commit().await?;
             }
             EventOutcome::Retry { delay, error } => {
@@ -1186,16 +1350,8 @@ impl Store for SqliteStore {
         created: i64,
         event_id: &str,
     ) -> StoreResult<()> {
-        sqlx::query(
-            "UPDATE customer_links SET event_watermark = ?2, event_watermark_id = ?3
-             WHERE stripe_customer_id = ?1
-               AND (event_watermark IS NULL OR event_watermark <= ?2)",
-        )
-        .bind(customer)
-        .bind(created)
-        .bind(event_id)
-        .execute(&self.pool)
-        .await?;
+        let mut connection = self.pool.acquire().await?;
+        raise_watermark_on(&mut connection, customer, created, event_id).await?;
         Ok(())
     }
 
@@ -1212,19 +1368,7 @@ impl Store for SqliteStore {
             tx.rollback().await?;
             return Ok(None);
         };
-        sqlx::query(
-            "UPDATE customer_links SET pushed_email = ?2, pushed_name = ?3, pushed_phone = ?4,
-                    pushed_version = ?5, pushed_at = ?6
-             WHERE user_id = ?1",
-        )
-        .bind(input.id.as_str())
-        .bind(&pushed.email)
-        .bind(&pushed.name)
-        .bind(&pushed.phone)
-        .bind(saved.version)
-        .bind(now)
-        .execute(&mut *tx)
-        .await?;
+        record_pushed_on(&mut tx, &input.id, pushed, saved.version, now).await?;
         tx.commit().await?;
         Ok(Some(saved))
     }

@@ -4,7 +4,7 @@
 //! by re-fetching the customer from Stripe, so neither event's change is lost. A failing event
 //! is retried with backoff and holds back only its own customer's later events.
 
-use std::sync::Arc;
+use std::{collections::HashMap, sync::Arc};
 
 use futures_util::StreamExt;
 use serde_json::Value;
@@ -15,15 +15,15 @@ use crate::{
     domain::{full_name, Email, LinkSource, PersonName, Phone, StripeCustomerId, UserId},
     outbox::{backoff, JobFailure},
     store::{
-        EventOutcome, EventToApply, PushedProfile, Store, StoreError, SubscriptionMirror, User,
-        UserUpsert,
+        CustomerUpdate, EventOutcome, EventToApply, PushedProfile, RemoteProfile, Store,
+        StoreError, SubscriptionMirror, UpdateContext, User, UserUpsert,
     },
     stripe::{Customer, StripeClient, Subscription},
 };
 
 const CUSTOMER_UPDATED: &str = "customer.updated";
-/// Customers applied at the same time at most (their database round trips overlap); the
-/// Postgres store keeps this many lock connections.
+/// Customers applied one by one at the same time at most (their database round trips
+/// overlap).
 pub const MAX_CONCURRENT_CUSTOMERS: usize = 8;
 /// The longest breather between ticks that found work (see `run`).
 const BUSY_PAUSE_MAX: std::time::Duration = std::time::Duration::from_millis(100);
@@ -31,6 +31,9 @@ const BUSY_PAUSE_MAX: std::time::Duration = std::time::Duration::from_millis(100
 const EVENTS_PER_CUSTOMER: u32 = 500;
 /// Customers looked at per tick.
 const CUSTOMERS_PER_TICK: u32 = 64;
+
+/// A customer and its waiting events, in apply order.
+type CustomerQueue = (String, Vec<EventToApply>);
 
 #[derive(Clone)]
 pub struct Applier {
@@ -114,14 +117,46 @@ impl Applier {
         tracing::info!("event applier stopped");
     }
 
-    /// Applies what is due for up to 64 customers, several at a time; returns how many events
-    /// it finished.
+    /// Applies what is due for up to 64 customers; returns how many events it finished.
+    /// Customers whose due events are all `customer.updated` are applied together, with a
+    /// handful of statements for the whole batch; the others one by one, several at a time.
     pub async fn tick(&self) -> Result<usize, StoreError> {
-        let customers = self.store.due_event_customers(CUSTOMERS_PER_TICK).await?;
-        let mut runs = futures_util::stream::iter(customers)
-            .map(|customer| async move { self.lease_and_apply(&customer).await })
-            .buffer_unordered(self.concurrency);
+        let due = self.store.due_event_customers(CUSTOMERS_PER_TICK).await?;
+        if due.is_empty() {
+            return Ok(0);
+        }
+        // Customers another instance is on are left to it.
+        let leased = self
+            .store
+            .try_lease_customers(&due, &self.holder, self.retry.lease)
+            .await?;
+        if leased.is_empty() {
+            return Ok(0);
+        }
+        let applied = self.apply_leased(&leased).await;
+        let released = self.store.release_customers(&leased, &self.holder).await;
+        let applied = applied?;
+        released?;
+        Ok(applied)
+    }
+
+    async fn apply_leased(&self, customers: &[String]) -> Result<usize, StoreError> {
+        let queues = self
+            .store
+            .customers_events(customers, EVENTS_PER_CUSTOMER)
+            .await?;
+        let (batch, mut one_by_one): (Vec<_>, Vec<_>) = queues
+            .into_iter()
+            .partition(|(_, events)| only_due_updates(events));
         let mut finished = 0;
+        if !batch.is_empty() {
+            let (applied, left) = self.apply_update_batch(batch).await?;
+            finished += applied;
+            one_by_one.extend(left);
+        }
+        let mut runs = futures_util::stream::iter(one_by_one)
+            .map(|(customer, events)| async move { self.apply_customer(&customer, events).await })
+            .buffer_unordered(self.concurrency);
         let mut first_error = None;
         while let Some(result) = runs.next().await {
             match result {
@@ -135,34 +170,81 @@ impl Applier {
         }
     }
 
-    async fn lease_and_apply(&self, customer: &str) -> Result<usize, StoreError> {
-        if !self
+    /// Applies each customer's newest `customer.updated` snapshot (the older ones folded into
+    /// it, as in `apply_customer`) in one read and one transaction for the whole batch.
+    /// Returns how many events it finished, and the customers left to the one-by-one path:
+    /// a same-second tie (Stripe is asked), a snapshot that does not parse, a user edited
+    /// meanwhile, or a batch the database refused.
+    #[tracing::instrument(skip_all, fields(customers = batch.len()))]
+    async fn apply_update_batch(
+        &self,
+        batch: Vec<CustomerQueue>,
+    ) -> Result<(usize, Vec<CustomerQueue>), StoreError> {
+        let customers = batch.iter().map(|(c, _)| c.clone()).collect::<Vec<_>>();
+        let mut contexts = self
             .store
-            .try_lease_customer(customer, &self.holder, self.retry.lease)
+            .update_contexts(&customers)
             .await?
-        {
-            return Ok(0); // another instance is on this customer
+            .into_iter()
+            .map(|c| (c.customer_id.clone(), c))
+            .collect::<HashMap<_, _>>();
+        let mut updates = Vec::with_capacity(batch.len());
+        let mut pending = HashMap::with_capacity(batch.len());
+        let mut left = Vec::new();
+        for (customer, events) in batch {
+            match plan_batched_update(contexts.remove(&customer), &events) {
+                Some(update) => {
+                    updates.push(update);
+                    pending.insert(customer, events);
+                }
+                None => left.push((customer, events)),
+            }
         }
-        let result = self.apply_customer(customer).await;
-        self.store.release_customer(customer, &self.holder).await?;
-        result
+        let conflicts = match self.store.commit_customer_updates(&updates).await {
+            Ok(conflicts) => conflicts,
+            Err(err) => {
+                tracing::warn!(error = %err, "batch of customer updates not written; one by one instead");
+                customers_of(&updates)
+            }
+        };
+        let mut finished = 0;
+        for update in &updates {
+            let events = pending.remove(&update.customer_id).unwrap_or_default();
+            if conflicts.contains(&update.customer_id) {
+                left.push((update.customer_id.clone(), events));
+                continue;
+            }
+            if let Some(profile) = &update.profile {
+                tracing::info!(user_id = %profile.user.id, "profile updated from Stripe");
+            }
+            if let Some(newest) = events.last() {
+                record_applied(newest, events.len());
+            }
+            finished += events.len();
+        }
+        Ok((finished, left))
     }
 
     /// Applies the customer's due events in order. A run of consecutive `customer.updated`
     /// events is applied as its newest snapshot only: each snapshot is the whole customer, so
     /// the older ones would be overwritten anyway. They still count for the same-second rule,
     /// and they are marked applied together with the snapshot that superseded them.
-    async fn apply_customer(&self, customer: &str) -> Result<usize, StoreError> {
+    async fn apply_customer(
+        &self,
+        customer: &str,
+        events: Vec<EventToApply>,
+    ) -> Result<usize, StoreError> {
         let now = time::OffsetDateTime::now_utc();
-        let events = self
-            .store
-            .customer_events(customer, EVENTS_PER_CUSTOMER)
-            .await?;
         // An earlier event waiting for its retry holds the later ones back.
-        let due = events
+        let mut due = events
             .iter()
             .take_while(|e| e.next_attempt_at.is_none_or(|at| at <= now))
             .collect::<Vec<_>>();
+        // The database found the next event due but this clock does not (skewed clocks):
+        // the snapshot superseded by it was not loaded; the next pass applies it.
+        while due.last().is_some_and(|e| e.payload.is_none()) {
+            due.pop();
+        }
         let mut finished = 0;
         let mut superseded: Vec<String> = Vec::new();
         let mut newest_superseded: Option<(i64, &str)> = None;
@@ -177,20 +259,14 @@ impl Applier {
                 newest_superseded = Some((event.event.created, &event.event.id));
                 continue;
             }
-            let outcome = match self.apply(event, newest_superseded).await {
+            let outcome = match self.apply(customer, event, newest_superseded).await {
                 Ok(()) => EventOutcome::Applied,
                 Err(failure) => self.outcome_of(event, failure),
             };
             if matches!(outcome, EventOutcome::Applied) {
                 superseded.push(event.event.id.clone());
                 self.store.finish_events(&superseded, &outcome).await?;
-                metrics::counter!("billsync_webhook_events_applied_total")
-                    .increment(superseded.len() as u64);
-                metrics::histogram!("billsync_webhook_apply_lag_seconds").record(
-                    (time::OffsetDateTime::now_utc() - event.event.received_at)
-                        .as_seconds_f64()
-                        .max(0.0),
-                );
+                record_applied(event, superseded.len());
                 finished += superseded.len();
                 superseded.clear();
                 newest_superseded = None;
@@ -231,10 +307,15 @@ impl Applier {
     #[tracing::instrument(skip_all, fields(event_id = %event.event.id, kind = %event.event.kind))]
     async fn apply(
         &self,
+        customer: &str,
         event: &EventToApply,
         superseded: Option<(i64, &str)>,
     ) -> Result<(), JobFailure> {
-        let payload: Value = serde_json::from_str(&event.payload)
+        let payload = event
+            .payload
+            .as_deref()
+            .ok_or_else(|| JobFailure::Permanent("stored payload not loaded".into()))?;
+        let payload: Value = serde_json::from_str(payload)
             .map_err(|e| JobFailure::Permanent(format!("stored payload: {e}")))?;
         let object = payload
             .pointer("/data/object")
@@ -244,8 +325,14 @@ impl Applier {
         match event.event.kind.as_str() {
             "customer.created" => self.customer_created(parse(object)?).await,
             CUSTOMER_UPDATED => {
-                self.customer_updated(parse(object)?, created, &event.event.id, superseded)
-                    .await
+                self.customer_updated(
+                    customer,
+                    parse(object)?,
+                    created,
+                    &event.event.id,
+                    superseded,
+                )
+                .await
             }
             "customer.deleted" => self.customer_deleted(parse(object)?).await,
             "customer.subscription.created"
@@ -290,65 +377,39 @@ impl Applier {
     /// unless it is billsync's own push coming back (echo) or a local edit is on its way out.
     async fn customer_updated(
         &self,
+        customer: &str,
         event_snapshot: Customer,
         created: i64,
         event_id: &str,
         superseded: Option<(i64, &str)>,
     ) -> Result<(), JobFailure> {
-        let Ok(customer_id) = StripeCustomerId::parse(&event_snapshot.id) else {
-            return Ok(());
-        };
-        let Some(link) = self.store.get_link_by_customer(&customer_id).await? else {
+        if event_snapshot.id != customer {
+            return Ok(()); // filed under another customer: nothing of ours to change
+        }
+        let Some(context) = self
+            .store
+            .update_contexts(&[customer.to_owned()])
+            .await?
+            .pop()
+        else {
             return Ok(()); // not one of ours
         };
-        let stored = self.store.link_watermark(customer_id.as_str()).await?;
-        // A folded-in older snapshot counts as applied just before this one: on the same
-        // second it is the one to compare with (as if it had been applied on its own).
-        let watermark = match (stored, superseded) {
-            (Some((seen, id)), Some((folded, _))) if seen > folded => Some((seen, id)),
-            (_, Some((folded, id))) => Some((folded, Some(id.to_owned()))),
-            (stored, None) => stored,
-        };
-        let snapshot = match watermark {
-            // This very event was applied before (a crash came between applying it and
-            // marking it applied): nothing to do again.
-            Some((seen, Some(id))) if created == seen && id == event_id => return Ok(()),
-            Some((seen, _)) if created < seen => {
-                tracing::debug!(
-                    created,
-                    seen,
-                    "older snapshot than the one applied: ignored"
-                );
-                return Ok(());
-            }
+        let snapshot = match order(context.watermark.clone(), superseded, created, event_id) {
+            Order::AlreadyApplied | Order::Older => return Ok(()),
             // Same second as the newest applied: which came first is unknowable from the
             // events, so ask Stripe for the current state.
-            Some((seen, _)) if created == seen => {
-                match self.stripe.retrieve_customer(customer_id.as_str()).await {
-                    Ok(current) if !current.deleted => current,
-                    Ok(_) => return Ok(()),
-                    Err(err) if err.is_not_found() => return Ok(()),
-                    Err(err) => return Err(err.into()),
-                }
-            }
-            _ => event_snapshot,
+            Order::SameSecond => match self.stripe.retrieve_customer(customer).await {
+                Ok(current) if !current.deleted => current,
+                Ok(_) => return Ok(()),
+                Err(err) if err.is_not_found() => return Ok(()),
+                Err(err) => return Err(err.into()),
+            },
+            Order::Newer => event_snapshot,
         };
-        let Some(user) = self.store.get_user(&link.user_id).await? else {
-            return Ok(());
-        };
-        if self.store.has_active_push(&user.id).await? {
-            tracing::debug!("local edit on its way to Stripe: local values win");
-        } else if let Some((desired, remote)) = remote_change(&user, &snapshot) {
-            let echo = self
+        if let Some(profile) = profile_write(&context, &snapshot) {
+            if self
                 .store
-                .last_push(&user.id)
-                .await?
-                .is_some_and(|last| same_profile(&last, &remote));
-            if echo {
-                tracing::debug!("billsync's own push came back: nothing to write");
-            } else if self
-                .store
-                .apply_remote_profile(&desired, user.version, &remote)
+                .apply_remote_profile(&profile.user, profile.expected, &profile.pushed)
                 .await?
                 .is_none()
             {
@@ -357,12 +418,11 @@ impl Applier {
                     error: "the user changed while applying".into(),
                     retry_after: None,
                 });
-            } else {
-                tracing::info!(user_id = %user.id, "profile updated from Stripe");
             }
+            tracing::info!(user_id = %context.user.id, "profile updated from Stripe");
         }
         self.store
-            .raise_link_watermark(customer_id.as_str(), created, event_id)
+            .raise_link_watermark(customer, created, event_id)
             .await?;
         Ok(())
     }
@@ -412,6 +472,138 @@ impl Applier {
             .await?;
         Ok(())
     }
+}
+
+/// Whether all of a customer's waiting events are fresh `customer.updated` snapshots (the
+/// batched path), the newest one loaded.
+fn only_due_updates(events: &[EventToApply]) -> bool {
+    events.iter().all(|e| {
+        e.event.kind == CUSTOMER_UPDATED && e.event.attempts == 0 && e.next_attempt_at.is_none()
+    }) && events.last().is_some_and(|e| e.payload.is_some())
+}
+
+fn customers_of(updates: &[CustomerUpdate]) -> Vec<String> {
+    updates.iter().map(|u| u.customer_id.clone()).collect()
+}
+
+fn record_applied(newest: &EventToApply, events: usize) {
+    metrics::counter!("billsync_webhook_events_applied_total").increment(events as u64);
+    metrics::histogram!("billsync_webhook_apply_lag_seconds").record(
+        (time::OffsetDateTime::now_utc() - newest.event.received_at)
+            .as_seconds_f64()
+            .max(0.0),
+    );
+}
+
+/// The batched path's plan for a customer's run of `customer.updated` events; `None` leaves
+/// the customer to the one-by-one path (a same-second tie, a snapshot that does not parse).
+fn plan_batched_update(
+    context: Option<UpdateContext>,
+    events: &[EventToApply],
+) -> Option<CustomerUpdate> {
+    let newest = events.last()?;
+    let events_done = || {
+        events
+            .iter()
+            .map(|e| e.event.id.clone())
+            .collect::<Vec<_>>()
+    };
+    let customer_id = newest.event.customer_id.clone()?;
+    let Some(context) = context else {
+        // Not one of ours: nothing to write, the events are done.
+        return Some(CustomerUpdate {
+            customer_id,
+            profile: None,
+            watermark: None,
+            events: events_done(),
+        });
+    };
+    let snapshot: Customer = serde_json::from_str::<Value>(newest.payload.as_deref()?)
+        .ok()?
+        .pointer("/data/object")
+        .cloned()
+        .and_then(|object| serde_json::from_value(object).ok())?;
+    if snapshot.id != customer_id {
+        return None;
+    }
+    let superseded = events
+        .len()
+        .checked_sub(2)
+        .map(|i| (events[i].event.created, events[i].event.id.as_str()));
+    let (created, event_id) = (newest.event.created, newest.event.id.as_str());
+    let (profile, watermark) = match order(context.watermark.clone(), superseded, created, event_id)
+    {
+        Order::AlreadyApplied | Order::Older => (None, None),
+        Order::SameSecond => return None,
+        Order::Newer => (
+            profile_write(&context, &snapshot),
+            Some((created, event_id.to_owned())),
+        ),
+    };
+    Some(CustomerUpdate {
+        customer_id,
+        profile,
+        watermark,
+        events: events_done(),
+    })
+}
+
+/// Where a snapshot stands against the newest one applied to its customer.
+#[derive(Debug, PartialEq, Eq)]
+enum Order {
+    /// This very event was applied before (a crash came between applying it and marking it
+    /// applied).
+    AlreadyApplied,
+    Older,
+    /// Same second as the newest applied: which came first is unknowable from the events.
+    SameSecond,
+    Newer,
+}
+
+/// `stored` is the link's watermark; `superseded` the newest older snapshot folded into this
+/// one (see `apply_customer`), which counts as applied just before it: on the same second it
+/// is the one to compare with, as if it had been applied on its own.
+fn order(
+    stored: Option<(i64, Option<String>)>,
+    superseded: Option<(i64, &str)>,
+    created: i64,
+    event_id: &str,
+) -> Order {
+    let watermark = match (stored, superseded) {
+        (Some((seen, id)), Some((folded, _))) if seen > folded => Some((seen, id)),
+        (_, Some((folded, id))) => Some((folded, Some(id.to_owned()))),
+        (stored, None) => stored,
+    };
+    match watermark {
+        Some((seen, Some(id))) if created == seen && id == event_id => Order::AlreadyApplied,
+        Some((seen, _)) if created < seen => Order::Older,
+        Some((seen, _)) if created == seen => Order::SameSecond,
+        _ => Order::Newer,
+    }
+}
+
+/// The profile write a newer snapshot calls for; `None` when a local edit is on its way to
+/// Stripe (local values win), when the snapshot says nothing new, or when it is billsync's
+/// own push coming back (echo).
+fn profile_write(context: &UpdateContext, snapshot: &Customer) -> Option<RemoteProfile> {
+    if context.active_push {
+        tracing::debug!("local edit on its way to Stripe: local values win");
+        return None;
+    }
+    let (desired, remote) = remote_change(&context.user, snapshot)?;
+    if context
+        .last_push
+        .as_ref()
+        .is_some_and(|last| same_profile(last, &remote))
+    {
+        tracing::debug!("billsync's own push came back: nothing to write");
+        return None;
+    }
+    Some(RemoteProfile {
+        user: desired,
+        expected: context.user.version,
+        pushed: remote,
+    })
 }
 
 fn parse<T: serde::de::DeserializeOwned>(object: Value) -> Result<T, JobFailure> {
