@@ -381,8 +381,18 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let limits = config.server;
     let state = AppState::new(&config, store, stripe);
     let (stop_worker, worker_stopping) = tokio::sync::watch::channel(false);
-    let worker = tokio::spawn(state.worker.clone().run(worker_stopping.clone()));
-    let applier = tokio::spawn(state.applier.clone().run(worker_stopping));
+    let (worker, applier) = if config.run_workers {
+        (
+            tokio::spawn(state.worker.clone().run(worker_stopping.clone())),
+            tokio::spawn(state.applier.clone().run(worker_stopping)),
+        )
+    } else {
+        tracing::info!(
+            "BILLSYNC_RUN_WORKERS=false: serving HTTP only; events are stored for other \
+             instances to apply, profile pushes for them to send"
+        );
+        (tokio::spawn(async {}), tokio::spawn(async {}))
+    };
     http::serve(listener, http::app(state), limits).await?;
     // Let the job in hand finish; an unfinished one is reclaimed when its lease runs out.
     let _ = stop_worker.send(true);

@@ -197,6 +197,11 @@ pub struct ConfigArgs {
     /// Connections served at once; more wait until one closes [default: 1024]
     #[arg(long, env = "BILLSYNC_MAX_CONNECTIONS", global = true)]
     pub max_connections: Option<usize>,
+    /// Whether `serve` also runs the outbox worker and the event applier. `false` makes an
+    /// instance that only serves HTTP (webhooks are stored, not applied), for deployments
+    /// that apply events in other instances on the same Postgres [default: true]
+    #[arg(long, env = "BILLSYNC_RUN_WORKERS", global = true)]
+    pub run_workers: Option<bool>,
     /// Log output: pretty or json (one object per line, request id on each) [default: pretty]
     #[arg(long, env = "BILLSYNC_LOG_FORMAT", global = true)]
     pub log_format: Option<String>,
@@ -233,6 +238,7 @@ struct FileConfig {
     stripe_webhook_secret: Option<String>,
     webhook_tolerance_secs: Option<u64>,
     event_retention_days: Option<u32>,
+    run_workers: Option<bool>,
     log_format: Option<String>,
     cors_origins: Option<String>,
     stripe_rps: Option<u32>,
@@ -316,6 +322,8 @@ pub struct Config {
     pub body_read_timeout: Duration,
     /// Exact origins (`https://app.example.com`) allowed to call the user routes from a browser.
     pub cors_origins: Vec<String>,
+    /// `serve` runs the outbox worker and the event applier too.
+    pub run_workers: bool,
 }
 
 impl Config {
@@ -514,7 +522,16 @@ impl Config {
                 "BILLSYNC_MAX_CONNECTIONS must be at least 1".into(),
             ));
         }
+        let run_workers = pick(&args.run_workers, file.run_workers).unwrap_or(true);
+        if !run_workers && database_url.starts_with("sqlite:") {
+            return Err(ConfigError::Invalid(
+                "BILLSYNC_RUN_WORKERS=false needs Postgres: a SQLite database is served by one \
+                 process, which must also apply its events and push its changes"
+                    .into(),
+            ));
+        }
         Ok(Self {
+            run_workers,
             webhooks,
             stripe_rps,
             server: crate::http::server::ServerLimits {
@@ -618,6 +635,24 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn http_only_instances_need_postgres() {
+        let load = |database_url: &str, run_workers: Option<bool>| {
+            Config::load(&ConfigArgs {
+                database_url: Some(database_url.into()),
+                run_workers,
+                ..Default::default()
+            })
+        };
+        assert!(load("sqlite://x.db", None).unwrap().run_workers);
+        let err = load("sqlite://x.db", Some(false)).unwrap_err().to_string();
+        assert!(
+            err.contains("BILLSYNC_RUN_WORKERS=false needs Postgres"),
+            "{err}"
+        );
+        assert!(!load("postgres://db/x", Some(false)).unwrap().run_workers);
+    }
 
     #[test]
     fn cors_origins_must_be_exact() {

@@ -214,3 +214,78 @@ async fn two_instances_share_the_work_and_lose_nothing() {
         *fake.updates.lock().unwrap()
     );
 }
+
+/// An instance started with `BILLSYNC_RUN_WORKERS=false` stores events and applies none;
+/// a worker instance on the same database applies them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http_only_instance_leaves_the_work_to_workers() {
+    use billsync::store::EventState;
+    let Some(t) = Backend::Postgres
+        .store("an_http_only_instance_leaves_the_work")
+        .await
+    else {
+        return;
+    };
+    support::seed_linked_user(t.store.as_ref(), "web", "cus_web").await;
+    let settings = [("BILLSYNC_WEBHOOK_TOLERANCE_SECS", "86400".to_owned())];
+    let web_port = free_port();
+    let _web = start_with(
+        &t.url,
+        web_port,
+        &[
+            settings[0].clone(),
+            ("BILLSYNC_RUN_WORKERS", "false".to_owned()),
+        ],
+    );
+    wait_ready(web_port).await;
+    let http = reqwest::Client::new();
+    for i in 0..20 {
+        let body = json!({
+            "id": format!("evt_web{i}"), "object": "event", "type": "customer.updated",
+            "created": 1_000 + i, "livemode": false,
+            "data": {"object": {"id": "cus_web", "object": "customer",
+                                "email": "web@example.com", "name": format!("Web{i} Only"),
+                                "metadata": {}}}
+        })
+        .to_string();
+        let response = http
+            .post(format!("http://127.0.0.1:{web_port}/api/webhooks/stripe"))
+            .header(
+                "stripe-signature",
+                support::stripe_signature(support::WEBHOOK_SECRET, &body),
+            )
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+    }
+    // The applier polls every few hundred milliseconds: a second is several chances.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let pending = t
+        .store
+        .list_events(Some(EventState::Pending), 100)
+        .await
+        .unwrap();
+    assert_eq!(pending.len(), 20, "the HTTP-only instance applied nothing");
+
+    let worker_port = free_port();
+    let _worker = start_with(&t.url, worker_port, &settings);
+    wait_ready(worker_port).await;
+    eventually(15, "the worker instance applied every event", || async {
+        let applied = t
+            .store
+            .list_events(Some(EventState::Applied), 100)
+            .await
+            .unwrap();
+        (applied.len() == 20).then_some(())
+    })
+    .await;
+    let user = t
+        .store
+        .get_user(&billsync::domain::UserId::parse("web").unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(user.first_name.unwrap().as_str(), "Web19");
+}
