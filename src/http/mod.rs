@@ -50,9 +50,20 @@ pub struct ErrorDetail {
     pub message: String,
 }
 
-/// Everything a request handler needs; cheap to clone.
+/// Everything a request handler needs. Cloned per request by the `State` extractor, so it is one
+/// `Arc` (the clone is a reference count, not a copy of every client and setting).
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<AppStateInner>);
+
+impl std::ops::Deref for AppState {
+    type Target = AppStateInner;
+
+    fn deref(&self) -> &AppStateInner {
+        &self.0
+    }
+}
+
+pub struct AppStateInner {
     pub store: Arc<dyn Store>,
     pub stripe: StripeClient,
     pub resolver: CustomerResolver,
@@ -75,7 +86,7 @@ pub struct AppState {
 impl AppState {
     pub fn new(config: &Config, store: Arc<dyn Store>, stripe: StripeClient) -> Self {
         crate::telemetry::prometheus(); // record from the first request on
-        Self {
+        Self(Arc::new(AppStateInner {
             stripe_rps: config.stripe_rps,
             body_read_timeout: config.body_read_timeout,
             reconcile_runs: Default::default(),
@@ -112,7 +123,7 @@ impl AppState {
             store,
             stripe,
             admin_api_key: config.admin_api_key.clone(),
-        }
+        }))
     }
 }
 
