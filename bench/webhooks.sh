@@ -7,8 +7,14 @@
 #   BACKEND=sqlite bench/webhooks.sh     # the embedded default
 #   DURATION=10 EVENTS=400000 bench/webhooks.sh
 #   ORDER=latency-first bench/webhooks.sh   # 16 connections before the burst, not after
+#   LOADGEN=wrk bench/webhooks.sh        # wrk with bench/webhook_replay.lua instead of the
+#                                        # built-in generator (examples/webhook_load.rs)
+#   MODE=split bench/webhooks.sh         # Postgres: ingestion on an HTTP-only instance
+#                                        # (BILLSYNC_RUN_WORKERS=false), then a worker
+#                                        # instance drains everything it stored
 #
-# Needs: the local Postgres, wrk, python3. Loopback only. Results go to bench/out/.
+# Needs: the local Postgres, python3 (and wrk for LOADGEN=wrk). Loopback only. Results go to
+# bench/out/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,10 +28,14 @@ PGURL_BASE="postgres://postgres@127.0.0.1:5432"
 OUT="bench/out/webhooks-$BACKEND-$(date -u +%Y%m%dT%H%M%SZ).txt"
 WORK="$(mktemp -d)"
 mkdir -p bench/out
-command -v wrk >/dev/null || { echo "wrk is missing: apt-get install wrk" >&2; exit 1; }
+LOADGEN="${LOADGEN:-rust}"
+if [ "$LOADGEN" = wrk ]; then
+  command -v wrk >/dev/null || { echo "wrk is missing: apt-get install wrk" >&2; exit 1; }
+fi
 
-cargo build --release --quiet
+cargo build --release --quiet --bin billsync --example webhook_load
 BIN="${CARGO_TARGET_DIR:-target}/release/billsync"
+LOAD="${CARGO_TARGET_DIR:-target}/release/examples/webhook_load"
 
 if [ "$BACKEND" = postgres ]; then
   psql -q "$PGURL_BASE/postgres" -c "DROP DATABASE IF EXISTS billsync_bench_wh" -c "CREATE DATABASE billsync_bench_wh"
@@ -49,46 +59,96 @@ echo "generating $EVENTS + $((EVENTS / 2)) signed events…" >&2
 python3 bench/gen_events.py "$WORK/burst.tsv" "$EVENTS" "$CUSTOMERS" "$SECRET" 0
 python3 bench/gen_events.py "$WORK/latency.tsv" "$((EVENTS / 2))" "$CUSTOMERS" "$SECRET" "$EVENTS"
 
-STRIPE_SECRET_KEY=sk_test_bench STRIPE_WEBHOOK_SECRET="$SECRET" BILLSYNC_WEBHOOK_TOLERANCE_SECS=86400 \
-  BILLSYNC_STRIPE_API_BASE="http://127.0.0.1:9" BILLSYNC_LISTEN="127.0.0.1:$PORT" \
-  RUST_LOG=warn "$BIN" serve &
-SERVER=$!
+MODE="${MODE:-mixed}"
+if [ "$MODE" = split ] && [ "$BACKEND" != postgres ]; then
+  echo "MODE=split needs Postgres (an HTTP-only instance cannot serve SQLite)" >&2; exit 1
+fi
+start_server() { # $1: whether it runs the applier and the outbox worker
+  STRIPE_SECRET_KEY=sk_test_bench STRIPE_WEBHOOK_SECRET="$SECRET" BILLSYNC_WEBHOOK_TOLERANCE_SECS=86400 \
+    BILLSYNC_STRIPE_API_BASE="http://127.0.0.1:9" BILLSYNC_LISTEN="127.0.0.1:$PORT" \
+    BILLSYNC_RUN_WORKERS="$1" RUST_LOG=warn "$BIN" serve &
+  SERVER=$!
+  for _ in $(seq 1 100); do curl -sf "http://127.0.0.1:$PORT/readyz" >/dev/null && break; sleep 0.1; done
+}
+rss_mib() { echo $(($(awk '/VmHWM/ {print $2}' "/proc/$SERVER/status") / 1024)); }
+if [ "$MODE" = split ]; then start_server false; else start_server true; fi
 trap 'kill $SERVER 2>/dev/null || true; rm -rf "$WORK"' EXIT
-for _ in $(seq 1 100); do curl -sf "http://127.0.0.1:$PORT/readyz" >/dev/null && break; sleep 0.1; done
 
 export BENCH_THREADS=2
 INGEST_START=$(date +%s.%N)
-burst() { BURST="$(BENCH_EVENTS="$WORK/burst.tsv" wrk -t2 -c64 -d"$DURATION" -s bench/webhook_replay.lua "http://127.0.0.1:$PORT")"; }
-latency() { LAT="$(BENCH_EVENTS="$WORK/latency.tsv" wrk -t2 -c16 -d"$DURATION" --latency -s bench/webhook_replay.lua "http://127.0.0.1:$PORT")"; }
+load() { # $1: events file, $2: connections
+  if [ "$LOADGEN" = wrk ]; then
+    BENCH_EVENTS="$1" wrk -t2 -c"$2" -d"$DURATION" --latency -s bench/webhook_replay.lua "http://127.0.0.1:$PORT"
+  else
+    "$LOAD" "127.0.0.1:$PORT" "$1" "$2" "$DURATION"
+  fi
+}
+# CPU time (clock ticks) of the server, of every postgres process, and of the whole machine
+# (busy, idle), for the per-event accounting of the 64-connection phase.
+ticks() { awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
+pg_ticks() { for p in $(pgrep -u postgres); do ticks "$p"; done | awk '{s += $1} END {print s + 0}'; }
+machine_ticks() { awk '/^cpu / {print $2 + $3 + $4 + $7 + $8 + $9, $5 + $6}' /proc/stat; }
+burst() {
+  local server0 pg0 machine0 server1 pg1 machine1
+  server0=$(ticks "$SERVER"); pg0=$(pg_ticks); machine0=$(machine_ticks)
+  BURST="$(load "$WORK/burst.tsv" 64)"
+  server1=$(ticks "$SERVER"); pg1=$(pg_ticks); machine1=$(machine_ticks)
+  CPU_LINE=$(python3 - "$(sed -n 's/.* requests=\([0-9]*\).*/\1/p' <<<"$BURST" | head -n1)" \
+      "$server0" "$server1" "$pg0" "$pg1" "$machine0" "$machine1" "$(getconf CLK_TCK)" <<'PY'
+import sys
+n, s0, s1, p0, p1, m0, m1, hz = sys.argv[1:]
+n, hz = max(int(n or 0), 1), int(hz)
+us = lambda ticks: round(ticks * 1e6 / hz / n, 1)
+(b0, i0), (b1, i1) = (map(int, m0.split())), (map(int, m1.split()))
+busy, idle = b1 - b0, i1 - i0
+print(f"CPU per acknowledged event at 64 connections: server {us(int(s1) - int(s0))} us, "
+      f"postgres {us(int(p1) - int(p0))} us, whole machine {us(busy)} us "
+      f"(idle {round(100 * idle / max(busy + idle, 1))} %)")
+PY
+)
+}
+latency() { LAT="$(load "$WORK/latency.tsv" 16)"; }
 # ORDER=latency-first measures the 16-connection latency before any backlog exists (the
 # applier keeping pace with that load only); the default runs it right after the burst, while
 # the applier also drains the burst's backlog.
 if [ "${ORDER:-burst-first}" = latency-first ]; then latency; burst; else burst; latency; fi
 
+if [ "$MODE" = split ]; then
+  INGEST_RSS=$(rss_mib); kill -TERM $SERVER; wait $SERVER 2>/dev/null || true
+  APPLIED_LIVE=0; START_LIVE=$(date +%s.%N)
+  start_server true
+else
+  APPLIED_LIVE=$(SQL "SELECT count(*) FROM stripe_event_states WHERE state = 'applied'")
+  START_LIVE=$(date +%s.%N)
+fi
 # The applier drains what was stored: time it from here.
 START=$(date +%s.%N); START_PENDING=$(SQL "SELECT count(*) FROM stripe_event_queue")
-APPLIED_LIVE=$(SQL "SELECT count(*) FROM stripe_event_states WHERE state = 'applied'")
 while :; do
   PENDING=$(SQL "SELECT count(*) FROM stripe_event_queue")
   [ "$PENDING" = 0 ] && break
   sleep 0.5
 done
 END=$(date +%s.%N)
-RSS_KB="$(awk '/VmHWM/ {print $2}' "/proc/$SERVER/status")"
+RSS=$(rss_mib)
 STORED=$(SQL "SELECT count(*) FROM stripe_events")
 APPLIED=$(SQL "SELECT count(*) FROM stripe_event_states WHERE state = 'applied'")
 kill -TERM $SERVER; wait $SERVER 2>/dev/null || true
 
 field() { sed -n "s/.* $1=\([0-9.]*\).*/\1/p" <<<"$2" | head -n1; }
 APPLY_RATE=$(python3 -c "print(round($START_PENDING / max($END - $START, 1e-9)))")
-LIVE_RATE=$(python3 -c "print(round($APPLIED_LIVE / max($START - $INGEST_START, 1e-9)))")
+LIVE_RATE=$(python3 -c "print(round($APPLIED_LIVE / max($START_LIVE - $INGEST_START, 1e-9)))")
 {
-  echo "webhook ingestion, $BACKEND, ${DURATION}s runs, $CUSTOMERS customers (linked users), ~1.5 KB events"
+  echo "webhook ingestion, $BACKEND, MODE=$MODE, LOADGEN=$LOADGEN, ${DURATION}s runs, $CUSTOMERS customers (linked users), ~1.5 KB events"
   echo "machine: $(nproc) cores; $(date -u +%FT%TZ)"
   echo "64 connections: $(field rps "$BURST") acknowledged events/s, p99 $(field p99_ms "$BURST") ms, non-2xx $(field non2xx "$BURST"), duplicates $(field duplicates "$BURST")"
+  echo "$CPU_LINE"
   echo "16 connections: $(field rps "$LAT") events/s, p50 $(field p50_ms "$LAT") ms, p99 $(field p99_ms "$LAT") ms, non-2xx $(field non2xx "$LAT")"
-  echo "applier while ingesting: $APPLIED_LIVE applied in $(python3 -c "print(round($START - $INGEST_START, 1))") s, $LIVE_RATE events/s"
+  if [ "$MODE" = split ]; then
+    echo "HTTP-only instance (BILLSYNC_RUN_WORKERS=false): RSS peak $INGEST_RSS MiB; nothing applied while ingesting"
+  else
+    echo "applier while ingesting: $APPLIED_LIVE applied in $(python3 -c "print(round($START_LIVE - $INGEST_START, 1))") s, $LIVE_RATE events/s"
+  fi
   echo "applier after ingestion: drained $START_PENDING pending events at $APPLY_RATE events/s"
-  echo "stored $STORED, applied $APPLIED; server RSS peak $((RSS_KB / 1024)) MiB"
-  echo; echo "--- wrk 64"; echo "$BURST"; echo "--- wrk 16"; echo "$LAT"
+  echo "stored $STORED, applied $APPLIED; server RSS peak $RSS MiB"
+  echo; echo "--- $LOADGEN 64"; echo "$BURST"; echo "--- $LOADGEN 16"; echo "$LAT"
 } | tee "$OUT"
