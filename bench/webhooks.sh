@@ -75,6 +75,7 @@ if [ "$MODE" = split ]; then start_server false; else start_server true; fi
 trap 'kill $SERVER 2>/dev/null || true; rm -rf "$WORK"' EXIT
 
 export BENCH_THREADS=2
+field() { sed -n "s/.* $1=\([0-9.]*\).*/\1/p" <<<"$2" | head -n1; }
 INGEST_START=$(date +%s.%N)
 load() { # $1: events file, $2: connections
   if [ "$LOADGEN" = wrk ]; then
@@ -83,27 +84,25 @@ load() { # $1: events file, $2: connections
     "$LOAD" "127.0.0.1:$PORT" "$1" "$2" "$DURATION"
   fi
 }
-# CPU time (clock ticks) of the server, of every postgres process, and of the whole machine
-# (busy, idle), for the per-event accounting of the 64-connection phase.
+# CPU time (clock ticks) of the server and of every postgres process, for the per-event
+# accounting of the 64-connection phase; the built-in generator reports its own.
 ticks() { awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
 pg_ticks() { for p in $(pgrep -u postgres); do ticks "$p"; done | awk '{s += $1} END {print s + 0}'; }
-machine_ticks() { awk '/^cpu / {print $2 + $3 + $4 + $7 + $8 + $9, $5 + $6}' /proc/stat; }
 burst() {
-  local server0 pg0 machine0 server1 pg1 machine1
-  server0=$(ticks "$SERVER"); pg0=$(pg_ticks); machine0=$(machine_ticks)
+  local server0 pg0 server1 pg1
+  server0=$(ticks "$SERVER"); pg0=$(pg_ticks)
   BURST="$(load "$WORK/burst.tsv" 64)"
-  server1=$(ticks "$SERVER"); pg1=$(pg_ticks); machine1=$(machine_ticks)
-  CPU_LINE=$(python3 - "$(sed -n 's/.* requests=\([0-9]*\).*/\1/p' <<<"$BURST" | head -n1)" \
-      "$server0" "$server1" "$pg0" "$pg1" "$machine0" "$machine1" "$(getconf CLK_TCK)" <<'PY'
+  server1=$(ticks "$SERVER"); pg1=$(pg_ticks)
+  CPU_LINE=$(python3 - "$(field requests "$BURST")" "$((server1 - server0))" "$((pg1 - pg0))" \
+      "$(getconf CLK_TCK)" "$(field cpu_us_per_request "$BURST")" <<'PY'
 import sys
-n, s0, s1, p0, p1, m0, m1, hz = sys.argv[1:]
+n, server, pg, hz, generator = sys.argv[1:]
 n, hz = max(int(n or 0), 1), int(hz)
-us = lambda ticks: round(ticks * 1e6 / hz / n, 1)
-(b0, i0), (b1, i1) = (map(int, m0.split())), (map(int, m1.split()))
-busy, idle = b1 - b0, i1 - i0
-print(f"CPU per acknowledged event at 64 connections: server {us(int(s1) - int(s0))} us, "
-      f"postgres {us(int(p1) - int(p0))} us, whole machine {us(busy)} us "
-      f"(idle {round(100 * idle / max(busy + idle, 1))} %)")
+us = lambda ticks: round(int(ticks) * 1e6 / hz / n, 1)
+total = us(server) + us(pg) + (float(generator) if generator else 0)
+print(f"CPU per acknowledged event at 64 connections: server {us(server)} us, postgres {us(pg)} us, "
+      f"load generator {generator or 'n/a'} us; together {round(total, 1)} us, "
+      f"so two cores carry at most {round(2e6 / total) if generator else 'n/a'} events/s")
 PY
 )
 }
@@ -134,7 +133,6 @@ STORED=$(SQL "SELECT count(*) FROM stripe_events")
 APPLIED=$(SQL "SELECT count(*) FROM stripe_event_states WHERE state = 'applied'")
 kill -TERM $SERVER; wait $SERVER 2>/dev/null || true
 
-field() { sed -n "s/.* $1=\([0-9.]*\).*/\1/p" <<<"$2" | head -n1; }
 APPLY_RATE=$(python3 -c "print(round($START_PENDING / max($END - $START, 1e-9)))")
 LIVE_RATE=$(python3 -c "print(round($APPLIED_LIVE / max($START_LIVE - $INGEST_START, 1e-9)))")
 {

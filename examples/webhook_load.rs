@@ -12,7 +12,6 @@
 
 use std::{
     io,
-    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -110,6 +109,17 @@ async fn connection(addr: String, requests: Vec<Vec<u8>>, until: Instant) -> io:
     Ok(outcome)
 }
 
+/// This process's CPU time so far (user + system), from /proc: the generator reports its own
+/// share of the machine for the measured window only, not for loading the events.
+fn cpu_time() -> Option<Duration> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    // Linux reports these in USER_HZ, 100 on every architecture it runs this on.
+    Some(Duration::from_millis(ticks * 10))
+}
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
     let [_, addr, events, connections, seconds] = args.as_slice() else {
@@ -127,25 +137,46 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     if per_connection.iter().any(Vec::is_empty) {
         return Err("fewer events than connections".into());
     }
-    // Two threads, as `wrk -t2`.
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
-    let addr = Arc::new(addr.clone());
-    let (outcomes, elapsed) = runtime.block_on(async move {
-        let started = Instant::now();
-        let until = started + duration;
-        let tasks: Vec<_> = per_connection
-            .into_iter()
-            .map(|requests| tokio::spawn(connection(addr.to_string(), requests, until)))
-            .collect();
-        let mut outcomes = Vec::new();
-        for task in tasks {
-            outcomes.push(task.await.expect("connection task"));
-        }
-        (outcomes, started.elapsed())
-    });
+    // Two threads, as `wrk -t2`, each with its own single-threaded runtime and half of the
+    // connections: no work stealing, so a response wakes its connection on the thread that
+    // sent the request.
+    let cpu_before = cpu_time();
+    let started = Instant::now();
+    let until = started + duration;
+    let mut groups: Vec<Vec<Vec<Vec<u8>>>> = vec![Vec::new(), Vec::new()];
+    for (n, requests) in per_connection.into_iter().enumerate() {
+        groups[n % 2].push(requests);
+    }
+    let threads: Vec<_> = groups
+        .into_iter()
+        .map(|connections| {
+            let addr = addr.clone();
+            std::thread::spawn(move || -> io::Result<Vec<io::Result<Outcome>>> {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?;
+                Ok(runtime.block_on(async move {
+                    let tasks: Vec<_> = connections
+                        .into_iter()
+                        .map(|requests| tokio::spawn(connection(addr.clone(), requests, until)))
+                        .collect();
+                    let mut outcomes = Vec::new();
+                    for task in tasks {
+                        outcomes.push(task.await.expect("connection task"));
+                    }
+                    outcomes
+                }))
+            })
+        })
+        .collect();
+    let mut outcomes = Vec::new();
+    for thread in threads {
+        outcomes.extend(thread.join().expect("load thread")?);
+    }
+    let elapsed = started.elapsed();
+    let cpu = cpu_before
+        .zip(cpu_time())
+        .map(|(before, after)| after.saturating_sub(before));
     let mut latencies = Vec::new();
     let (mut non2xx, mut duplicates, mut errors) = (0, 0, 0);
     for outcome in outcomes {
@@ -175,12 +206,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "BENCH non2xx={non2xx} errors_connect={errors} errors_read=0 errors_timeout=0 duplicates={duplicates}"
     );
     println!(
-        "BENCH requests={requests} duration_us={} rps={:.0} p50_ms={:.3} p99_ms={:.3} max_ms={:.3}",
+        "BENCH requests={requests} duration_us={} rps={:.0} p50_ms={:.3} p99_ms={:.3} max_ms={:.3} \
+         cpu_us_per_request={:.1}",
         elapsed.as_micros(),
         requests as f64 / elapsed.as_secs_f64(),
         percentile(50.0),
         percentile(99.0),
         percentile(100.0),
+        cpu.map_or(f64::NAN, |c| c.as_micros() as f64 / requests.max(1) as f64),
     );
     Ok(())
 }
