@@ -24,7 +24,7 @@ EVENTS="${EVENTS:-400000}"
 CUSTOMERS="${CUSTOMERS:-1000}"
 PORT="${PORT:-18081}"
 SECRET="whsec_bench_secret"
-PGURL_BASE="postgres://postgres@127.0.0.1:5432"
+PGURL_BASE="${PGURL_BASE:-postgres://postgres@127.0.0.1:5432}"   # or the Unix socket: postgres://postgres@%2Fvar%2Frun%2Fpostgresql
 OUT="bench/out/webhooks-$BACKEND-$(date -u +%Y%m%dT%H%M%SZ).txt"
 WORK="$(mktemp -d)"
 mkdir -p bench/out
