@@ -200,6 +200,9 @@ impl Applier {
                 None => left.push((customer, events)),
             }
         }
+        if updates.is_empty() {
+            return Ok((0, left));
+        }
         let conflicts = match self.store.commit_customer_updates(&updates).await {
             Ok(conflicts) => conflicts,
             Err(err) => {
