@@ -685,8 +685,8 @@ async fn a_broken_newest_snapshot_leaves_the_older_ones_to_apply(backend: Backen
 
 /// One tick over customers in every situation: runs of updates (applied together), a run
 /// broken by a subscription event, a same-second tie (Stripe asked), a pending local edit, a
-/// snapshot older than the one applied, and a customer that is not billsync's. Each ends as
-/// if it had been applied alone.
+/// snapshot older than the one applied, and customers that are not billsync's (one with a
+/// snapshot that does not parse). Each ends as if it had been applied alone.
 async fn a_mixed_batch_applies_each_customer_as_if_alone(backend: Backend) {
     use billsync::store::EventState;
     use wiremock::matchers::path;
@@ -772,13 +772,20 @@ async fn a_mixed_batch_applies_each_customer_as_if_alone(backend: Backend) {
         .unwrap();
     bodies.push(name_event("evt_old", "cus_old", 400, "Stale Old"));
     bodies.push(name_event("evt_stranger", "cus_stranger", 100, "Not Ours"));
+    // Not ours either, but broken: parked as failed, as it would be on its own.
+    bodies.push(customer_event(
+        "evt_stranger_bad",
+        "customer.updated",
+        100,
+        json!({"id": "cus_stranger_bad", "object": "customer", "email": 42}),
+    ));
     b.queue(&bodies).await;
 
-    let expected = 60 + 3 + 1 + 1 + 1 + 1;
-    assert_eq!(b.applier.tick().await.unwrap(), expected);
+    let applied = 60 + 3 + 1 + 1 + 1 + 1;
+    assert_eq!(b.applier.tick().await.unwrap(), applied + 1);
     assert!(b.ids_in(EventState::Pending).await.is_empty());
-    assert!(b.ids_in(EventState::Failed).await.is_empty());
-    assert_eq!(b.ids_in(EventState::Applied).await.len(), expected);
+    assert_eq!(b.ids_in(EventState::Failed).await, ["evt_stranger_bad"]);
+    assert_eq!(b.ids_in(EventState::Applied).await.len(), applied);
     for n in 0..20 {
         let user = b.user(&format!("run{n}")).await;
         assert_eq!(

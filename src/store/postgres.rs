@@ -1207,6 +1207,7 @@ impl Store for PgStore {
         type Row = (
             String,
             String,
+            String,
             i64,
             bool,
             Option<String>,
@@ -1220,7 +1221,7 @@ impl Store for PgStore {
         // A `customer.updated` followed by another due one is superseded by it: its payload
         // stays in the database.
         let rows: Vec<Row> = sqlx::query_as(
-            "SELECT x.id, x.type, x.created, x.livemode, x.stripe_customer_id, x.state,
+            "SELECT c.customer, x.id, x.type, x.created, x.livemode, x.stripe_customer_id, x.state,
                     x.attempts, x.last_error, x.received_at,
                     CASE WHEN x.type = 'customer.updated' AND x.next_supersedes THEN NULL
                          ELSE x.payload END,
@@ -1248,6 +1249,7 @@ impl Store for PgStore {
         .await?;
         let mut found: Vec<(String, Vec<EventToApply>)> = Vec::new();
         for (
+            owner,
             id,
             kind,
             created,
@@ -1261,7 +1263,6 @@ impl Store for PgStore {
             next,
         ) in rows
         {
-            let owner = customer.clone().unwrap_or_default();
             let event = EventToApply {
                 event: event((
                     id,

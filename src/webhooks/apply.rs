@@ -512,6 +512,16 @@ fn plan_batched_update(
             .collect::<Vec<_>>()
     };
     let customer_id = newest.event.customer_id.clone()?;
+    // Parsed first, as the one-by-one path does: a snapshot that does not parse is left to
+    // it (and parked as failed there), linked customer or not.
+    let snapshot: Customer = serde_json::from_str::<Value>(newest.payload.as_deref()?)
+        .ok()?
+        .pointer("/data/object")
+        .cloned()
+        .and_then(|object| serde_json::from_value(object).ok())?;
+    if snapshot.id != customer_id {
+        return None;
+    }
     let Some(context) = context else {
         // Not one of ours: nothing to write, the events are done.
         return Some(CustomerUpdate {
@@ -521,14 +531,6 @@ fn plan_batched_update(
             events: events_done(),
         });
     };
-    let snapshot: Customer = serde_json::from_str::<Value>(newest.payload.as_deref()?)
-        .ok()?
-        .pointer("/data/object")
-        .cloned()
-        .and_then(|object| serde_json::from_value(object).ok())?;
-    if snapshot.id != customer_id {
-        return None;
-    }
     let superseded = events
         .len()
         .checked_sub(2)
