@@ -965,6 +965,18 @@ async fn the_event_inbox_orders_dedups_retries_and_prunes(backend: Backend) {
         .await
         .unwrap();
     store
+        .release_customers(&ids(&["cus_3"]), "d")
+        .await
+        .unwrap();
+    assert!(
+        store
+            .try_lease_customers(&ids(&["cus_3"]), "e", lease)
+            .await
+            .unwrap()
+            .is_empty(),
+        "only its holder releases a lease"
+    );
+    store
         .release_customers(&ids(&["cus_3"]), "c")
         .await
         .unwrap();

@@ -230,6 +230,8 @@ async fn get_user_in(tx: &mut Transaction<'_, Postgres>, id: &UserId) -> StoreRe
     row.map(user_from_row).transpose()
 }
 
+type SharedLockSession = Arc<tokio::sync::Mutex<LockSession>>;
+
 /// A lock connection and how many customer locks it holds for a batch.
 struct LockSession {
     connection: Option<PoolConnection<Postgres>>,
@@ -245,7 +247,8 @@ pub struct PgStore {
     lock_pool: PgPool,
     push_debounce: Duration,
     /// Connections holding a customer's advisory lock while its events are applied.
-    customer_locks: Arc<std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<LockSession>>>>>,
+    /// Per customer: its holder, and the session holding its lock.
+    customer_locks: Arc<std::sync::Mutex<HashMap<String, (String, SharedLockSession)>>>,
     links: Arc<LinkCache>,
     _listener: Arc<AbortOnDrop>,
 }
@@ -1104,7 +1107,7 @@ impl Store for PgStore {
     async fn try_lease_customers(
         &self,
         customers: &[String],
-        _holder: &str,
+        holder: &str,
         _lease: Duration,
     ) -> StoreResult<Vec<String>> {
         let mut wanted = customers.to_vec();
@@ -1136,22 +1139,26 @@ impl Store for PgStore {
                 .lock()
                 .expect("customer lock map poisoned");
             for customer in &locked {
-                table.insert(customer.clone(), session.clone());
+                table.insert(customer.clone(), (holder.to_owned(), session.clone()));
             }
         }
         Ok(locked)
     }
 
-    async fn release_customers(&self, customers: &[String], _holder: &str) -> StoreResult<()> {
+    async fn release_customers(&self, customers: &[String], holder: &str) -> StoreResult<()> {
         // Group by the connection holding each lock.
-        let mut sessions: Vec<(Arc<tokio::sync::Mutex<LockSession>>, Vec<String>)> = Vec::new();
+        let mut sessions: Vec<(SharedLockSession, Vec<String>)> = Vec::new();
         {
             let mut table = self
                 .customer_locks
                 .lock()
                 .expect("customer lock map poisoned");
             for customer in customers {
-                let Some(session) = table.remove(customer) else {
+                // Another holder's lease stays.
+                if table.get(customer).is_none_or(|(owner, _)| owner != holder) {
+                    continue;
+                }
+                let Some((_, session)) = table.remove(customer) else {
                     continue;
                 };
                 match sessions.iter_mut().find(|(s, _)| Arc::ptr_eq(s, &session)) {
