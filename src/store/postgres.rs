@@ -183,6 +183,9 @@ async fn apply_remote_profiles_in(
         }
     }
     if !pushed.is_empty() {
+        let column = |f: fn(&PushedProfile) -> Option<&str>| {
+            pushed.iter().map(|(p, _)| f(&p.pushed)).collect::<Vec<_>>()
+        };
         sqlx::query(
             "UPDATE customer_links l SET pushed_email = x.email, pushed_name = x.name,
                     pushed_phone = x.phone, pushed_version = x.version, pushed_at = now()
@@ -196,24 +199,9 @@ async fn apply_remote_profiles_in(
                 .map(|(p, _)| p.user.id.as_str())
                 .collect::<Vec<_>>(),
         )
-        .bind(
-            pushed
-                .iter()
-                .map(|(p, _)| p.pushed.email.as_str())
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            pushed
-                .iter()
-                .map(|(p, _)| p.pushed.name.as_deref())
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            pushed
-                .iter()
-                .map(|(p, _)| p.pushed.phone.as_deref())
-                .collect::<Vec<_>>(),
-        )
+        .bind(column(|p| Some(p.email.as_str())))
+        .bind(column(|p| p.name.as_deref()))
+        .bind(column(|p| p.phone.as_deref()))
         .bind(pushed.iter().map(|(_, v)| *v).collect::<Vec<_>>())
         .execute(&mut **tx)
         .await?;
@@ -1211,28 +1199,14 @@ impl Store for PgStore {
         customers: &[String],
         limit: u32,
     ) -> StoreResult<Vec<(String, Vec<EventToApply>)>> {
-        type Row = (
-            String,
-            String,
-            String,
-            i64,
-            bool,
-            Option<String>,
-            String,
-            i32,
-            Option<String>,
-            OffsetDateTime,
-            Option<String>,
-            Option<OffsetDateTime>,
-        );
         // A `customer.updated` followed by another due one is superseded by it: its payload
         // stays in the database.
-        let rows: Vec<Row> = sqlx::query_as(
-            "SELECT c.customer, x.id, x.type, x.created, x.livemode, x.stripe_customer_id, x.state,
+        let rows = sqlx::query(
+            "SELECT x.id, x.type, x.created, x.livemode, x.stripe_customer_id, x.state,
                     x.attempts, x.last_error, x.received_at,
                     CASE WHEN x.type = 'customer.updated' AND x.next_supersedes THEN NULL
                          ELSE x.payload END,
-                    x.next_attempt_at
+                    x.next_attempt_at, c.customer
              FROM unnest($1::text[]) WITH ORDINALITY AS c(customer, ord)
              CROSS JOIN LATERAL (
                  SELECT w.*, coalesce(lead(w.type = 'customer.updated' AND w.due)
@@ -1255,35 +1229,14 @@ impl Store for PgStore {
         .fetch_all(&self.pool)
         .await?;
         let mut found: Vec<(String, Vec<EventToApply>)> = Vec::new();
-        for (
-            owner,
-            id,
-            kind,
-            created,
-            livemode,
-            customer,
-            state,
-            attempts,
-            last_error,
-            received_at,
-            payload,
-            next,
-        ) in rows
-        {
+        for row in &rows {
+            // The event's columns first, as `event` reads them; then what applying needs.
+            let head: PgEventRow = sqlx::FromRow::from_row(row)?;
+            let owner: String = row.try_get(11)?;
             let event = EventToApply {
-                event: event((
-                    id,
-                    kind,
-                    created,
-                    livemode,
-                    customer,
-                    state,
-                    attempts,
-                    last_error,
-                    received_at,
-                ))?,
-                payload,
-                next_attempt_at: next,
+                event: event(head)?,
+                payload: row.try_get(9)?,
+                next_attempt_at: row.try_get(10)?,
             };
             match found.last_mut() {
                 Some((last, events)) if *last == owner => events.push(event),

@@ -1124,26 +1124,13 @@ impl Store for SqliteStore {
         customers: &[String],
         limit: u32,
     ) -> StoreResult<Vec<(String, Vec<EventToApply>)>> {
-        type Row = (
-            String,
-            String,
-            i64,
-            bool,
-            Option<String>,
-            String,
-            i32,
-            Option<String>,
-            i64,
-            Option<String>,
-            Option<i64>,
-        );
         let now = to_ms(now());
         let mut connection = self.pool.acquire().await?;
         let mut found = Vec::new();
         for customer in customers {
             // A `customer.updated` followed by another due one is superseded by it: its
             // payload stays in the database.
-            let rows: Vec<Row> = sqlx::query_as(
+            let rows = sqlx::query(
                 "SELECT id, type, created, livemode, stripe_customer_id, state, attempts,
                         last_error, received_at,
                         CASE WHEN type = 'customer.updated' AND next_supersedes THEN NULL
@@ -1172,38 +1159,18 @@ impl Store for SqliteStore {
                 continue;
             }
             let events = rows
-                .into_iter()
-                .map(
-                    |(
-                        id,
-                        kind,
-                        created,
-                        livemode,
-                        customer,
-                        state,
-                        attempts,
-                        last_error,
-                        received_at,
-                        payload,
-                        next,
-                    )| {
-                        Ok(EventToApply {
-                            event: event((
-                                id,
-                                kind,
-                                created,
-                                livemode,
-                                customer,
-                                state,
-                                attempts,
-                                last_error,
-                                received_at,
-                            ))?,
-                            payload,
-                            next_attempt_at: next.map(from_ms).transpose()?,
-                        })
-                    },
-                )
+                .iter()
+                .map(|row| {
+                    // The event's columns first, as `event` reads them; then what applying
+                    // needs.
+                    let head: SqliteEventRow = sqlx::FromRow::from_row(row)?;
+                    let next: Option<i64> = row.try_get(10)?;
+                    Ok(EventToApply {
+                        event: event(head)?,
+                        payload: row.try_get(9)?,
+                        next_attempt_at: next.map(from_ms).transpose()?,
+                    })
+                })
                 .collect::<StoreResult<Vec<_>>>()?;
             found.push((customer.clone(), events));
         }

@@ -207,7 +207,7 @@ impl Applier {
             Ok(conflicts) => conflicts,
             Err(err) => {
                 tracing::warn!(error = %err, "batch of customer updates not written; one by one instead");
-                customers_of(&updates)
+                updates.iter().map(|u| u.customer_id.clone()).collect()
             }
         };
         let mut finished = 0;
@@ -314,16 +314,7 @@ impl Applier {
         event: &EventToApply,
         superseded: Option<(i64, &str)>,
     ) -> Result<(), JobFailure> {
-        let payload = event
-            .payload
-            .as_deref()
-            .ok_or_else(|| JobFailure::Permanent("stored payload not loaded".into()))?;
-        let payload: Value = serde_json::from_str(payload)
-            .map_err(|e| JobFailure::Permanent(format!("stored payload: {e}")))?;
-        let object = payload
-            .pointer("/data/object")
-            .cloned()
-            .unwrap_or(Value::Null);
+        let object = event_object(event)?;
         let created = event.event.created;
         match event.event.kind.as_str() {
             "customer.created" => self.customer_created(parse(object)?).await,
@@ -485,10 +476,6 @@ fn only_due_updates(events: &[EventToApply]) -> bool {
     }) && events.last().is_some_and(|e| e.payload.is_some())
 }
 
-fn customers_of(updates: &[CustomerUpdate]) -> Vec<String> {
-    updates.iter().map(|u| u.customer_id.clone()).collect()
-}
-
 fn record_applied(newest: &EventToApply, events: usize) {
     metrics::counter!("billsync_webhook_events_applied_total").increment(events as u64);
     metrics::histogram!("billsync_webhook_apply_lag_seconds").record(
@@ -514,11 +501,7 @@ fn plan_batched_update(
     let customer_id = newest.event.customer_id.clone()?;
     // Parsed first, as the one-by-one path does: a snapshot that does not parse is left to
     // it (and parked as failed there), linked customer or not.
-    let snapshot: Customer = serde_json::from_str::<Value>(newest.payload.as_deref()?)
-        .ok()?
-        .pointer("/data/object")
-        .cloned()
-        .and_then(|object| serde_json::from_value(object).ok())?;
+    let snapshot: Customer = event_object(newest).and_then(parse).ok()?;
     if snapshot.id != customer_id {
         return None;
     }
@@ -609,6 +592,20 @@ fn profile_write(context: &UpdateContext, snapshot: &Customer) -> Option<RemoteP
         expected: context.user.version,
         pushed: remote,
     })
+}
+
+/// The event's `data.object`, from its stored payload.
+fn event_object(event: &EventToApply) -> Result<Value, JobFailure> {
+    let payload = event
+        .payload
+        .as_deref()
+        .ok_or_else(|| JobFailure::Permanent("stored payload not loaded".into()))?;
+    let mut payload: Value = serde_json::from_str(payload)
+        .map_err(|e| JobFailure::Permanent(format!("stored payload: {e}")))?;
+    Ok(payload
+        .pointer_mut("/data/object")
+        .map(Value::take)
+        .unwrap_or(Value::Null))
 }
 
 fn parse<T: serde::de::DeserializeOwned>(object: Value) -> Result<T, JobFailure> {
