@@ -355,6 +355,10 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     // Validate everything before touching the database or the network.
     let stripe = StripeClient::new(&config.stripe, config.stripe_secret_key()?)?;
     let store = open_store(&config).await?;
+    store
+        .claim_serving()
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot serve the database: {e}"))?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
@@ -374,10 +378,6 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         stripe_api = %config.stripe.api_base,
         "billsync serving"
     );
-    if store.backend() == "sqlite" {
-        // One serving process per SQLite file: leases left by one that died are void.
-        store.clear_customer_leases().await?;
-    }
     let limits = config.server;
     let state = AppState::new(&config, store, stripe);
     let (stop_worker, worker_stopping) = tokio::sync::watch::channel(false);

@@ -104,6 +104,24 @@ fn serve_stops_cleanly_on_sigterm() {
         dir.path().join("billsync.db").exists(),
         "the SQLite default is created on start"
     );
+    // A second server on the same SQLite file is refused, with one line saying why.
+    let port2 = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().port()
+    };
+    let second = billsync()
+        .current_dir(dir.path())
+        .env("STRIPE_SECRET_KEY", "sk_test_x")
+        .env("BILLSYNC_LISTEN", format!("127.0.0.1:{port2}"))
+        .arg("serve")
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&second.stderr);
+    assert!(!second.status.success(), "a second serve started: {said}");
+    assert!(
+        said.contains("another billsync process is serving") && said.contains("billsync.db"),
+        "{said}"
+    );
     let status = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()

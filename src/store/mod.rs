@@ -22,6 +22,9 @@ pub enum StoreError {
     /// The database could not be reached (connection refused, pool exhausted, I/O).
     #[error("database unavailable: {0}")]
     Unavailable(#[source] sqlx::Error),
+    /// Another process holds what this one needs alone (a second `serve` on a SQLite file).
+    #[error("{0}")]
+    InUse(String),
     #[error("stored data is not valid: {0}")]
     Corrupt(String),
     #[error("database error: {0}")]
@@ -489,10 +492,12 @@ pub trait Store: Send + Sync + 'static {
     async fn replay_failed_events(&self) -> StoreResult<u64>;
     /// Deletes applied and skipped events received before `cutoff`; returns how many.
     async fn prune_events(&self, cutoff: OffsetDateTime) -> StoreResult<u64>;
-    /// Frees every customer lease: for a process that knows it is the only applier (SQLite,
-    /// one serving process per file) and starts after one that died. A no-op on Postgres,
-    /// whose locks die with their connection.
-    async fn clear_customer_leases(&self) -> StoreResult<()>;
+    /// Takes this process's claim on serving the database, for `serve`. On SQLite (one
+    /// serving process per file) an exclusive lock on `<file>.lock`, held until the process
+    /// ends, refuses a second one with [`StoreError::InUse`]; holding it, the leases left by a
+    /// process that died are freed. A no-op on Postgres, where instances share the work and
+    /// locks die with their connection.
+    async fn claim_serving(&self) -> StoreResult<()>;
     /// Customers with events due to be applied (pending, or failed and due for a retry),
     /// oldest arrival first, leaving out those held back by an event waiting for its retry.
     /// Only the oldest due events are looked at, so the query stays cheap however long the

@@ -1190,7 +1190,7 @@ impl Store for PgStore {
         }
     }
 
-    async fn clear_customer_leases(&self) -> StoreResult<()> {
+    async fn claim_serving(&self) -> StoreResult<()> {
         Ok(())
     }
 

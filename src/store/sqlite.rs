@@ -1,4 +1,10 @@
-use std::{str::FromStr, time::Duration};
+use std::{
+    fs::File,
+    path::{Path, PathBuf},
+    str::FromStr,
+    sync::Arc,
+    time::Duration,
+};
 
 use async_trait::async_trait;
 use sqlx::{
@@ -253,6 +259,41 @@ fn link(row: SqliteLinkRow) -> StoreResult<CustomerLink> {
 pub struct SqliteStore {
     pool: SqlitePool,
     push_debounce: Duration,
+    /// The database file (`None` in memory).
+    file: Option<PathBuf>,
+    /// The serving lock, once `claim_serving` took it; released when the process ends.
+    serving: Arc<std::sync::Mutex<Option<File>>>,
+}
+
+/// The database file the options name, unless the database lives in memory.
+fn on_disk(options: &SqliteConnectOptions) -> Option<PathBuf> {
+    let file = options.get_filename();
+    let name = file.to_string_lossy();
+    (!name.is_empty() && name != ":memory:" && !name.starts_with("file::memory:"))
+        .then(|| file.to_path_buf())
+}
+
+/// Creates the database file readable by its owner only (it holds people's contact details)
+/// if it does not exist yet; SQLite gives its `-wal` and `-shm` files the same mode.
+fn create_private(file: &Path) -> StoreResult<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(file)
+    {
+        Ok(_) => Ok(()),
+        Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(err) => Err(StoreError::Unavailable(sqlx::Error::Io(err))),
+    }
+}
+
+/// The lock file beside the database that a serving process holds.
+fn serve_lock_path(file: &Path) -> PathBuf {
+    let mut name = file.as_os_str().to_owned();
+    name.push(".lock");
+    PathBuf::from(name)
 }
 
 impl SqliteStore {
@@ -262,25 +303,29 @@ impl SqliteStore {
         let connect = SqliteConnectOptions::from_str(url)?
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Normal)
+            // FULL: a commit is on disk before it returns, so a 2xx (an acknowledged webhook,
+            // a saved edit, a finished erasure) survives a power cut. NORMAL in WAL mode may
+            // roll back the last commits; group commit amortises the extra fsync.
+            .synchronous(SqliteSynchronous::Full)
             .busy_timeout(Duration::from_secs(5))
             .foreign_keys(true)
             // 1 MiB of page cache per connection (SQLite's default is 2 MiB): a pool of 16
             // otherwise holds 32 MiB, most of it copies of the same hot pages.
             .pragma("cache_size", "-1024");
+        let file = on_disk(&connect);
+        if let Some(file) = &file {
+            create_private(file)?;
+        }
         let pool = SqlitePoolOptions::new()
             .max_connections(options.max_connections)
             .acquire_timeout(Duration::from_secs(5))
             .connect_with(connect)
             .await?;
-        // One serving process per SQLite file: leases left by a process that died are void.
-        // (The table does not exist before the first migration.)
-        let _ = sqlx::query("DELETE FROM event_customer_leases")
-            .execute(&pool)
-            .await;
         Ok(Self {
             pool,
             push_debounce: options.push_debounce,
+            file,
+            serving: Arc::new(std::sync::Mutex::new(None)),
         })
     }
 
@@ -1050,7 +1095,36 @@ impl Store for SqliteStore {
         .rows_affected())
     }
 
-    async fn clear_customer_leases(&self) -> StoreResult<()> {
+    async fn claim_serving(&self) -> StoreResult<()> {
+        if let Some(file) = &self.file {
+            let path = serve_lock_path(file);
+            let lock = {
+                use std::os::unix::fs::OpenOptionsExt;
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .truncate(false)
+                    .write(true)
+                    .mode(0o600)
+                    .open(&path)
+                    .map_err(|e| StoreError::Unavailable(sqlx::Error::Io(e)))?
+            };
+            match lock.try_lock() {
+                Ok(()) => {}
+                Err(std::fs::TryLockError::WouldBlock) => {
+                    return Err(StoreError::InUse(format!(
+                        "another billsync process is serving {} (it holds {}); \
+                         SQLite takes one serving process per file: use Postgres for several",
+                        file.display(),
+                        path.display()
+                    )))
+                }
+                Err(std::fs::TryLockError::Error(e)) => {
+                    return Err(StoreError::Unavailable(sqlx::Error::Io(e)))
+                }
+            }
+            *self.serving.lock().expect("serving lock mutex") = Some(lock);
+        }
+        // The only serving process: leases left by one that died are void.
         sqlx::query("DELETE FROM event_customer_leases")
             .execute(&self.pool)
             .await?;
