@@ -271,7 +271,7 @@ async fn reconcile(
             None => {
                 // Plain lines for logs: each phase, and every 10th page.
                 let mut last = last_phase.lock().expect("progress lock");
-                if *last != p.phase || (p.phase == "stripe" && p.stripe_pages % 10 == 0) {
+                if *last != p.phase || (p.phase == "stripe" && p.stripe_pages.is_multiple_of(10)) {
                     eprintln!("{line}");
                     *last = p.phase;
                 }

@@ -12,7 +12,7 @@ use crate::{
     domain::UserId,
     outbox::JobFailure,
     store::{OutboxJob, Store, StoreError, SubscriptionMirror, UsageRecord, User},
-    stripe::{CustomerParams, StripeClient, METADATA_USER_ID},
+    stripe::{CustomerParams, StripeClient, METADATA_PROFILE_VERSION, METADATA_USER_ID},
 };
 
 pub const EXPORT_VERSION: &str = "2.0";
@@ -195,12 +195,13 @@ pub struct ErasurePlan {
 }
 
 /// Metadata keys billsync writes on customers; scrubbing empties them.
-const OUR_METADATA: [&str; 5] = [
+const OUR_METADATA: [&str; 6] = [
     METADATA_USER_ID,
     "source",
     "created_at",
     "last_profile_sync",
     "synced_from",
+    METADATA_PROFILE_VERSION,
 ];
 
 /// The saga: cancel the customer's subscriptions; delete the customer, or scrub it of name,

@@ -12,7 +12,7 @@ use crate::{
     domain::{full_name, UserId},
     gdpr,
     store::{JobKind, JobOutcome, OutboxJob, PushedProfile, Store, StoreError},
-    stripe::{CustomerParams, StripeClient, StripeError},
+    stripe::{CustomerParams, StripeClient, StripeError, METADATA_PROFILE_VERSION},
 };
 
 #[derive(Clone)]
@@ -137,6 +137,12 @@ impl OutboxWorker {
             metadata: BTreeMap::from([
                 ("last_profile_sync".to_owned(), now),
                 ("synced_from".to_owned(), "billsync".to_owned()),
+                // Which local version these values are: the echo of this push, however
+                // late, is recognised as billsync's own (see `webhooks::apply`).
+                (
+                    METADATA_PROFILE_VERSION.to_owned(),
+                    user.version.to_string(),
+                ),
             ]),
         };
         let key = format!("billsync-push-{}-{}", job.id, job.attempts);

@@ -1324,6 +1324,12 @@ async fn customer_updates_are_read_and_written_in_batches(backend: Backend) {
     assert_eq!(contexts[0].watermark, None);
     assert_eq!(contexts[0].last_push, None);
     assert!(!contexts[0].active_push);
+    assert_eq!(contexts[0].pushed_stamp, None);
+    assert_eq!(
+        contexts[1].pushed_stamp,
+        Some(pushed.version),
+        "a push records the version it stamped"
+    );
     assert_eq!(contexts[1].last_push, Some(pushed));
     assert_eq!(contexts[2].watermark, Some((11, Some("evt_0".to_owned()))));
 
@@ -1383,6 +1389,32 @@ async fn customer_updates_are_read_and_written_in_batches(backend: Backend) {
         Some((12, Some("evt_1b".to_owned())))
     );
     assert!(queued_ids(store.as_ref(), "cus_1").await.is_empty());
+    // Stripe's values are not a push of billsync's: no stamp. A push stamps; a later
+    // Stripe-side change (which keeps the metadata) keeps that stamp.
+    let stamp_of = |customer: &'static str| {
+        let store = store.clone();
+        async move { store.update_contexts(&ids(&[customer])).await.unwrap()[0].pushed_stamp }
+    };
+    assert_eq!(stamp_of("cus_1").await, None);
+    store
+        .record_push(
+            &u1.id,
+            &PushedProfile {
+                email: "new1@example.com".into(),
+                name: None,
+                phone: None,
+                version: u1.version,
+            },
+        )
+        .await
+        .unwrap();
+    let portal = change(0, "portal1@example.com", u1.version);
+    store
+        .apply_remote_profile(&portal.user, portal.expected, &portal.pushed)
+        .await
+        .unwrap()
+        .expect("applied");
+    assert_eq!(stamp_of("cus_1").await, Some(u1.version));
 
     assert_eq!(
         store.get_user(&users[1].id).await.unwrap().unwrap(),

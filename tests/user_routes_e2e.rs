@@ -427,7 +427,189 @@ async fn portal_needs_a_customer(backend: Backend) {
     assert_eq!(body["error"]["code"], "no_customer");
 }
 
+/// Waits until the user's current profile is in Stripe with no push left to send, and returns
+/// the customer as Stripe then holds it: the body of that push's `customer.updated`.
+async fn landed(w: &World, user: &str, customer: &str) -> Value {
+    eventually(15, "the local profile in Stripe", || async {
+        let local = w
+            .app
+            .admin_json(&format!("/v1/users/{}", support::encode(user)))
+            .await["user"]
+            .clone();
+        let name = [&local["first_name"], &local["last_name"]]
+            .iter()
+            .filter_map(|part| part.as_str())
+            .collect::<Vec<_>>()
+            .join(" ");
+        let mut busy = false;
+        for state in ["pending", "in_flight"] {
+            let jobs = w
+                .app
+                .admin_json(&format!("/v1/outbox?state={state}&limit=1000"))
+                .await;
+            busy |= jobs["jobs"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|job| job["user_id"] == user);
+        }
+        let remote = w.stripe.customer(customer).await;
+        let text = |v: &Value| v.as_str().unwrap_or_default().to_owned();
+        (!busy
+            && remote["email"] == local["email"]
+            && text(&remote["name"]) == name
+            && text(&remote["phone"]) == text(&local["phone"]))
+        .then_some(remote)
+    })
+    .await
+}
+
+/// `customer.updated` carrying `snapshot`, as Stripe would send it `created` seconds in.
+fn updated_event(snapshot: &Value, created: i64) -> String {
+    json!({"id": format!("evt_{}", uuid::Uuid::new_v4().simple()), "object": "event", "type": "customer.updated",
+           "created": created, "livemode": false, "data": {"object": snapshot}})
+    .to_string()
+}
+
+fn epoch() -> i64 {
+    time::OffsetDateTime::now_utc().unix_timestamp()
+}
+
+/// Ends with `expected` (first, last, phone) both in billsync and in Stripe.
+async fn both_sides_hold(w: &World, user: &str, customer: &str, expected: (&str, &str, &str)) {
+    let (first, last, phone) = expected;
+    let local = w
+        .app
+        .admin_json(&format!("/v1/users/{}", support::encode(user)))
+        .await;
+    assert_eq!(
+        (
+            local["user"]["first_name"].as_str(),
+            local["user"]["last_name"].as_str(),
+            local["user"]["phone"].as_str().unwrap_or_default()
+        ),
+        (Some(first), Some(last), phone),
+        "billsync's copy"
+    );
+    let remote = landed(w, user, customer).await;
+    assert_eq!(remote["name"], format!("{first} {last}"), "Stripe's copy");
+    assert_eq!(remote["phone"].as_str().unwrap_or_default(), phone);
+}
+
+async fn late_echoes_in_order_never_revert_newer_edits(backend: Backend) {
+    let Some(w) = world(backend, "late_echoes_in_order_never_revert_newer_edits").await else {
+        return;
+    };
+    let (user, token, customer) = linked_user(&w, "late-echo").await;
+    let t = epoch();
+    put_profile(&w, &token, json!({"firstName": "Grace"})).await;
+    let first = landed(&w, &user, &customer).await;
+    put_profile(&w, &token, json!({"lastName": "Hopper"})).await;
+    let second = landed(&w, &user, &customer).await;
+    // The first push's echo arrives after the second push landed, as Stripe may send it.
+    w.app.deliver_webhook(&updated_event(&first, t + 1)).await;
+    w.app.events_settled().await;
+    // A further edit while the second echo is still on its way.
+    put_profile(&w, &token, json!({"phone": "+14155550100"})).await;
+    let third = landed(&w, &user, &customer).await;
+    w.app.deliver_webhook(&updated_event(&second, t + 2)).await;
+    w.app.deliver_webhook(&updated_event(&third, t + 3)).await;
+    w.app.events_settled().await;
+    both_sides_hold(&w, &user, &customer, ("Grace", "Hopper", "+14155550100")).await;
+}
+
+async fn late_echoes_reversed_never_revert_newer_edits(backend: Backend) {
+    let Some(w) = world(backend, "late_echoes_reversed_never_revert_newer_edits").await else {
+        return;
+    };
+    let (user, token, customer) = linked_user(&w, "reversed-echo").await;
+    let t = epoch();
+    put_profile(&w, &token, json!({"firstName": "Grace"})).await;
+    let first = landed(&w, &user, &customer).await;
+    put_profile(&w, &token, json!({"lastName": "Hopper"})).await;
+    let second = landed(&w, &user, &customer).await;
+    w.app.deliver_webhook(&updated_event(&second, t + 2)).await;
+    w.app.deliver_webhook(&updated_event(&first, t + 1)).await;
+    put_profile(&w, &token, json!({"phone": "+14155550100"})).await;
+    let third = landed(&w, &user, &customer).await;
+    w.app.events_settled().await;
+    // Two of them once more, newest first, after everything.
+    w.app.deliver_webhook(&updated_event(&third, t + 3)).await;
+    w.app.deliver_webhook(&updated_event(&first, t + 1)).await;
+    w.app.events_settled().await;
+    both_sides_hold(&w, &user, &customer, ("Grace", "Hopper", "+14155550100")).await;
+}
+
+async fn a_portal_edit_between_two_pushes_is_kept(backend: Backend) {
+    let Some(w) = world(backend, "a_portal_edit_between_two_pushes_is_kept").await else {
+        return;
+    };
+    let (user, token, customer) = linked_user(&w, "portal-between").await;
+    let t = epoch();
+    put_profile(&w, &token, json!({"firstName": "Grace"})).await;
+    let first = landed(&w, &user, &customer).await;
+    // The person changes their phone in the billing portal.
+    let portal = w
+        .stripe
+        .update_customer(&customer, &[("phone", "+14155550111")])
+        .await;
+    w.app.deliver_webhook(&updated_event(&portal, t + 2)).await;
+    w.app.events_settled().await;
+    let local = w
+        .app
+        .admin_json(&format!("/v1/users/{}", support::encode(&user)))
+        .await;
+    assert_eq!(
+        local["user"]["phone"], "+14155550111",
+        "a Stripe-side change is applied"
+    );
+    put_profile(&w, &token, json!({"lastName": "Hopper"})).await;
+    let second = landed(&w, &user, &customer).await;
+    // The first push's echo, late, and the second's.
+    w.app.deliver_webhook(&updated_event(&first, t + 1)).await;
+    w.app.deliver_webhook(&updated_event(&second, t + 3)).await;
+    w.app.events_settled().await;
+    both_sides_hold(&w, &user, &customer, ("Grace", "Hopper", "+14155550111")).await;
+}
+
+async fn an_admins_email_changes_stay_verified(backend: Backend) {
+    let Some(w) = world(backend, "an_admins_email_changes_stay_verified").await else {
+        return;
+    };
+    let user = support::unique("emails");
+    let profile =
+        |email: &str| json!({"email": email, "email_verified": true, "first_name": "Ada"});
+    w.app.put_user(&user, profile("a@example.com")).await;
+    let (status, body) = w.app.resolve(&user).await;
+    assert_eq!(status, 200, "{body}");
+    let customer = body["customer_id"].as_str().unwrap().to_owned();
+    let t = epoch();
+    w.app.put_user(&user, profile("b@example.com")).await;
+    let first = landed(&w, &user, &customer).await;
+    w.app.put_user(&user, profile("c@example.com")).await;
+    let second = landed(&w, &user, &customer).await;
+    // Each applied on its own (two waiting together would be folded into the newer one).
+    w.app.deliver_webhook(&updated_event(&first, t + 1)).await;
+    w.app.events_settled().await;
+    w.app.deliver_webhook(&updated_event(&second, t + 2)).await;
+    w.app.events_settled().await;
+    let local = w
+        .app
+        .admin_json(&format!("/v1/users/{}", support::encode(&user)))
+        .await;
+    assert_eq!(local["user"]["email"], "c@example.com");
+    assert_eq!(
+        local["user"]["email_verified"], true,
+        "billsync's own echo never unverifies"
+    );
+    assert_eq!(w.stripe.customer(&customer).await["email"], "c@example.com");
+}
+
 on_every_store!(
+    late_echoes_in_order_never_revert_newer_edits,
+    late_echoes_reversed_never_revert_newer_edits,
+    a_portal_edit_between_two_pushes_is_kept,
+    an_admins_email_changes_stay_verified,
     profile_update_reaches_stripe,
     a_burst_of_edits_makes_few_pushes,
     an_edit_during_a_stripe_outage_arrives_later,

@@ -164,15 +164,12 @@ async fn billsyncs_own_push_is_an_echo(backend: Backend) {
         )
         .await
         .unwrap();
-    // ...comes back as customer.updated: nothing is written.
+    // ...comes back as customer.updated, stamped with the version pushed: nothing is written.
+    let mut echo = customer("cus_echo", "echo@example.com", Some("Ada Pushed"), None);
+    echo["metadata"] = json!({"billsync_profile_version": "9"});
     deliver(
         &w.app,
-        &customer_event(
-            "evt_e1",
-            "customer.updated",
-            100,
-            customer("cus_echo", "echo@example.com", Some("Ada Pushed"), None),
-        ),
+        &customer_event("evt_e1", "customer.updated", 100, echo),
     )
     .await;
     settled(&w.app).await;

@@ -326,6 +326,9 @@ pub struct UpdateContext {
     /// A profile push is pending or in flight: local values win.
     pub active_push: bool,
     pub last_push: Option<PushedProfile>,
+    /// The profile version the newest recorded push stamped into the customer's metadata;
+    /// `None` if no push carried a stamp yet.
+    pub pushed_stamp: Option<i64>,
 }
 
 /// A Stripe-side profile change to write, if the user is still at `expected`.
@@ -409,7 +412,8 @@ pub trait Store: Send + Sync + 'static {
         via: LinkSource,
     ) -> StoreResult<LinkOutcome>;
 
-    /// Records what was last pushed to the user's customer.
+    /// Records what was last pushed to the user's customer; the push stamped
+    /// `pushed.version` into the customer's metadata.
     async fn record_push(&self, user: &UserId, pushed: &PushedProfile) -> StoreResult<()>;
     async fn last_push(&self, user: &UserId) -> StoreResult<Option<PushedProfile>>;
 
@@ -702,6 +706,11 @@ pub(crate) fn postgres_migrator() -> Migrator {
             "event queue",
             include_str!("../../migrations/postgres/0004_event_queue.sql"),
         ),
+        (
+            5,
+            "push stamp",
+            include_str!("../../migrations/postgres/0005_push_stamp.sql"),
+        ),
     ])
 }
 
@@ -721,6 +730,11 @@ pub(crate) fn sqlite_migrator() -> Migrator {
             3,
             "event queue",
             include_str!("../../migrations/sqlite/0003_event_queue.sql"),
+        ),
+        (
+            4,
+            "push stamp",
+            include_str!("../../migrations/sqlite/0004_push_stamp.sql"),
         ),
     ])
 }

@@ -579,7 +579,7 @@ impl Store for PgStore {
     async fn record_push(&self, user: &UserId, pushed: &PushedProfile) -> StoreResult<()> {
         sqlx::query(
             "UPDATE customer_links SET pushed_email = $2, pushed_name = $3, pushed_phone = $4,
-                    pushed_version = $5, pushed_at = now()
+                    pushed_version = $5, pushed_stamp = $5, pushed_at = now()
              WHERE user_id = $1",
         )
         .bind(user.as_str())
@@ -1250,7 +1250,7 @@ impl Store for PgStore {
         let rows = sqlx::query(&format!(
             "SELECT l.stripe_customer_id, {USER_COLUMNS_QUALIFIED}, l.event_watermark,
                     l.event_watermark_id, l.pushed_email, l.pushed_name, l.pushed_phone,
-                    l.pushed_version,
+                    l.pushed_version, l.pushed_stamp,
                     EXISTS (SELECT 1 FROM outbox o WHERE o.user_id = l.user_id
                               AND o.kind = 'push_profile' AND o.state IN ('pending', 'in_flight'))
                         AS active_push
@@ -1289,6 +1289,7 @@ impl Store for PgStore {
                         row.try_get("pushed_phone")?,
                         row.try_get("pushed_version")?,
                     ),
+                    pushed_stamp: row.try_get("pushed_stamp")?,
                 })
             })
             .collect()

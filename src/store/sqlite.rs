@@ -145,11 +145,12 @@ async fn record_pushed_on(
     user: &UserId,
     pushed: &PushedProfile,
     version: i64,
+    stamp: Option<i64>,
     now: i64,
 ) -> StoreResult<()> {
     sqlx::query(
         "UPDATE customer_links SET pushed_email = ?2, pushed_name = ?3, pushed_phone = ?4,
-                pushed_version = ?5, pushed_at = ?6
+                pushed_version = ?5, pushed_at = ?6, pushed_stamp = coalesce(?7, pushed_stamp)
          WHERE user_id = ?1",
     )
     .bind(user.as_str())
@@ -158,6 +159,7 @@ async fn record_pushed_on(
     .bind(&pushed.phone)
     .bind(version)
     .bind(now)
+    .bind(stamp)
     .execute(connection)
     .await?;
     Ok(())
@@ -603,6 +605,7 @@ impl Store for SqliteStore {
             user_id,
             pushed,
             pushed.version,
+            Some(pushed.version),
             to_ms(now()),
         )
         .await
@@ -1268,7 +1271,7 @@ impl Store for SqliteStore {
                     EXISTS (SELECT 1 FROM outbox o WHERE o.user_id = l.user_id
                               AND o.kind = 'push_profile' AND o.state IN ('pending', 'in_flight'))
                         AS active_push,
-                    {USER_COLUMNS_QUALIFIED}
+                    {USER_COLUMNS_QUALIFIED}, l.pushed_stamp
              FROM customer_links l JOIN users ON users.id = l.user_id
              WHERE l.stripe_customer_id IN (SELECT value FROM json_each(?1))"
         ))
@@ -1297,6 +1300,7 @@ impl Store for SqliteStore {
                     watermark: watermark.map(|created| (created, watermark_id)),
                     active_push: active,
                     last_push: pushed_profile(email, name, phone, version),
+                    pushed_stamp: row.try_get(17)?,
                 })
             })
             .collect()
@@ -1323,6 +1327,7 @@ impl Store for SqliteStore {
                     &profile.user.id,
                     &profile.pushed,
                     saved.version,
+                    None,
                     now,
                 )
                 .await?;
@@ -1409,7 +1414,7 @@ impl Store for SqliteStore {
             tx.rollback().await?;
             return Ok(None);
         };
-        record_pushed_on(&mut tx, &input.id, pushed, saved.version, now).await?;
+        record_pushed_on(&mut tx, &input.id, pushed, saved.version, None, now).await?;
         tx.commit().await?;
         Ok(Some(saved))
     }

@@ -27,6 +27,9 @@ use crate::config::{Secret, StripeConfig};
 
 /// The metadata key naming the billsync user a customer belongs to.
 pub const METADATA_USER_ID: &str = "userId";
+/// The metadata key each profile push stamps with the user's profile version, so a
+/// `customer.updated` tells which push (if any) its values came from.
+pub const METADATA_PROFILE_VERSION: &str = "billsync_profile_version";
 /// Stripe's largest page.
 pub const MAX_PAGE: u32 = 100;
 /// A user's customers listed by email stop here; more than this is a data problem to report,

@@ -48,6 +48,13 @@ impl Customer {
             .map(String::as_str)
             .filter(|v| !v.is_empty())
     }
+
+    /// The profile version billsync's newest push to this customer stamped, if any.
+    pub fn profile_stamp(&self) -> Option<i64> {
+        self.metadata
+            .get(crate::stripe::METADATA_PROFILE_VERSION)
+            .and_then(|v| v.parse().ok())
+    }
 }
 
 /// The answer to a delete.

@@ -388,19 +388,23 @@ impl Applier {
         else {
             return Ok(()); // not one of ours
         };
-        let snapshot = match order(context.watermark.clone(), superseded, created, event_id) {
+        let mut verdict = match order(context.watermark.clone(), superseded, created, event_id) {
             Order::AlreadyApplied | Order::Older => return Ok(()),
             // Same second as the newest applied: which came first is unknowable from the
             // events, so ask Stripe for the current state.
-            Order::SameSecond => match self.stripe.retrieve_customer(customer).await {
-                Ok(current) if !current.deleted => current,
-                Ok(_) => return Ok(()),
-                Err(err) if err.is_not_found() => return Ok(()),
-                Err(err) => return Err(err.into()),
+            Order::SameSecond => match self.current_customer(customer).await? {
+                Some(current) => profile_write(&context, &current, true),
+                None => return Ok(()),
             },
-            Order::Newer => event_snapshot,
+            Order::Newer => profile_write(&context, &event_snapshot, false),
         };
-        if let Some(profile) = profile_write(&context, &snapshot) {
+        if verdict == Verdict::AskStripe {
+            verdict = match self.current_customer(customer).await? {
+                Some(current) => profile_write(&context, &current, true),
+                None => return Ok(()),
+            };
+        }
+        if let Verdict::Write(profile) = verdict {
             if self
                 .store
                 .apply_remote_profile(&profile.user, profile.expected, &profile.pushed)
@@ -419,6 +423,16 @@ impl Applier {
             .raise_link_watermark(customer, created, event_id)
             .await?;
         Ok(())
+    }
+
+    /// The customer as Stripe has it now; `None` once it is deleted.
+    async fn current_customer(&self, customer: &str) -> Result<Option<Customer>, JobFailure> {
+        match self.stripe.retrieve_customer(customer).await {
+            Ok(current) if !current.deleted => Ok(Some(current)),
+            Ok(_) => Ok(None),
+            Err(err) if err.is_not_found() => Ok(None),
+            Err(err) => Err(err.into()),
+        }
     }
 
     /// Unlinks the user (who keeps their account) and marks their subscriptions canceled.
@@ -486,7 +500,8 @@ fn record_applied(newest: &EventToApply, events: usize) {
 }
 
 /// The batched path's plan for a customer's run of `customer.updated` events; `None` leaves
-/// the customer to the one-by-one path (a same-second tie, a snapshot that does not parse).
+/// the customer to the one-by-one path (a same-second tie, a snapshot that does not parse, a
+/// snapshot whose provenance only Stripe can settle).
 fn plan_batched_update(
     context: Option<UpdateContext>,
     events: &[EventToApply],
@@ -523,10 +538,12 @@ fn plan_batched_update(
     {
         Order::AlreadyApplied | Order::Older => (None, None),
         Order::SameSecond => return None,
-        Order::Newer => (
-            profile_write(&context, &snapshot),
-            Some((created, event_id.to_owned())),
-        ),
+        Order::Newer => match profile_write(&context, &snapshot, false) {
+            Verdict::Nothing => (None, Some((created, event_id.to_owned()))),
+            Verdict::Write(profile) => (Some(*profile), Some((created, event_id.to_owned()))),
+            // Stripe is asked on the one-by-one path.
+            Verdict::AskStripe => return None,
+        },
     };
     Some(CustomerUpdate {
         customer_id,
@@ -570,28 +587,79 @@ fn order(
     }
 }
 
-/// The profile write a newer snapshot calls for; `None` when a local edit is on its way to
-/// Stripe (local values win), when the snapshot says nothing new, or when it is billsync's
-/// own push coming back (echo).
-fn profile_write(context: &UpdateContext, snapshot: &Customer) -> Option<RemoteProfile> {
+/// What a newer snapshot calls for.
+#[derive(Debug, PartialEq)]
+enum Verdict {
+    /// Nothing to write: a local edit is on its way out, the snapshot says nothing new, or it
+    /// is billsync's own push coming back.
+    Nothing,
+    Write(Box<RemoteProfile>),
+    /// Whose values these are is unknowable from the snapshot: ask Stripe for its current
+    /// state and judge that.
+    AskStripe,
+}
+
+/// Whose values a snapshot carries, told by the profile version each push stamps into the
+/// customer's metadata (`billsync_profile_version`).
+#[derive(Debug, PartialEq, Eq)]
+enum Provenance {
+    /// Stamped by the newest recorded push: that push's values, or a Stripe-side change made
+    /// since (compared with what was pushed).
+    SinceNewestPush,
+    /// Stamped by an earlier push (or by one not recorded yet): the state before billsync's
+    /// newest push, which sent every field again. Applying it would revert a newer edit.
+    BeforeNewestPush,
+    /// Unstamped while billsync's pushes stamp (a snapshot from before the first stamped
+    /// push, metadata edited by hand), or stamped while no stamped push is recorded (a
+    /// re-made link).
+    Unknown,
+    /// Neither carries a stamp (pushes from before stamps): compared with the last push.
+    Unstamped,
+}
+
+fn provenance(pushed_stamp: Option<i64>, snapshot_stamp: Option<i64>) -> Provenance {
+    match (snapshot_stamp, pushed_stamp) {
+        (Some(seen), Some(newest)) if seen == newest => Provenance::SinceNewestPush,
+        (Some(_), Some(_)) => Provenance::BeforeNewestPush,
+        (Some(_), None) | (None, Some(_)) => Provenance::Unknown,
+        (None, None) => Provenance::Unstamped,
+    }
+}
+
+/// The profile write a newer snapshot calls for. Local values win while a push is pending
+/// or in flight; a snapshot stamped by an earlier push is never applied, however late it
+/// comes; a snapshot equal to what was last pushed is an echo. `from_stripe` says the
+/// snapshot is Stripe's current state, fetched: no one left to ask, so one of unknown
+/// provenance is compared with the last push.
+fn profile_write(context: &UpdateContext, snapshot: &Customer, from_stripe: bool) -> Verdict {
     if context.active_push {
         tracing::debug!("local edit on its way to Stripe: local values win");
-        return None;
+        return Verdict::Nothing;
     }
-    let (desired, remote) = remote_change(&context.user, snapshot)?;
+    match provenance(context.pushed_stamp, snapshot.profile_stamp()) {
+        Provenance::BeforeNewestPush => {
+            tracing::debug!("an earlier push's state: billsync's newest push overwrote it");
+            return Verdict::Nothing;
+        }
+        Provenance::Unknown if !from_stripe => return Verdict::AskStripe,
+        Provenance::Unknown | Provenance::SinceNewestPush | Provenance::Unstamped => {}
+    }
+    let Some((desired, remote)) = remote_change(&context.user, snapshot) else {
+        return Verdict::Nothing;
+    };
     if context
         .last_push
         .as_ref()
         .is_some_and(|last| same_profile(last, &remote))
     {
         tracing::debug!("billsync's own push came back: nothing to write");
-        return None;
+        return Verdict::Nothing;
     }
-    Some(RemoteProfile {
+    Verdict::Write(Box::new(RemoteProfile {
         user: desired,
         expected: context.user.version,
         pushed: remote,
-    })
+    }))
 }
 
 /// The event's `data.object`, from its stored payload.
@@ -669,4 +737,139 @@ fn remote_change(user: &User, customer: &Customer) -> Option<(UserUpsert, Pushed
         && desired.last_name == user.last_name
         && desired.phone == user.phone;
     (!unchanged).then_some((desired, remote))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn provenance_follows_the_stamps() {
+        use Provenance::*;
+        let cases = [
+            // (newest recorded push's stamp, the snapshot's stamp, provenance)
+            (Some(3), Some(3), SinceNewestPush),
+            (Some(3), Some(2), BeforeNewestPush),
+            (Some(3), Some(4), BeforeNewestPush),
+            (Some(3), None, Unknown),
+            (None, Some(3), Unknown),
+            (None, None, Unstamped),
+        ];
+        for (pushed, seen, expected) in cases {
+            assert_eq!(provenance(pushed, seen), expected, "{pushed:?} {seen:?}");
+        }
+    }
+
+    fn context(version: i64, pushed_stamp: Option<i64>, active_push: bool) -> UpdateContext {
+        let now = time::OffsetDateTime::now_utc();
+        UpdateContext {
+            customer_id: "cus_1".into(),
+            user: User {
+                id: UserId::parse("u1").unwrap(),
+                email: Email::parse("ada@example.com").unwrap(),
+                email_verified: true,
+                first_name: PersonName::parse_optional(Some("Ada"), "first_name").unwrap(),
+                last_name: PersonName::parse_optional(Some("Hopper"), "last_name").unwrap(),
+                phone: None,
+                version,
+                created_at: now,
+                updated_at: now,
+            },
+            watermark: None,
+            active_push,
+            last_push: Some(PushedProfile {
+                email: "ada@example.com".into(),
+                name: Some("Ada Hopper".into()),
+                phone: None,
+                version,
+            }),
+            pushed_stamp,
+        }
+    }
+
+    fn snapshot(name: &str, stamp: Option<i64>) -> Customer {
+        let metadata = stamp.map_or(
+            serde_json::json!({}),
+            |s| serde_json::json!({"billsync_profile_version": s.to_string()}),
+        );
+        serde_json::from_value(serde_json::json!({
+            "id": "cus_1", "email": "ada@example.com", "name": name, "metadata": metadata,
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn profile_write_rules() {
+        let write = |v: &Verdict| matches!(v, Verdict::Write(_));
+        // (what the link knows, the snapshot, from Stripe's current state, writes?)
+        let cases = [
+            // Echo of the newest push.
+            (
+                context(5, Some(5), false),
+                snapshot("Ada Hopper", Some(5)),
+                false,
+                false,
+            ),
+            // A portal change after the newest push.
+            (
+                context(5, Some(5), false),
+                snapshot("Grace Hopper", Some(5)),
+                false,
+                true,
+            ),
+            // An earlier push's state, however different: never.
+            (
+                context(5, Some(5), false),
+                snapshot("Ada Lovelace", Some(4)),
+                false,
+                false,
+            ),
+            // A pending local edit wins over anything.
+            (
+                context(5, Some(5), true),
+                snapshot("Grace Hopper", Some(5)),
+                false,
+                false,
+            ),
+            // Before stamps: the last push decides.
+            (
+                context(5, None, false),
+                snapshot("Ada Hopper", None),
+                false,
+                false,
+            ),
+            (
+                context(5, None, false),
+                snapshot("Grace Hopper", None),
+                false,
+                true,
+            ),
+            // Stripe's own current state of unknown provenance: compared with the last push.
+            (
+                context(5, Some(5), false),
+                snapshot("Grace Hopper", None),
+                true,
+                true,
+            ),
+            (
+                context(5, Some(5), false),
+                snapshot("Ada Hopper", None),
+                true,
+                false,
+            ),
+        ];
+        for (index, (context, snapshot, from_stripe, writes)) in cases.into_iter().enumerate() {
+            let verdict = profile_write(&context, &snapshot, from_stripe);
+            assert_eq!(write(&verdict), writes, "case {index}: {verdict:?}");
+        }
+        // Unknown provenance in an event: Stripe is asked.
+        assert_eq!(
+            profile_write(
+                &context(5, Some(5), false),
+                &snapshot("Grace Hopper", None),
+                false
+            ),
+            Verdict::AskStripe
+        );
+    }
 }

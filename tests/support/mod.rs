@@ -345,6 +345,31 @@ impl TestApp {
             .expect("json")
     }
 
+    /// POSTs a Stripe event body, signed with the test secret, to the webhook route; 200.
+    pub async fn deliver_webhook(&self, body: &str) {
+        let response = self
+            .http
+            .post(self.url("/api/webhooks/stripe"))
+            .header("stripe-signature", stripe_signature(WEBHOOK_SECRET, body))
+            .body(body.to_owned())
+            .send()
+            .await
+            .expect("POST webhook");
+        assert_eq!(response.status(), 200, "webhook delivery");
+    }
+
+    /// Waits until no stored event is pending or failed.
+    pub async fn events_settled(&self) {
+        eventually(15, "every event applied", || async {
+            let pending = self.admin_json("/v1/events?state=pending&limit=1000").await;
+            let failed = self.admin_json("/v1/events?state=failed&limit=1000").await;
+            (pending["events"].as_array().is_some_and(Vec::is_empty)
+                && failed["events"].as_array().is_some_and(Vec::is_empty))
+            .then_some(())
+        })
+        .await;
+    }
+
     /// `POST /v1/users/{id}/customer`; the status and the JSON body.
     pub async fn resolve(&self, user_id: &str) -> (u16, Value) {
         let response = self
@@ -405,6 +430,21 @@ impl LocalStripe {
             "localstripe create: {}",
             response.status()
         );
+        response.json().await.expect("json")
+    }
+
+    /// Changes the customer as the billing portal or the dashboard would (no billsync
+    /// metadata touched); returns it as it then is.
+    pub async fn update_customer(&self, id: &str, form: &[(&str, &str)]) -> Value {
+        let response = self
+            .http
+            .post(format!("{}/v1/customers/{id}", self.base))
+            .basic_auth(STRIPE_KEY, Some(""))
+            .form(form)
+            .send()
+            .await
+            .expect("localstripe update");
+        assert!(response.status().is_success(), "update {id}");
         response.json().await.expect("json")
     }
 
