@@ -26,8 +26,11 @@ use crate::{
 pub struct AuthenticatedUser {
     pub id: UserId,
     pub email: Option<Email>,
-    /// Only from a boolean `email_verified` claim; anything else counts as unverified.
-    pub email_verified: bool,
+    /// A boolean `email_verified` claim; `None` for anything else (counted as unverified
+    /// for a new user, and never changing an existing one).
+    pub email_verified: Option<bool>,
+    /// The `iat` claim (unix seconds), if the token has one.
+    pub issued_at: Option<i64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -49,6 +52,8 @@ struct TokenClaims {
     email: Option<String>,
     #[serde(default)]
     email_verified: Option<serde_json::Value>,
+    #[serde(default)]
+    iat: Option<serde_json::Value>,
 }
 
 pub struct JwtVerifier {
@@ -132,7 +137,8 @@ impl JwtVerifier {
         Ok(AuthenticatedUser {
             id: UserId::parse(&claims.sub).map_err(|e| AuthError::Rejected(e.message))?,
             email: claims.email.as_deref().and_then(|e| Email::parse(e).ok()),
-            email_verified: matches!(claims.email_verified, Some(serde_json::Value::Bool(true))),
+            email_verified: claims.email_verified.as_ref().and_then(|v| v.as_bool()),
+            issued_at: claims.iat.as_ref().and_then(|v| v.as_i64()),
         })
     }
 }

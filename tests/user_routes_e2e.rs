@@ -605,7 +605,82 @@ async fn an_admins_email_changes_stay_verified(backend: Backend) {
     assert_eq!(w.stripe.customer(&customer).await["email"], "c@example.com");
 }
 
+async fn newer_tokens_carry_newer_identity(backend: Backend) {
+    let Some(w) = world(backend, "newer_tokens_carry_newer_identity").await else {
+        return;
+    };
+    let user = support::unique("identity");
+    let email = format!("{user}@example.com");
+    let token = |email: &str, verified: Option<bool>, iat: Option<i64>| {
+        let mut claims = json!({"sub": user, "aud": "authenticated", "email": email,
+                                "exp": epoch() + 3600});
+        if let Some(verified) = verified {
+            claims["email_verified"] = verified.into();
+        }
+        if let Some(iat) = iat {
+            claims["iat"] = iat.into();
+        }
+        support::sign_hs256(&claims)
+    };
+    let row = || async {
+        w.app
+            .admin_json(&format!("/v1/users/{}", support::encode(&user)))
+            .await["user"]
+            .clone()
+    };
+    let now = epoch();
+    // Signed up, not verified yet.
+    let (status, _) = put_profile(
+        &w,
+        &token(&email, Some(false), Some(now - 60)),
+        json!({"firstName": "Ada"}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let (status, body) = w.app.resolve(&user).await;
+    assert_eq!(status, 200, "{body}");
+    let customer = body["customer_id"].as_str().unwrap().to_owned();
+    assert_eq!(row().await["email_verified"], false);
+
+    // Verified in Supabase Auth since: the next token says so.
+    put_profile(&w, &token(&email, Some(true), Some(now + 2)), json!({})).await;
+    assert_eq!(
+        row().await["email_verified"],
+        true,
+        "a newer token verifies"
+    );
+
+    // A token issued before that change, or one without `iat`, never overwrites it.
+    put_profile(&w, &token(&email, Some(false), Some(now - 30)), json!({})).await;
+    put_profile(
+        &w,
+        &token("stale@example.com", Some(false), None),
+        json!({}),
+    )
+    .await;
+    let unchanged = row().await;
+    assert_eq!(
+        (
+            unchanged["email"].as_str(),
+            unchanged["email_verified"].as_bool()
+        ),
+        (Some(email.as_str()), Some(true)),
+        "older tokens change nothing"
+    );
+
+    // The address changed in Supabase Auth: billsync and Stripe follow.
+    let changed = format!("new-{email}");
+    let (status, body) =
+        put_profile(&w, &token(&changed, Some(true), Some(now + 4)), json!({})).await;
+    assert_eq!(status, 200);
+    assert_eq!(body["data"]["email"], changed.as_str());
+    assert_eq!(row().await["email_verified"], true);
+    let remote = landed(&w, &user, &customer).await;
+    assert_eq!(remote["email"], changed.as_str());
+}
+
 on_every_store!(
+    newer_tokens_carry_newer_identity,
     late_echoes_in_order_never_revert_newer_edits,
     late_echoes_reversed_never_revert_newer_edits,
     a_portal_edit_between_two_pushes_is_kept,

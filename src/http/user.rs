@@ -55,10 +55,14 @@ impl FromRequestParts<AppState> for CurrentUser {
     }
 }
 
-/// The caller's user row, created from the token's claims on their first request.
+/// The caller's user row, created from the token's claims on their first request. A token
+/// issued after the row last changed carries the newer identity (the address verified or
+/// changed in Supabase Auth since): its `email` and boolean `email_verified` are written as an
+/// admin `PUT` would, pushing a new address to Stripe. An older token, or one without `iat`,
+/// never overwrites the row.
 async fn ensure_user(state: &AppState, auth: &AuthenticatedUser) -> Result<User, ApiError> {
     if let Some(user) = state.store.get_user(&auth.id).await? {
-        return Ok(user);
+        return refresh_identity(state, auth, user).await;
     }
     let email = auth.email.clone().ok_or(ApiError::EmailRequired)?;
     let user = state
@@ -66,7 +70,7 @@ async fn ensure_user(state: &AppState, auth: &AuthenticatedUser) -> Result<User,
         .upsert_user(&UserUpsert {
             id: auth.id.clone(),
             email,
-            email_verified: auth.email_verified,
+            email_verified: auth.email_verified.unwrap_or(false),
             first_name: None,
             last_name: None,
             phone: None,
@@ -74,6 +78,48 @@ async fn ensure_user(state: &AppState, auth: &AuthenticatedUser) -> Result<User,
         .await?;
     tracing::info!(user_id = %user.id, "user created from token claims");
     Ok(user)
+}
+
+async fn refresh_identity(
+    state: &AppState,
+    auth: &AuthenticatedUser,
+    user: User,
+) -> Result<User, ApiError> {
+    let issued_after_change = auth.issued_at.is_some_and(|iat| {
+        i128::from(iat) * 1_000 > user.updated_at.unix_timestamp_nanos() / 1_000_000
+    });
+    if !issued_after_change {
+        return Ok(user);
+    }
+    let email = auth.email.clone().unwrap_or_else(|| user.email.clone());
+    let email_verified = match auth.email_verified {
+        Some(verified) => verified,
+        // A new address the token does not vouch for is not verified.
+        None => user.email_verified && email == user.email,
+    };
+    if email == user.email && email_verified == user.email_verified {
+        return Ok(user);
+    }
+    let desired = UserUpsert {
+        id: user.id.clone(),
+        email,
+        email_verified,
+        first_name: user.first_name.clone(),
+        last_name: user.last_name.clone(),
+        phone: user.phone.clone(),
+    };
+    // Only over the row as read: a concurrent change is newer than this token's view.
+    match state
+        .store
+        .update_user_if_version(&desired, user.version)
+        .await?
+    {
+        Some(updated) => {
+            tracing::info!(user_id = %updated.id, "identity updated from a newer token");
+            Ok(updated)
+        }
+        None => Ok(state.store.get_user(&user.id).await?.unwrap_or(user)),
+    }
 }
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
