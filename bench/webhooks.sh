@@ -9,6 +9,7 @@
 #   ORDER=latency-first bench/webhooks.sh   # 16 connections before the burst, not after
 #   LOADGEN=wrk bench/webhooks.sh        # wrk with bench/webhook_replay.lua instead of the
 #                                        # built-in generator (examples/webhook_load.rs)
+#   BIN_DIR=/tmp/build bench/webhooks.sh # prebuilt billsync and webhook_load, no cargo build
 #   MODE=split bench/webhooks.sh         # Postgres: ingestion on an HTTP-only instance
 #                                        # (BILLSYNC_RUN_WORKERS=false), then a worker
 #                                        # instance drains everything it stored
@@ -33,9 +34,15 @@ if [ "$LOADGEN" = wrk ]; then
   command -v wrk >/dev/null || { echo "wrk is missing: apt-get install wrk" >&2; exit 1; }
 fi
 
-cargo build --release --quiet --bin billsync --example webhook_load
-BIN="${CARGO_TARGET_DIR:-target}/release/billsync"
-LOAD="${CARGO_TARGET_DIR:-target}/release/examples/webhook_load"
+if [ -n "${BIN_DIR:-}" ]; then
+  # Prebuilt binaries (billsync, webhook_load), e.g. two builds compared in alternating runs.
+  BIN="$BIN_DIR/billsync"
+  LOAD="$BIN_DIR/webhook_load"
+else
+  cargo build --release --quiet --bin billsync --example webhook_load
+  BIN="${CARGO_TARGET_DIR:-target}/release/billsync"
+  LOAD="${CARGO_TARGET_DIR:-target}/release/examples/webhook_load"
+fi
 
 if [ "$BACKEND" = postgres ]; then
   psql -q "$PGURL_BASE/postgres" -c "DROP DATABASE IF EXISTS billsync_bench_wh" -c "CREATE DATABASE billsync_bench_wh"
