@@ -14,7 +14,7 @@ use jsonwebtoken::{
     Algorithm, DecodingKey, Validation,
 };
 use serde::Deserialize;
-use tokio::sync::{Mutex, RwLock};
+use tokio::sync::watch;
 
 use crate::{
     config::JwtConfig,
@@ -58,7 +58,7 @@ struct TokenClaims {
 
 pub struct JwtVerifier {
     hs256: Option<DecodingKey>,
-    jwks: Option<JwksKeys>,
+    jwks: Option<Arc<JwksKeys>>,
     audience: String,
     issuer: Option<String>,
 }
@@ -74,17 +74,10 @@ impl JwtVerifier {
                 .secret
                 .as_ref()
                 .map(|s| DecodingKey::from_secret(s.expose().as_bytes())),
-            jwks: config.jwks_url.as_ref().map(|url| JwksKeys {
-                url: url.clone(),
-                http: reqwest::Client::builder()
-                    .timeout(Duration::from_secs(5))
-                    .build()
-                    .expect("a plain HTTP client builds"),
-                cache: RwLock::default(),
-                refreshing: Mutex::new(()),
-                min_refresh: config.jwks_min_refresh,
-                max_age: config.jwks_max_age,
-            }),
+            jwks: config
+                .jwks_url
+                .as_ref()
+                .map(|url| Arc::new(JwksKeys::new(url, config))),
             audience: config.audience.clone(),
             issuer: config.issuer.clone(),
         }))
@@ -112,8 +105,9 @@ impl JwtVerifier {
                 let (key, algorithm) = jwks.key(kid).await?;
                 if algorithm != header.alg {
                     return Err(AuthError::Rejected(format!(
-                        "alg {:?} does not match key {kid} ({algorithm:?})",
-                        header.alg
+                        "alg {:?} does not match key {} ({algorithm:?})",
+                        header.alg,
+                        kid_for_log(kid)
                     )));
                 }
                 (key, algorithm)
@@ -143,80 +137,215 @@ impl JwtVerifier {
     }
 }
 
-/// Public keys from the JWKS URL, by `kid`. Refetched when older than `max_age`, or when a
-/// token names an unknown `kid` (key rotation) but at most every `min_refresh`.
+/// Public keys from the JWKS URL, by `kid`. One fetch at a time, shared by every request
+/// that waits for it (each gives up after one fetch timeout); keys older than `max_age` are
+/// still served while a background refresh replaces them, and for up to `stale_max` while the
+/// endpoint fails (stale-if-error); a failed fetch is not retried before its backoff, so a
+/// dead endpoint is neither hammered nor waited on by every request.
 struct JwksKeys {
     url: String,
     http: reqwest::Client,
-    cache: RwLock<KeyCache>,
-    /// One fetch at a time; the others wait for its result.
-    refreshing: Mutex<()>,
+    cache: std::sync::RwLock<KeyCache>,
+    /// The fetch in flight, if any: its waiters watch for it to end.
+    in_flight: std::sync::Mutex<Option<watch::Receiver<bool>>>,
     min_refresh: Duration,
     max_age: Duration,
+    stale_max: Duration,
+    fetch_timeout: Duration,
 }
 
 #[derive(Default)]
 struct KeyCache {
     keys: HashMap<String, (DecodingKey, Algorithm)>,
     fetched_at: Option<Instant>,
+    /// Consecutive failed fetches, and when the next may start.
+    failures: u32,
+    retry_at: Option<Instant>,
+    last_error: Option<String>,
+}
+
+/// A JWKS larger than this is refused (Supabase's has a handful of keys, a few KiB).
+const JWKS_MAX_BYTES: usize = 256 * 1024;
+/// The first retry after a failed fetch; doubling up to `JWKS_BACKOFF_MAX`.
+const JWKS_BACKOFF_BASE: Duration = Duration::from_secs(1);
+const JWKS_BACKOFF_MAX: Duration = Duration::from_secs(300);
+
+/// What a request can do with the cache as it stands.
+enum Lookup {
+    Found((DecodingKey, Algorithm)),
+    /// Found, but old: serve it and refresh in the background.
+    FoundRefresh((DecodingKey, Algorithm)),
+    Refuse(AuthError),
+    /// Nothing usable: wait for a fetch.
+    Fetch,
+}
+
+/// A `kid` as it may appear in logs: the token's sender chooses it.
+fn kid_for_log(kid: &str) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(kid.as_bytes());
+    format!("kid#{} ({} bytes)", hex::encode(&digest[..4]), kid.len())
 }
 
 impl JwksKeys {
-    async fn key(&self, kid: &str) -> Result<(DecodingKey, Algorithm), AuthError> {
-        {
-            let cache = self.cache.read().await;
-            let fresh = cache
-                .fetched_at
-                .is_some_and(|at| at.elapsed() < self.max_age);
-            if let (true, Some(found)) = (fresh, cache.keys.get(kid)) {
-                return Ok(found.clone());
-            }
+    fn new(url: &str, config: &JwtConfig) -> Self {
+        Self {
+            url: url.to_owned(),
+            http: reqwest::Client::builder()
+                .timeout(config.jwks_fetch_timeout)
+                .connect_timeout(config.jwks_fetch_timeout)
+                // A redirect could lead the fetch anywhere; the URL is configured exactly.
+                .redirect(reqwest::redirect::Policy::none())
+                .build()
+                .expect("a plain HTTP client builds"),
+            cache: std::sync::RwLock::default(),
+            in_flight: std::sync::Mutex::new(None),
+            min_refresh: config.jwks_min_refresh,
+            max_age: config.jwks_max_age,
+            stale_max: config.jwks_stale_max,
+            fetch_timeout: config.jwks_fetch_timeout,
         }
-        let _one_fetch = self.refreshing.lock().await;
-        {
-            // Someone else may have fetched while we waited; and unknown kids must not turn
-            // into a fetch per request.
-            let cache = self.cache.read().await;
-            let recent = cache
-                .fetched_at
-                .is_some_and(|at| at.elapsed() < self.min_refresh);
-            let fresh = cache
-                .fetched_at
-                .is_some_and(|at| at.elapsed() < self.max_age);
-            match cache.keys.get(kid) {
-                Some(found) if fresh => return Ok(found.clone()),
-                None if recent => return Err(AuthError::Rejected(format!("unknown kid {kid}"))),
-                _ => {}
-            }
-        }
-        let keys = self.fetch().await?;
-        let mut cache = self.cache.write().await;
-        cache.keys = keys;
-        cache.fetched_at = Some(Instant::now());
-        cache
-            .keys
-            .get(kid)
-            .cloned()
-            .ok_or_else(|| AuthError::Rejected(format!("unknown kid {kid}")))
     }
 
-    async fn fetch(&self) -> Result<HashMap<String, (DecodingKey, Algorithm)>, AuthError> {
+    async fn key(self: &Arc<Self>, kid: &str) -> Result<(DecodingKey, Algorithm), AuthError> {
+        match self.lookup(kid, true) {
+            Lookup::Found(key) => return Ok(key),
+            Lookup::FoundRefresh(key) => {
+                let _ = self.start_fetch();
+                return Ok(key);
+            }
+            Lookup::Refuse(err) => return Err(err),
+            Lookup::Fetch => {}
+        }
+        let mut done = self.start_fetch();
+        if tokio::time::timeout(self.fetch_timeout, done.wait_for(|ended| *ended))
+            .await
+            .is_err()
+        {
+            return Err(AuthError::KeysUnavailable(
+                "the JWKS fetch timed out".into(),
+            ));
+        }
+        match self.lookup(kid, false) {
+            Lookup::Found(key) | Lookup::FoundRefresh(key) => Ok(key),
+            Lookup::Refuse(err) => Err(err),
+            Lookup::Fetch => Err(self.unavailable()),
+        }
+    }
+
+    /// `may_fetch` is false after a fetch ended: what the cache now says is final.
+    fn lookup(&self, kid: &str, may_fetch: bool) -> Lookup {
+        let cache = self.cache.read().expect("JWKS cache lock");
+        let now = Instant::now();
+        let age = cache.fetched_at.map(|at| now.duration_since(at));
+        let backing_off = cache.retry_at.is_some_and(|at| now < at);
+        match (cache.keys.get(kid), age) {
+            (Some(key), Some(age)) if age < self.max_age * 3 / 4 => Lookup::Found(key.clone()),
+            // Refreshed ahead of expiry while it still serves, and served past it while the
+            // endpoint fails (stale-if-error).
+            (Some(key), Some(age)) if age < self.stale_max => {
+                if backing_off || !may_fetch {
+                    Lookup::Found(key.clone())
+                } else {
+                    Lookup::FoundRefresh(key.clone())
+                }
+            }
+            _ if backing_off || !may_fetch => match cache.last_error.as_ref() {
+                Some(error) if cache.failures > 0 => {
+                    Lookup::Refuse(AuthError::KeysUnavailable(error.clone()))
+                }
+                _ => Lookup::Refuse(AuthError::Rejected(format!("unknown {}", kid_for_log(kid)))),
+            },
+            // Unknown kids must not turn into a fetch per request.
+            (None, Some(age)) if age < self.min_refresh => {
+                Lookup::Refuse(AuthError::Rejected(format!("unknown {}", kid_for_log(kid))))
+            }
+            _ => Lookup::Fetch,
+        }
+    }
+
+    fn unavailable(&self) -> AuthError {
+        let cache = self.cache.read().expect("JWKS cache lock");
+        AuthError::KeysUnavailable(
+            cache
+                .last_error
+                .clone()
+                .unwrap_or_else(|| "no JWKS fetched yet".into()),
+        )
+    }
+
+    /// Joins the fetch in flight, or starts one; the receiver turns true when it ended.
+    fn start_fetch(self: &Arc<Self>) -> watch::Receiver<bool> {
+        let mut in_flight = self.in_flight.lock().expect("JWKS fetch lock");
+        if let Some(running) = in_flight.as_ref() {
+            return running.clone();
+        }
+        let (ended, running) = watch::channel(false);
+        *in_flight = Some(running.clone());
+        drop(in_flight);
+        let keys = self.clone();
+        tokio::spawn(async move {
+            // The client's timeout bounds the fetch; this bounds a hostile body as well.
+            let fetched = match tokio::time::timeout(keys.fetch_timeout, keys.fetch()).await {
+                Ok(fetched) => fetched,
+                Err(_) => Err("the JWKS fetch timed out".to_owned()),
+            };
+            keys.store(fetched);
+            *keys.in_flight.lock().expect("JWKS fetch lock") = None;
+            let _ = ended.send(true);
+        });
+        running
+    }
+
+    fn store(&self, fetched: Result<HashMap<String, (DecodingKey, Algorithm)>, String>) {
+        let mut cache = self.cache.write().expect("JWKS cache lock");
+        match fetched {
+            Ok(keys) => {
+                tracing::info!(keys = keys.len(), "fetched JWKS");
+                cache.keys = keys;
+                cache.fetched_at = Some(Instant::now());
+                cache.failures = 0;
+                cache.retry_at = None;
+                cache.last_error = None;
+            }
+            Err(error) => {
+                cache.failures = cache.failures.saturating_add(1);
+                let backoff = JWKS_BACKOFF_BASE
+                    .saturating_mul(2u32.saturating_pow(cache.failures - 1))
+                    .min(JWKS_BACKOFF_MAX);
+                tracing::warn!(%error, failures = cache.failures,
+                    retry_in_ms = backoff.as_millis() as u64, "JWKS fetch failed");
+                cache.retry_at = Some(Instant::now() + backoff);
+                cache.last_error = Some(error);
+            }
+        }
+    }
+
+    async fn fetch(&self) -> Result<HashMap<String, (DecodingKey, Algorithm)>, String> {
         #[derive(Deserialize)]
         struct RawSet {
             keys: Vec<serde_json::Value>,
         }
-        let unavailable =
-            |e: reqwest::Error| AuthError::KeysUnavailable(e.without_url().to_string());
-        let set: RawSet = self
-            .http
-            .get(&self.url)
-            .send()
-            .await
-            .and_then(reqwest::Response::error_for_status)
-            .map_err(unavailable)?
-            .json()
-            .await
-            .map_err(unavailable)?;
+        let unavailable = |e: reqwest::Error| e.without_url().to_string();
+        let mut response = self.http.get(&self.url).send().await.map_err(unavailable)?;
+        if !response.status().is_success() {
+            return Err(format!("the JWKS endpoint answered {}", response.status()));
+        }
+        if response
+            .content_length()
+            .is_some_and(|n| n > JWKS_MAX_BYTES as u64)
+        {
+            return Err("the JWKS is larger than 256 KiB".into());
+        }
+        let mut body = Vec::new();
+        while let Some(chunk) = response.chunk().await.map_err(unavailable)? {
+            if body.len() + chunk.len() > JWKS_MAX_BYTES {
+                return Err("the JWKS is larger than 256 KiB".into());
+            }
+            body.extend_from_slice(&chunk);
+        }
+        let set: RawSet =
+            serde_json::from_slice(&body).map_err(|e| format!("the JWKS is not a key set: {e}"))?;
         let mut keys = HashMap::new();
         // A key billsync cannot use (another type or algorithm) is skipped, not fatal.
         for raw in set.keys {
@@ -231,7 +360,6 @@ impl JwksKeys {
                 keys.insert(kid, (key, algorithm));
             }
         }
-        tracing::info!(keys = keys.len(), "fetched JWKS");
         Ok(keys)
     }
 }

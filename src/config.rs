@@ -271,6 +271,22 @@ pub struct OutboxConfig {
     pub batch: u32,
 }
 
+/// Whether an `http://` URL's host is this machine (`localhost`, 127.0.0.0/8, `[::1]`).
+fn is_loopback_url(url: &str) -> bool {
+    let rest = url.strip_prefix("http://").unwrap_or(url);
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    let host = if let Some(v6) = host.strip_prefix('[') {
+        v6.split(']').next().unwrap_or_default()
+    } else {
+        host.split(':').next().unwrap_or_default()
+    };
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
 #[derive(Debug, Clone)]
 pub struct JwtConfig {
     pub secret: Option<Secret>,
@@ -279,8 +295,12 @@ pub struct JwtConfig {
     pub issuer: Option<String>,
     /// An unknown `kid` refetches the JWKS at most this often.
     pub jwks_min_refresh: Duration,
-    /// Keys are refetched when older than this.
+    /// Keys are refetched when older than this (in the background, serving the old ones).
     pub jwks_max_age: Duration,
+    /// While the JWKS endpoint fails, keys this old are still served (stale-if-error).
+    pub jwks_stale_max: Duration,
+    /// One JWKS fetch, connection included; a request waits for it at most this long.
+    pub jwks_fetch_timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -420,6 +440,12 @@ impl Config {
                     "BILLSYNC_JWKS_URL must be an http(s) URL, got {url:?}"
                 )));
             }
+            // Keys fetched in clear text could be swapped on the way: only on this machine.
+            if url.starts_with("http://") && !is_loopback_url(url) {
+                return Err(ConfigError::Invalid(format!(
+                    "BILLSYNC_JWKS_URL must be https:// (http:// only on loopback), got {url:?}"
+                )));
+            }
         }
         let max_attempts = pick(&args.outbox_max_attempts, file.outbox_max_attempts).unwrap_or(10);
         if max_attempts == 0 {
@@ -555,6 +581,8 @@ impl Config {
                 issuer: pick(&args.jwt_issuer, file.jwt_issuer).filter(|i| !i.is_empty()),
                 jwks_min_refresh: Duration::from_secs(10),
                 jwks_max_age: Duration::from_secs(600),
+                jwks_stale_max: Duration::from_secs(24 * 3600),
+                jwks_fetch_timeout: Duration::from_secs(5),
             },
             outbox,
             database_url: Secret::new(database_url),
@@ -635,6 +663,36 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn jwks_urls_are_https_except_on_loopback() {
+        let load = |url: &str| {
+            Config::load(&ConfigArgs {
+                jwks_url: Some(url.into()),
+                ..Default::default()
+            })
+        };
+        for good in [
+            "https://project.supabase.co/auth/v1/.well-known/jwks.json",
+            "http://127.0.0.1:9999/jwks.json",
+            "http://localhost/jwks.json",
+            "http://[::1]:80/jwks.json",
+        ] {
+            assert!(load(good).is_ok(), "{good}");
+        }
+        for bad in [
+            "http://project.supabase.co/jwks.json",
+            "http://127.0.0.1.evil.example/jwks.json",
+            "http://localhost@evil.example/jwks.json",
+            "http://10.0.0.1/jwks.json",
+        ] {
+            let err = load(bad).unwrap_err().to_string();
+            assert!(
+                err.contains("BILLSYNC_JWKS_URL must be https://"),
+                "{bad}: {err}"
+            );
+        }
+    }
 
     #[test]
     fn http_only_instances_need_postgres() {

@@ -459,3 +459,188 @@ async fn profile_validation_names_the_field() {
         );
     }
 }
+
+/// An app whose JWKS endpoint is `url`, with a short fetch timeout.
+async fn app_with_jwks(
+    url: &str,
+    tune: impl FnOnce(&mut billsync::config::Config),
+) -> (TestApp, support::TestStore) {
+    let store = support::sqlite_store().await;
+    let mut config = support::test_config(DEAD_STRIPE);
+    config.jwt.jwks_url = Some(url.to_owned());
+    config.jwt.jwks_fetch_timeout = std::time::Duration::from_secs(1);
+    tune(&mut config);
+    (TestApp::spawn(store.store.clone(), &config).await, store)
+}
+
+/// A JWKS endpoint that accepts connections and never answers: the worst a peer can do.
+/// Returns its URL and how many connections it accepted.
+async fn hung_jwks() -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/jwks.json", listener.local_addr().unwrap());
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = accepted.clone();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            held.push(socket);
+        }
+    });
+    (url, accepted)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_jwks_costs_a_request_one_fetch_timeout_at_most() {
+    let (url, accepted) = hung_jwks().await;
+    let (app, _s) = app_with_jwks(&url, |_| {}).await;
+    let token = sign(
+        Algorithm::RS256,
+        Some("rsa1"),
+        &rsa("rsa1"),
+        &claims("hung"),
+    );
+    let started = std::time::Instant::now();
+    // The rest of the service, probed throughout.
+    let probing = {
+        let http = app.http.clone();
+        let (health, webhook) = (app.url("/healthz"), app.url("/api/webhooks/stripe"));
+        tokio::spawn(async move {
+            let mut slowest = std::time::Duration::ZERO;
+            while started.elapsed() < std::time::Duration::from_millis(1_500) {
+                for request in [http.get(&health), http.post(&webhook).body("{}")] {
+                    let at = std::time::Instant::now();
+                    let status = request.send().await.unwrap().status().as_u16();
+                    assert!(status == 200 || status == 400, "{status}");
+                    slowest = slowest.max(at.elapsed());
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            slowest
+        })
+    };
+    let requests = (0..32).map(|_| {
+        let (app, token) = (&app, token.clone());
+        async move {
+            let at = std::time::Instant::now();
+            (try_token(app, &token).await, at.elapsed())
+        }
+    });
+    let answers = futures_util::future::join_all(requests).await;
+    let slowest = answers.iter().map(|(_, took)| *took).max().unwrap();
+    for (answer, _) in &answers {
+        assert_eq!(answer, &(503, Some("auth_unavailable".into())));
+    }
+    let probe_slowest = probing.await.unwrap();
+    eprintln!(
+        "MEASURED hung JWKS: 32 user requests, slowest {slowest:?} (fetch timeout 1 s); \
+         /healthz and webhook slowest {probe_slowest:?}; connections to the JWKS {}",
+        accepted.load(std::sync::atomic::Ordering::SeqCst)
+    );
+    // Before: one fetch after another, 5 s each, the last request waiting 32 of them.
+    assert!(
+        slowest < std::time::Duration::from_millis(2_500),
+        "slowest user request took {slowest:?}"
+    );
+    assert!(
+        probe_slowest < std::time::Duration::from_secs(1),
+        "the rest of the service waited {probe_slowest:?}"
+    );
+    assert_eq!(
+        accepted.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "one fetch, shared by every waiting request"
+    );
+    // The failure is remembered: the next requests answer at once, without a new fetch.
+    let at = std::time::Instant::now();
+    assert_eq!(
+        try_token(&app, &token).await,
+        (503, Some("auth_unavailable".into()))
+    );
+    assert!(at.elapsed() < std::time::Duration::from_millis(500));
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn cached_keys_are_served_while_the_jwks_fails() {
+    let jwks = MockServer::start().await;
+    serve_jwks(&jwks, &["rsa1"]).await;
+    let (app, _s) = app_with_jwks(&format!("{}/jwks.json", jwks.uri()), |c| {
+        c.jwt.jwks_max_age = std::time::Duration::from_millis(50);
+    })
+    .await;
+    let token = sign(
+        Algorithm::RS256,
+        Some("rsa1"),
+        &rsa("rsa1"),
+        &claims("stale"),
+    );
+    assert_eq!(try_token(&app, &token).await, (200, None));
+    jwks.reset().await;
+    Mock::given(path("/jwks.json"))
+        .respond_with(ResponseTemplate::new(500))
+        .mount(&jwks)
+        .await;
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    // Past max_age, the endpoint failing: the cached key still verifies, ten times over...
+    for _ in 0..10 {
+        assert_eq!(try_token(&app, &token).await, (200, None));
+    }
+    // ...and the failing endpoint was asked once, then left alone for its backoff.
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let asked = jwks.received_requests().await.unwrap().len();
+    assert_eq!(asked, 1, "fetches while failing");
+}
+
+#[tokio::test]
+async fn the_jwks_fetch_follows_no_redirect_and_takes_no_huge_set() {
+    let jwks = MockServer::start().await;
+    let keys = json!({"keys": [jwk("rsa1")]});
+    Mock::given(path("/moved.json"))
+        .respond_with(ResponseTemplate::new(302).insert_header("location", "/jwks.json"))
+        .mount(&jwks)
+        .await;
+    Mock::given(path("/jwks.json"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(keys.clone()))
+        .mount(&jwks)
+        .await;
+    let padding = "x".repeat(300 * 1024);
+    Mock::given(path("/huge.json"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(json!({"keys": [jwk("rsa1")], "padding": padding})),
+        )
+        .mount(&jwks)
+        .await;
+    let token = sign(
+        Algorithm::RS256,
+        Some("rsa1"),
+        &rsa("rsa1"),
+        &claims("moved"),
+    );
+    for refused in ["moved.json", "huge.json"] {
+        let (app, _s) = app_with_jwks(&format!("{}/{refused}", jwks.uri()), |_| {}).await;
+        assert_eq!(
+            try_token(&app, &token).await,
+            (503, Some("auth_unavailable".into())),
+            "{refused}"
+        );
+    }
+    let (app, _s) = app_with_jwks(&format!("{}/jwks.json", jwks.uri()), |_| {}).await;
+    assert_eq!(try_token(&app, &token).await, (200, None));
+}
+
+#[tokio::test]
+async fn an_attackers_kid_is_not_logged_verbatim() {
+    let _ = support::captured_logs();
+    let (app, _jwks, _s) = app(&["rsa1"]).await;
+    let kid = "kid-\u{1b}[31m-INJECTED-1f3a9c";
+    let token = sign(Algorithm::RS256, Some(kid), &rsa("rsa1"), &claims("kid"));
+    assert_eq!(try_token(&app, &token).await, unauthorized());
+    let logs = support::logs_text();
+    assert!(
+        logs.contains("user token rejected"),
+        "the rejection is logged"
+    );
+    assert!(!logs.contains("INJECTED"), "the kid was logged verbatim");
+}
