@@ -292,7 +292,62 @@ async fn events_can_be_replayed(backend: Backend) {
     assert_eq!(bad.status(), 422);
 }
 
+/// Under Connect, a connected account's customer events reach the platform's endpoint too:
+/// they are acknowledged and kept as skipped, never applied to the platform's users. Events
+/// of another API version are applied, and counted by version.
+async fn connect_events_are_skipped_and_versions_counted(backend: Backend) {
+    let Some((app, _s)) = app(backend, "connect_events_are_skipped_and_versions_counted").await
+    else {
+        return;
+    };
+    support::seed_linked_user(app.state.store.as_ref(), "platform-user", "cus_connect").await;
+    let mut connect: Value =
+        serde_json::from_str(&event("evt_connect", "customer.updated", "cus_connect")).unwrap();
+    connect["account"] = json!("acct_1Connected");
+    connect["data"]["object"]["email"] = json!("someone-else@example.com");
+    let body = connect.to_string();
+    let signature = support::stripe_signature(support::WEBHOOK_SECRET, &body);
+    assert_eq!(deliver(&app, &body, Some(&signature)).await.0, 200);
+    let skipped = stored(&app, Some("skipped")).await;
+    assert_eq!(skipped.len(), 1);
+    assert_eq!(skipped[0]["id"], "evt_connect");
+    let user = app
+        .state
+        .store
+        .get_user(&billsync::domain::UserId::parse("platform-user").unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        user.email.as_str(),
+        "platform-user@example.com",
+        "not applied"
+    );
+
+    // The platform's own event, rendered in an older version: applied, and counted.
+    let own = event("evt_own", "customer.updated", "cus_connect");
+    let signature = support::stripe_signature(support::WEBHOOK_SECRET, &own);
+    assert_eq!(deliver(&app, &own, Some(&signature)).await.0, 200);
+    let metrics = app
+        .admin(Method::GET, "/metrics")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("billsync_webhook_connect_events_total"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"billsync_webhook_api_version_mismatches_total{version="2017-08-15"}"#),
+        "{metrics}"
+    );
+}
+
 on_every_store!(
+    connect_events_are_skipped_and_versions_counted,
     a_signed_event_is_stored_once,
     rejected_requests_store_nothing,
     secrets_rotate,

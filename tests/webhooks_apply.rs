@@ -518,7 +518,11 @@ impl Backlog {
             .iter()
             .map(|body| {
                 let envelope = billsync::webhooks::ingest::parse_envelope(body.as_bytes()).unwrap();
-                billsync::webhooks::ingest::file(envelope, body.as_bytes(), false)
+                let expected = billsync::webhooks::ingest::Expected {
+                    livemode: false,
+                    api_version: "2025-08-27.basil".into(),
+                };
+                billsync::webhooks::ingest::file(envelope, body.as_bytes(), &expected)
             })
             .collect();
         self.store.store.insert_events(&events).await.unwrap();

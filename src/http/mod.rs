@@ -75,8 +75,8 @@ pub struct AppStateInner {
     pub webhooks: crate::config::WebhookConfig,
     pub ingestor: crate::webhooks::ingest::Ingestor,
     pub applier: crate::webhooks::apply::Applier,
-    /// Whether the configured Stripe key is a live one; events of the other mode are skipped.
-    pub livemode: bool,
+    /// What a verified event must match to be applied (mode, pinned API version).
+    pub expected_events: crate::webhooks::ingest::Expected,
     pub cors_origins: Vec<HeaderValue>,
     pub stripe_rps: u32,
     pub reconcile_runs: reconcile::SharedRuns,
@@ -104,7 +104,10 @@ impl AppState {
                 config.webhooks.writers,
                 config.webhooks.max_batch,
             ),
-            livemode: config.livemode(),
+            expected_events: crate::webhooks::ingest::Expected {
+                livemode: config.livemode(),
+                api_version: config.stripe.api_version.clone(),
+            },
             applier: crate::webhooks::apply::Applier::new(
                 store.clone(),
                 stripe.clone(),

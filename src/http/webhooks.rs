@@ -61,7 +61,7 @@ async fn store_event(
         time::OffsetDateTime::now_utc().unix_timestamp(),
     )?;
     let envelope = ingest::parse_envelope(body).map_err(ApiError::InvalidPayload)?;
-    let event = ingest::file(envelope, body, state.livemode);
+    let event = ingest::file(envelope, body, &state.expected_events);
     let (id, kind) = (event.id.clone(), event.kind.clone());
     let skipped = event.state == crate::store::EventState::Skipped;
     let fresh = state

@@ -29,6 +29,21 @@ pub struct Envelope {
     pub livemode: bool,
     /// The customer the event is about: the object itself, or its `customer`.
     pub customer_id: Option<String>,
+    /// The connected account a Connect event concerns (`account`); `None` for the
+    /// platform's own events.
+    pub account: Option<String>,
+    /// The API version Stripe rendered the event's object in.
+    pub api_version: Option<String>,
+}
+
+/// What a verified event must match to be applied.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Expected {
+    /// Whether the configured Stripe key is a live one; events of the other mode are skipped.
+    pub livemode: bool,
+    /// The pinned `Stripe-Version`; events of another version are applied (parsed
+    /// leniently) but counted and warned about.
+    pub api_version: String,
 }
 
 #[derive(Deserialize)]
@@ -39,6 +54,10 @@ struct RawEnvelope {
     created: i64,
     #[serde(default)]
     livemode: bool,
+    #[serde(default)]
+    account: Option<String>,
+    #[serde(default)]
+    api_version: Option<String>,
     data: RawData,
 }
 
@@ -96,20 +115,70 @@ pub fn parse_envelope(body: &[u8]) -> Result<Envelope, String> {
         created: raw.created,
         livemode: raw.livemode,
         customer_id,
+        account: raw.account.filter(|a| !a.is_empty()),
+        api_version: raw.api_version.filter(|v| !v.is_empty()),
     })
 }
 
+/// Counts an event of another API version than the pinned one, and warns once per version
+/// (per process): its objects may lack or rename fields billsync reads.
+fn note_api_version(version: &str, pinned: &str) {
+    static WARNED: std::sync::OnceLock<std::sync::Mutex<std::collections::HashSet<String>>> =
+        std::sync::OnceLock::new();
+    // Signed by Stripe, so a handful of values at most; clipped all the same.
+    let version: String = version
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '.')
+        .take(32)
+        .collect();
+    metrics::counter!("billsync_webhook_api_version_mismatches_total", "version" => version.clone())
+        .increment(1);
+    let first = WARNED
+        .get_or_init(Default::default)
+        .lock()
+        .expect("api version set")
+        .insert(version.clone());
+    if first {
+        tracing::warn!(
+            event_api_version = %version,
+            pinned = %pinned,
+            "webhook events of another API version than the pinned one: they are parsed \
+             leniently; pin the webhook endpoint's version to {pinned} (Dashboard → Webhooks)"
+        );
+    }
+}
+
 /// How an event is filed: applied later if billsync handles its type, it belongs to the
-/// configured mode and it names a customer, otherwise kept as `skipped`.
-pub fn file(envelope: Envelope, body: &[u8], livemode: bool) -> NewEvent {
+/// configured mode and to the platform's own account (not a connected account's, under
+/// Connect) and it names a customer, otherwise kept as `skipped`.
+pub fn file(envelope: Envelope, body: &[u8], expected: &Expected) -> NewEvent {
     let handled = HANDLED_TYPES.contains(&envelope.kind.as_str());
-    if envelope.livemode != livemode {
+    let mut applies = handled;
+    if let Some(version) = envelope
+        .api_version
+        .as_deref()
+        .filter(|v| *v != expected.api_version)
+    {
+        note_api_version(version, &expected.api_version);
+    }
+    if envelope.livemode != expected.livemode {
+        applies = false;
         tracing::warn!(
             event_id = %envelope.id,
             event_livemode = envelope.livemode,
             "event from the other mode than the configured key: stored as skipped"
         );
+    } else if envelope.account.is_some() {
+        // A connected account's customer, not one of the platform's: never ours to change.
+        applies = false;
+        metrics::counter!("billsync_webhook_connect_events_total").increment(1);
+        tracing::info!(
+            event_id = %envelope.id,
+            kind = %envelope.kind,
+            "Connect event (a connected account's object): stored as skipped"
+        );
     } else if handled && envelope.customer_id.is_none() {
+        applies = false;
         tracing::warn!(
             event_id = %envelope.id,
             kind = %envelope.kind,
@@ -117,7 +186,7 @@ pub fn file(envelope: Envelope, body: &[u8], livemode: bool) -> NewEvent {
         );
     }
     NewEvent {
-        state: if handled && envelope.livemode == livemode && envelope.customer_id.is_some() {
+        state: if applies {
             EventState::Pending
         } else {
             EventState::Skipped
@@ -250,27 +319,58 @@ mod tests {
         }
     }
 
+    fn expect(livemode: bool) -> Expected {
+        Expected {
+            livemode,
+            api_version: "2025-08-27.basil".into(),
+        }
+    }
+
+    #[test]
+    fn connect_events_are_skipped_and_other_versions_applied() {
+        let body = br#"{"id":"evt_c","type":"customer.updated","created":1,"account":"acct_1",
+                        "api_version":"2025-08-27.basil",
+                        "data":{"object":{"object":"customer","id":"cus_1"}}}"#;
+        let envelope = parse_envelope(body).unwrap();
+        assert_eq!(envelope.account.as_deref(), Some("acct_1"));
+        assert_eq!(
+            file(envelope, body, &expect(false)).state,
+            EventState::Skipped,
+            "a connected account's customer is not ours"
+        );
+        let body = br#"{"id":"evt_v","type":"customer.updated","created":1,
+                        "api_version":"2017-08-15",
+                        "data":{"object":{"object":"customer","id":"cus_1"}}}"#;
+        let envelope = parse_envelope(body).unwrap();
+        assert_eq!(envelope.api_version.as_deref(), Some("2017-08-15"));
+        assert_eq!(
+            file(envelope, body, &expect(false)).state,
+            EventState::Pending,
+            "another version is applied, leniently"
+        );
+    }
+
     #[test]
     fn unknown_types_and_the_other_mode_are_skipped() {
         let body = br#"{"id":"evt_1","type":"invoice.paid","created":1,"data":{"object":{}}}"#;
         assert_eq!(
-            file(parse_envelope(body).unwrap(), body, false).state,
+            file(parse_envelope(body).unwrap(), body, &expect(false)).state,
             EventState::Skipped
         );
         let body = br#"{"id":"evt_2","type":"customer.updated","created":1,"livemode":true,
                         "data":{"object":{"object":"customer","id":"cus_1"}}}"#;
         assert_eq!(
-            file(parse_envelope(body).unwrap(), body, false).state,
+            file(parse_envelope(body).unwrap(), body, &expect(false)).state,
             EventState::Skipped
         );
         assert_eq!(
-            file(parse_envelope(body).unwrap(), body, true).state,
+            file(parse_envelope(body).unwrap(), body, &expect(true)).state,
             EventState::Pending
         );
         let body = br#"{"id":"evt_3","type":"customer.subscription.updated","created":1,
                         "data":{"object":{"object":"subscription","id":"sub_1"}}}"#;
         assert_eq!(
-            file(parse_envelope(body).unwrap(), body, false).state,
+            file(parse_envelope(body).unwrap(), body, &expect(false)).state,
             EventState::Skipped,
             "nothing to apply an event to without a customer"
         );
