@@ -139,7 +139,7 @@ impl CustomerResolver {
             .await?
             .ok_or(ResolveError::UserNotFound)?;
 
-        let candidates = self.stripe.customers_by_email(user.email.as_str()).await?;
+        let candidates = self.candidates(&user).await?;
         for (customer, via) in self.pick_existing(&user, &candidates).await? {
             let linked = self
                 .link(&user, &customer.id, customer.livemode, via)
@@ -190,6 +190,53 @@ impl CustomerResolver {
             )))),
             Err(other) => Err(other),
         }
+    }
+
+    /// The Stripe customers this user might already have: those listed under the user's
+    /// (normalised) email; when none of them was made for this user, also those the Search
+    /// API finds by `metadata.userId` (made for this user, their email changed since) and by
+    /// email (Stripe's list filter is case-sensitive: `Ada@Example.com` is not listed under
+    /// `ada@example.com`). Search lags and may be absent; the claim and the create's
+    /// idempotency key, not search, are what prevent duplicates.
+    async fn candidates(&self, user: &User) -> Result<Vec<Customer>, ResolveError> {
+        let mut candidates = self.stripe.customers_by_email(user.email.as_str()).await?;
+        if candidates
+            .iter()
+            .any(|c| c.user_id_metadata() == Some(user.id.as_str()))
+        {
+            return Ok(candidates);
+        }
+        let by_metadata = format!(
+            "metadata[\"{}\"]:\"{}\"",
+            METADATA_USER_ID,
+            search_literal(user.id.as_str())
+        );
+        let by_email = format!("email:\"{}\"", search_literal(user.email.as_str()));
+        for query in [by_metadata, by_email] {
+            let Some(found) = self.stripe.search_customers(&query).await? else {
+                break; // no search here
+            };
+            for customer in found {
+                // Search matches loosely; only exact ids and case-insensitively equal
+                // emails count.
+                let ours = customer.user_id_metadata() == Some(user.id.as_str());
+                let same_email = customer
+                    .email
+                    .as_deref()
+                    .is_some_and(|e| e.trim().eq_ignore_ascii_case(user.email.as_str()));
+                if (ours || same_email) && !candidates.iter().any(|c| c.id == customer.id) {
+                    candidates.push(customer);
+                }
+            }
+            if candidates
+                .iter()
+                .any(|c| c.user_id_metadata() == Some(user.id.as_str()))
+            {
+                break; // made for this user: nothing to look for by email
+            }
+        }
+        candidates.sort_by(|a, b| a.created.cmp(&b.created).then_with(|| a.id.cmp(&b.id)));
+        Ok(candidates)
     }
 
     /// The existing customers this user may be linked to, best first: customers made for this
@@ -299,6 +346,11 @@ fn existing(customer_id: StripeCustomerId) -> Resolved {
     }
 }
 
+/// A value inside a Search API string literal: quotes and backslashes escaped.
+fn search_literal(value: &str) -> String {
+    value.replace('\\', "\\\\").replace('"', "\\\"")
+}
+
 /// The create request. `created_at` is the claim's first start, so every retry of this
 /// user's creation sends identical parameters.
 fn create_params(user: &User, claim: &ResolveClaim) -> CustomerParams {
@@ -372,6 +424,12 @@ mod tests {
             Some("Lovelace")
         );
         assert_eq!(create_params(&user(None, None), &claim).name, None);
+    }
+
+    #[test]
+    fn search_literals_are_escaped() {
+        assert_eq!(search_literal("plain-id"), "plain-id");
+        assert_eq!(search_literal(r#"a"b\c"#), r#"a\"b\\c"#);
     }
 
     #[test]

@@ -69,6 +69,38 @@ impl FlakyStripe {
                     .collect();
                 json!({"object": "list", "data": data, "has_more": false})
             }
+            ("GET", "/v1/customers/search") => {
+                // As Stripe's search: `metadata["userId"]:"…"` or `email:"…"` (any case).
+                let query = request
+                    .url
+                    .query_pairs()
+                    .find(|(k, _)| k == "query")
+                    .map(|(_, v)| v.into_owned())
+                    .unwrap_or_default();
+                let quoted = |prefix: &str| {
+                    query
+                        .strip_prefix(prefix)
+                        .map(|rest| rest.trim_matches('"').to_owned())
+                };
+                let data: Vec<Value> = ledger
+                    .customers
+                    .iter()
+                    .filter(
+                        |c| match (quoted("metadata[\"userId\"]:"), quoted("email:")) {
+                            (Some(user), _) => {
+                                c["metadata"]["userId"].as_str() == Some(user.as_str())
+                            }
+                            (_, Some(email)) => c["email"]
+                                .as_str()
+                                .is_some_and(|e| e.eq_ignore_ascii_case(&email)),
+                            _ => false,
+                        },
+                    )
+                    .cloned()
+                    .collect();
+                json!({"object": "search_result", "data": data, "has_more": false,
+                       "next_page": null})
+            }
             ("POST", "/v1/customers") => {
                 let customer = json!({
                     "id": format!("cus_flaky{}", ledger.customers.len()),

@@ -493,7 +493,167 @@ async fn stripe_refusing_a_create_is_422(backend: Backend) {
     );
 }
 
+fn search_result(customers: Vec<Value>) -> Value {
+    json!({"object": "search_result", "url": "/v1/customers/search", "has_more": false,
+           "next_page": null, "data": customers})
+}
+
+fn stripe_customer(id: &str, email: &str, metadata: Value) -> Value {
+    json!({"id": id, "object": "customer", "email": email, "name": null, "phone": null,
+           "metadata": metadata, "livemode": false, "created": 1_700_000_000})
+}
+
+/// What Stripe's email list cannot find, its Search API can: a customer made for this user
+/// whose email changed since, and one whose email has capitals (the list filter is
+/// case-sensitive). Where search is absent (404/400), resolve creates, as before.
+async fn search_finds_what_the_email_list_cannot(backend: Backend) {
+    let Some(w) = world(backend, "search_finds_what_the_email_list_cannot", |_| {}).await else {
+        return;
+    };
+    Mock::given(method("GET"))
+        .and(path("/v1/customers"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(json!({"object": "list", "data": [], "has_more": false})),
+        )
+        .mount(&w.stripe)
+        .await;
+    // Made for `moved` under an address they have since changed.
+    Mock::given(method("GET"))
+        .and(path("/v1/customers/search"))
+        .and(wiremock::matchers::query_param(
+            "query",
+            r#"metadata["userId"]:"moved""#,
+        ))
+        .respond_with(ResponseTemplate::new(200).set_body_json(search_result(vec![
+            stripe_customer(
+                "cus_Moved",
+                "old-address@example.com",
+                json!({"userId": "moved"}),
+            ),
+        ])))
+        .mount(&w.stripe)
+        .await;
+    // Created elsewhere with capitals in its email; nobody's.
+    Mock::given(method("GET"))
+        .and(path("/v1/customers/search"))
+        .and(wiremock::matchers::query_param(
+            "query",
+            r#"email:"capitals@example.com""#,
+        ))
+        .respond_with(ResponseTemplate::new(200).set_body_json(search_result(vec![
+            stripe_customer("cus_Capitals", "Capitals@Example.com", json!({})),
+            // Search matches loosely: another address is never taken for this one.
+            stripe_customer("cus_Other", "capitals@example.com.evil", json!({})),
+        ])))
+        .mount(&w.stripe)
+        .await;
+    Mock::given(method("GET"))
+        .and(path("/v1/customers/search"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(search_result(vec![])))
+        .mount(&w.stripe)
+        .await;
+    // Stamping metadata.userId on an email-linked customer.
+    Mock::given(method("POST"))
+        .and(path("/v1/customers/cus_Capitals"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(stripe_customer(
+            "cus_Capitals",
+            "Capitals@Example.com",
+            json!({"userId": "capitals"}),
+        )))
+        .mount(&w.stripe)
+        .await;
+
+    w.app
+        .put_user("moved", json!({"email": "new-address@example.com"}))
+        .await;
+    let (status, body) = w.app.resolve("moved").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        (body["customer_id"].as_str(), body["source"].as_str()),
+        (Some("cus_Moved"), Some("stripe_metadata"))
+    );
+
+    w.app
+        .put_user(
+            "capitals",
+            json!({"email": "capitals@example.com", "email_verified": true}),
+        )
+        .await;
+    let (status, body) = w.app.resolve("capitals").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        (body["customer_id"].as_str(), body["source"].as_str()),
+        (Some("cus_Capitals"), Some("stripe_email"))
+    );
+    let requests = w.stripe.received_requests().await.unwrap();
+    assert!(
+        !requests
+            .iter()
+            .any(|r| r.method.as_str() == "POST" && r.url.path() == "/v1/customers"),
+        "no customer created"
+    );
+    let searched = requests
+        .iter()
+        .filter(|r| r.url.path() == "/v1/customers/search")
+        .count();
+    assert_eq!(
+        searched, 3,
+        "metadata for moved; metadata, then email, for capitals"
+    );
+}
+
+async fn no_search_here_is_no_error(backend: Backend) {
+    let Some(w) = world(backend, "no_search_here_is_no_error", |_| {}).await else {
+        return;
+    };
+    Mock::given(method("GET"))
+        .and(path("/v1/customers"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(json!({"object": "list", "data": [], "has_more": false})),
+        )
+        .mount(&w.stripe)
+        .await;
+    Mock::given(method("GET"))
+        .and(path("/v1/customers/search"))
+        .respond_with(ResponseTemplate::new(400).set_body_json(json!({"error": {
+            "type": "invalid_request_error",
+            "message": "Search is not available for this account."}})))
+        .mount(&w.stripe)
+        .await;
+    Mock::given(method("POST"))
+        .and(path("/v1/customers"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(stripe_customer(
+            "cus_Fresh",
+            "fresh@example.com",
+            json!({"userId": "fresh"}),
+        )))
+        .mount(&w.stripe)
+        .await;
+    w.app
+        .put_user("fresh", json!({"email": "fresh@example.com"}))
+        .await;
+    let (status, body) = w.app.resolve("fresh").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["source"], "created");
+    let searched = w
+        .stripe
+        .received_requests()
+        .await
+        .unwrap()
+        .iter()
+        .filter(|r| r.url.path() == "/v1/customers/search")
+        .count();
+    assert_eq!(
+        searched, 1,
+        "the email search is skipped once search said no"
+    );
+}
+
 on_every_store!(
+    search_finds_what_the_email_list_cannot,
+    no_search_here_is_no_error,
     a_lost_create_is_replayed_identically_after_a_profile_edit,
     stripe_refusing_a_create_is_422,
     portal_sessions_send_what_stripe_documents,

@@ -222,6 +222,65 @@ impl StripeClient {
         Ok(found)
     }
 
+    /// Customers matching a Search API query (`metadata["userId"]:"…"`, `email:"…"`), up to
+    /// `MAX_EMAIL_MATCHES`; `None` where this Stripe has no search (localstripe, a
+    /// restricted key, an account without search): a 404 or a 400 answers "no search here",
+    /// logged once, never an error. Search is eventually consistent (about a minute behind):
+    /// a finding, never a guarantee that nothing exists.
+    pub async fn search_customers(&self, query: &str) -> StripeResult<Option<Vec<Customer>>> {
+        #[derive(Deserialize)]
+        struct SearchPage {
+            #[serde(default)]
+            data: Vec<Customer>,
+            #[serde(default)]
+            has_more: bool,
+            #[serde(default)]
+            next_page: Option<String>,
+        }
+        static NO_SEARCH_LOGGED: std::sync::atomic::AtomicBool =
+            std::sync::atomic::AtomicBool::new(false);
+        let mut found = Vec::new();
+        let mut page: Option<String> = None;
+        loop {
+            let mut params = vec![("query", query.to_owned()), ("limit", MAX_PAGE.to_string())];
+            if let Some(cursor) = &page {
+                params.push(("page", cursor.clone()));
+            }
+            let answer: StripeResult<SearchPage> = self
+                .send(Request {
+                    operation: "customers.search",
+                    method: Method::GET,
+                    path: "/v1/customers/search".into(),
+                    query: params,
+                    form: None,
+                    idempotency_key: None,
+                })
+                .await;
+            let result = match answer {
+                Ok(result) => result,
+                Err(StripeError::Api(e)) if e.status == 404 || e.status == 400 => {
+                    if !NO_SEARCH_LOGGED.swap(true, Ordering::Relaxed) {
+                        tracing::info!(
+                            status = e.status,
+                            "Stripe customer search unavailable here; resolving by listing only"
+                        );
+                    }
+                    return Ok(None);
+                }
+                Err(other) => return Err(other),
+            };
+            found.extend(result.data.into_iter().filter(|c| !c.deleted));
+            match result.next_page {
+                Some(next) if result.has_more && found.len() < MAX_EMAIL_MATCHES => {
+                    page = Some(next)
+                }
+                _ => break,
+            }
+        }
+        found.sort_by(|a, b| a.created.cmp(&b.created).then_with(|| a.id.cmp(&b.id)));
+        Ok(Some(found))
+    }
+
     /// Every subscription of a customer, whatever its status.
     pub async fn list_subscriptions(&self, customer: &str) -> StripeResult<Vec<Subscription>> {
         let mut found: Vec<Subscription> = Vec::new();
