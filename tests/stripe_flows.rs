@@ -651,7 +651,120 @@ async fn no_search_here_is_no_error(backend: Backend) {
     );
 }
 
+/// The export holds everything: Stripe's objects passed through whole and paged, what
+/// billsync itself keeps (stored webhook payloads, the profile pushed, outbox jobs, audit
+/// entries), and a warning for a section Stripe could not give.
+async fn the_export_passes_everything_through(backend: Backend) {
+    let Some(w) = world(backend, "the_export_passes_everything_through", |_| {}).await else {
+        return;
+    };
+    let token = linked(&w, "exported").await;
+    let customer = "cus_exported";
+    Mock::given(method("GET"))
+        .and(path(format!("/v1/customers/{customer}")))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({
+            "id": customer, "object": "customer", "email": "exported@example.com",
+            "address": {"line1": "1 Analytical Way", "city": "London", "country": "GB"},
+            "shipping": {"name": "Ada", "address": {"city": "Paris"}},
+            "description": "first customer", "tax_exempt": "none",
+            "invoice_settings": {"default_payment_method": "pm_1"},
+            "something_new_in_a_later_api": {"kept": true}, "metadata": {}})))
+        .mount(&w.stripe)
+        .await;
+    Mock::given(method("GET"))
+        .and(path("/v1/subscriptions"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({
+            "object": "list", "has_more": false,
+            "data": [{"id": "sub_1", "object": "subscription", "customer": customer,
+                      "status": "active", "cancel_at": 1_900_000_000,
+                      "items": {"object": "list", "data": []}}]})))
+        .mount(&w.stripe)
+        .await;
+    // Two pages of invoices.
+    Mock::given(method("GET"))
+        .and(path("/v1/invoices"))
+        .and(wiremock::matchers::query_param("starting_after", "in_1"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({
+            "object": "list", "has_more": false,
+            "data": [{"id": "in_2", "object": "invoice", "total": 2000}]})))
+        .mount(&w.stripe)
+        .await;
+    Mock::given(method("GET"))
+        .and(path("/v1/invoices"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({
+            "object": "list", "has_more": true,
+            "data": [{"id": "in_1", "object": "invoice", "total": 1000}]})))
+        .mount(&w.stripe)
+        .await;
+    Mock::given(method("GET"))
+        .and(path(format!("/v1/customers/{customer}/payment_methods")))
+        .respond_with(ResponseTemplate::new(500).set_body_json(json!({
+            "error": {"type": "api_error", "message": "induced"}})))
+        .mount(&w.stripe)
+        .await;
+    let event = json!({"id": "evt_exported", "object": "event", "type": "invoice.paid",
+        "created": 1_700_000_000, "livemode": false,
+        "data": {"object": {"id": "in_1", "object": "invoice", "customer": customer,
+                            "customer_email": "exported@example.com"}}})
+    .to_string();
+    w.app.deliver_webhook(&event).await;
+    let user = UserId::parse("exported").unwrap();
+    w.app
+        .state
+        .store
+        .append_audit(
+            "admin",
+            "export_requested",
+            Some(&billsync::gdpr::subject_hash(&user)),
+            &json!({"via": "test"}),
+        )
+        .await
+        .unwrap();
+
+    let response = w
+        .app
+        .as_user(Method::GET, "/api/user/export-data", &token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let export: Value = response.json().await.unwrap();
+    let stripe_customer = &export["stripe_customer"];
+    assert_eq!(stripe_customer["address"]["line1"], "1 Analytical Way");
+    assert_eq!(stripe_customer["shipping"]["address"]["city"], "Paris");
+    assert_eq!(stripe_customer["description"], "first customer");
+    assert_eq!(
+        stripe_customer["something_new_in_a_later_api"]["kept"],
+        true
+    );
+    assert_eq!(
+        export["stripe_subscriptions"][0]["cancel_at"],
+        1_900_000_000
+    );
+    let invoices: Vec<&str> = export["stripe_invoices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(invoices, ["in_1", "in_2"], "every page");
+    assert!(export["stripe_payment_methods"].is_null());
+    assert_eq!(
+        export["warnings"],
+        json!(["stripe_payment_methods could not be retrieved from Stripe"])
+    );
+    assert_eq!(export["stored_webhook_events"][0]["id"], "evt_exported");
+    assert_eq!(
+        export["stored_webhook_events"][0]["data"]["object"]["customer_email"],
+        "exported@example.com"
+    );
+    assert_eq!(export["audit_entries"][0]["action"], "export_requested");
+    assert!(export["outbox_jobs"].is_array());
+    assert!(export.as_object().unwrap().contains_key("pushed_profile"));
+}
+
 on_every_store!(
+    the_export_passes_everything_through,
     search_finds_what_the_email_list_cannot,
     no_search_here_is_no_error,
     a_lost_create_is_replayed_identically_after_a_profile_edit,

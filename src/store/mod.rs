@@ -480,6 +480,19 @@ pub trait Store: Send + Sync + 'static {
     async fn upsert_subscription(&self, subscription: &SubscriptionMirror) -> StoreResult<()>;
     async fn list_subscriptions(&self, user: &UserId) -> StoreResult<Vec<SubscriptionMirror>>;
 
+    /// The raw stored events of a customer with `id > after`, by id, at most `limit`: pages
+    /// for the GDPR export. `(id, payload)`.
+    async fn customer_events_page(
+        &self,
+        customer: &str,
+        after: Option<&str>,
+        limit: u32,
+    ) -> StoreResult<Vec<(String, String)>>;
+    /// Every outbox job of the user, oldest first.
+    async fn user_jobs(&self, user: &UserId) -> StoreResult<Vec<OutboxJob>>;
+    /// The audit entries about a subject (its hash), oldest first.
+    async fn audit_for_subject(&self, subject_hash: &str) -> StoreResult<Vec<AuditEntry>>;
+
     /// Writes verified events in one transaction; for each, whether it was new (a
     /// redelivery of a stored event changes nothing).
     async fn insert_events(&self, events: &[NewEvent]) -> StoreResult<Vec<bool>>;
@@ -603,6 +616,15 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreResult<()>;
 }
 
+/// One line of the audit log.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AuditEntry {
+    pub at: OffsetDateTime,
+    pub actor: String,
+    pub action: String,
+    pub detail: serde_json::Value,
+}
+
 /// A billing-portal configuration kept as code, as last applied.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PortalConfigRecord {
@@ -711,6 +733,11 @@ pub(crate) fn postgres_migrator() -> Migrator {
             "push stamp",
             include_str!("../../migrations/postgres/0005_push_stamp.sql"),
         ),
+        (
+            8,
+            "events by customer",
+            include_str!("../../migrations/postgres/0008_events_by_customer.sql"),
+        ),
     ])
 }
 
@@ -735,6 +762,11 @@ pub(crate) fn sqlite_migrator() -> Migrator {
             4,
             "push stamp",
             include_str!("../../migrations/sqlite/0004_push_stamp.sql"),
+        ),
+        (
+            7,
+            "events by customer",
+            include_str!("../../migrations/sqlite/0007_events_by_customer.sql"),
         ),
     ])
 }

@@ -11,7 +11,7 @@ use time::OffsetDateTime;
 use super::{
     clip_error, event_from_parts, job_from_parts,
     link_cache::{self, LinkCache},
-    link_from_row, opt_str, parse_json, pushed_profile, user_from_row, CustomerLink,
+    link_from_row, opt_str, parse_json, pushed_profile, user_from_row, AuditEntry, CustomerLink,
     CustomerUpdate, EventOutcome, EventState, EventToApply, JobOutcome, JobState, LinkOutcome,
     LinkRow, NewEvent, OutboxJob, PushedProfile, RemoteProfile, ResolveClaim, Store, StoreError,
     StoreResult, StoredEvent, SubscriptionMirror, UpdateContext, UsageRecord, User, UserRow,
@@ -844,6 +844,53 @@ impl Store for PgStore {
         .bind(recorded_at)
         .fetch_one(&self.pool)
         .await?)
+    }
+
+    async fn customer_events_page(
+        &self,
+        customer: &str,
+        after: Option<&str>,
+        limit: u32,
+    ) -> StoreResult<Vec<(String, String)>> {
+        Ok(sqlx::query_as(
+            "SELECT id, payload FROM stripe_events
+             WHERE stripe_customer_id = $1 AND ($2::TEXT IS NULL OR id > $2)
+             ORDER BY id LIMIT $3",
+        )
+        .bind(customer)
+        .bind(after)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    async fn user_jobs(&self, user: &UserId) -> StoreResult<Vec<OutboxJob>> {
+        let rows: Vec<PgJobRow> = sqlx::query_as(&format!(
+            "SELECT {JOB_COLUMNS} FROM outbox WHERE user_id = $1 ORDER BY id"
+        ))
+        .bind(user.as_str())
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter().map(job).collect()
+    }
+
+    async fn audit_for_subject(&self, subject_hash: &str) -> StoreResult<Vec<AuditEntry>> {
+        let rows: Vec<(OffsetDateTime, String, String, String)> = sqlx::query_as(
+            "SELECT at, actor, action, detail FROM audit_log WHERE subject_hash = $1 ORDER BY id",
+        )
+        .bind(subject_hash)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|(at, actor, action, detail)| {
+                Ok(AuditEntry {
+                    at,
+                    actor,
+                    action,
+                    detail: parse_json(&detail)?,
+                })
+            })
+            .collect()
     }
 
     async fn usage_records_page(

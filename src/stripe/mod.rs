@@ -51,6 +51,22 @@ pub struct CustomerParams {
     pub metadata: std::collections::BTreeMap<String, String>,
 }
 
+/// The lists of a customer's objects the export passes through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CustomerList {
+    Subscriptions,
+    Invoices,
+    PaymentMethods,
+}
+
+/// Every subscription of the customer, whatever its status.
+fn subscriptions_of(customer: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("customer", customer.to_owned()),
+        ("status", "all".to_owned()),
+    ]
+}
+
 /// One request, described before it is sent (and re-sent).
 struct Request<'a> {
     /// A stable name for logs and metrics (`customers.create`, …).
@@ -283,21 +299,87 @@ impl StripeClient {
 
     /// Every subscription of a customer, whatever its status.
     pub async fn list_subscriptions(&self, customer: &str) -> StripeResult<Vec<Subscription>> {
-        let mut found: Vec<Subscription> = Vec::new();
-        loop {
-            let mut query = vec![
-                ("customer", customer.to_owned()),
-                ("status", "all".to_owned()),
-                ("limit", MAX_PAGE.to_string()),
-            ];
-            if let Some(last) = found.last() {
-                query.push(("starting_after", last.id.clone()));
+        self.list_all(
+            "subscriptions.list",
+            "/v1/subscriptions",
+            subscriptions_of(customer),
+            |s: &Subscription| s.id.clone(),
+        )
+        .await
+    }
+
+    /// The customer exactly as Stripe returns it, every field (the GDPR export).
+    pub async fn customer_as_stripe_has_it(&self, id: &str) -> StripeResult<Value> {
+        self.send(Request {
+            operation: "customers.retrieve",
+            method: Method::GET,
+            path: format!("/v1/customers/{}", path_segment(id)),
+            query: vec![],
+            form: None,
+            idempotency_key: None,
+        })
+        .await
+    }
+
+    /// Every object of one of the customer's lists (`subscriptions`, `invoices`,
+    /// `payment_methods`) exactly as Stripe returns them, paged through (the GDPR export).
+    pub async fn customer_objects(
+        &self,
+        customer: &str,
+        list: CustomerList,
+    ) -> StripeResult<Vec<Value>> {
+        let id_of = |v: &Value| v["id"].as_str().unwrap_or_default().to_owned();
+        match list {
+            CustomerList::Subscriptions => {
+                self.list_all(
+                    "subscriptions.list",
+                    "/v1/subscriptions",
+                    subscriptions_of(customer),
+                    id_of,
+                )
+                .await
             }
-            let page: List<Subscription> = self
+            CustomerList::Invoices => {
+                self.list_all(
+                    "invoices.list",
+                    "/v1/invoices",
+                    vec![("customer", customer.to_owned())],
+                    id_of,
+                )
+                .await
+            }
+            CustomerList::PaymentMethods => {
+                self.list_all(
+                    "customers.payment_methods.list",
+                    &format!("/v1/customers/{}/payment_methods", path_segment(customer)),
+                    vec![],
+                    id_of,
+                )
+                .await
+            }
+        }
+    }
+
+    /// Every item of a list endpoint, 100 a page, each page after the last item's id.
+    async fn list_all<T: DeserializeOwned>(
+        &self,
+        operation: &'static str,
+        path: &str,
+        filters: Vec<(&'static str, String)>,
+        id_of: impl Fn(&T) -> String,
+    ) -> StripeResult<Vec<T>> {
+        let mut found: Vec<T> = Vec::new();
+        loop {
+            let mut query = filters.clone();
+            query.push(("limit", MAX_PAGE.to_string()));
+            if let Some(last) = found.last() {
+                query.push(("starting_after", id_of(last)));
+            }
+            let page: List<T> = self
                 .send(Request {
-                    operation: "subscriptions.list",
+                    operation,
                     method: Method::GET,
-                    path: "/v1/subscriptions".into(),
+                    path: path.to_owned(),
                     query,
                     form: None,
                     idempotency_key: None,
