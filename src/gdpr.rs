@@ -238,7 +238,7 @@ pub async fn run_erasure(
                 }
             }
             plan.subscriptions_canceled = true;
-            save(store, job.id, &plan).await?;
+            save(store, job, &plan).await?;
         }
         if !plan.customer_done {
             let result = if plan.delete_customer {
@@ -269,7 +269,7 @@ pub async fn run_erasure(
                 Err(err) => return Err(err.into()),
             }
             plan.customer_done = true;
-            save(store, job.id, &plan).await?;
+            save(store, job, &plan).await?;
         }
     }
     let detail = json!({
@@ -282,8 +282,14 @@ pub async fn run_erasure(
     Ok(())
 }
 
-async fn save(store: &dyn Store, job: i64, plan: &ErasurePlan) -> Result<(), JobFailure> {
+async fn save(store: &dyn Store, job: &OutboxJob, plan: &ErasurePlan) -> Result<(), JobFailure> {
     let payload = serde_json::to_value(plan).expect("plans serialize");
-    store.save_job_payload(job, &payload).await?;
+    if !store.save_job_payload(job, &payload).await? {
+        // Another worker re-claimed the saga: it carries on from the saved steps.
+        return Err(JobFailure::Transient {
+            error: "erasure claim lost to another worker".into(),
+            retry_after: None,
+        });
+    }
     Ok(())
 }

@@ -64,9 +64,22 @@ impl OutboxWorker {
         let count = jobs.len();
         for job in jobs {
             let outcome = self.run_job(&job).await;
-            self.store.finish_job(job.id, &outcome).await?;
+            self.finish(&job, &outcome).await?;
         }
         Ok(count)
+    }
+
+    /// Records how a claimed job ended; a worker whose claim was lost (its lease ran out and
+    /// another worker took the job) drops its result. Returns whether it was recorded.
+    async fn finish(&self, job: &OutboxJob, outcome: &JobOutcome) -> Result<bool, StoreError> {
+        let recorded = self.store.finish_job(job, outcome).await?;
+        if !recorded {
+            tracing::warn!(
+                job_id = job.id,
+                "job claim lost to another worker; its result is dropped"
+            );
+        }
+        Ok(recorded)
     }
 
     /// Runs one claimed job and says how it ended.
@@ -139,7 +152,13 @@ impl OutboxWorker {
                 ("synced_from".to_owned(), "billsync".to_owned()),
             ]),
         };
-        let key = format!("billsync-push-{}-{}", job.id, job.attempts);
+        // One key per claim: the client's own retries of this request reuse it, but a new
+        // attempt (a reclaim, an operator's retry) never sends an old key with a new body.
+        let key = format!(
+            "billsync-push-{}-{}",
+            job.id,
+            job.claim_token.as_deref().unwrap_or("unclaimed")
+        );
         self.stripe
             .update_customer(link.customer_id.as_str(), &params, Some(&key))
             .await?;
@@ -275,9 +294,9 @@ impl OutboxWorker {
             return Ok(ErasureStatus::Pending); // another worker is on it
         };
         let outcome = self.run_job(&claimed).await;
-        self.store.finish_job(claimed.id, &outcome).await?;
+        let recorded = self.finish(&claimed, &outcome).await?;
         Ok(match outcome {
-            JobOutcome::Done => ErasureStatus::Completed,
+            JobOutcome::Done if recorded => ErasureStatus::Completed,
             _ => ErasureStatus::Pending,
         })
     }

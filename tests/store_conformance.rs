@@ -504,7 +504,7 @@ async fn profile_changes_queue_one_coalesced_push(backend: Backend) {
     // The first one failing now is superseded by the newer pending push.
     store
         .finish_job(
-            claimed[0].id,
+            &claimed[0],
             &JobOutcome::Retry {
                 delay: Duration::ZERO,
                 error: "stripe unavailable".into(),
@@ -540,7 +540,7 @@ async fn jobs_retry_fail_and_are_requeued(backend: Backend) {
         .remove(0);
     store
         .finish_job(
-            job.id,
+            &job,
             &JobOutcome::Retry {
                 delay: Duration::from_secs(60),
                 error: "429".into(),
@@ -575,7 +575,7 @@ async fn jobs_retry_fail_and_are_requeued(backend: Backend) {
     );
     store
         .finish_job(
-            job.id,
+            &claimed,
             &JobOutcome::Failed {
                 error: "customer gone".into(),
             },
@@ -601,7 +601,10 @@ async fn jobs_retry_fail_and_are_requeued(backend: Backend) {
     assert_eq!(store.retry_job(987_654).await.unwrap(), None);
     let again = store.claim_jobs(1, Duration::from_secs(30)).await.unwrap();
     assert_eq!(again[0].id, job.id);
-    store.finish_job(job.id, &JobOutcome::Done).await.unwrap();
+    store
+        .finish_job(&again[0], &JobOutcome::Done)
+        .await
+        .unwrap();
     assert_eq!(
         store.get_job(job.id).await.unwrap().unwrap().state,
         JobState::Done
@@ -638,6 +641,89 @@ async fn expired_job_leases_are_reclaimed(backend: Backend) {
     assert_eq!(resumed.len(), 1);
     assert_eq!(resumed[0].id, lost.id);
     assert_eq!(resumed[0].attempts, 2);
+}
+
+/// A worker whose lease ran out and whose job another worker re-claimed can no longer write
+/// it: its finish and its progress are refused, and the new holder's are kept.
+async fn a_stale_claim_cannot_finish_or_rewrite_its_job(backend: Backend) {
+    let Some(t) = backend
+        .store("a_stale_claim_cannot_finish_or_rewrite_its_job")
+        .await
+    else {
+        return;
+    };
+    let store = &t.store;
+    store
+        .upsert_user(&upsert("fenced", "f@example.com"))
+        .await
+        .unwrap();
+    store
+        .upsert_user(&upsert("fenced", "f2@example.com"))
+        .await
+        .unwrap();
+    after_debounce().await;
+    let stale = store
+        .claim_jobs(1, Duration::from_millis(100))
+        .await
+        .unwrap()
+        .remove(0);
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    let current = store
+        .claim_jobs(1, Duration::from_secs(30))
+        .await
+        .unwrap()
+        .remove(0);
+    assert_eq!(current.id, stale.id);
+    assert!(current.claim_token.is_some());
+    assert_ne!(
+        current.claim_token, stale.claim_token,
+        "a new token per claim"
+    );
+
+    assert!(!store
+        .save_job_payload(&stale, &serde_json::json!({"stale": true}))
+        .await
+        .unwrap());
+    for outcome in [
+        JobOutcome::Done,
+        JobOutcome::Failed {
+            error: "stale".into(),
+        },
+        JobOutcome::Retry {
+            delay: Duration::ZERO,
+            error: "stale".into(),
+        },
+    ] {
+        assert!(!store.finish_job(&stale, &outcome).await.unwrap());
+    }
+    let row = store.get_job(stale.id).await.unwrap().unwrap();
+    assert_eq!(
+        row.state,
+        JobState::InFlight,
+        "the stale finish was refused"
+    );
+    assert_eq!(row.claim_token, current.claim_token);
+    assert_eq!(row.payload, serde_json::json!({}));
+    assert_eq!(row.last_error, None);
+
+    assert!(store
+        .save_job_payload(&current, &serde_json::json!({"step": 1}))
+        .await
+        .unwrap());
+    assert!(store.finish_job(&current, &JobOutcome::Done).await.unwrap());
+    let row = store.get_job(stale.id).await.unwrap().unwrap();
+    assert_eq!(row.state, JobState::Done);
+    assert_eq!(row.payload, serde_json::json!({"step": 1}));
+    // Finished: a second finish by the same claim changes nothing either.
+    assert!(!store
+        .finish_job(
+            &current,
+            &JobOutcome::Failed {
+                error: "late".into()
+            }
+        )
+        .await
+        .unwrap());
 }
 
 async fn concurrent_workers_claim_each_job_once(backend: Backend) {
@@ -730,11 +816,14 @@ async fn erasure_removes_the_user_and_keeps_no_personal_data(backend: Backend) {
         .claim_job(job.id, Duration::from_secs(30))
         .await
         .unwrap();
-    assert_eq!(claimed.map(|j| j.id), Some(job.id));
-    store
-        .save_job_payload(job.id, &serde_json::json!({"done": ["customer"]}))
+    assert_eq!(claimed.as_ref().map(|j| j.id), Some(job.id));
+    assert!(store
+        .save_job_payload(
+            claimed.as_ref().unwrap(),
+            &serde_json::json!({"done": ["customer"]})
+        )
         .await
-        .unwrap();
+        .unwrap());
     assert_eq!(
         store.get_job(job.id).await.unwrap().unwrap().payload,
         serde_json::json!({"done": ["customer"]})
@@ -1426,6 +1515,7 @@ on_every_store!(
     profile_changes_queue_one_coalesced_push,
     jobs_retry_fail_and_are_requeued,
     expired_job_leases_are_reclaimed,
+    a_stale_claim_cannot_finish_or_rewrite_its_job,
     concurrent_workers_claim_each_job_once,
     erasure_removes_the_user_and_keeps_no_personal_data,
     usage_subscriptions_and_pushes_round_trip,

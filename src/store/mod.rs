@@ -178,6 +178,10 @@ pub struct OutboxJob {
     pub state: JobState,
     /// Attempts started, this one included for a claimed job.
     pub attempts: i32,
+    /// A fresh random token per claim: the claim's writes (`finish_job`, `save_job_payload`)
+    /// only take effect while the row still carries it, and the push's idempotency key is
+    /// made from it, so no key is ever sent twice with different parameters.
+    pub claim_token: Option<String>,
     pub next_attempt_at: OffsetDateTime,
     pub last_error: Option<String>,
     pub created_at: OffsetDateTime,
@@ -410,14 +414,23 @@ pub trait Store: Send + Sync + 'static {
     async fn record_push(&self, user: &UserId, pushed: &PushedProfile) -> StoreResult<()>;
     async fn last_push(&self, user: &UserId) -> StoreResult<Option<PushedProfile>>;
 
-    /// Claims up to `limit` due jobs (pending and due, or in flight with an expired lease),
-    /// never two at once for one user. Each claimed job's `attempts` counts this attempt.
+    /// Claims up to `limit` due jobs (pending and due, or in flight with an expired lease, or
+    /// on Postgres whose holder's session is gone), never two in flight at once for one user
+    /// (a unique index makes it atomic). Each claim gets a new `claim_token`; each claimed
+    /// job's `attempts` counts this attempt.
     async fn claim_jobs(&self, limit: u32, lease: Duration) -> StoreResult<Vec<OutboxJob>>;
-    /// Claims one job now, whatever its due time, if it is pending.
+    /// Claims one job now, whatever its due time, if it is pending and no other job of its
+    /// user is in flight.
     async fn claim_job(&self, id: i64, lease: Duration) -> StoreResult<Option<OutboxJob>>;
-    async fn finish_job(&self, id: i64, outcome: &JobOutcome) -> StoreResult<()>;
-    /// Saves a job's progress (the erasure saga's completed steps).
-    async fn save_job_payload(&self, id: i64, payload: &serde_json::Value) -> StoreResult<()>;
+    /// Ends a claim. Fenced: `false` (and nothing written) when the job no longer carries
+    /// `job.claim_token` (its lease was lost and another worker re-claimed it).
+    async fn finish_job(&self, job: &OutboxJob, outcome: &JobOutcome) -> StoreResult<bool>;
+    /// Saves a job's progress (the erasure saga's completed steps); fenced like `finish_job`.
+    async fn save_job_payload(
+        &self,
+        job: &OutboxJob,
+        payload: &serde_json::Value,
+    ) -> StoreResult<bool>;
     async fn get_job(&self, id: i64) -> StoreResult<Option<OutboxJob>>;
     /// Newest first.
     async fn list_jobs(&self, state: Option<JobState>, limit: u32) -> StoreResult<Vec<OutboxJob>>;
@@ -697,6 +710,11 @@ pub(crate) fn postgres_migrator() -> Migrator {
             "event queue",
             include_str!("../../migrations/postgres/0004_event_queue.sql"),
         ),
+        (
+            7,
+            "outbox fencing",
+            include_str!("../../migrations/postgres/0007_outbox_fencing.sql"),
+        ),
     ])
 }
 
@@ -716,6 +734,11 @@ pub(crate) fn sqlite_migrator() -> Migrator {
             3,
             "event queue",
             include_str!("../../migrations/sqlite/0003_event_queue.sql"),
+        ),
+        (
+            6,
+            "outbox fencing",
+            include_str!("../../migrations/sqlite/0006_outbox_fencing.sql"),
         ),
     ])
 }
@@ -810,8 +833,18 @@ async fn explain_link_conflict<S: Store + ?Sized>(
     Ok(LinkOutcome::UserMissing)
 }
 
-/// Columns of an outbox row: id, kind, user_id, payload, state, attempts, last_error.
-type JobHead = (i64, String, String, String, String, i32, Option<String>);
+/// Columns of an outbox row: id, kind, user_id, payload, state, attempts, last_error,
+/// claim_token.
+type JobHead = (
+    i64,
+    String,
+    String,
+    String,
+    String,
+    i32,
+    Option<String>,
+    Option<String>,
+);
 
 fn job_from_parts(
     head: JobHead,
@@ -819,7 +852,7 @@ fn job_from_parts(
     created_at: OffsetDateTime,
     updated_at: OffsetDateTime,
 ) -> StoreResult<OutboxJob> {
-    let (id, kind, user_id, payload, state, attempts, last_error) = head;
+    let (id, kind, user_id, payload, state, attempts, last_error, claim_token) = head;
     Ok(OutboxJob {
         id,
         kind: JobKind::parse(&kind)
@@ -830,11 +863,17 @@ fn job_from_parts(
         state: JobState::parse(&state)
             .ok_or_else(|| StoreError::Corrupt(format!("job state {state:?}")))?,
         attempts,
+        claim_token,
         next_attempt_at,
         last_error,
         created_at,
         updated_at,
     })
+}
+
+/// A unique index refused the write (e.g. a second job in flight for one user).
+fn is_unique_violation(err: &sqlx::Error) -> bool {
+    matches!(err, sqlx::Error::Database(db) if db.is_unique_violation())
 }
 
 fn parse_json(raw: &str) -> StoreResult<serde_json::Value> {
