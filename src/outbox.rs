@@ -11,7 +11,7 @@ use crate::{
     config::OutboxConfig,
     domain::{full_name, UserId},
     gdpr,
-    store::{JobKind, JobOutcome, OutboxJob, PushedProfile, Store, StoreError},
+    store::{JobKind, JobOutcome, JobState, OutboxJob, PushedProfile, Store, StoreError},
     stripe::{CustomerParams, StripeClient, StripeError},
 };
 
@@ -154,6 +154,12 @@ impl OutboxWorker {
         };
         // One key per claim: the client's own retries of this request reuse it, but a new
         // attempt (a reclaim, an operator's retry) never sends an old key with a new body.
+        // An erasure started since: no push may reach Stripe after its scrub (and while this
+        // job is in flight, the erasure waits for it).
+        if self.store.active_erase(&user_id).await?.is_some() {
+            tracing::info!("erasure under way: push dropped");
+            return Ok(());
+        }
         let key = format!(
             "billsync-push-{}-{}",
             job.id,
@@ -252,6 +258,9 @@ mod tests {
     }
 }
 
+/// How long an erasure request waits for the user's in-flight push before answering pending.
+const ERASE_WAIT: Duration = Duration::from_secs(10);
+
 /// What an erasure request came to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErasureStatus {
@@ -290,8 +299,22 @@ impl OutboxWorker {
                 self.store.enqueue_erase(user_id, &payload).await?
             }
         };
-        let Some(claimed) = self.store.claim_job(job.id, self.config.lease).await? else {
-            return Ok(ErasureStatus::Pending); // another worker is on it
+        // Exclusive per user: the claim waits while a push of theirs is in flight (it lands
+        // before the scrub, never after), briefly; past that the saga is left to the workers.
+        let deadline = tokio::time::Instant::now() + ERASE_WAIT;
+        let claimed = loop {
+            if let Some(claimed) = self.store.claim_job(job.id, self.config.lease).await? {
+                break claimed;
+            }
+            let still_pending = self
+                .store
+                .get_job(job.id)
+                .await?
+                .is_some_and(|j| j.state == JobState::Pending);
+            if !still_pending || tokio::time::Instant::now() >= deadline {
+                return Ok(ErasureStatus::Pending); // another worker is on it, or a push is
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
         };
         let outcome = self.run_job(&claimed).await;
         let recorded = self.finish(&claimed, &outcome).await?;

@@ -7,8 +7,8 @@ use std::{sync::Arc, time::Duration};
 use billsync::{
     domain::{Email, LinkSource, PersonName, Phone, StripeCustomerId, UserId},
     store::{
-        JobKind, JobOutcome, JobState, LinkOutcome, PushedProfile, Store, SubscriptionMirror,
-        UserUpsert,
+        Erased, JobKind, JobOutcome, JobState, LinkOutcome, PushedProfile, Store,
+        SubscriptionMirror, UserUpsert,
     },
 };
 use support::Backend;
@@ -829,14 +829,30 @@ async fn erasure_removes_the_user_and_keeps_no_personal_data(backend: Backend) {
         serde_json::json!({"done": ["customer"]})
     );
 
-    assert!(store
-        .erase_user(
-            &user,
-            "hash123",
-            &serde_json::json!({"delete_from_stripe": true})
-        )
-        .await
-        .unwrap());
+    // A plan made before the link (or naming another customer) is re-made: nothing deleted.
+    for planned in [None, Some("cus_OTHER")] {
+        assert_eq!(
+            store
+                .erase_user(&user, planned, "hash123", &serde_json::json!({}))
+                .await
+                .unwrap(),
+            Erased::Relinked("cus_E".into())
+        );
+        assert!(store.get_user(&user).await.unwrap().is_some());
+        assert!(store.get_link(&user).await.unwrap().is_some());
+    }
+    assert_eq!(
+        store
+            .erase_user(
+                &user,
+                Some("cus_E"),
+                "hash123",
+                &serde_json::json!({"delete_from_stripe": true})
+            )
+            .await
+            .unwrap(),
+        Erased::Done(true)
+    );
     assert_eq!(store.get_user(&user).await.unwrap(), None);
     assert_eq!(store.get_link(&user).await.unwrap(), None);
     assert_eq!(
@@ -863,10 +879,13 @@ async fn erasure_removes_the_user_and_keeps_no_personal_data(backend: Backend) {
     assert!(!format!("{audit:?}").contains("erase-me"));
     assert!(!format!("{audit:?}").contains("e2@example.com"));
     // Again: nothing left to erase.
-    assert!(!store
-        .erase_user(&user, "hash123", &serde_json::json!({}))
-        .await
-        .unwrap());
+    assert_eq!(
+        store
+            .erase_user(&user, None, "hash123", &serde_json::json!({}))
+            .await
+            .unwrap(),
+        Erased::Done(false)
+    );
 }
 
 async fn usage_subscriptions_and_pushes_round_trip(backend: Backend) {

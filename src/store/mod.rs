@@ -188,6 +188,15 @@ pub struct OutboxJob {
     pub updated_at: OffsetDateTime,
 }
 
+/// What `erase_user` did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Erased {
+    /// The rows are gone; whether the user existed.
+    Done(bool),
+    /// Nothing deleted: the user is linked to this customer, which the saga has not handled.
+    Relinked(String),
+}
+
 /// How a claimed job ended.
 #[derive(Debug, Clone, PartialEq)]
 pub enum JobOutcome {
@@ -448,13 +457,17 @@ pub trait Store: Send + Sync + 'static {
     async fn active_erase(&self, user: &UserId) -> StoreResult<Option<OutboxJob>>;
     /// The erasure's last step, in one transaction: deletes the user (links, subscriptions,
     /// usage and claims go with it), drops their pending pushes, renames their jobs to
-    /// `erased:<subject_hash>`, and writes the audit entry. Returns whether the user existed.
+    /// `erased:<subject_hash>`, and writes the audit entry. Re-plans first, with the user's
+    /// row locked (no link can be made meanwhile): if the user is now linked to a customer
+    /// other than `handled_customer` (a resolve or a `customer.created` since the saga's
+    /// plan), nothing is deleted and that customer is returned, for the saga to handle.
     async fn erase_user(
         &self,
         user: &UserId,
+        handled_customer: Option<&str>,
         subject_hash: &str,
         audit_detail: &serde_json::Value,
-    ) -> StoreResult<bool>;
+    ) -> StoreResult<Erased>;
     async fn append_audit(
         &self,
         actor: &str,

@@ -12,10 +12,10 @@ use super::{
     clip_error, event_from_parts, is_unique_violation, job_from_parts,
     link_cache::{self, LinkCache},
     link_from_row, opt_str, parse_json, pushed_profile, user_from_row, CustomerLink,
-    CustomerUpdate, EventOutcome, EventState, EventToApply, JobOutcome, JobState, LinkOutcome,
-    LinkRow, NewEvent, OutboxJob, PushedProfile, RemoteProfile, ResolveClaim, Store, StoreError,
-    StoreResult, StoredEvent, SubscriptionMirror, UpdateContext, UsageRecord, User, UserRow,
-    UserUpsert, DUE_WINDOW_PER_CUSTOMER,
+    CustomerUpdate, Erased, EventOutcome, EventState, EventToApply, JobOutcome, JobState,
+    LinkOutcome, LinkRow, NewEvent, OutboxJob, PushedProfile, RemoteProfile, ResolveClaim, Store,
+    StoreError, StoreResult, StoredEvent, SubscriptionMirror, UpdateContext, UsageRecord, User,
+    UserRow, UserUpsert, DUE_WINDOW_PER_CUSTOMER,
 };
 use crate::domain::{LinkSource, StripeCustomerId, UserId};
 
@@ -938,10 +938,28 @@ impl Store for PgStore {
     async fn erase_user(
         &self,
         user: &UserId,
+        handled_customer: Option<&str>,
         subject_hash: &str,
         audit_detail: &serde_json::Value,
-    ) -> StoreResult<bool> {
+    ) -> StoreResult<Erased> {
         let mut tx = self.pool.begin().await?;
+        // The row lock keeps a link from being made until this transaction ends (it then
+        // finds no user); a link made before it is seen here.
+        let linked: Option<Option<String>> = sqlx::query_scalar(
+            "SELECT l.stripe_customer_id FROM users u
+             LEFT JOIN customer_links l ON l.user_id = u.id
+             WHERE u.id = $1 FOR UPDATE OF u",
+        )
+        .bind(user.as_str())
+        .fetch_optional(&mut *tx)
+        .await?;
+        if let Some(customer) = linked
+            .flatten()
+            .filter(|c| Some(c.as_str()) != handled_customer)
+        {
+            tx.rollback().await?;
+            return Ok(Erased::Relinked(customer));
+        }
         let existed = sqlx::query("DELETE FROM users WHERE id = $1")
             .bind(user.as_str())
             .execute(&mut *tx)
@@ -972,7 +990,7 @@ impl Store for PgStore {
         .await?;
         tx.commit().await?;
         self.links.evict(user.as_str());
-        Ok(existed)
+        Ok(Erased::Done(existed))
     }
 
     async fn append_audit(

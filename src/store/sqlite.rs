@@ -9,7 +9,7 @@ use time::OffsetDateTime;
 
 use super::{
     clip_error, event_from_parts, is_unique_violation, job_from_parts, link_from_row, now, opt_str,
-    parse_json, pushed_profile, user_from_row, CustomerLink, CustomerUpdate, EventOutcome,
+    parse_json, pushed_profile, user_from_row, CustomerLink, CustomerUpdate, Erased, EventOutcome,
     EventState, EventToApply, JobOutcome, JobState, LinkOutcome, NewEvent, OutboxJob,
     PushedProfile, ResolveClaim, Store, StoreError, StoreResult, StoredEvent, SubscriptionMirror,
     UpdateContext, UsageRecord, User, UserUpsert, DUE_WINDOW_PER_CUSTOMER,
@@ -768,11 +768,29 @@ impl Store for SqliteStore {
     async fn erase_user(
         &self,
         user_id: &UserId,
+        handled_customer: Option<&str>,
         subject_hash: &str,
         audit_detail: &serde_json::Value,
-    ) -> StoreResult<bool> {
+    ) -> StoreResult<Erased> {
         let now = to_ms(now());
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        // The row lock keeps a link from being made until this transaction ends (it then
+        // finds no user); a link made before it is seen here.
+        let linked: Option<Option<String>> = sqlx::query_scalar(
+            "SELECT l.stripe_customer_id FROM users u
+             LEFT JOIN customer_links l ON l.user_id = u.id
+             WHERE u.id = ?1",
+        )
+        .bind(user_id.as_str())
+        .fetch_optional(&mut *tx)
+        .await?;
+        if let Some(customer) = linked
+            .flatten()
+            .filter(|c| Some(c.as_str()) != handled_customer)
+        {
+            tx.rollback().await?;
+            return Ok(Erased::Relinked(customer));
+        }
         let existed = sqlx::query("DELETE FROM users WHERE id = ?1")
             .bind(user_id.as_str())
             .execute(&mut *tx)
@@ -803,7 +821,7 @@ impl Store for SqliteStore {
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
-        Ok(existed)
+        Ok(Erased::Done(existed))
     }
 
     async fn append_audit(
