@@ -12,7 +12,7 @@ use crate::{
     domain::UserId,
     outbox::JobFailure,
     store::{Erased, OutboxJob, Store, StoreError, SubscriptionMirror, UsageRecord, User},
-    stripe::{CustomerParams, StripeClient, METADATA_USER_ID},
+    stripe::{StripeClient, METADATA_USER_ID},
 };
 
 pub const EXPORT_VERSION: &str = "2.0";
@@ -206,8 +206,8 @@ const OUR_METADATA: [&str; 5] = [
     "synced_from",
 ];
 
-/// The saga: cancel the customer's subscriptions; delete the customer, or scrub it of name,
-/// phone and billsync's metadata; then delete the local rows and write the audit entry. Each
+/// The saga: cancel the customer's subscriptions; delete the customer, or scrub it of email,
+/// name, phone, description, address, shipping and billsync's metadata; then delete the local rows and write the audit entry. Each
 /// step is idempotent and recorded, so a retry resumes where the last attempt stopped.
 #[tracing::instrument(skip_all, fields(job_id = job.id))]
 pub async fn run_erasure(
@@ -259,14 +259,8 @@ pub async fn run_erasure(
                         .map(|k| ((*k).to_owned(), String::new()))
                         .collect();
                     metadata.insert(METADATA_USER_ID.to_owned(), format!("erased:{hash}"));
-                    let scrub = CustomerParams {
-                        email: None,
-                        name: Some(String::new()),
-                        phone: Some(String::new()),
-                        metadata,
-                    };
                     stripe
-                        .update_customer(&customer, &scrub, None)
+                        .scrub_customer(&customer, &metadata)
                         .await
                         .map(|_| ())
                 };

@@ -31,6 +31,8 @@ enum Update {
 #[derive(Clone, Default)]
 struct SlowStripe {
     updates: Arc<Mutex<Vec<Update>>>,
+    /// The scrub's form fields.
+    scrub: Arc<Mutex<Vec<(String, String)>>>,
 }
 
 impl Respond for SlowStripe {
@@ -43,6 +45,7 @@ impl Respond for SlowStripe {
             serde_urlencoded::from_bytes(&request.body).unwrap_or_default();
         let field = |name: &str| form.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
         let update = if field("metadata[userId]").is_some_and(|v| v.starts_with("erased:")) {
+            self.scrub.lock().unwrap().clone_from(&form);
             Update::Scrub
         } else {
             assert_eq!(field("metadata[synced_from]").as_deref(), Some("billsync"));
@@ -131,6 +134,21 @@ async fn an_erasure_waits_for_an_in_flight_push(backend: Backend) {
         "a push reached Stripe after the scrub: {updates:?}"
     );
     assert_eq!(updates[0], Update::Push, "{updates:?}");
+    // The kept customer is emptied of everything personal (an empty value unsets a field).
+    let scrub = fake.scrub.lock().unwrap().clone();
+    for name in [
+        "email",
+        "name",
+        "phone",
+        "description",
+        "address",
+        "shipping",
+    ] {
+        assert!(
+            scrub.iter().any(|(k, v)| k == name && v.is_empty()),
+            "{name} not cleared: {scrub:?}"
+        );
+    }
 }
 
 /// A resolve links a customer after the erasure planned (with no customer): the deleting
@@ -150,6 +168,8 @@ async fn a_customer_linked_after_the_plan_is_scrubbed_too(backend: Backend) {
             ("email", &email),
             ("name", "Ada Lovelace"),
             ("phone", "+14155550123"),
+            ("description", "Ada's account"),
+            ("address[line1]", "12 St James's Square"),
         ])
         .await;
     let customer_id = customer["id"].as_str().unwrap().to_owned();
@@ -192,6 +212,12 @@ async fn a_customer_linked_after_the_plan_is_scrubbed_too(backend: Backend) {
         after["phone"].as_str().unwrap_or_default().is_empty(),
         "{after}"
     );
+    for field in ["email", "description", "address"] {
+        assert!(
+            after[field].is_null() || after[field] == "",
+            "{field} kept: {after}"
+        );
+    }
     assert!(
         after["metadata"]["userId"]
             .as_str()
