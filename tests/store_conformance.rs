@@ -829,6 +829,24 @@ async fn erasure_removes_the_user_and_keeps_no_personal_data(backend: Backend) {
         serde_json::json!({"done": ["customer"]})
     );
 
+    // The customer's stored webhooks go with the erasure; another customer's stay.
+    store
+        .insert_events(&[
+            new_event("evt_E1", 10, "cus_E"),
+            new_event("evt_E2", 11, "cus_E"),
+            new_event("evt_O1", 12, "cus_O"),
+        ])
+        .await
+        .unwrap();
+    store
+        .finish_event(
+            "evt_E2",
+            &billsync::store::EventOutcome::Failed {
+                error: "parked".into(),
+            },
+        )
+        .await
+        .unwrap();
     // A plan made before the link (or naming another customer) is re-made: nothing deleted.
     for planned in [None, Some("cus_OTHER")] {
         assert_eq!(
@@ -859,6 +877,19 @@ async fn erasure_removes_the_user_and_keeps_no_personal_data(backend: Backend) {
         store.get_link_by_customer(&cus("cus_E")).await.unwrap(),
         None
     );
+    let events: Vec<String> = store
+        .list_events(None, 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.id)
+        .collect();
+    assert_eq!(
+        events,
+        ["evt_O1"],
+        "no stored webhook of the erased customer"
+    );
+    assert!(store.customer_events("cus_E", 10).await.unwrap().is_empty());
     assert!(store
         .usage_records_page(&user, 0, 10)
         .await
@@ -1180,6 +1211,67 @@ async fn the_event_inbox_orders_dedups_retries_and_prunes(backend: Backend) {
             .unwrap(),
         0
     );
+}
+
+/// Events parked as failed do not outlive the retention; those waiting for a retry do.
+async fn parked_events_are_pruned_after_the_retention(backend: Backend) {
+    use billsync::store::EventOutcome;
+    let Some(t) = backend
+        .store("parked_events_are_pruned_after_the_retention")
+        .await
+    else {
+        return;
+    };
+    let store = &t.store;
+    store
+        .insert_events(&[
+            new_event("evt_parked", 10, "cus_P"),
+            new_event("evt_retrying", 11, "cus_R"),
+        ])
+        .await
+        .unwrap();
+    store
+        .finish_event(
+            "evt_parked",
+            &EventOutcome::Failed {
+                error: "bad".into(),
+            },
+        )
+        .await
+        .unwrap();
+    store
+        .finish_event(
+            "evt_retrying",
+            &EventOutcome::Retry {
+                delay: Duration::from_secs(600),
+                error: "later".into(),
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .prune_events(billsync::store::now() - time::Duration::days(1))
+            .await
+            .unwrap(),
+        0,
+        "within the retention"
+    );
+    assert_eq!(
+        store
+            .prune_events(billsync::store::now() + time::Duration::seconds(5))
+            .await
+            .unwrap(),
+        1
+    );
+    let left: Vec<String> = store
+        .list_events(None, 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.id)
+        .collect();
+    assert_eq!(left, ["evt_retrying"]);
 }
 
 /// Where an event stands is its queue row while it waits, what ingest filed once it is done.
@@ -1529,6 +1621,7 @@ async fn customer_updates_are_read_and_written_in_batches(backend: Backend) {
 on_every_store!(
     customer_updates_are_read_and_written_in_batches,
     event_states_follow_the_queue,
+    parked_events_are_pruned_after_the_retention,
     upgrading_keeps_waiting_events_waiting,
     the_event_inbox_orders_dedups_retries_and_prunes,
     profile_changes_queue_one_coalesced_push,

@@ -456,8 +456,9 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreResult<OutboxJob>;
     async fn active_erase(&self, user: &UserId) -> StoreResult<Option<OutboxJob>>;
     /// The erasure's last step, in one transaction: deletes the user (links, subscriptions,
-    /// usage and claims go with it), drops their pending pushes, renames their jobs to
-    /// `erased:<subject_hash>`, and writes the audit entry. Re-plans first, with the user's
+    /// usage and claims go with it), drops their pending pushes, deletes the stored webhook
+    /// events of `handled_customer`, renames their jobs to `erased:<subject_hash>`, and
+    /// writes the audit entry. Re-plans first, with the user's
     /// row locked (no link can be made meanwhile): if the user is now linked to a customer
     /// other than `handled_customer` (a resolve or a `customer.created` since the saga's
     /// plan), nothing is deleted and that customer is returned, for the saga to handle.
@@ -513,7 +514,8 @@ pub trait Store: Send + Sync + 'static {
 
     /// Queues every failed event to be applied again; returns how many.
     async fn replay_failed_events(&self) -> StoreResult<u64>;
-    /// Deletes applied and skipped events received before `cutoff`; returns how many.
+    /// Deletes applied, skipped and parked (failed for good) events received before `cutoff`;
+    /// returns how many. Events waiting for a retry stay.
     async fn prune_events(&self, cutoff: OffsetDateTime) -> StoreResult<u64>;
     /// Frees every customer lease: for a process that knows it is the only applier (SQLite,
     /// one serving process per file) and starts after one that died. A no-op on Postgres,

@@ -960,6 +960,17 @@ impl Store for PgStore {
             tx.rollback().await?;
             return Ok(Erased::Relinked(customer));
         }
+        // The customer's stored webhook payloads (email, name, phone, address) go too.
+        if let Some(customer) = handled_customer {
+            for table in ["stripe_event_queue", "stripe_events"] {
+                sqlx::query(&format!(
+                    "DELETE FROM {table} WHERE stripe_customer_id = $1"
+                ))
+                .bind(customer)
+                .execute(&mut *tx)
+                .await?;
+            }
+        }
         let existed = sqlx::query("DELETE FROM users WHERE id = $1")
             .bind(user.as_str())
             .execute(&mut *tx)
@@ -1258,8 +1269,14 @@ impl Store for PgStore {
 
     async fn prune_events(&self, cutoff: OffsetDateTime) -> StoreResult<u64> {
         Ok(sqlx::query(
-            "DELETE FROM stripe_events e WHERE received_at < $1
-                AND NOT EXISTS (SELECT 1 FROM stripe_event_queue q WHERE q.event_id = e.id)",
+            "WITH parked AS (
+                 DELETE FROM stripe_event_queue
+                 WHERE state = 'failed' AND next_attempt_at IS NULL AND received_at < $1
+                 RETURNING event_id
+             )
+             DELETE FROM stripe_events e WHERE received_at < $1
+                AND (NOT EXISTS (SELECT 1 FROM stripe_event_queue q WHERE q.event_id = e.id)
+                     OR e.id IN (SELECT event_id FROM parked))",
         )
         .bind(cutoff)
         .execute(&self.pool)

@@ -791,6 +791,17 @@ impl Store for SqliteStore {
             tx.rollback().await?;
             return Ok(Erased::Relinked(customer));
         }
+        // The customer's stored webhook payloads (email, name, phone, address) go too.
+        if let Some(customer) = handled_customer {
+            for table in ["stripe_event_queue", "stripe_events"] {
+                sqlx::query(&format!(
+                    "DELETE FROM {table} WHERE stripe_customer_id = ?1"
+                ))
+                .bind(customer)
+                .execute(&mut *tx)
+                .await?;
+            }
+        }
         let existed = sqlx::query("DELETE FROM users WHERE id = ?1")
             .bind(user_id.as_str())
             .execute(&mut *tx)
@@ -1094,15 +1105,26 @@ impl Store for SqliteStore {
     }
 
     async fn prune_events(&self, cutoff: OffsetDateTime) -> StoreResult<u64> {
-        Ok(sqlx::query(
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        // Events parked as failed go after the retention too.
+        sqlx::query(
+            "DELETE FROM stripe_event_queue
+             WHERE state = 'failed' AND next_attempt_at IS NULL AND received_at < ?1",
+        )
+        .bind(to_ms(cutoff))
+        .execute(&mut *tx)
+        .await?;
+        let pruned = sqlx::query(
             "DELETE FROM stripe_events WHERE received_at < ?1
                 AND NOT EXISTS (SELECT 1 FROM stripe_event_queue q
                                 WHERE q.event_id = stripe_events.id)",
         )
         .bind(to_ms(cutoff))
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?
-        .rows_affected())
+        .rows_affected();
+        tx.commit().await?;
+        Ok(pruned)
     }
 
     async fn clear_customer_leases(&self) -> StoreResult<()> {
