@@ -34,6 +34,8 @@ pub enum ResolveError {
     UserNotFound,
     #[error("another resolve for this user did not finish in time")]
     Busy,
+    #[error("the user's account is being deleted")]
+    ErasurePending,
     #[error(transparent)]
     Stripe(#[from] StripeError),
     #[error(transparent)]
@@ -138,6 +140,11 @@ impl CustomerResolver {
             .get_user(user_id)
             .await?
             .ok_or(ResolveError::UserNotFound)?;
+        // No new customer for someone being erased (one linked meanwhile anyway is found and
+        // handled by the erasure's last transaction).
+        if self.store.active_erase(user_id).await?.is_some() {
+            return Err(ResolveError::ErasurePending);
+        }
 
         let candidates = self.candidates(&user).await?;
         for (customer, via) in self.pick_existing(&user, &candidates).await? {

@@ -231,6 +231,7 @@ impl From<ResolveError> for ApiError {
         match err {
             ResolveError::UserNotFound => Self::UserNotFound,
             ResolveError::Busy => Self::ResolveBusy,
+            ResolveError::ErasurePending => Self::DeletionPending,
             ResolveError::Stripe(e) => e.into(),
             ResolveError::Store(e) => e.into(),
             other @ ResolveError::BadCustomerId(_) => Self::internal(other),

@@ -11,7 +11,7 @@ use crate::{
     config::OutboxConfig,
     domain::{full_name, UserId},
     gdpr,
-    store::{JobKind, JobOutcome, OutboxJob, PushedProfile, Store, StoreError},
+    store::{JobKind, JobOutcome, JobState, OutboxJob, PushedProfile, Store, StoreError},
     stripe::{CustomerParams, StripeClient, StripeError, METADATA_PROFILE_VERSION},
 };
 
@@ -64,9 +64,22 @@ impl OutboxWorker {
         let count = jobs.len();
         for job in jobs {
             let outcome = self.run_job(&job).await;
-            self.store.finish_job(job.id, &outcome).await?;
+            self.finish(&job, &outcome).await?;
         }
         Ok(count)
+    }
+
+    /// Records how a claimed job ended; a worker whose claim was lost (its lease ran out and
+    /// another worker took the job) drops its result. Returns whether it was recorded.
+    async fn finish(&self, job: &OutboxJob, outcome: &JobOutcome) -> Result<bool, StoreError> {
+        let recorded = self.store.finish_job(job, outcome).await?;
+        if !recorded {
+            tracing::warn!(
+                job_id = job.id,
+                "job claim lost to another worker; its result is dropped"
+            );
+        }
+        Ok(recorded)
     }
 
     /// Runs one claimed job and says how it ended.
@@ -145,7 +158,19 @@ impl OutboxWorker {
                 ),
             ]),
         };
-        let key = format!("billsync-push-{}-{}", job.id, job.attempts);
+        // One key per claim: the client's own retries of this request reuse it, but a new
+        // attempt (a reclaim, an operator's retry) never sends an old key with a new body.
+        // An erasure started since: no push may reach Stripe after its scrub (and while this
+        // job is in flight, the erasure waits for it).
+        if self.store.active_erase(&user_id).await?.is_some() {
+            tracing::info!("erasure under way: push dropped");
+            return Ok(());
+        }
+        let key = format!(
+            "billsync-push-{}-{}",
+            job.id,
+            job.claim_token.as_deref().unwrap_or("unclaimed")
+        );
         self.stripe
             .update_customer(link.customer_id.as_str(), &params, Some(&key))
             .await?;
@@ -239,6 +264,9 @@ mod tests {
     }
 }
 
+/// How long an erasure request waits for the user's in-flight push before answering pending.
+const ERASE_WAIT: Duration = Duration::from_secs(10);
+
 /// What an erasure request came to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErasureStatus {
@@ -277,13 +305,27 @@ impl OutboxWorker {
                 self.store.enqueue_erase(user_id, &payload).await?
             }
         };
-        let Some(claimed) = self.store.claim_job(job.id, self.config.lease).await? else {
-            return Ok(ErasureStatus::Pending); // another worker is on it
+        // Exclusive per user: the claim waits while a push of theirs is in flight (it lands
+        // before the scrub, never after), briefly; past that the saga is left to the workers.
+        let deadline = tokio::time::Instant::now() + ERASE_WAIT;
+        let claimed = loop {
+            if let Some(claimed) = self.store.claim_job(job.id, self.config.lease).await? {
+                break claimed;
+            }
+            let still_pending = self
+                .store
+                .get_job(job.id)
+                .await?
+                .is_some_and(|j| j.state == JobState::Pending);
+            if !still_pending || tokio::time::Instant::now() >= deadline {
+                return Ok(ErasureStatus::Pending); // another worker is on it, or a push is
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
         };
         let outcome = self.run_job(&claimed).await;
-        self.store.finish_job(claimed.id, &outcome).await?;
+        let recorded = self.finish(&claimed, &outcome).await?;
         Ok(match outcome {
-            JobOutcome::Done => ErasureStatus::Completed,
+            JobOutcome::Done if recorded => ErasureStatus::Completed,
             _ => ErasureStatus::Pending,
         })
     }

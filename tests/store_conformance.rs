@@ -7,7 +7,7 @@ use std::{sync::Arc, time::Duration};
 use billsync::{
     domain::{Email, LinkSource, PersonName, Phone, StripeCustomerId, UserId},
     store::{
-        JobKind, JobOutcome, JobState, LinkOutcome, PushedProfile, Store, StoreError,
+        Erased, JobKind, JobOutcome, JobState, LinkOutcome, PushedProfile, Store, StoreError,
         SubscriptionMirror, UserUpsert,
     },
 };
@@ -504,7 +504,7 @@ async fn profile_changes_queue_one_coalesced_push(backend: Backend) {
     // The first one failing now is superseded by the newer pending push.
     store
         .finish_job(
-            claimed[0].id,
+            &claimed[0],
             &JobOutcome::Retry {
                 delay: Duration::ZERO,
                 error: "stripe unavailable".into(),
@@ -540,7 +540,7 @@ async fn jobs_retry_fail_and_are_requeued(backend: Backend) {
         .remove(0);
     store
         .finish_job(
-            job.id,
+            &job,
             &JobOutcome::Retry {
                 delay: Duration::from_secs(60),
                 error: "429".into(),
@@ -575,7 +575,7 @@ async fn jobs_retry_fail_and_are_requeued(backend: Backend) {
     );
     store
         .finish_job(
-            job.id,
+            &claimed,
             &JobOutcome::Failed {
                 error: "customer gone".into(),
             },
@@ -601,7 +601,10 @@ async fn jobs_retry_fail_and_are_requeued(backend: Backend) {
     assert_eq!(store.retry_job(987_654).await.unwrap(), None);
     let again = store.claim_jobs(1, Duration::from_secs(30)).await.unwrap();
     assert_eq!(again[0].id, job.id);
-    store.finish_job(job.id, &JobOutcome::Done).await.unwrap();
+    store
+        .finish_job(&again[0], &JobOutcome::Done)
+        .await
+        .unwrap();
     assert_eq!(
         store.get_job(job.id).await.unwrap().unwrap().state,
         JobState::Done
@@ -638,6 +641,89 @@ async fn expired_job_leases_are_reclaimed(backend: Backend) {
     assert_eq!(resumed.len(), 1);
     assert_eq!(resumed[0].id, lost.id);
     assert_eq!(resumed[0].attempts, 2);
+}
+
+/// A worker whose lease ran out and whose job another worker re-claimed can no longer write
+/// it: its finish and its progress are refused, and the new holder's are kept.
+async fn a_stale_claim_cannot_finish_or_rewrite_its_job(backend: Backend) {
+    let Some(t) = backend
+        .store("a_stale_claim_cannot_finish_or_rewrite_its_job")
+        .await
+    else {
+        return;
+    };
+    let store = &t.store;
+    store
+        .upsert_user(&upsert("fenced", "f@example.com"))
+        .await
+        .unwrap();
+    store
+        .upsert_user(&upsert("fenced", "f2@example.com"))
+        .await
+        .unwrap();
+    after_debounce().await;
+    let stale = store
+        .claim_jobs(1, Duration::from_millis(100))
+        .await
+        .unwrap()
+        .remove(0);
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    let current = store
+        .claim_jobs(1, Duration::from_secs(30))
+        .await
+        .unwrap()
+        .remove(0);
+    assert_eq!(current.id, stale.id);
+    assert!(current.claim_token.is_some());
+    assert_ne!(
+        current.claim_token, stale.claim_token,
+        "a new token per claim"
+    );
+
+    assert!(!store
+        .save_job_payload(&stale, &serde_json::json!({"stale": true}))
+        .await
+        .unwrap());
+    for outcome in [
+        JobOutcome::Done,
+        JobOutcome::Failed {
+            error: "stale".into(),
+        },
+        JobOutcome::Retry {
+            delay: Duration::ZERO,
+            error: "stale".into(),
+        },
+    ] {
+        assert!(!store.finish_job(&stale, &outcome).await.unwrap());
+    }
+    let row = store.get_job(stale.id).await.unwrap().unwrap();
+    assert_eq!(
+        row.state,
+        JobState::InFlight,
+        "the stale finish was refused"
+    );
+    assert_eq!(row.claim_token, current.claim_token);
+    assert_eq!(row.payload, serde_json::json!({}));
+    assert_eq!(row.last_error, None);
+
+    assert!(store
+        .save_job_payload(&current, &serde_json::json!({"step": 1}))
+        .await
+        .unwrap());
+    assert!(store.finish_job(&current, &JobOutcome::Done).await.unwrap());
+    let row = store.get_job(stale.id).await.unwrap().unwrap();
+    assert_eq!(row.state, JobState::Done);
+    assert_eq!(row.payload, serde_json::json!({"step": 1}));
+    // Finished: a second finish by the same claim changes nothing either.
+    assert!(!store
+        .finish_job(
+            &current,
+            &JobOutcome::Failed {
+                error: "late".into()
+            }
+        )
+        .await
+        .unwrap());
 }
 
 async fn concurrent_workers_claim_each_job_once(backend: Backend) {
@@ -730,30 +816,80 @@ async fn erasure_removes_the_user_and_keeps_no_personal_data(backend: Backend) {
         .claim_job(job.id, Duration::from_secs(30))
         .await
         .unwrap();
-    assert_eq!(claimed.map(|j| j.id), Some(job.id));
-    store
-        .save_job_payload(job.id, &serde_json::json!({"done": ["customer"]}))
+    assert_eq!(claimed.as_ref().map(|j| j.id), Some(job.id));
+    assert!(store
+        .save_job_payload(
+            claimed.as_ref().unwrap(),
+            &serde_json::json!({"done": ["customer"]})
+        )
         .await
-        .unwrap();
+        .unwrap());
     assert_eq!(
         store.get_job(job.id).await.unwrap().unwrap().payload,
         serde_json::json!({"done": ["customer"]})
     );
 
-    assert!(store
-        .erase_user(
-            &user,
-            "hash123",
-            &serde_json::json!({"delete_from_stripe": true})
+    // The customer's stored webhooks go with the erasure; another customer's stay.
+    store
+        .insert_events(&[
+            new_event("evt_E1", 10, "cus_E"),
+            new_event("evt_E2", 11, "cus_E"),
+            new_event("evt_O1", 12, "cus_O"),
+        ])
+        .await
+        .unwrap();
+    store
+        .finish_event(
+            "evt_E2",
+            &billsync::store::EventOutcome::Failed {
+                error: "parked".into(),
+            },
         )
         .await
-        .unwrap());
+        .unwrap();
+    // A plan made before the link (or naming another customer) is re-made: nothing deleted.
+    for planned in [None, Some("cus_OTHER")] {
+        assert_eq!(
+            store
+                .erase_user(&user, planned, "hash123", &serde_json::json!({}))
+                .await
+                .unwrap(),
+            Erased::Relinked("cus_E".into())
+        );
+        assert!(store.get_user(&user).await.unwrap().is_some());
+        assert!(store.get_link(&user).await.unwrap().is_some());
+    }
+    assert_eq!(
+        store
+            .erase_user(
+                &user,
+                Some("cus_E"),
+                "hash123",
+                &serde_json::json!({"delete_from_stripe": true})
+            )
+            .await
+            .unwrap(),
+        Erased::Done(true)
+    );
     assert_eq!(store.get_user(&user).await.unwrap(), None);
     assert_eq!(store.get_link(&user).await.unwrap(), None);
     assert_eq!(
         store.get_link_by_customer(&cus("cus_E")).await.unwrap(),
         None
     );
+    let events: Vec<String> = store
+        .list_events(None, 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.id)
+        .collect();
+    assert_eq!(
+        events,
+        ["evt_O1"],
+        "no stored webhook of the erased customer"
+    );
+    assert!(store.customer_events("cus_E", 10).await.unwrap().is_empty());
     assert!(store
         .usage_records_page(&user, 0, 10)
         .await
@@ -774,10 +910,13 @@ async fn erasure_removes_the_user_and_keeps_no_personal_data(backend: Backend) {
     assert!(!format!("{audit:?}").contains("erase-me"));
     assert!(!format!("{audit:?}").contains("e2@example.com"));
     // Again: nothing left to erase.
-    assert!(!store
-        .erase_user(&user, "hash123", &serde_json::json!({}))
-        .await
-        .unwrap());
+    assert_eq!(
+        store
+            .erase_user(&user, None, "hash123", &serde_json::json!({}))
+            .await
+            .unwrap(),
+        Erased::Done(false)
+    );
 }
 
 async fn usage_subscriptions_and_pushes_round_trip(backend: Backend) {
@@ -1072,6 +1211,67 @@ async fn the_event_inbox_orders_dedups_retries_and_prunes(backend: Backend) {
             .unwrap(),
         0
     );
+}
+
+/// Events parked as failed do not outlive the retention; those waiting for a retry do.
+async fn parked_events_are_pruned_after_the_retention(backend: Backend) {
+    use billsync::store::EventOutcome;
+    let Some(t) = backend
+        .store("parked_events_are_pruned_after_the_retention")
+        .await
+    else {
+        return;
+    };
+    let store = &t.store;
+    store
+        .insert_events(&[
+            new_event("evt_parked", 10, "cus_P"),
+            new_event("evt_retrying", 11, "cus_R"),
+        ])
+        .await
+        .unwrap();
+    store
+        .finish_event(
+            "evt_parked",
+            &EventOutcome::Failed {
+                error: "bad".into(),
+            },
+        )
+        .await
+        .unwrap();
+    store
+        .finish_event(
+            "evt_retrying",
+            &EventOutcome::Retry {
+                delay: Duration::from_secs(600),
+                error: "later".into(),
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .prune_events(billsync::store::now() - time::Duration::days(1))
+            .await
+            .unwrap(),
+        0,
+        "within the retention"
+    );
+    assert_eq!(
+        store
+            .prune_events(billsync::store::now() + time::Duration::seconds(5))
+            .await
+            .unwrap(),
+        1
+    );
+    let left: Vec<String> = store
+        .list_events(None, 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.id)
+        .collect();
+    assert_eq!(left, ["evt_retrying"]);
 }
 
 /// Where an event stands is its queue row while it waits, what ingest filed once it is done.
@@ -1453,11 +1653,13 @@ async fn customer_updates_are_read_and_written_in_batches(backend: Backend) {
 on_every_store!(
     customer_updates_are_read_and_written_in_batches,
     event_states_follow_the_queue,
+    parked_events_are_pruned_after_the_retention,
     upgrading_keeps_waiting_events_waiting,
     the_event_inbox_orders_dedups_retries_and_prunes,
     profile_changes_queue_one_coalesced_push,
     jobs_retry_fail_and_are_requeued,
     expired_job_leases_are_reclaimed,
+    a_stale_claim_cannot_finish_or_rewrite_its_job,
     concurrent_workers_claim_each_job_once,
     erasure_removes_the_user_and_keeps_no_personal_data,
     usage_subscriptions_and_pushes_round_trip,

@@ -252,8 +252,9 @@ fn filename_safe(id: &str) -> String {
 #[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct DeleteBody {
-    /// Delete the Stripe customer too; by default it is kept, scrubbed of name, phone and
-    /// billsync's metadata. Subscriptions are cancelled either way.
+    /// Delete the Stripe customer too; by default it is kept, scrubbed of email, name, phone,
+    /// description, address, shipping and billsync's metadata. Subscriptions are cancelled
+    /// either way.
     #[serde(default)]
     pub delete_from_stripe: bool,
 }

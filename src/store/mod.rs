@@ -181,10 +181,23 @@ pub struct OutboxJob {
     pub state: JobState,
     /// Attempts started, this one included for a claimed job.
     pub attempts: i32,
+    /// A fresh random token per claim: the claim's writes (`finish_job`, `save_job_payload`)
+    /// only take effect while the row still carries it, and the push's idempotency key is
+    /// made from it, so no key is ever sent twice with different parameters.
+    pub claim_token: Option<String>,
     pub next_attempt_at: OffsetDateTime,
     pub last_error: Option<String>,
     pub created_at: OffsetDateTime,
     pub updated_at: OffsetDateTime,
+}
+
+/// What `erase_user` did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Erased {
+    /// The rows are gone; whether the user existed.
+    Done(bool),
+    /// Nothing deleted: the user is linked to this customer, which the saga has not handled.
+    Relinked(String),
 }
 
 /// How a claimed job ended.
@@ -417,14 +430,23 @@ pub trait Store: Send + Sync + 'static {
     async fn record_push(&self, user: &UserId, pushed: &PushedProfile) -> StoreResult<()>;
     async fn last_push(&self, user: &UserId) -> StoreResult<Option<PushedProfile>>;
 
-    /// Claims up to `limit` due jobs (pending and due, or in flight with an expired lease),
-    /// never two at once for one user. Each claimed job's `attempts` counts this attempt.
+    /// Claims up to `limit` due jobs (pending and due, or in flight with an expired lease, or
+    /// on Postgres whose holder's session is gone), never two in flight at once for one user
+    /// (a unique index makes it atomic). Each claim gets a new `claim_token`; each claimed
+    /// job's `attempts` counts this attempt.
     async fn claim_jobs(&self, limit: u32, lease: Duration) -> StoreResult<Vec<OutboxJob>>;
-    /// Claims one job now, whatever its due time, if it is pending.
+    /// Claims one job now, whatever its due time, if it is pending and no other job of its
+    /// user is in flight.
     async fn claim_job(&self, id: i64, lease: Duration) -> StoreResult<Option<OutboxJob>>;
-    async fn finish_job(&self, id: i64, outcome: &JobOutcome) -> StoreResult<()>;
-    /// Saves a job's progress (the erasure saga's completed steps).
-    async fn save_job_payload(&self, id: i64, payload: &serde_json::Value) -> StoreResult<()>;
+    /// Ends a claim. Fenced: `false` (and nothing written) when the job no longer carries
+    /// `job.claim_token` (its lease was lost and another worker re-claimed it).
+    async fn finish_job(&self, job: &OutboxJob, outcome: &JobOutcome) -> StoreResult<bool>;
+    /// Saves a job's progress (the erasure saga's completed steps); fenced like `finish_job`.
+    async fn save_job_payload(
+        &self,
+        job: &OutboxJob,
+        payload: &serde_json::Value,
+    ) -> StoreResult<bool>;
     async fn get_job(&self, id: i64) -> StoreResult<Option<OutboxJob>>;
     /// Newest first.
     async fn list_jobs(&self, state: Option<JobState>, limit: u32) -> StoreResult<Vec<OutboxJob>>;
@@ -441,14 +463,19 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreResult<OutboxJob>;
     async fn active_erase(&self, user: &UserId) -> StoreResult<Option<OutboxJob>>;
     /// The erasure's last step, in one transaction: deletes the user (links, subscriptions,
-    /// usage and claims go with it), drops their pending pushes, renames their jobs to
-    /// `erased:<subject_hash>`, and writes the audit entry. Returns whether the user existed.
+    /// usage and claims go with it), drops their pending pushes, deletes the stored webhook
+    /// events of `handled_customer`, renames their jobs to `erased:<subject_hash>`, and
+    /// writes the audit entry. Re-plans first, with the user's
+    /// row locked (no link can be made meanwhile): if the user is now linked to a customer
+    /// other than `handled_customer` (a resolve or a `customer.created` since the saga's
+    /// plan), nothing is deleted and that customer is returned, for the saga to handle.
     async fn erase_user(
         &self,
         user: &UserId,
+        handled_customer: Option<&str>,
         subject_hash: &str,
         audit_detail: &serde_json::Value,
-    ) -> StoreResult<bool>;
+    ) -> StoreResult<Erased>;
     async fn append_audit(
         &self,
         actor: &str,
@@ -507,7 +534,8 @@ pub trait Store: Send + Sync + 'static {
 
     /// Queues every failed event to be applied again; returns how many.
     async fn replay_failed_events(&self) -> StoreResult<u64>;
-    /// Deletes applied and skipped events received before `cutoff`; returns how many.
+    /// Deletes applied, skipped and parked (failed for good) events received before `cutoff`;
+    /// returns how many. Events waiting for a retry stay.
     async fn prune_events(&self, cutoff: OffsetDateTime) -> StoreResult<u64>;
     /// Takes this process's claim on serving the database, for `serve`. On SQLite (one
     /// serving process per file) an exclusive lock on `<file>.lock`, held until the process
@@ -734,6 +762,11 @@ pub(crate) fn postgres_migrator() -> Migrator {
             include_str!("../../migrations/postgres/0005_push_stamp.sql"),
         ),
         (
+            7,
+            "outbox fencing",
+            include_str!("../../migrations/postgres/0007_outbox_fencing.sql"),
+        ),
+        (
             8,
             "events by customer",
             include_str!("../../migrations/postgres/0008_events_by_customer.sql"),
@@ -762,6 +795,11 @@ pub(crate) fn sqlite_migrator() -> Migrator {
             4,
             "push stamp",
             include_str!("../../migrations/sqlite/0004_push_stamp.sql"),
+        ),
+        (
+            6,
+            "outbox fencing",
+            include_str!("../../migrations/sqlite/0006_outbox_fencing.sql"),
         ),
         (
             7,
@@ -861,8 +899,18 @@ async fn explain_link_conflict<S: Store + ?Sized>(
     Ok(LinkOutcome::UserMissing)
 }
 
-/// Columns of an outbox row: id, kind, user_id, payload, state, attempts, last_error.
-type JobHead = (i64, String, String, String, String, i32, Option<String>);
+/// Columns of an outbox row: id, kind, user_id, payload, state, attempts, last_error,
+/// claim_token.
+type JobHead = (
+    i64,
+    String,
+    String,
+    String,
+    String,
+    i32,
+    Option<String>,
+    Option<String>,
+);
 
 fn job_from_parts(
     head: JobHead,
@@ -870,7 +918,7 @@ fn job_from_parts(
     created_at: OffsetDateTime,
     updated_at: OffsetDateTime,
 ) -> StoreResult<OutboxJob> {
-    let (id, kind, user_id, payload, state, attempts, last_error) = head;
+    let (id, kind, user_id, payload, state, attempts, last_error, claim_token) = head;
     Ok(OutboxJob {
         id,
         kind: JobKind::parse(&kind)
@@ -881,11 +929,17 @@ fn job_from_parts(
         state: JobState::parse(&state)
             .ok_or_else(|| StoreError::Corrupt(format!("job state {state:?}")))?,
         attempts,
+        claim_token,
         next_attempt_at,
         last_error,
         created_at,
         updated_at,
     })
+}
+
+/// A unique index refused the write (e.g. a second job in flight for one user).
+fn is_unique_violation(err: &sqlx::Error) -> bool {
+    matches!(err, sqlx::Error::Database(db) if db.is_unique_violation())
 }
 
 fn parse_json(raw: &str) -> StoreResult<serde_json::Value> {

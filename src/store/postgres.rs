@@ -9,13 +9,13 @@ use sqlx::{
 use time::OffsetDateTime;
 
 use super::{
-    clip_error, event_from_parts, job_from_parts,
+    clip_error, event_from_parts, is_unique_violation, job_from_parts,
     link_cache::{self, LinkCache},
     link_from_row, opt_str, parse_json, pushed_profile, user_from_row, AuditEntry, CustomerLink,
-    CustomerUpdate, EventOutcome, EventState, EventToApply, JobOutcome, JobState, LinkOutcome,
-    LinkRow, NewEvent, OutboxJob, PushedProfile, RemoteProfile, ResolveClaim, Store, StoreError,
-    StoreResult, StoredEvent, SubscriptionMirror, UpdateContext, UsageRecord, User, UserRow,
-    UserUpsert, DUE_WINDOW_PER_CUSTOMER,
+    CustomerUpdate, Erased, EventOutcome, EventState, EventToApply, JobOutcome, JobState,
+    LinkOutcome, LinkRow, NewEvent, OutboxJob, PushedProfile, RemoteProfile, ResolveClaim, Store,
+    StoreError, StoreResult, StoredEvent, SubscriptionMirror, UpdateContext, UsageRecord, User,
+    UserRow, UserUpsert, DUE_WINDOW_PER_CUSTOMER,
 };
 use crate::domain::{LinkSource, StripeCustomerId, UserId};
 
@@ -30,7 +30,16 @@ const USER_CHANGED: &str = "(users.email, users.email_verified, users.first_name
      users.last_name, users.phone) IS DISTINCT FROM (excluded.email, excluded.email_verified, \
      excluded.first_name, excluded.last_name, excluded.phone)";
 const JOB_COLUMNS: &str = "id, kind, user_id, payload, state, attempts, last_error, \
-     next_attempt_at, created_at, updated_at";
+     claim_token, next_attempt_at, created_at, updated_at";
+/// The first key of a job's session advisory lock (`pg_advisory_lock(int4, int4)`; the second
+/// is the job id mod 2^31-1): its holder's session is alive while the job runs.
+const JOB_LOCK_SPACE: i32 = 0x6F62_7831; // "obx1"
+/// An in-flight job whose holder's session is gone (crashed, or its connection dropped):
+/// free to claim again, even before its lease ends.
+const JOB_LOCK_FREE: &str = "NOT EXISTS (SELECT 1 FROM pg_locks l
+     WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2
+       AND l.database = (SELECT d.oid FROM pg_database d WHERE d.datname = current_database())
+       AND l.classid::bigint = 1868724273 AND l.objid::bigint = o.id % 2147483647)";
 /// Another job that makes this one redundant: a pending push for the same user, or an
 /// active erasure.
 const SUPERSEDED: &str = "EXISTS (SELECT 1 FROM outbox other WHERE other.user_id = outbox.user_id \
@@ -69,15 +78,19 @@ type PgJobRow = (
     String,
     i32,
     Option<String>,
+    Option<String>,
     OffsetDateTime,
     OffsetDateTime,
     OffsetDateTime,
 );
 
 fn job(row: PgJobRow) -> StoreResult<OutboxJob> {
-    let (id, kind, user_id, payload, state, attempts, last_error, next, created, updated) = row;
+    let (id, kind, user_id, payload, state, attempts, last_error, token, next, created, updated) =
+        row;
     job_from_parts(
-        (id, kind, user_id, payload, state, attempts, last_error),
+        (
+            id, kind, user_id, payload, state, attempts, last_error, token,
+        ),
         next,
         created,
         updated,
@@ -237,6 +250,10 @@ pub struct PgStore {
     /// Connections holding a customer's advisory lock while its events are applied.
     /// Per customer: its holder, and the session holding its lock.
     customer_locks: Arc<std::sync::Mutex<HashMap<String, (String, SharedLockSession)>>>,
+    /// Connections holding claimed jobs' advisory locks, apart from the other pools.
+    job_lock_pool: PgPool,
+    /// Per claimed job: its claim token, and the session holding its lock.
+    job_locks: Arc<std::sync::Mutex<HashMap<i64, (String, SharedLockSession)>>>,
     links: Arc<LinkCache>,
     _listener: Arc<AbortOnDrop>,
 }
@@ -272,9 +289,136 @@ impl PgStore {
     }
 }
 
+type JobClaim<'q> = sqlx::query::QueryAs<'q, Postgres, PgJobRow, sqlx::postgres::PgArguments>;
+
+impl PgStore {
+    /// Runs a claiming statement on a connection of its own and, in the same transaction,
+    /// takes each claimed job's session advisory lock there: the lock stays held until the
+    /// job is finished, or until this process dies and Postgres frees it, so another
+    /// instance takes the job over at once. A claim that a concurrent claimer's in-flight
+    /// job of the same user refuses (the unique index) claims nothing.
+    async fn claim_locked(&self, claim: JobClaim<'_>) -> StoreResult<Vec<OutboxJob>> {
+        let mut connection = self.job_lock_pool.acquire().await?;
+        let claimed: Result<Vec<PgJobRow>, sqlx::Error> = async {
+            sqlx::query("BEGIN").execute(&mut *connection).await?;
+            claim.fetch_all(&mut *connection).await
+        }
+        .await;
+        let rows = match claimed {
+            Ok(rows) if rows.is_empty() => {
+                sqlx::query("COMMIT").execute(&mut *connection).await?;
+                return Ok(Vec::new());
+            }
+            Ok(rows) => rows,
+            Err(err) => {
+                // Closing the connection ends its transaction; it holds no lock yet.
+                drop(connection.detach());
+                return if is_unique_violation(&err) {
+                    Ok(Vec::new())
+                } else {
+                    Err(err.into())
+                };
+            }
+        };
+        let jobs = match rows.into_iter().map(job).collect::<StoreResult<Vec<_>>>() {
+            Ok(jobs) => jobs,
+            Err(err) => {
+                drop(connection.detach());
+                return Err(err);
+            }
+        };
+        // A stale claim of this process on a re-claimed job lets go of its lock first.
+        for job in &jobs {
+            let stale = self
+                .job_locks
+                .lock()
+                .expect("job lock map poisoned")
+                .get(&job.id)
+                .map(|(token, _)| token.clone());
+            if let Some(token) = stale {
+                self.release_job_lock(job.id, &token).await;
+            }
+        }
+        let ids: Vec<i64> = jobs.iter().map(|j| j.id).collect();
+        let locked: Result<Vec<i64>, sqlx::Error> = async {
+            let locked = sqlx::query_scalar(
+                "SELECT id FROM unnest($1::bigint[]) AS id
+                 WHERE pg_try_advisory_lock($2, (id % 2147483647)::int4)",
+            )
+            .bind(&ids)
+            .bind(JOB_LOCK_SPACE)
+            .fetch_all(&mut *connection)
+            .await?;
+            sqlx::query("COMMIT").execute(&mut *connection).await?;
+            Ok(locked)
+        }
+        .await;
+        let locked = match locked {
+            Ok(locked) => locked,
+            Err(err) => {
+                // Session locks outlive a rolled-back transaction: closing the connection
+                // frees them.
+                drop(connection.detach());
+                return Err(err.into());
+            }
+        };
+        if !locked.is_empty() {
+            let session = Arc::new(tokio::sync::Mutex::new(LockSession {
+                connection: Some(connection),
+                held: locked.len(),
+            }));
+            let mut table = self.job_locks.lock().expect("job lock map poisoned");
+            for job in jobs.iter().filter(|j| locked.contains(&j.id)) {
+                let token = job.claim_token.clone().unwrap_or_default();
+                table.insert(job.id, (token, session.clone()));
+            }
+        }
+        Ok(jobs)
+    }
+
+    /// Lets go of a claimed job's lock, if this process holds it for that claim.
+    async fn release_job_lock(&self, id: i64, token: &str) {
+        let session = {
+            let mut table = self.job_locks.lock().expect("job lock map poisoned");
+            if table.get(&id).is_none_or(|(held, _)| held != token) {
+                return;
+            }
+            table.remove(&id).map(|(_, session)| session)
+        };
+        let Some(session) = session else { return };
+        let mut session = session.lock().await;
+        let Some(connection) = session.connection.as_mut() else {
+            return; // closed after an error: its locks are gone
+        };
+        let unlocked = sqlx::query("SELECT pg_advisory_unlock($1, ($2 % 2147483647)::int4)")
+            .bind(JOB_LOCK_SPACE)
+            .bind(id)
+            .execute(&mut **connection)
+            .await;
+        match unlocked {
+            Ok(_) => {
+                session.held = session.held.saturating_sub(1);
+                if session.held == 0 {
+                    session.connection = None; // back to the pool, holding nothing
+                }
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, job_id = id, "cannot release a job lock; closing its session");
+                if let Some(connection) = session.connection.take() {
+                    drop(connection.detach());
+                }
+            }
+        }
+    }
+}
+
 /// Connections holding customer locks at once: one per batch of customers being applied
 /// (an applier holds one batch at a time), with room for several appliers in one process.
 const CUSTOMER_LOCK_CONNECTIONS: u32 = 4;
+
+/// Connections holding job locks at once: one per claim in progress (a worker's batch, or an
+/// erasure run by its request).
+const JOB_LOCK_CONNECTIONS: u32 = 8;
 
 /// Entries kept at most; ~200 bytes each.
 const LINK_CACHE_CAPACITY: usize = 100_000;
@@ -293,6 +437,10 @@ impl PgStore {
             .max_connections(CUSTOMER_LOCK_CONNECTIONS)
             .acquire_timeout(Duration::from_secs(3))
             .connect_lazy(url)?;
+        let job_lock_pool = PgPoolOptions::new()
+            .max_connections(JOB_LOCK_CONNECTIONS)
+            .acquire_timeout(Duration::from_secs(3))
+            .connect_lazy(url)?;
         let links = Arc::new(LinkCache::new(options.link_cache_ttl, LINK_CACHE_CAPACITY));
         let listener = if options.link_cache_ttl.is_zero() {
             tokio::spawn(async {})
@@ -304,6 +452,8 @@ impl PgStore {
             lock_pool,
             push_debounce: options.push_debounce,
             customer_locks: Arc::default(),
+            job_lock_pool,
+            job_locks: Arc::default(),
             links,
             _listener: Arc::new(AbortOnDrop(listener)),
         })
@@ -606,76 +756,111 @@ impl Store for PgStore {
     }
 
     async fn claim_jobs(&self, limit: u32, lease: Duration) -> StoreResult<Vec<OutboxJob>> {
-        let rows: Vec<PgJobRow> = sqlx::query_as(&format!(
+        // A pending job waits while any job of its user is in flight (the unique index on
+        // in-flight rows makes it atomic across instances), and only the user's first due job
+        // is taken. An in-flight job is taken over when its lease ran out or its holder's
+        // session (and so its lock) is gone.
+        let sql = format!(
             "WITH due AS (
                 SELECT o.id FROM outbox o
-                WHERE ((o.state = 'pending' AND o.next_attempt_at <= now())
-                       OR (o.state = 'in_flight' AND o.locked_until < now()))
-                  AND NOT EXISTS (SELECT 1 FROM outbox b
-                                  WHERE b.user_id = o.user_id AND b.id <> o.id
-                                    AND b.state = 'in_flight' AND b.locked_until >= now())
+                WHERE (o.state = 'in_flight' AND (o.locked_until < now() OR {JOB_LOCK_FREE}))
+                   OR (o.state = 'pending' AND o.next_attempt_at <= now()
+                       AND NOT EXISTS (SELECT 1 FROM outbox b
+                                       WHERE b.user_id = o.user_id AND b.state = 'in_flight')
+                       AND NOT EXISTS (SELECT 1 FROM outbox b
+                                       WHERE b.user_id = o.user_id AND b.state = 'pending'
+                                         AND b.next_attempt_at <= now()
+                                         AND (b.next_attempt_at, b.id)
+                                             < (o.next_attempt_at, o.id)))
                 ORDER BY o.next_attempt_at, o.id
                 LIMIT $1
                 FOR UPDATE SKIP LOCKED
              )
              UPDATE outbox SET state = 'in_flight', attempts = outbox.attempts + 1,
+                    claim_token = gen_random_uuid()::text,
                     locked_until = now() + make_interval(secs => $2), updated_at = now()
              FROM due WHERE outbox.id = due.id
              RETURNING {}",
             qualified_job_columns()
-        ))
-        .bind(i64::from(limit))
-        .bind(lease.as_secs_f64())
-        .fetch_all(&self.pool)
-        .await?;
-        let mut jobs = rows.into_iter().map(job).collect::<StoreResult<Vec<_>>>()?;
+        );
+        let mut jobs = self
+            .claim_locked(
+                sqlx::query_as(&sql)
+                    .bind(i64::from(limit))
+                    .bind(lease.as_secs_f64()),
+            )
+            .await?;
         jobs.sort_by_key(|j| (j.next_attempt_at, j.id));
         Ok(jobs)
     }
 
     async fn claim_job(&self, id: i64, lease: Duration) -> StoreResult<Option<OutboxJob>> {
-        let row: Option<PgJobRow> = sqlx::query_as(&format!(
+        let sql = format!(
             "UPDATE outbox SET state = 'in_flight', attempts = attempts + 1,
+                    claim_token = gen_random_uuid()::text,
                     locked_until = now() + make_interval(secs => $2), updated_at = now()
              WHERE id = $1 AND state = 'pending'
+               AND NOT EXISTS (SELECT 1 FROM outbox b
+                               WHERE b.user_id = outbox.user_id AND b.state = 'in_flight')
              RETURNING {JOB_COLUMNS}"
-        ))
-        .bind(id)
-        .bind(lease.as_secs_f64())
-        .fetch_optional(&self.pool)
-        .await?;
-        row.map(job).transpose()
+        );
+        Ok(self
+            .claim_locked(sqlx::query_as(&sql).bind(id).bind(lease.as_secs_f64()))
+            .await?
+            .pop())
     }
 
-    async fn finish_job(&self, id: i64, outcome: &JobOutcome) -> StoreResult<()> {
+    async fn finish_job(&self, job: &OutboxJob, outcome: &JobOutcome) -> StoreResult<bool> {
+        let Some(token) = job.claim_token.as_deref() else {
+            return Ok(false);
+        };
         let query = match outcome {
             JobOutcome::Done => sqlx::query(
                 "UPDATE outbox SET state = 'done', locked_until = NULL, last_error = NULL,
-                        updated_at = now() WHERE id = $1",
+                        updated_at = now()
+                 WHERE id = $1 AND claim_token = $2 AND state = 'in_flight'",
             )
-            .bind(id),
+            .bind(job.id)
+            .bind(token),
             JobOutcome::Failed { error } => sqlx::query(
-                "UPDATE outbox SET state = 'failed', locked_until = NULL, last_error = $2,
-                        updated_at = now() WHERE id = $1",
+                "UPDATE outbox SET state = 'failed', locked_until = NULL, last_error = $3,
+                        updated_at = now()
+                 WHERE id = $1 AND claim_token = $2 AND state = 'in_flight'",
             )
-            .bind(id)
+            .bind(job.id)
+            .bind(token)
             .bind(clip_error(error)),
             JobOutcome::Retry { delay, error } => sqlx::query(&RETRY_SQL)
-                .bind(id)
+                .bind(job.id)
+                .bind(token)
                 .bind(clip_error(error))
                 .bind(delay.as_secs_f64()),
         };
-        query.execute(&self.pool).await?;
-        Ok(())
+        let finished = query.execute(&self.pool).await;
+        // The claim ends either way: its lock goes (a refused finish means it was lost).
+        self.release_job_lock(job.id, token).await;
+        Ok(finished?.rows_affected() > 0)
     }
 
-    async fn save_job_payload(&self, id: i64, payload: &serde_json::Value) -> StoreResult<()> {
-        sqlx::query("UPDATE outbox SET payload = $2, updated_at = now() WHERE id = $1")
-            .bind(id)
-            .bind(payload.to_string())
-            .execute(&self.pool)
-            .await?;
-        Ok(())
+    async fn save_job_payload(
+        &self,
+        job: &OutboxJob,
+        payload: &serde_json::Value,
+    ) -> StoreResult<bool> {
+        let Some(token) = job.claim_token.as_deref() else {
+            return Ok(false);
+        };
+        Ok(sqlx::query(
+            "UPDATE outbox SET payload = $3, updated_at = now()
+             WHERE id = $1 AND claim_token = $2 AND state = 'in_flight'",
+        )
+        .bind(job.id)
+        .bind(token)
+        .bind(payload.to_string())
+        .execute(&self.pool)
+        .await?
+        .rows_affected()
+            > 0)
     }
 
     async fn get_job(&self, id: i64) -> StoreResult<Option<OutboxJob>> {
@@ -753,10 +938,39 @@ impl Store for PgStore {
     async fn erase_user(
         &self,
         user: &UserId,
+        handled_customer: Option<&str>,
         subject_hash: &str,
         audit_detail: &serde_json::Value,
-    ) -> StoreResult<bool> {
+    ) -> StoreResult<Erased> {
         let mut tx = self.pool.begin().await?;
+        // The row lock keeps a link from being made until this transaction ends (it then
+        // finds no user); a link made before it is seen here.
+        let linked: Option<Option<String>> = sqlx::query_scalar(
+            "SELECT l.stripe_customer_id FROM users u
+             LEFT JOIN customer_links l ON l.user_id = u.id
+             WHERE u.id = $1 FOR UPDATE OF u",
+        )
+        .bind(user.as_str())
+        .fetch_optional(&mut *tx)
+        .await?;
+        if let Some(customer) = linked
+            .flatten()
+            .filter(|c| Some(c.as_str()) != handled_customer)
+        {
+            tx.rollback().await?;
+            return Ok(Erased::Relinked(customer));
+        }
+        // The customer's stored webhook payloads (email, name, phone, address) go too.
+        if let Some(customer) = handled_customer {
+            for table in ["stripe_event_queue", "stripe_events"] {
+                sqlx::query(&format!(
+                    "DELETE FROM {table} WHERE stripe_customer_id = $1"
+                ))
+                .bind(customer)
+                .execute(&mut *tx)
+                .await?;
+            }
+        }
         let existed = sqlx::query("DELETE FROM users WHERE id = $1")
             .bind(user.as_str())
             .execute(&mut *tx)
@@ -787,7 +1001,7 @@ impl Store for PgStore {
         .await?;
         tx.commit().await?;
         self.links.evict(user.as_str());
-        Ok(existed)
+        Ok(Erased::Done(existed))
     }
 
     async fn append_audit(
@@ -1102,8 +1316,14 @@ impl Store for PgStore {
 
     async fn prune_events(&self, cutoff: OffsetDateTime) -> StoreResult<u64> {
         Ok(sqlx::query(
-            "DELETE FROM stripe_events e WHERE received_at < $1
-                AND NOT EXISTS (SELECT 1 FROM stripe_event_queue q WHERE q.event_id = e.id)",
+            "WITH parked AS (
+                 DELETE FROM stripe_event_queue
+                 WHERE state = 'failed' AND next_attempt_at IS NULL AND received_at < $1
+                 RETURNING event_id
+             )
+             DELETE FROM stripe_events e WHERE received_at < $1
+                AND (NOT EXISTS (SELECT 1 FROM stripe_event_queue q WHERE q.event_id = e.id)
+                     OR e.id IN (SELECT event_id FROM parked))",
         )
         .bind(cutoff)
         .execute(&self.pool)
@@ -1630,8 +1850,8 @@ fn qualified_job_columns() -> String {
 static RETRY_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     format!(
         "UPDATE outbox SET state = CASE WHEN {SUPERSEDED} THEN 'done' ELSE 'pending' END,
-                next_attempt_at = now() + make_interval(secs => $3), locked_until = NULL,
-                last_error = $2, updated_at = now()
-         WHERE id = $1"
+                next_attempt_at = now() + make_interval(secs => $4), locked_until = NULL,
+                last_error = $3, updated_at = now()
+         WHERE id = $1 AND claim_token = $2 AND state = 'in_flight'"
     )
 });

@@ -14,9 +14,9 @@ use sqlx::{
 use time::OffsetDateTime;
 
 use super::{
-    clip_error, event_from_parts, job_from_parts, link_from_row, now, opt_str, parse_json,
-    pushed_profile, user_from_row, AuditEntry, CustomerLink, CustomerUpdate, EventOutcome,
-    EventState, EventToApply, JobOutcome, JobState, LinkOutcome, NewEvent, OutboxJob,
+    clip_error, event_from_parts, is_unique_violation, job_from_parts, link_from_row, now, opt_str,
+    parse_json, pushed_profile, user_from_row, AuditEntry, CustomerLink, CustomerUpdate, Erased,
+    EventOutcome, EventState, EventToApply, JobOutcome, JobState, LinkOutcome, NewEvent, OutboxJob,
     PushedProfile, ResolveClaim, Store, StoreError, StoreResult, StoredEvent, SubscriptionMirror,
     UpdateContext, UsageRecord, User, UserUpsert, DUE_WINDOW_PER_CUSTOMER,
 };
@@ -78,6 +78,7 @@ type SqliteJobRow = (
     String,
     i32,
     Option<String>,
+    Option<String>,
     i64,
     i64,
     i64,
@@ -89,7 +90,9 @@ const USER_CHANGED: &str = "users.email IS NOT excluded.email \
      OR users.first_name IS NOT excluded.first_name OR users.last_name IS NOT excluded.last_name \
      OR users.phone IS NOT excluded.phone";
 const JOB_COLUMNS: &str = "id, kind, user_id, payload, state, attempts, last_error, \
-     next_attempt_at, created_at, updated_at";
+     claim_token, next_attempt_at, created_at, updated_at";
+/// A new claim's token: 128 random bits.
+const NEW_TOKEN: &str = "lower(hex(randomblob(16)))";
 /// Another job that makes this one redundant: a pending push for the same user, or an
 /// active erasure.
 const SUPERSEDED: &str = "EXISTS (SELECT 1 FROM outbox other WHERE other.user_id = outbox.user_id \
@@ -97,9 +100,12 @@ const SUPERSEDED: &str = "EXISTS (SELECT 1 FROM outbox other WHERE other.user_id
      AND (other.state = 'pending' OR (other.kind = 'erase' AND other.state = 'in_flight')))";
 
 fn job(row: SqliteJobRow) -> StoreResult<OutboxJob> {
-    let (id, kind, user_id, payload, state, attempts, last_error, next, created, updated) = row;
+    let (id, kind, user_id, payload, state, attempts, last_error, token, next, created, updated) =
+        row;
     job_from_parts(
-        (id, kind, user_id, payload, state, attempts, last_error),
+        (
+            id, kind, user_id, payload, state, attempts, last_error, token,
+        ),
         from_ms(next)?,
         from_ms(created)?,
         from_ms(updated)?,
@@ -626,16 +632,22 @@ impl Store for SqliteStore {
 
     async fn claim_jobs(&self, limit: u32, lease: Duration) -> StoreResult<Vec<OutboxJob>> {
         let now = to_ms(now());
-        let rows: Vec<SqliteJobRow> = sqlx::query_as(&format!(
+        // A pending job waits while any job of its user is in flight (the unique index on
+        // in-flight rows enforces it), and only the user's first due job is taken.
+        let rows: Result<Vec<SqliteJobRow>, _> = sqlx::query_as(&format!(
             "UPDATE outbox SET state = 'in_flight', attempts = attempts + 1, locked_until = ?2,
-                    updated_at = ?1
+                    claim_token = {NEW_TOKEN}, updated_at = ?1
              WHERE id IN (
                 SELECT o.id FROM outbox o
-                WHERE ((o.state = 'pending' AND o.next_attempt_at <= ?1)
-                       OR (o.state = 'in_flight' AND o.locked_until < ?1))
-                  AND NOT EXISTS (SELECT 1 FROM outbox b
-                                  WHERE b.user_id = o.user_id AND b.id <> o.id
-                                    AND b.state = 'in_flight' AND b.locked_until >= ?1)
+                WHERE (o.state = 'in_flight' AND o.locked_until < ?1)
+                   OR (o.state = 'pending' AND o.next_attempt_at <= ?1
+                       AND NOT EXISTS (SELECT 1 FROM outbox b
+                                       WHERE b.user_id = o.user_id AND b.state = 'in_flight')
+                       AND NOT EXISTS (SELECT 1 FROM outbox b
+                                       WHERE b.user_id = o.user_id AND b.state = 'pending'
+                                         AND b.next_attempt_at <= ?1
+                                         AND (b.next_attempt_at, b.id)
+                                             < (o.next_attempt_at, o.id)))
                 ORDER BY o.next_attempt_at, o.id
                 LIMIT ?3)
              RETURNING {JOB_COLUMNS}"
@@ -644,7 +656,11 @@ impl Store for SqliteStore {
         .bind(now + ms(lease))
         .bind(i64::from(limit))
         .fetch_all(&self.pool)
-        .await?;
+        .await;
+        let rows = match rows {
+            Err(err) if is_unique_violation(&err) => return Ok(Vec::new()),
+            other => other?,
+        };
         let mut jobs = rows.into_iter().map(job).collect::<StoreResult<Vec<_>>>()?;
         jobs.sort_by_key(|j| (j.next_attempt_at, j.id));
         Ok(jobs)
@@ -652,54 +668,75 @@ impl Store for SqliteStore {
 
     async fn claim_job(&self, id: i64, lease: Duration) -> StoreResult<Option<OutboxJob>> {
         let now = to_ms(now());
-        let row: Option<SqliteJobRow> = sqlx::query_as(&format!(
+        let row: Result<Option<SqliteJobRow>, _> = sqlx::query_as(&format!(
             "UPDATE outbox SET state = 'in_flight', attempts = attempts + 1, locked_until = ?3,
-                    updated_at = ?2
+                    claim_token = {NEW_TOKEN}, updated_at = ?2
              WHERE id = ?1 AND state = 'pending'
+               AND NOT EXISTS (SELECT 1 FROM outbox b
+                               WHERE b.user_id = outbox.user_id AND b.state = 'in_flight')
              RETURNING {JOB_COLUMNS}"
         ))
         .bind(id)
         .bind(now)
         .bind(now + ms(lease))
         .fetch_optional(&self.pool)
-        .await?;
-        row.map(job).transpose()
+        .await;
+        match row {
+            Err(err) if is_unique_violation(&err) => Ok(None),
+            other => other?.map(job).transpose(),
+        }
     }
 
-    async fn finish_job(&self, id: i64, outcome: &JobOutcome) -> StoreResult<()> {
+    async fn finish_job(&self, job: &OutboxJob, outcome: &JobOutcome) -> StoreResult<bool> {
+        let Some(token) = job.claim_token.as_deref() else {
+            return Ok(false);
+        };
         let now = to_ms(now());
         let query = match outcome {
             JobOutcome::Done => sqlx::query(
                 "UPDATE outbox SET state = 'done', locked_until = NULL, last_error = NULL,
-                        updated_at = ?2 WHERE id = ?1",
+                        updated_at = ?2
+                 WHERE id = ?1 AND claim_token = ?3 AND state = 'in_flight'",
             )
-            .bind(id)
+            .bind(job.id)
             .bind(now),
             JobOutcome::Failed { error } => sqlx::query(
                 "UPDATE outbox SET state = 'failed', locked_until = NULL, last_error = ?3,
-                        updated_at = ?2 WHERE id = ?1",
+                        updated_at = ?2
+                 WHERE id = ?1 AND claim_token = ?4 AND state = 'in_flight'",
             )
-            .bind(id)
+            .bind(job.id)
             .bind(now)
             .bind(clip_error(error)),
             JobOutcome::Retry { delay, error } => sqlx::query(&RETRY_SQL)
-                .bind(id)
+                .bind(job.id)
                 .bind(now)
                 .bind(clip_error(error))
                 .bind(now + ms(*delay)),
         };
-        query.execute(&self.pool).await?;
-        Ok(())
+        Ok(query.bind(token).execute(&self.pool).await?.rows_affected() > 0)
     }
 
-    async fn save_job_payload(&self, id: i64, payload: &serde_json::Value) -> StoreResult<()> {
-        sqlx::query("UPDATE outbox SET payload = ?2, updated_at = ?3 WHERE id = ?1")
-            .bind(id)
-            .bind(payload.to_string())
-            .bind(to_ms(now()))
-            .execute(&self.pool)
-            .await?;
-        Ok(())
+    async fn save_job_payload(
+        &self,
+        job: &OutboxJob,
+        payload: &serde_json::Value,
+    ) -> StoreResult<bool> {
+        let Some(token) = job.claim_token.as_deref() else {
+            return Ok(false);
+        };
+        Ok(sqlx::query(
+            "UPDATE outbox SET payload = ?2, updated_at = ?3
+             WHERE id = ?1 AND claim_token = ?4 AND state = 'in_flight'",
+        )
+        .bind(job.id)
+        .bind(payload.to_string())
+        .bind(to_ms(now()))
+        .bind(token)
+        .execute(&self.pool)
+        .await?
+        .rows_affected()
+            > 0)
     }
 
     async fn get_job(&self, id: i64) -> StoreResult<Option<OutboxJob>> {
@@ -779,11 +816,40 @@ impl Store for SqliteStore {
     async fn erase_user(
         &self,
         user_id: &UserId,
+        handled_customer: Option<&str>,
         subject_hash: &str,
         audit_detail: &serde_json::Value,
-    ) -> StoreResult<bool> {
+    ) -> StoreResult<Erased> {
         let now = to_ms(now());
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        // The row lock keeps a link from being made until this transaction ends (it then
+        // finds no user); a link made before it is seen here.
+        let linked: Option<Option<String>> = sqlx::query_scalar(
+            "SELECT l.stripe_customer_id FROM users u
+             LEFT JOIN customer_links l ON l.user_id = u.id
+             WHERE u.id = ?1",
+        )
+        .bind(user_id.as_str())
+        .fetch_optional(&mut *tx)
+        .await?;
+        if let Some(customer) = linked
+            .flatten()
+            .filter(|c| Some(c.as_str()) != handled_customer)
+        {
+            tx.rollback().await?;
+            return Ok(Erased::Relinked(customer));
+        }
+        // The customer's stored webhook payloads (email, name, phone, address) go too.
+        if let Some(customer) = handled_customer {
+            for table in ["stripe_event_queue", "stripe_events"] {
+                sqlx::query(&format!(
+                    "DELETE FROM {table} WHERE stripe_customer_id = ?1"
+                ))
+                .bind(customer)
+                .execute(&mut *tx)
+                .await?;
+            }
+        }
         let existed = sqlx::query("DELETE FROM users WHERE id = ?1")
             .bind(user_id.as_str())
             .execute(&mut *tx)
@@ -814,7 +880,7 @@ impl Store for SqliteStore {
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
-        Ok(existed)
+        Ok(Erased::Done(existed))
     }
 
     async fn append_audit(
@@ -1134,15 +1200,26 @@ impl Store for SqliteStore {
     }
 
     async fn prune_events(&self, cutoff: OffsetDateTime) -> StoreResult<u64> {
-        Ok(sqlx::query(
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        // Events parked as failed go after the retention too.
+        sqlx::query(
+            "DELETE FROM stripe_event_queue
+             WHERE state = 'failed' AND next_attempt_at IS NULL AND received_at < ?1",
+        )
+        .bind(to_ms(cutoff))
+        .execute(&mut *tx)
+        .await?;
+        let pruned = sqlx::query(
             "DELETE FROM stripe_events WHERE received_at < ?1
                 AND NOT EXISTS (SELECT 1 FROM stripe_event_queue q
                                 WHERE q.event_id = stripe_events.id)",
         )
         .bind(to_ms(cutoff))
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?
-        .rows_affected())
+        .rows_affected();
+        tx.commit().await?;
+        Ok(pruned)
     }
 
     async fn claim_serving(&self) -> StoreResult<()> {
@@ -1600,6 +1677,6 @@ static RETRY_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     format!(
         "UPDATE outbox SET state = CASE WHEN {SUPERSEDED} THEN 'done' ELSE 'pending' END,
                 next_attempt_at = ?4, locked_until = NULL, last_error = ?3, updated_at = ?2
-         WHERE id = ?1"
+         WHERE id = ?1 AND claim_token = ?5 AND state = 'in_flight'"
     )
 });

@@ -177,6 +177,29 @@ impl StripeClient {
         .await
     }
 
+    /// Empties a kept customer of everything personal billsync knows Stripe may hold (email,
+    /// name, phone, description, address, shipping: an empty value unsets a field) and sets
+    /// `metadata` (billsync's keys emptied, its tombstone).
+    pub async fn scrub_customer(
+        &self,
+        id: &str,
+        metadata: &std::collections::BTreeMap<String, String>,
+    ) -> StripeResult<Customer> {
+        let params = serde_json::json!({
+            "email": null, "name": null, "phone": null, "description": null,
+            "address": null, "shipping": null, "metadata": metadata,
+        });
+        self.send(Request {
+            operation: "customers.update",
+            method: Method::POST,
+            path: format!("/v1/customers/{}", path_segment(id)),
+            query: vec![],
+            form: Some(encode_params(&params)),
+            idempotency_key: None,
+        })
+        .await
+    }
+
     pub async fn delete_customer(&self, id: &str) -> StripeResult<Deleted> {
         self.send(Request {
             operation: "customers.delete",
