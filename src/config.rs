@@ -146,6 +146,15 @@ pub struct ConfigArgs {
         hide_env_values = true
     )]
     pub jwt_secret: Option<String>,
+    /// Secret key of the erasure tombstones' hash (at least 32 characters) [default: one
+    /// generated at first use and kept in the database]
+    #[arg(
+        long,
+        env = "BILLSYNC_ERASURE_PEPPER",
+        global = true,
+        hide_env_values = true
+    )]
+    pub erasure_pepper: Option<String>,
     /// JWKS URL for ES256/RS256 user JWTs (Supabase: …/auth/v1/.well-known/jwks.json).
     #[arg(long, env = "BILLSYNC_JWKS_URL", global = true)]
     pub jwks_url: Option<String>,
@@ -227,6 +236,7 @@ struct FileConfig {
     app_url: Option<String>,
     stripe_portal_configuration_id: Option<String>,
     jwt_secret: Option<String>,
+    erasure_pepper: Option<String>,
     jwks_url: Option<String>,
     jwt_audience: Option<String>,
     jwt_issuer: Option<String>,
@@ -326,6 +336,8 @@ pub struct Config {
     pub listen: SocketAddr,
     pub stripe: StripeConfig,
     pub admin_api_key: Option<Secret>,
+    /// Keys the erasure tombstones' hash; `None`: generated once and kept in the database.
+    pub erasure_pepper: Option<Secret>,
     /// How long a resolve claim protects a user's customer creation before another
     /// instance may take over (it must outlast the Stripe calls of one resolve).
     pub resolve_lease: Duration,
@@ -431,6 +443,17 @@ impl Config {
         if jwt_secret.as_ref().is_some_and(|s| s.expose().len() < 32) {
             return Err(ConfigError::Invalid(
                 "BILLSYNC_JWT_SECRET must be at least 32 characters".into(),
+            ));
+        }
+        let erasure_pepper = pick(&args.erasure_pepper, file.erasure_pepper)
+            .filter(|s| !s.is_empty())
+            .map(Secret::new);
+        if erasure_pepper
+            .as_ref()
+            .is_some_and(|s| s.expose().len() < 32)
+        {
+            return Err(ConfigError::Invalid(
+                "BILLSYNC_ERASURE_PEPPER must be at least 32 characters".into(),
             ));
         }
         let jwks_url = pick(&args.jwks_url, file.jwks_url).filter(|u| !u.is_empty());
@@ -605,6 +628,7 @@ impl Config {
                 retry_max_delay: Duration::from_secs(10),
             },
             admin_api_key,
+            erasure_pepper,
             resolve_lease: timeout * 6 + Duration::from_secs(30),
         })
     }
@@ -640,6 +664,7 @@ impl Config {
             self.stripe.secret_key.as_ref(),
             self.admin_api_key.as_ref(),
             self.jwt.secret.as_ref(),
+            self.erasure_pepper.as_ref(),
         ]
         .into_iter()
         .flatten()
@@ -663,6 +688,22 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_erasure_pepper_is_long_and_secret() {
+        let load = |pepper: &str| {
+            Config::load(&ConfigArgs {
+                erasure_pepper: Some(pepper.into()),
+                ..Default::default()
+            })
+        };
+        let err = load("short").unwrap_err().to_string();
+        assert!(err.contains("BILLSYNC_ERASURE_PEPPER must be at least 32"), "{err}");
+        let pepper = "p".repeat(32);
+        let config = load(&pepper).unwrap();
+        assert!(config.secret_values().contains(&pepper));
+        assert!(!format!("{config:?}").contains(&pepper));
+    }
 
     #[test]
     fn jwks_urls_are_https_except_on_loopback() {

@@ -55,6 +55,8 @@ pub enum ApiError {
     PortalNotConfigured,
     #[error("this account is being deleted")]
     DeletionPending,
+    #[error("this account was deleted; sign in again to start a new one")]
+    AccountErased,
     #[error("the profile changed concurrently too often; try again")]
     Contended,
     #[error("no such outbox job")]
@@ -101,6 +103,7 @@ impl ApiError {
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UserNotFound | Self::RouteNotFound => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Self::AccountErased => StatusCode::GONE,
             Self::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             Self::ResolveBusy
             | Self::NoSubscription
@@ -148,6 +151,7 @@ impl ApiError {
             Self::NoSubscription => "no_subscription",
             Self::PortalNotConfigured => "portal_not_configured",
             Self::DeletionPending => "account_deletion_pending",
+            Self::AccountErased => "account_erased",
             Self::Contended => "conflict",
             Self::JobNotFound => "job_not_found",
             Self::JobNotFailed => "job_not_failed",

@@ -20,6 +20,7 @@ pub struct OutboxWorker {
     store: Arc<dyn Store>,
     stripe: StripeClient,
     config: OutboxConfig,
+    tombstones: Arc<gdpr::Tombstones>,
 }
 
 impl OutboxWorker {
@@ -28,7 +29,20 @@ impl OutboxWorker {
             store,
             stripe,
             config,
+            tombstones: Arc::new(gdpr::Tombstones::new(None)),
         }
+    }
+
+    /// Keys the erasure tombstones with `pepper` (`BILLSYNC_ERASURE_PEPPER`) instead of the
+    /// one kept in the database.
+    pub fn with_erasure_pepper(mut self, pepper: Option<crate::config::Secret>) -> Self {
+        self.tombstones = Arc::new(gdpr::Tombstones::new(pepper));
+        self
+    }
+
+    /// The tombstones the erasures write, for the user routes to check tokens against.
+    pub fn tombstones(&self) -> &gdpr::Tombstones {
+        &self.tombstones
     }
 
     /// Runs until `shutdown` turns true; the job in hand is finished first.
@@ -87,7 +101,9 @@ impl OutboxWorker {
     pub async fn run_job(&self, job: &OutboxJob) -> JobOutcome {
         let result = match job.kind {
             JobKind::PushProfile => self.push_profile(job).await,
-            JobKind::Erase => gdpr::run_erasure(self.store.as_ref(), &self.stripe, job).await,
+            JobKind::Erase => {
+                gdpr::run_erasure(self.store.as_ref(), &self.stripe, &self.tombstones, job).await
+            }
         };
         let outcome = match result {
             Ok(()) => JobOutcome::Done,

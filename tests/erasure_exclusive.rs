@@ -199,7 +199,7 @@ async fn a_customer_linked_after_the_plan_is_scrubbed_too(backend: Backend) {
         .await
         .unwrap()
         .unwrap();
-    gdpr::run_erasure(store, &stripe, &claimed)
+    gdpr::run_erasure(store, &stripe, &gdpr::Tombstones::new(None), &claimed)
         .await
         .expect("erasure");
     assert_eq!(store.get_user(&user_id).await.unwrap(), None);

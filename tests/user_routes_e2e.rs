@@ -696,7 +696,94 @@ async fn newer_tokens_carry_newer_identity(backend: Backend) {
     assert_eq!(remote["email"], changed.as_str());
 }
 
+/// Supabase tokens live an hour and cannot be revoked: the token that deleted the account
+/// must not bring the person back, while a token issued after the erasure starts anew.
+async fn an_erased_person_stays_erased(backend: Backend) {
+    let Some(w) = world(backend, "an_erased_person_stays_erased").await else {
+        return;
+    };
+    let (user, token, _customer) = linked_user(&w, "tombstone").await;
+    let email = format!("{user}@example.com");
+    let delete = |token: String| {
+        let app = &w.app;
+        async move {
+            let response = app
+                .as_user(Method::DELETE, "/api/user/delete-account", &token)
+                .send()
+                .await
+                .unwrap();
+            let status = response.status().as_u16();
+            (status, response.json::<Value>().await.unwrap())
+        }
+    };
+    assert_eq!(delete(token.clone()).await.0, 200);
+
+    // The same token, still valid: refused everywhere, and nothing is re-created.
+    let (status, body) = put_profile(&w, &token, json!({"firstName": "Back"})).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (410, Some("account_erased"))
+    );
+    for (method, path) in [
+        (Method::GET, "/api/user/export-data"),
+        (Method::POST, "/api/billing/create-portal-session"),
+    ] {
+        let response = w.app.as_user(method, path, &token).send().await.unwrap();
+        assert_eq!(response.status(), 410, "{path}");
+    }
+    let row = w
+        .app
+        .admin_json(&format!("/v1/users/{}", support::encode(&user)))
+        .await;
+    assert_eq!(row["error"]["code"], "user_not_found", "{row}");
+    // Repeating the deletion is still safe.
+    assert_eq!(delete(token.clone()).await.0, 200);
+
+    // The tombstone names a keyed hash, not the id nor its plain SHA-256.
+    let id = billsync::domain::UserId::parse(&user).unwrap();
+    let store = w.app.state.store.as_ref();
+    let keyed = w
+        .app
+        .state
+        .worker
+        .tombstones()
+        .subject(store, &id)
+        .await
+        .unwrap();
+    assert!(store.tombstone(&keyed).await.unwrap().is_some());
+    assert_ne!(keyed, billsync::gdpr::subject_hash(&id));
+    assert!(store.tombstone(&user).await.unwrap().is_none());
+
+    // A token without iat cannot tell when it was issued: refused.
+    let no_iat = support::sign_hs256(&json!({"sub": user, "aud": "authenticated",
+        "email": email, "exp": epoch() + 3600}));
+    assert_eq!(put_profile(&w, &no_iat, json!({})).await.0, 410);
+
+    // Signed in again after the erasure: a new, empty account.
+    let fresh = support::sign_hs256(&json!({"sub": user, "aud": "authenticated",
+        "email": email, "email_verified": true, "iat": epoch() + 2, "exp": epoch() + 3600}));
+    let (status, body) = put_profile(&w, &fresh, json!({})).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body["data"]["first_name"].is_null(),
+        "nothing of the old account"
+    );
+    let row = w
+        .app
+        .admin_json(&format!("/v1/users/{}", support::encode(&user)))
+        .await;
+    assert!(row["customer"].is_null(), "no customer linked: {row}");
+    // The old token never reaches the new account, not even to delete it.
+    let (status, body) = delete(token.clone()).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (410, Some("account_erased"))
+    );
+    assert_eq!(put_profile(&w, &token, json!({})).await.0, 410);
+}
+
 on_every_store!(
+    an_erased_person_stays_erased,
     newer_tokens_carry_newer_identity,
     late_echoes_in_order_never_revert_newer_edits,
     late_echoes_reversed_never_revert_newer_edits,

@@ -95,7 +95,8 @@ impl AppState {
                 .iter()
                 .filter_map(|o| HeaderValue::from_str(o).ok())
                 .collect(),
-            worker: OutboxWorker::new(store.clone(), stripe.clone(), config.outbox.clone()),
+            worker: OutboxWorker::new(store.clone(), stripe.clone(), config.outbox.clone())
+                .with_erasure_pepper(config.erasure_pepper.clone()),
             jwt: JwtVerifier::from_config(&config.jwt),
             app_url: config.app_url.clone(),
             webhooks: config.webhooks.clone(),

@@ -61,6 +61,9 @@ impl FromRequestParts<AppState> for CurrentUser {
 /// admin `PUT` would, pushing a new address to Stripe. An older token, or one without `iat`,
 /// never overwrites the row.
 async fn ensure_user(state: &AppState, auth: &AuthenticatedUser) -> Result<User, ApiError> {
+    if issued_before_erasure(state, auth).await? {
+        return Err(ApiError::AccountErased);
+    }
     if let Some(user) = state.store.get_user(&auth.id).await? {
         return refresh_identity(state, auth, user).await;
     }
@@ -78,6 +81,22 @@ async fn ensure_user(state: &AppState, auth: &AuthenticatedUser) -> Result<User,
         .await?;
     tracing::info!(user_id = %user.id, "user created from token claims");
     Ok(user)
+}
+
+/// Whether the token's `sub` was erased after the token was issued (or the token carries no
+/// `iat` to tell). Supabase tokens live about an hour and cannot be revoked: without this,
+/// the same token would bring the erased person back; a token issued after the erasure
+/// starts a new, empty account.
+async fn issued_before_erasure(
+    state: &AppState,
+    auth: &AuthenticatedUser,
+) -> Result<bool, ApiError> {
+    let erased_at = state
+        .worker
+        .tombstones()
+        .erased_at(state.store.as_ref(), &auth.id)
+        .await?;
+    Ok(erased_at.is_some_and(|at| auth.issued_at.is_none_or(|iat| iat <= at.unix_timestamp())))
 }
 
 async fn refresh_identity(
@@ -142,7 +161,7 @@ pub struct ProfileResponse {
 /// Updates the caller's name and phone; the change reaches Stripe through the outbox.
 #[utoipa::path(put, path = "/api/user/profile", tag = "user", request_body = ProfileBody,
     security(("user_jwt" = [])),
-    responses((status = 200, body = ProfileResponse), (status = 401, body = crate::http::ErrorBody),
+    responses((status = 200, body = ProfileResponse), (status = 401, body = crate::http::ErrorBody), (status = 410, body = crate::http::ErrorBody),
               (status = 422, body = crate::http::ErrorBody), (status = 409, body = crate::http::ErrorBody)))]
 #[tracing::instrument(skip_all, fields(user_id = %auth.id))]
 pub async fn update_profile(
@@ -182,7 +201,7 @@ pub struct UrlResponse {
 /// A billing-portal session for the caller's customer; it returns to `${APP_URL}/billing`.
 #[utoipa::path(post, path = "/api/billing/create-portal-session", tag = "user",
     request_body(content = Option<PortalBody>), security(("user_jwt" = [])),
-    responses((status = 200, body = UrlResponse), (status = 401, body = crate::http::ErrorBody),
+    responses((status = 200, body = UrlResponse), (status = 401, body = crate::http::ErrorBody), (status = 410, body = crate::http::ErrorBody),
               (status = 404, body = crate::http::ErrorBody), (status = 409, body = crate::http::ErrorBody),
               (status = 503, body = crate::http::ErrorBody)))]
 #[tracing::instrument(skip_all, fields(user_id = %auth.id))]
@@ -207,7 +226,7 @@ pub async fn create_portal_session(
 /// Everything billsync holds about the caller, as one JSON document (GDPR export).
 #[utoipa::path(get, path = "/api/user/export-data", tag = "user", security(("user_jwt" = [])),
     responses((status = 200, description = "The export document", content_type = "application/json"),
-              (status = 401, body = crate::http::ErrorBody)))]
+              (status = 401, body = crate::http::ErrorBody), (status = 410, body = crate::http::ErrorBody)))]
 #[tracing::instrument(skip_all, fields(user_id = %auth.id))]
 pub async fn export_data(
     State(state): State<AppState>,
@@ -263,7 +282,7 @@ pub struct DeleteBody {
 #[utoipa::path(delete, path = "/api/user/delete-account", tag = "user",
     request_body(content = Option<DeleteBody>), security(("user_jwt" = [])),
     responses((status = 200, description = "Deleted"), (status = 202, description = "Queued"),
-              (status = 401, body = crate::http::ErrorBody)))]
+              (status = 401, body = crate::http::ErrorBody), (status = 410, body = crate::http::ErrorBody)))]
 #[tracing::instrument(skip_all, fields(subject = %gdpr::subject_hash(&auth.id)))]
 pub async fn delete_account(
     State(state): State<AppState>,
@@ -271,6 +290,15 @@ pub async fn delete_account(
     OptionalJsonBody(body): OptionalJsonBody<DeleteBody>,
 ) -> Result<Response, ApiError> {
     let delete_customer = body.unwrap_or_default().delete_from_stripe;
+    if issued_before_erasure(&state, &auth).await? {
+        // A repeat of the erasure this token asked for is done already; a token from before
+        // an erasure never reaches the account made since.
+        if state.store.get_user(&auth.id).await?.is_some()
+            && state.store.active_erase(&auth.id).await?.is_none()
+        {
+            return Err(ApiError::AccountErased);
+        }
+    }
     let status = state.worker.erase_now(&auth.id, delete_customer).await?;
     Ok(match status {
         ErasureStatus::Completed => (

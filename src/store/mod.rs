@@ -507,6 +507,14 @@ pub trait Store: Send + Sync + 'static {
     async fn upsert_subscription(&self, subscription: &SubscriptionMirror) -> StoreResult<()>;
     async fn list_subscriptions(&self, user: &UserId) -> StoreResult<Vec<SubscriptionMirror>>;
 
+    /// The setting `name`, written as `value` first if it has none; returns what is stored
+    /// (the first writer wins when instances race).
+    async fn setting_or_init(&self, name: &str, value: &str) -> StoreResult<String>;
+    /// Records that the person behind `subject` (a keyed hash of their id) was erased now.
+    async fn record_tombstone(&self, subject: &str) -> StoreResult<()>;
+    /// When the person behind `subject` was erased, if they were.
+    async fn tombstone(&self, subject: &str) -> StoreResult<Option<OffsetDateTime>>;
+
     /// The raw stored events of a customer with `id > after`, by id, at most `limit`: pages
     /// for the GDPR export. `(id, payload)`.
     async fn customer_events_page(
@@ -771,6 +779,11 @@ pub(crate) fn postgres_migrator() -> Migrator {
             "events by customer",
             include_str!("../../migrations/postgres/0008_events_by_customer.sql"),
         ),
+        (
+            9,
+            "erasure tombstones",
+            include_str!("../../migrations/postgres/0009_erasure_tombstones.sql"),
+        ),
     ])
 }
 
@@ -805,6 +818,11 @@ pub(crate) fn sqlite_migrator() -> Migrator {
             7,
             "events by customer",
             include_str!("../../migrations/sqlite/0007_events_by_customer.sql"),
+        ),
+        (
+            8,
+            "erasure tombstones",
+            include_str!("../../migrations/sqlite/0008_erasure_tombstones.sql"),
         ),
     ])
 }

@@ -1060,6 +1060,41 @@ impl Store for PgStore {
         .await?)
     }
 
+    async fn setting_or_init(&self, name: &str, value: &str) -> StoreResult<String> {
+        Ok(sqlx::query_scalar(
+            "WITH written AS (
+                 INSERT INTO billsync_settings (name, value) VALUES ($1, $2)
+                 ON CONFLICT (name) DO NOTHING RETURNING value)
+             SELECT value FROM written
+             UNION ALL SELECT value FROM billsync_settings WHERE name = $1
+             LIMIT 1",
+        )
+        .bind(name)
+        .bind(value)
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
+    async fn record_tombstone(&self, subject: &str) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO erasure_tombstones (subject, erased_at) VALUES ($1, now())
+             ON CONFLICT (subject) DO UPDATE SET erased_at = excluded.erased_at",
+        )
+        .bind(subject)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn tombstone(&self, subject: &str) -> StoreResult<Option<OffsetDateTime>> {
+        Ok(
+            sqlx::query_scalar("SELECT erased_at FROM erasure_tombstones WHERE subject = $1")
+                .bind(subject)
+                .fetch_optional(&self.pool)
+                .await?,
+        )
+    }
+
     async fn customer_events_page(
         &self,
         customer: &str,

@@ -941,6 +941,41 @@ impl Store for SqliteStore {
         .await?)
     }
 
+    async fn setting_or_init(&self, name: &str, value: &str) -> StoreResult<String> {
+        sqlx::query("INSERT INTO billsync_settings (name, value) VALUES (?1, ?2) ON CONFLICT (name) DO NOTHING")
+            .bind(name)
+            .bind(value)
+            .execute(&self.pool)
+            .await?;
+        Ok(
+            sqlx::query_scalar("SELECT value FROM billsync_settings WHERE name = ?1")
+                .bind(name)
+                .fetch_one(&self.pool)
+                .await?,
+        )
+    }
+
+    async fn record_tombstone(&self, subject: &str) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO erasure_tombstones (subject, erased_at) VALUES (?1, ?2)
+             ON CONFLICT (subject) DO UPDATE SET erased_at = excluded.erased_at",
+        )
+        .bind(subject)
+        .bind(to_ms(now()))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn tombstone(&self, subject: &str) -> StoreResult<Option<OffsetDateTime>> {
+        let at: Option<i64> =
+            sqlx::query_scalar("SELECT erased_at FROM erasure_tombstones WHERE subject = ?1")
+                .bind(subject)
+                .fetch_optional(&self.pool)
+                .await?;
+        at.map(from_ms).transpose()
+    }
+
     async fn customer_events_page(
         &self,
         customer: &str,
