@@ -189,6 +189,42 @@ async fn links_are_unique_on_both_sides(backend: Backend) {
     );
 }
 
+/// Issue 12 §9: a customer deleted in Stripe is never linked again, by anyone.
+async fn deleted_customers_are_never_linked(backend: Backend) {
+    let Some(t) = backend.store("deleted_customers_are_never_linked").await else {
+        return;
+    };
+    let store = &t.store;
+    let a = UserId::parse("a").unwrap();
+    store
+        .upsert_user(&upsert("a", "a@example.com"))
+        .await
+        .unwrap();
+    store.record_deleted_customer("cus_D", 200).await.unwrap();
+    // Recorded again with an older event: still deleted.
+    store.record_deleted_customer("cus_D", 100).await.unwrap();
+    assert_eq!(
+        store
+            .insert_link(&a, &cus("cus_D"), false, LinkSource::StripeMetadata)
+            .await
+            .unwrap(),
+        LinkOutcome::CustomerDeleted
+    );
+    assert_eq!(store.get_link(&a).await.unwrap(), None);
+    assert_eq!(
+        store.get_link_by_customer(&cus("cus_D")).await.unwrap(),
+        None
+    );
+    // Another customer still links.
+    assert!(matches!(
+        store
+            .insert_link(&a, &cus("cus_E"), false, LinkSource::Created)
+            .await
+            .unwrap(),
+        LinkOutcome::Linked(_)
+    ));
+}
+
 async fn concurrent_links_make_exactly_one(backend: Backend) {
     let Some(t) = backend.store("concurrent_links_make_exactly_one").await else {
         return;
@@ -1419,6 +1455,7 @@ async fn customer_updates_are_read_and_written_in_batches(backend: Backend) {
 }
 
 on_every_store!(
+    deleted_customers_are_never_linked,
     customer_updates_are_read_and_written_in_batches,
     event_states_follow_the_queue,
     upgrading_keeps_waiting_events_waiting,

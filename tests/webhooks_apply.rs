@@ -8,7 +8,10 @@ use billsync::{domain::UserId, store::PushedProfile};
 use reqwest::Method;
 use serde_json::{json, Value};
 use support::{eventually, Backend, TestApp};
-use wiremock::{matchers::method, Mock, MockServer, ResponseTemplate};
+use wiremock::{
+    matchers::{method, path},
+    Mock, MockServer, ResponseTemplate,
+};
 
 struct World {
     app: TestApp,
@@ -834,6 +837,62 @@ async fn a_mixed_batch_applies_each_customer_as_if_alone(backend: Backend) {
     );
 }
 
+/// Issue 12 §9: Stripe retries a failed `customer.created` for days; arriving after the
+/// `customer.deleted` of the same customer, it must not link the deleted customer again, and
+/// resolve must then make a live one.
+async fn a_late_customer_created_never_relinks_a_deleted_customer(backend: Backend) {
+    let Some(w) = world(
+        backend,
+        "a_late_customer_created_never_relinks_a_deleted_customer",
+    )
+    .await
+    else {
+        return;
+    };
+    link(&w, "late", "cus_late", json!({"email": "late@example.com"})).await;
+    let deleted = json!({"id": "cus_late", "object": "customer", "deleted": true});
+    deliver(
+        &w.app,
+        &customer_event("evt_l2", "customer.deleted", 200, deleted),
+    )
+    .await;
+    settled(&w.app).await;
+    let mut created = customer("cus_late", "late@example.com", None, None);
+    created["metadata"] = json!({"userId": "late"});
+    deliver(
+        &w.app,
+        &customer_event("evt_l1", "customer.created", 100, created),
+    )
+    .await;
+    settled(&w.app).await;
+    assert_eq!(
+        user(&w.app, "late").await["customer"],
+        Value::Null,
+        "the deleted customer is not linked again"
+    );
+
+    // Stripe lists no deleted customer; resolve makes a new, live one.
+    Mock::given(method("GET"))
+        .and(path("/v1/customers"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(json!({"object": "list", "data": [], "has_more": false})),
+        )
+        .mount(&w.stripe)
+        .await;
+    let mut fresh = customer("cus_fresh", "late@example.com", None, None);
+    fresh["metadata"] = json!({"userId": "late"});
+    Mock::given(method("POST"))
+        .and(path("/v1/customers"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(fresh))
+        .mount(&w.stripe)
+        .await;
+    let (status, body) = w.app.resolve("late").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["customer_id"], "cus_fresh", "{body}");
+    assert_eq!(user(&w.app, "late").await["customer"]["id"], "cus_fresh");
+}
+
 on_every_store!(
     a_mixed_batch_applies_each_customer_as_if_alone,
     a_backlog_is_applied_as_its_newest_snapshot,
@@ -846,4 +905,5 @@ on_every_store!(
     shuffled_duplicated_delivery_equals_in_order,
     deleted_customers_unlink_and_cancel,
     customer_created_links_by_metadata,
+    a_late_customer_created_never_relinks_a_deleted_customer,
 );

@@ -103,6 +103,8 @@ pub enum LinkOutcome {
     CustomerTaken { other_user: UserId },
     /// The user does not exist.
     UserMissing,
+    /// The customer was deleted in Stripe (see `record_deleted_customer`); nothing was written.
+    CustomerDeleted,
 }
 
 /// A held claim on creating a user's customer.
@@ -397,7 +399,8 @@ pub trait Store: Send + Sync + 'static {
         &self,
         customer: &StripeCustomerId,
     ) -> StoreResult<Option<CustomerLink>>;
-    /// Links a user to a customer unless either side is already linked.
+    /// Links a user to a customer unless either side is already linked or the customer is
+    /// known deleted in Stripe.
     async fn insert_link(
         &self,
         user: &UserId,
@@ -406,6 +409,9 @@ pub trait Store: Send + Sync + 'static {
         via: LinkSource,
     ) -> StoreResult<LinkOutcome>;
 
+    /// Remembers that Stripe deleted this customer (`created` of the `customer.deleted`
+    /// event), so it is never linked again, whatever arrives late.
+    async fn record_deleted_customer(&self, customer: &str, created: i64) -> StoreResult<()>;
     /// Records what was last pushed to the user's customer.
     async fn record_push(&self, user: &UserId, pushed: &PushedProfile) -> StoreResult<()>;
     async fn last_push(&self, user: &UserId) -> StoreResult<Option<PushedProfile>>;
@@ -697,6 +703,11 @@ pub(crate) fn postgres_migrator() -> Migrator {
             "event queue",
             include_str!("../../migrations/postgres/0004_event_queue.sql"),
         ),
+        (
+            6,
+            "subscriptions and deleted customers",
+            include_str!("../../migrations/postgres/0006_subscriptions_and_deleted_customers.sql"),
+        ),
     ])
 }
 
@@ -716,6 +727,11 @@ pub(crate) fn sqlite_migrator() -> Migrator {
             3,
             "event queue",
             include_str!("../../migrations/sqlite/0003_event_queue.sql"),
+        ),
+        (
+            5,
+            "subscriptions and deleted customers",
+            include_str!("../../migrations/sqlite/0005_subscriptions_and_deleted_customers.sql"),
         ),
     ])
 }
@@ -806,6 +822,9 @@ async fn explain_link_conflict<S: Store + ?Sized>(
         return Ok(LinkOutcome::CustomerTaken {
             other_user: other.user_id,
         });
+    }
+    if store.get_user(user).await?.is_some() {
+        return Ok(LinkOutcome::CustomerDeleted);
     }
     Ok(LinkOutcome::UserMissing)
 }

@@ -559,6 +559,7 @@ impl Store for PgStore {
             "INSERT INTO customer_links (user_id, stripe_customer_id, livemode, linked_via, linked_at)
              SELECT $1, $2, $3, $4, date_trunc('milliseconds', now())
              WHERE EXISTS (SELECT 1 FROM users WHERE id = $1)
+               AND NOT EXISTS (SELECT 1 FROM deleted_customers WHERE stripe_customer_id = $2)
              ON CONFLICT DO NOTHING
              RETURNING {LINK_COLUMNS}"
         ))
@@ -574,6 +575,21 @@ impl Store for PgStore {
             return Ok(LinkOutcome::Linked(link));
         }
         super::explain_link_conflict(self, user, customer).await
+    }
+
+    async fn record_deleted_customer(&self, customer: &str, created: i64) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO deleted_customers (stripe_customer_id, deleted_created, recorded_at)
+             VALUES ($1, $2, now())
+             ON CONFLICT (stripe_customer_id) DO UPDATE
+             SET deleted_created = GREATEST(deleted_customers.deleted_created,
+                                            EXCLUDED.deleted_created)",
+        )
+        .bind(customer)
+        .bind(created)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
     }
 
     async fn record_push(&self, user: &UserId, pushed: &PushedProfile) -> StoreResult<()> {

@@ -535,6 +535,7 @@ impl Store for SqliteStore {
             "INSERT INTO customer_links (user_id, stripe_customer_id, livemode, linked_via, linked_at)
              SELECT ?1, ?2, ?3, ?4, ?5
              WHERE EXISTS (SELECT 1 FROM users WHERE id = ?1)
+               AND NOT EXISTS (SELECT 1 FROM deleted_customers WHERE stripe_customer_id = ?2)
              ON CONFLICT DO NOTHING
              RETURNING {LINK_COLUMNS}"
         ))
@@ -549,6 +550,21 @@ impl Store for SqliteStore {
             return Ok(LinkOutcome::Linked(link(row)?));
         }
         super::explain_link_conflict(self, user_id, customer).await
+    }
+
+    async fn record_deleted_customer(&self, customer: &str, created: i64) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO deleted_customers (stripe_customer_id, deleted_created, recorded_at)
+             VALUES (?1, ?2, ?3)
+             ON CONFLICT (stripe_customer_id) DO UPDATE
+             SET deleted_created = MAX(deleted_created, excluded.deleted_created)",
+        )
+        .bind(customer)
+        .bind(created)
+        .bind(to_ms(now()))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
     }
 
     async fn record_push(&self, user_id: &UserId, pushed: &PushedProfile) -> StoreResult<()> {

@@ -328,7 +328,7 @@ impl Applier {
                 )
                 .await
             }
-            "customer.deleted" => self.customer_deleted(parse(object)?).await,
+            "customer.deleted" => self.customer_deleted(parse(object)?, created).await,
             "customer.subscription.created"
             | "customer.subscription.updated"
             | "customer.subscription.deleted" => {
@@ -339,6 +339,8 @@ impl Applier {
     }
 
     /// Links the customer to the user its metadata names, if that user exists and is unlinked.
+    /// A customer deleted in Stripe is never linked (`insert_link` refuses it), so a late
+    /// `customer.created` cannot bring one back.
     async fn customer_created(&self, customer: Customer) -> Result<(), JobFailure> {
         let Some(user) = customer
             .user_id_metadata()
@@ -421,11 +423,16 @@ impl Applier {
         Ok(())
     }
 
-    /// Unlinks the user (who keeps their account) and marks their subscriptions canceled.
-    async fn customer_deleted(&self, customer: Customer) -> Result<(), JobFailure> {
+    /// Remembers the customer as deleted, unlinks the user (who keeps their account) and
+    /// marks their subscriptions canceled.
+    async fn customer_deleted(&self, customer: Customer, created: i64) -> Result<(), JobFailure> {
         let Ok(customer_id) = StripeCustomerId::parse(&customer.id) else {
             return Ok(());
         };
+        // First, so that nothing can link it between the unlink and this.
+        self.store
+            .record_deleted_customer(customer_id.as_str(), created)
+            .await?;
         if let Some(link) = self.store.get_link_by_customer(&customer_id).await? {
             self.store.remove_link(&link.user_id).await?;
             tracing::info!(user_id = %link.user_id, "customer deleted in Stripe: unlinked");

@@ -1,0 +1,8 @@
+-- Customers deleted in Stripe, remembered after their link is gone: a late `customer.created`
+-- (Stripe retries a delivery for days) must never link one again, and `insert_link` refuses
+-- them. `deleted_created` is the `created` of the `customer.deleted` event applied.
+CREATE TABLE deleted_customers (
+    stripe_customer_id TEXT PRIMARY KEY,
+    deleted_created    BIGINT NOT NULL,
+    recorded_at        TIMESTAMPTZ NOT NULL
+);
