@@ -881,6 +881,71 @@ async fn usage_subscriptions_and_pushes_round_trip(backend: Backend) {
     assert_eq!(store.last_push(&user).await.unwrap(), Some(pushed));
 }
 
+/// Issue 12 §3: the subscriptions' watermark carries the event id, and a customer's
+/// deletion raises it, so an older subscription event cannot write the mirror again.
+async fn subscription_watermarks_rise_with_a_deletion(backend: Backend) {
+    let Some(t) = backend
+        .store("subscription_watermarks_rise_with_a_deletion")
+        .await
+    else {
+        return;
+    };
+    let store = &t.store;
+    let user = UserId::parse("s").unwrap();
+    store
+        .upsert_user(&upsert("s", "s@example.com"))
+        .await
+        .unwrap();
+    let sub = SubscriptionMirror {
+        id: "sub_W".into(),
+        user_id: Some(user.clone()),
+        customer_id: "cus_W".into(),
+        status: "active".into(),
+        price_id: Some("price_1".into()),
+        cancel_at_period_end: false,
+        current_period_end: None,
+        updated_at: billsync::store::now(),
+    };
+    assert_eq!(store.subscription_watermark("sub_W").await.unwrap(), None);
+    assert!(store
+        .upsert_subscription_if_newer(&sub, 100, "evt_1")
+        .await
+        .unwrap());
+    assert_eq!(
+        store.subscription_watermark("sub_W").await.unwrap(),
+        Some((100, Some("evt_1".to_owned())))
+    );
+    assert_eq!(
+        store
+            .cancel_customer_subscriptions("cus_W", 300, "evt_del")
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(
+        store.subscription_watermark("sub_W").await.unwrap(),
+        Some((300, Some("evt_del".to_owned())))
+    );
+    assert!(
+        !store
+            .upsert_subscription_if_newer(&sub, 200, "evt_2")
+            .await
+            .unwrap(),
+        "older than the deletion"
+    );
+    let rows = store.list_subscriptions(&user).await.unwrap();
+    assert_eq!(rows[0].status, "canceled");
+    // A deletion older than the watermark keeps it.
+    store
+        .cancel_customer_subscriptions("cus_W", 250, "evt_old_del")
+        .await
+        .unwrap();
+    assert_eq!(
+        store.subscription_watermark("sub_W").await.unwrap(),
+        Some((300, Some("evt_del".to_owned())))
+    );
+}
+
 /// The ids of a customer's waiting events, in apply order.
 async fn queued_ids(store: &dyn Store, customer: &str) -> Vec<String> {
     store
@@ -1455,6 +1520,7 @@ async fn customer_updates_are_read_and_written_in_batches(backend: Backend) {
 }
 
 on_every_store!(
+    subscription_watermarks_rise_with_a_deletion,
     deleted_customers_are_never_linked,
     customer_updates_are_read_and_written_in_batches,
     event_states_follow_the_queue,

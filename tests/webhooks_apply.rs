@@ -893,6 +893,125 @@ async fn a_late_customer_created_never_relinks_a_deleted_customer(backend: Backe
     assert_eq!(user(&w.app, "late").await["customer"]["id"], "cus_fresh");
 }
 
+/// Issue 12 §3: `created` (incomplete) and `updated` (active) in the same second, delivered
+/// in reverse: Stripe is asked, the mirror ends active and the portal's cancel flow works.
+async fn same_second_subscription_events_ask_stripe(backend: Backend) {
+    let Some(w) = world(backend, "same_second_subscription_events_ask_stripe").await else {
+        return;
+    };
+    link(&w, "tie", "cus_tie", json!({"email": "tie@example.com"})).await;
+    let sub = |status: &str| {
+        json!({"id": "sub_tie", "object": "subscription", "customer": "cus_tie",
+               "status": status, "cancel_at_period_end": false,
+               "items": {"data": [{"price": {"id": "price_pro"},
+                                   "current_period_end": 1_900_000_000}]}})
+    };
+    Mock::given(method("GET"))
+        .and(path("/v1/subscriptions/sub_tie"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(sub("active")))
+        .mount(&w.stripe)
+        .await;
+    deliver(
+        &w.app,
+        &customer_event(
+            "evt_t2",
+            "customer.subscription.updated",
+            300,
+            sub("active"),
+        ),
+    )
+    .await;
+    settled(&w.app).await;
+    deliver(
+        &w.app,
+        &customer_event(
+            "evt_t1",
+            "customer.subscription.created",
+            300,
+            sub("incomplete"),
+        ),
+    )
+    .await;
+    settled(&w.app).await;
+    let id = UserId::parse("tie").unwrap();
+    let subs = w.app.state.store.list_subscriptions(&id).await.unwrap();
+    assert_eq!(
+        subs[0].status, "active",
+        "Stripe's current state wins the tie"
+    );
+
+    Mock::given(method("POST"))
+        .and(path("/v1/billing_portal/sessions"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(
+            json!({"id": "bps_1", "object": "billing_portal.session", "url": "https://portal/x"}),
+        ))
+        .mount(&w.stripe)
+        .await;
+    let token = support::user_token("tie", Some("tie@example.com"), None);
+    let response = w
+        .app
+        .as_user(Method::POST, "/api/billing/create-portal-session", &token)
+        .json(&json!({"flow": "subscription_cancel"}))
+        .send()
+        .await
+        .unwrap();
+    let status = response.status();
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(status, 200, "{body}");
+}
+
+/// Issue 12 §3: a subscription event older than the `customer.deleted` that canceled the
+/// mirror, delivered late, does not revive it.
+async fn an_older_subscription_event_does_not_revive_a_deleted_customers(backend: Backend) {
+    let Some(w) = world(
+        backend,
+        "an_older_subscription_event_does_not_revive_a_deleted_customers",
+    )
+    .await
+    else {
+        return;
+    };
+    link(&w, "rev", "cus_rev", json!({"email": "rev@example.com"})).await;
+    let sub = json!({"id": "sub_rev", "object": "subscription", "customer": "cus_rev",
+                     "status": "active", "cancel_at_period_end": false,
+                     "items": {"data": [{"price": {"id": "price_pro"}}]}});
+    deliver(
+        &w.app,
+        &customer_event("evt_r1", "customer.subscription.created", 100, sub.clone()),
+    )
+    .await;
+    settled(&w.app).await;
+    deliver(
+        &w.app,
+        &customer_event(
+            "evt_r3",
+            "customer.deleted",
+            300,
+            json!({"id": "cus_rev", "object": "customer", "deleted": true}),
+        ),
+    )
+    .await;
+    settled(&w.app).await;
+    deliver(
+        &w.app,
+        &customer_event("evt_r2", "customer.subscription.updated", 200, sub),
+    )
+    .await;
+    settled(&w.app).await;
+    let store = &w.app.state.store;
+    let rows = store
+        .list_subscriptions(&UserId::parse("rev").unwrap())
+        .await
+        .unwrap();
+    // The user is unlinked; the mirror row keeps its user.
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].status, "canceled", "the older event lost");
+    assert_eq!(
+        store.subscription_watermark("sub_rev").await.unwrap(),
+        Some((300, Some("evt_r3".to_owned())))
+    );
+}
+
 on_every_store!(
     a_mixed_batch_applies_each_customer_as_if_alone,
     a_backlog_is_applied_as_its_newest_snapshot,
@@ -906,4 +1025,6 @@ on_every_store!(
     deleted_customers_unlink_and_cancel,
     customer_created_links_by_metadata,
     a_late_customer_created_never_relinks_a_deleted_customer,
+    same_second_subscription_events_ask_stripe,
+    an_older_subscription_event_does_not_revive_a_deleted_customers,
 );

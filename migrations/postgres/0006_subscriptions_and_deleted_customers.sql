@@ -6,3 +6,7 @@ CREATE TABLE deleted_customers (
     deleted_created    BIGINT NOT NULL,
     recorded_at        TIMESTAMPTZ NOT NULL
 );
+
+-- The event id completes the subscriptions' watermark, as the links' does: a same-second
+-- tie is told from a redelivery and settled by asking Stripe.
+ALTER TABLE subscriptions ADD COLUMN event_watermark_id TEXT;

@@ -570,13 +570,24 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreResult<Option<User>>;
     /// Whether a profile push for the user is pending or in flight (local edits win then).
     async fn has_active_push(&self, user: &UserId) -> StoreResult<bool>;
-    /// After `customer.deleted`: the customer's subscriptions become canceled at period end.
-    async fn cancel_customer_subscriptions(&self, customer: &str) -> StoreResult<u64>;
-    /// Upserts the mirror unless it already holds a newer snapshot; returns whether it wrote.
+    /// After `customer.deleted` (its `created` and event id): the customer's subscriptions
+    /// become canceled at period end, and their watermark rises to the deletion, so an older
+    /// subscription event cannot bring them back.
+    async fn cancel_customer_subscriptions(
+        &self,
+        customer: &str,
+        created: i64,
+        event_id: &str,
+    ) -> StoreResult<u64>;
+    /// The `created` and event id of the newest event applied to this subscription.
+    async fn subscription_watermark(&self, id: &str) -> StoreResult<Option<(i64, Option<String>)>>;
+    /// Upserts the mirror unless it already holds a newer snapshot (`created` below its
+    /// watermark); returns whether it wrote.
     async fn upsert_subscription_if_newer(
         &self,
         subscription: &SubscriptionMirror,
         created: i64,
+        event_id: &str,
     ) -> StoreResult<bool>;
 
     /// Takes the user's resolve claim if nobody holds an unexpired one. Re-taking an expired

@@ -1450,33 +1450,55 @@ impl Store for PgStore {
         .await?)
     }
 
-    async fn cancel_customer_subscriptions(&self, customer: &str) -> StoreResult<u64> {
+    async fn cancel_customer_subscriptions(
+        &self,
+        customer: &str,
+        created: i64,
+        event_id: &str,
+    ) -> StoreResult<u64> {
         Ok(sqlx::query(
             "UPDATE subscriptions SET status = 'canceled', cancel_at_period_end = TRUE,
-                    updated_at = now()
+                    updated_at = now(),
+                    event_watermark_id = CASE WHEN event_watermark IS NULL OR event_watermark <= $2
+                                              THEN $3 ELSE event_watermark_id END,
+                    event_watermark = GREATEST(COALESCE(event_watermark, $2), $2)
              WHERE stripe_customer_id = $1",
         )
         .bind(customer)
+        .bind(created)
+        .bind(event_id)
         .execute(&self.pool)
         .await?
         .rows_affected())
+    }
+
+    async fn subscription_watermark(&self, id: &str) -> StoreResult<Option<(i64, Option<String>)>> {
+        let row: Option<(Option<i64>, Option<String>)> = sqlx::query_as(
+            "SELECT event_watermark, event_watermark_id FROM subscriptions WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.and_then(|(created, id)| created.map(|c| (c, id))))
     }
 
     async fn upsert_subscription_if_newer(
         &self,
         sub: &SubscriptionMirror,
         created: i64,
+        event_id: &str,
     ) -> StoreResult<bool> {
         Ok(sqlx::query(
             "INSERT INTO subscriptions (id, user_id, stripe_customer_id, status, price_id,
                                         cancel_at_period_end, current_period_end, event_watermark,
-                                        created_at, updated_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9)
+                                        event_watermark_id, created_at, updated_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $10, $9, $9)
              ON CONFLICT (id) DO UPDATE SET user_id = EXCLUDED.user_id,
                 stripe_customer_id = EXCLUDED.stripe_customer_id, status = EXCLUDED.status,
                 price_id = EXCLUDED.price_id, cancel_at_period_end = EXCLUDED.cancel_at_period_end,
                 current_period_end = EXCLUDED.current_period_end,
-                event_watermark = EXCLUDED.event_watermark, updated_at = EXCLUDED.updated_at
+                event_watermark = EXCLUDED.event_watermark,
+                event_watermark_id = EXCLUDED.event_watermark_id, updated_at = EXCLUDED.updated_at
              WHERE subscriptions.event_watermark IS NULL
                 OR subscriptions.event_watermark <= EXCLUDED.event_watermark",
         )
@@ -1489,6 +1511,7 @@ impl Store for PgStore {
         .bind(sub.current_period_end)
         .bind(created)
         .bind(sub.updated_at)
+        .bind(event_id)
         .execute(&self.pool)
         .await?
         .rows_affected()

@@ -1366,33 +1366,55 @@ impl Store for SqliteStore {
         .await?)
     }
 
-    async fn cancel_customer_subscriptions(&self, customer: &str) -> StoreResult<u64> {
+    async fn cancel_customer_subscriptions(
+        &self,
+        customer: &str,
+        created: i64,
+        event_id: &str,
+    ) -> StoreResult<u64> {
         Ok(sqlx::query(
-            "UPDATE subscriptions SET status = 'canceled', cancel_at_period_end = 1, updated_at = ?2
+            "UPDATE subscriptions SET status = 'canceled', cancel_at_period_end = 1, updated_at = ?2,
+                    event_watermark_id = CASE WHEN event_watermark IS NULL OR event_watermark <= ?3
+                                              THEN ?4 ELSE event_watermark_id END,
+                    event_watermark = MAX(COALESCE(event_watermark, ?3), ?3)
              WHERE stripe_customer_id = ?1",
         )
         .bind(customer)
         .bind(to_ms(now()))
+        .bind(created)
+        .bind(event_id)
         .execute(&self.pool)
         .await?
         .rows_affected())
+    }
+
+    async fn subscription_watermark(&self, id: &str) -> StoreResult<Option<(i64, Option<String>)>> {
+        let row: Option<(Option<i64>, Option<String>)> = sqlx::query_as(
+            "SELECT event_watermark, event_watermark_id FROM subscriptions WHERE id = ?1",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.and_then(|(created, id)| created.map(|c| (c, id))))
     }
 
     async fn upsert_subscription_if_newer(
         &self,
         sub: &SubscriptionMirror,
         created: i64,
+        event_id: &str,
     ) -> StoreResult<bool> {
         Ok(sqlx::query(
             "INSERT INTO subscriptions (id, user_id, stripe_customer_id, status, price_id,
                                         cancel_at_period_end, current_period_end, event_watermark,
-                                        created_at, updated_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?9)
+                                        event_watermark_id, created_at, updated_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?10, ?9, ?9)
              ON CONFLICT (id) DO UPDATE SET user_id = excluded.user_id,
                 stripe_customer_id = excluded.stripe_customer_id, status = excluded.status,
                 price_id = excluded.price_id, cancel_at_period_end = excluded.cancel_at_period_end,
                 current_period_end = excluded.current_period_end,
-                event_watermark = excluded.event_watermark, updated_at = excluded.updated_at
+                event_watermark = excluded.event_watermark,
+                event_watermark_id = excluded.event_watermark_id, updated_at = excluded.updated_at
              WHERE subscriptions.event_watermark IS NULL
                 OR subscriptions.event_watermark <= excluded.event_watermark",
         )
@@ -1405,6 +1427,7 @@ impl Store for SqliteStore {
         .bind(sub.current_period_end.map(to_ms))
         .bind(created)
         .bind(to_ms(sub.updated_at))
+        .bind(event_id)
         .execute(&self.pool)
         .await?
         .rows_affected()

@@ -328,11 +328,15 @@ impl Applier {
                 )
                 .await
             }
-            "customer.deleted" => self.customer_deleted(parse(object)?, created).await,
+            "customer.deleted" => {
+                self.customer_deleted(parse(object)?, created, &event.event.id)
+                    .await
+            }
             "customer.subscription.created"
             | "customer.subscription.updated"
             | "customer.subscription.deleted" => {
-                self.subscription_changed(parse(object)?, created).await
+                self.subscription_changed(parse(object)?, created, &event.event.id)
+                    .await
             }
             _ => Ok(()),
         }
@@ -425,7 +429,12 @@ impl Applier {
 
     /// Remembers the customer as deleted, unlinks the user (who keeps their account) and
     /// marks their subscriptions canceled.
-    async fn customer_deleted(&self, customer: Customer, created: i64) -> Result<(), JobFailure> {
+    async fn customer_deleted(
+        &self,
+        customer: Customer,
+        created: i64,
+        event_id: &str,
+    ) -> Result<(), JobFailure> {
         let Ok(customer_id) = StripeCustomerId::parse(&customer.id) else {
             return Ok(());
         };
@@ -438,16 +447,34 @@ impl Applier {
             tracing::info!(user_id = %link.user_id, "customer deleted in Stripe: unlinked");
         }
         self.store
-            .cancel_customer_subscriptions(customer_id.as_str())
+            .cancel_customer_subscriptions(customer_id.as_str(), created, event_id)
             .await?;
         Ok(())
     }
 
+    /// Mirrors the subscription, unless a newer event was applied to it; a same-second tie
+    /// is settled as customers' are: Stripe is asked for the current state.
     async fn subscription_changed(
         &self,
-        sub: Subscription,
+        event_snapshot: Subscription,
         created: i64,
+        event_id: &str,
     ) -> Result<(), JobFailure> {
+        let stored = self
+            .store
+            .subscription_watermark(&event_snapshot.id)
+            .await?;
+        let sub = match order(stored, None, created, event_id) {
+            Order::AlreadyApplied | Order::Older => return Ok(()),
+            Order::SameSecond => {
+                match self.stripe.retrieve_subscription(&event_snapshot.id).await {
+                    Ok(current) => current,
+                    Err(err) if err.is_not_found() => return Ok(()),
+                    Err(err) => return Err(err.into()),
+                }
+            }
+            Order::Newer => event_snapshot,
+        };
         let user = match StripeCustomerId::parse(&sub.customer) {
             Ok(customer) => self
                 .store
@@ -469,7 +496,7 @@ impl Applier {
             id: sub.id,
         };
         self.store
-            .upsert_subscription_if_newer(&mirror, created)
+            .upsert_subscription_if_newer(&mirror, created, event_id)
             .await?;
         Ok(())
     }
