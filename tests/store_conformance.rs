@@ -859,10 +859,32 @@ async fn usage_subscriptions_and_pushes_round_trip(backend: Backend) {
         cancel_at_period_end: false,
         current_period_end: Some(billsync::store::now()),
         updated_at: billsync::store::now(),
+        cancel_at: None,
+        canceled_at: None,
+        ended_at: None,
+        items: vec![],
     };
     store.upsert_subscription(&sub).await.unwrap();
     sub.status = "canceled".into();
     sub.cancel_at_period_end = true;
+    // basil's cancellation fields and every item round-trip (issue 12 §4).
+    sub.cancel_at = Some(billsync::store::now());
+    sub.canceled_at = Some(billsync::store::now());
+    sub.ended_at = Some(billsync::store::now());
+    sub.items = vec![
+        billsync::store::SubscriptionItemMirror {
+            id: Some("si_1".into()),
+            price_id: Some("price_1".into()),
+            quantity: Some(1),
+            current_period_end: Some(1_900_000_000),
+        },
+        billsync::store::SubscriptionItemMirror {
+            id: Some("si_2".into()),
+            price_id: Some("price_2".into()),
+            quantity: Some(5),
+            current_period_end: None,
+        },
+    ];
     store.upsert_subscription(&sub).await.unwrap();
     assert_eq!(store.list_subscriptions(&user).await.unwrap(), vec![sub]);
 
@@ -905,6 +927,10 @@ async fn subscription_watermarks_rise_with_a_deletion(backend: Backend) {
         cancel_at_period_end: false,
         current_period_end: None,
         updated_at: billsync::store::now(),
+        cancel_at: None,
+        canceled_at: None,
+        ended_at: None,
+        items: vec![],
     };
     assert_eq!(store.subscription_watermark("sub_W").await.unwrap(), None);
     assert!(store
@@ -935,6 +961,25 @@ async fn subscription_watermarks_rise_with_a_deletion(backend: Backend) {
     );
     let rows = store.list_subscriptions(&user).await.unwrap();
     assert_eq!(rows[0].status, "canceled");
+    let mut newer = sub.clone();
+    newer.status = "active".into();
+    newer.cancel_at = Some(billsync::store::now());
+    newer.items = rows[0].items.clone();
+    newer.items.push(billsync::store::SubscriptionItemMirror {
+        id: Some("si_W".into()),
+        price_id: None,
+        quantity: Some(2),
+        current_period_end: Some(5),
+    });
+    assert!(store
+        .upsert_subscription_if_newer(&newer, 400, "evt_4")
+        .await
+        .unwrap());
+    let rows = store.list_subscriptions(&user).await.unwrap();
+    assert_eq!(
+        (rows[0].cancel_at, &rows[0].items),
+        (newer.cancel_at, &newer.items)
+    );
     // A deletion older than the watermark keeps it.
     store
         .cancel_customer_subscriptions("cus_W", 250, "evt_old_del")
@@ -942,7 +987,7 @@ async fn subscription_watermarks_rise_with_a_deletion(backend: Backend) {
         .unwrap();
     assert_eq!(
         store.subscription_watermark("sub_W").await.unwrap(),
-        Some((300, Some("evt_del".to_owned())))
+        Some((400, Some("evt_4".to_owned())))
     );
 }
 

@@ -191,6 +191,10 @@ async fn export_contains_every_section(backend: Backend) {
             cancel_at_period_end: false,
             current_period_end: None,
             updated_at: billsync::store::now(),
+            cancel_at: None,
+            canceled_at: None,
+            ended_at: None,
+            items: vec![],
         })
         .await
         .unwrap();

@@ -1012,6 +1012,117 @@ async fn an_older_subscription_event_does_not_revive_a_deleted_customers(backend
     );
 }
 
+/// Stripe's own example subscription for the pinned version (see tests/fixtures/stripe).
+fn fixture_subscription(id: &str, customer: Value) -> Value {
+    let mut sub: Value =
+        serde_json::from_str(include_str!("fixtures/stripe/subscription.json")).unwrap();
+    sub["id"] = json!(id);
+    sub["customer"] = customer;
+    sub["status"] = json!("active");
+    sub
+}
+
+/// Issue 12 §4: basil's portal cancellation (`cancel_at` set, `cancel_at_period_end`
+/// false), a two-item subscription and an expanded `customer` object are mirrored whole, and
+/// shown in the export.
+async fn basil_subscriptions_are_mirrored_whole(backend: Backend) {
+    let Some(w) = world(backend, "basil_subscriptions_are_mirrored_whole").await else {
+        return;
+    };
+    link(
+        &w,
+        "basil",
+        "cus_basil",
+        json!({"email": "basil@example.com"}),
+    )
+    .await;
+    // The customer expanded, as `expand[]=customer` returns it.
+    let mut expanded: Value =
+        serde_json::from_str(include_str!("fixtures/stripe/customer.json")).unwrap();
+    expanded["id"] = json!("cus_basil");
+    let mut sub = fixture_subscription("sub_basil", expanded);
+    sub["cancel_at_period_end"] = json!(false);
+    sub["cancel_at"] = json!(1_950_000_000);
+    sub["canceled_at"] = json!(1_900_000_000);
+    sub["ended_at"] = Value::Null;
+    let mut second = sub["items"]["data"][0].clone();
+    second["id"] = json!("si_second");
+    second["price"]["id"] = json!("price_seats");
+    second["quantity"] = json!(7);
+    second["current_period_end"] = json!(1_960_000_000);
+    sub["items"]["data"].as_array_mut().unwrap().push(second);
+    deliver(
+        &w.app,
+        &customer_event("evt_b1", "customer.subscription.updated", 400, sub.clone()),
+    )
+    .await;
+    settled(&w.app).await;
+
+    let id = UserId::parse("basil").unwrap();
+    let subs = w.app.state.store.list_subscriptions(&id).await.unwrap();
+    assert_eq!(subs.len(), 1, "the expanded customer object was accepted");
+    let mirror = &subs[0];
+    assert_eq!(mirror.customer_id, "cus_basil");
+    assert!(!mirror.cancel_at_period_end);
+    assert_eq!(
+        mirror.cancel_at.map(|t| t.unix_timestamp()),
+        Some(1_950_000_000),
+        "shown as ending"
+    );
+    assert_eq!(
+        mirror.canceled_at.map(|t| t.unix_timestamp()),
+        Some(1_900_000_000)
+    );
+    assert_eq!(mirror.ended_at, None);
+    let items = mirror
+        .items
+        .iter()
+        .map(|i| {
+            (
+                i.id.clone().unwrap(),
+                i.price_id.clone().unwrap(),
+                i.quantity,
+                i.current_period_end,
+            )
+        })
+        .collect::<Vec<_>>();
+    let first = &sub["items"]["data"][0];
+    assert_eq!(
+        items,
+        vec![
+            (
+                first["id"].as_str().unwrap().to_owned(),
+                first["price"]["id"].as_str().unwrap().to_owned(),
+                first["quantity"].as_i64(),
+                first["current_period_end"].as_i64(),
+            ),
+            (
+                "si_second".to_owned(),
+                "price_seats".to_owned(),
+                Some(7),
+                Some(1_960_000_000)
+            ),
+        ],
+        "every item, each with its own period end"
+    );
+
+    let token = support::user_token("basil", Some("basil@example.com"), None);
+    let export: Value = w
+        .app
+        .as_user(Method::GET, "/api/user/export-data", &token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let shown = &export["subscriptions"][0];
+    assert_eq!(shown["cancel_at"], "2031-10-17T10:40:00Z", "{export}");
+    assert_eq!(shown["items"].as_array().unwrap().len(), 2, "{export}");
+    assert_eq!(shown["items"][1]["price_id"], "price_seats");
+    assert_eq!(shown["items"][1]["quantity"], 7);
+}
+
 on_every_store!(
     a_mixed_batch_applies_each_customer_as_if_alone,
     a_backlog_is_applied_as_its_newest_snapshot,
@@ -1027,4 +1138,5 @@ on_every_store!(
     a_late_customer_created_never_relinks_a_deleted_customer,
     same_second_subscription_events_ask_stripe,
     an_older_subscription_event_does_not_revive_a_deleted_customers,
+    basil_subscriptions_are_mirrored_whole,
 );

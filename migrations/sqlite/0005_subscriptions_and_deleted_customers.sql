@@ -10,3 +10,10 @@ CREATE TABLE deleted_customers (
 -- The event id completes the subscriptions' watermark, as the links' does: a same-second
 -- tie is told from a redelivery and settled by asking Stripe.
 ALTER TABLE subscriptions ADD COLUMN event_watermark_id TEXT;
+
+-- basil's cancellation fields (unix milliseconds), and every item (a JSON array of
+-- {id, price_id, quantity, current_period_end}), not only the first.
+ALTER TABLE subscriptions ADD COLUMN cancel_at INTEGER;
+ALTER TABLE subscriptions ADD COLUMN canceled_at INTEGER;
+ALTER TABLE subscriptions ADD COLUMN ended_at INTEGER;
+ALTER TABLE subscriptions ADD COLUMN items TEXT NOT NULL DEFAULT '[]';

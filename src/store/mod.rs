@@ -230,6 +230,31 @@ pub struct SubscriptionMirror {
     pub cancel_at_period_end: bool,
     pub current_period_end: Option<OffsetDateTime>,
     pub updated_at: OffsetDateTime,
+    /// When it will end (basil: a portal cancellation may set this with
+    /// `cancel_at_period_end` false).
+    pub cancel_at: Option<OffsetDateTime>,
+    pub canceled_at: Option<OffsetDateTime>,
+    pub ended_at: Option<OffsetDateTime>,
+    /// Every item, not only the first.
+    pub items: Vec<SubscriptionItemMirror>,
+}
+
+/// One item of a mirrored subscription.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct SubscriptionItemMirror {
+    pub id: Option<String>,
+    pub price_id: Option<String>,
+    pub quantity: Option<i64>,
+    /// Unix seconds (basil keeps the period per item).
+    pub current_period_end: Option<i64>,
+}
+
+fn items_json(items: &[SubscriptionItemMirror]) -> String {
+    serde_json::to_string(items).expect("subscription items serialize")
+}
+
+fn items_from_json(raw: &str) -> StoreResult<Vec<SubscriptionItemMirror>> {
+    serde_json::from_str(raw).map_err(|e| StoreError::Corrupt(format!("subscription items: {e}")))
 }
 
 #[derive(

@@ -895,12 +895,14 @@ impl Store for PgStore {
         sqlx::query(
             "INSERT INTO subscriptions (id, user_id, stripe_customer_id, status, price_id,
                                         cancel_at_period_end, current_period_end, created_at,
-                                        updated_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8)
+                                        updated_at, cancel_at, canceled_at, ended_at, items)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8, $9, $10, $11, $12)
              ON CONFLICT (id) DO UPDATE SET user_id = EXCLUDED.user_id,
                 stripe_customer_id = EXCLUDED.stripe_customer_id, status = EXCLUDED.status,
                 price_id = EXCLUDED.price_id, cancel_at_period_end = EXCLUDED.cancel_at_period_end,
-                current_period_end = EXCLUDED.current_period_end, updated_at = EXCLUDED.updated_at",
+                current_period_end = EXCLUDED.current_period_end, updated_at = EXCLUDED.updated_at,
+                cancel_at = EXCLUDED.cancel_at, canceled_at = EXCLUDED.canceled_at,
+                ended_at = EXCLUDED.ended_at, items = EXCLUDED.items",
         )
         .bind(&sub.id)
         .bind(sub.user_id.as_ref().map(UserId::as_str))
@@ -910,6 +912,10 @@ impl Store for PgStore {
         .bind(sub.cancel_at_period_end)
         .bind(sub.current_period_end)
         .bind(sub.updated_at)
+        .bind(sub.cancel_at)
+        .bind(sub.canceled_at)
+        .bind(sub.ended_at)
+        .bind(super::items_json(&sub.items))
         .execute(&self.pool)
         .await?;
         Ok(())
@@ -925,33 +931,41 @@ impl Store for PgStore {
             bool,
             Option<OffsetDateTime>,
             OffsetDateTime,
+            Option<OffsetDateTime>,
+            Option<OffsetDateTime>,
+            Option<OffsetDateTime>,
+            String,
         );
         let rows: Vec<Row> = sqlx::query_as(
             "SELECT id, user_id, stripe_customer_id, status, price_id, cancel_at_period_end,
-                    current_period_end, updated_at
+                    current_period_end, updated_at, cancel_at, canceled_at, ended_at, items
              FROM subscriptions WHERE user_id = $1 ORDER BY id",
         )
         .bind(user.as_str())
         .fetch_all(&self.pool)
         .await?;
         rows.into_iter()
-            .map(
-                |(id, user_id, customer_id, status, price_id, cancel, period_end, updated_at)| {
-                    Ok(SubscriptionMirror {
-                        id,
-                        user_id: user_id
-                            .map(|u| UserId::parse(&u))
-                            .transpose()
-                            .map_err(|e| StoreError::Corrupt(e.message))?,
-                        customer_id,
-                        status,
-                        price_id,
-                        cancel_at_period_end: cancel,
-                        current_period_end: period_end,
-                        updated_at,
-                    })
-                },
-            )
+            .map(|row| {
+                let (id, user_id, customer_id, status, price_id, cancel, period_end, updated_at) =
+                    (row.0, row.1, row.2, row.3, row.4, row.5, row.6, row.7);
+                Ok(SubscriptionMirror {
+                    id,
+                    user_id: user_id
+                        .map(|u| UserId::parse(&u))
+                        .transpose()
+                        .map_err(|e| StoreError::Corrupt(e.message))?,
+                    customer_id,
+                    status,
+                    price_id,
+                    cancel_at_period_end: cancel,
+                    current_period_end: period_end,
+                    updated_at,
+                    cancel_at: row.8,
+                    canceled_at: row.9,
+                    ended_at: row.10,
+                    items: super::items_from_json(&row.11)?,
+                })
+            })
             .collect()
     }
 
@@ -1491,14 +1505,17 @@ impl Store for PgStore {
         Ok(sqlx::query(
             "INSERT INTO subscriptions (id, user_id, stripe_customer_id, status, price_id,
                                         cancel_at_period_end, current_period_end, event_watermark,
-                                        event_watermark_id, created_at, updated_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $10, $9, $9)
+                                        event_watermark_id, created_at, updated_at, cancel_at,
+                                        canceled_at, ended_at, items)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $10, $9, $9, $11, $12, $13, $14)
              ON CONFLICT (id) DO UPDATE SET user_id = EXCLUDED.user_id,
                 stripe_customer_id = EXCLUDED.stripe_customer_id, status = EXCLUDED.status,
                 price_id = EXCLUDED.price_id, cancel_at_period_end = EXCLUDED.cancel_at_period_end,
                 current_period_end = EXCLUDED.current_period_end,
                 event_watermark = EXCLUDED.event_watermark,
-                event_watermark_id = EXCLUDED.event_watermark_id, updated_at = EXCLUDED.updated_at
+                event_watermark_id = EXCLUDED.event_watermark_id, updated_at = EXCLUDED.updated_at,
+                cancel_at = EXCLUDED.cancel_at, canceled_at = EXCLUDED.canceled_at,
+                ended_at = EXCLUDED.ended_at, items = EXCLUDED.items
              WHERE subscriptions.event_watermark IS NULL
                 OR subscriptions.event_watermark <= EXCLUDED.event_watermark",
         )
@@ -1512,6 +1529,10 @@ impl Store for PgStore {
         .bind(created)
         .bind(sub.updated_at)
         .bind(event_id)
+        .bind(sub.cancel_at)
+        .bind(sub.canceled_at)
+        .bind(sub.ended_at)
+        .bind(super::items_json(&sub.items))
         .execute(&self.pool)
         .await?
         .rows_affected()

@@ -875,12 +875,14 @@ impl Store for SqliteStore {
         sqlx::query(
             "INSERT INTO subscriptions (id, user_id, stripe_customer_id, status, price_id,
                                         cancel_at_period_end, current_period_end, created_at,
-                                        updated_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8)
+                                        updated_at, cancel_at, canceled_at, ended_at, items)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8, ?9, ?10, ?11, ?12)
              ON CONFLICT (id) DO UPDATE SET user_id = excluded.user_id,
                 stripe_customer_id = excluded.stripe_customer_id, status = excluded.status,
                 price_id = excluded.price_id, cancel_at_period_end = excluded.cancel_at_period_end,
-                current_period_end = excluded.current_period_end, updated_at = excluded.updated_at",
+                current_period_end = excluded.current_period_end, updated_at = excluded.updated_at,
+                cancel_at = excluded.cancel_at, canceled_at = excluded.canceled_at,
+                ended_at = excluded.ended_at, items = excluded.items",
         )
         .bind(&sub.id)
         .bind(sub.user_id.as_ref().map(UserId::as_str))
@@ -890,12 +892,16 @@ impl Store for SqliteStore {
         .bind(sub.cancel_at_period_end)
         .bind(sub.current_period_end.map(to_ms))
         .bind(to_ms(sub.updated_at))
+        .bind(sub.cancel_at.map(to_ms))
+        .bind(sub.canceled_at.map(to_ms))
+        .bind(sub.ended_at.map(to_ms))
+        .bind(super::items_json(&sub.items))
         .execute(&self.pool)
         .await?;
         Ok(())
     }
 
-    async fn list_subscriptions(&self, user_id: &UserId) -> StoreResult<Vec<SubscriptionMirror>> {
+    async fn list_subscriptions(&self, user: &UserId) -> StoreResult<Vec<SubscriptionMirror>> {
         type Row = (
             String,
             Option<String>,
@@ -905,33 +911,41 @@ impl Store for SqliteStore {
             bool,
             Option<i64>,
             i64,
+            Option<i64>,
+            Option<i64>,
+            Option<i64>,
+            String,
         );
         let rows: Vec<Row> = sqlx::query_as(
             "SELECT id, user_id, stripe_customer_id, status, price_id, cancel_at_period_end,
-                    current_period_end, updated_at
+                    current_period_end, updated_at, cancel_at, canceled_at, ended_at, items
              FROM subscriptions WHERE user_id = ?1 ORDER BY id",
         )
-        .bind(user_id.as_str())
+        .bind(user.as_str())
         .fetch_all(&self.pool)
         .await?;
         rows.into_iter()
-            .map(
-                |(id, user_id, customer_id, status, price_id, cancel, period_end, updated_at)| {
-                    Ok(SubscriptionMirror {
-                        id,
-                        user_id: user_id
-                            .map(|u| UserId::parse(&u))
-                            .transpose()
-                            .map_err(|e| StoreError::Corrupt(e.message))?,
-                        customer_id,
-                        status,
-                        price_id,
-                        cancel_at_period_end: cancel,
-                        current_period_end: period_end.map(from_ms).transpose()?,
-                        updated_at: from_ms(updated_at)?,
-                    })
-                },
-            )
+            .map(|row| {
+                let (id, user_id, customer_id, status, price_id, cancel, period_end, updated_at) =
+                    (row.0, row.1, row.2, row.3, row.4, row.5, row.6, row.7);
+                Ok(SubscriptionMirror {
+                    id,
+                    user_id: user_id
+                        .map(|u| UserId::parse(&u))
+                        .transpose()
+                        .map_err(|e| StoreError::Corrupt(e.message))?,
+                    customer_id,
+                    status,
+                    price_id,
+                    cancel_at_period_end: cancel,
+                    current_period_end: period_end.map(from_ms).transpose()?,
+                    updated_at: from_ms(updated_at)?,
+                    cancel_at: row.8.map(from_ms).transpose()?,
+                    canceled_at: row.9.map(from_ms).transpose()?,
+                    ended_at: row.10.map(from_ms).transpose()?,
+                    items: super::items_from_json(&row.11)?,
+                })
+            })
             .collect()
     }
 
@@ -1407,14 +1421,17 @@ impl Store for SqliteStore {
         Ok(sqlx::query(
             "INSERT INTO subscriptions (id, user_id, stripe_customer_id, status, price_id,
                                         cancel_at_period_end, current_period_end, event_watermark,
-                                        event_watermark_id, created_at, updated_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?10, ?9, ?9)
+                                        event_watermark_id, created_at, updated_at, cancel_at,
+                                        canceled_at, ended_at, items)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?10, ?9, ?9, ?11, ?12, ?13, ?14)
              ON CONFLICT (id) DO UPDATE SET user_id = excluded.user_id,
                 stripe_customer_id = excluded.stripe_customer_id, status = excluded.status,
                 price_id = excluded.price_id, cancel_at_period_end = excluded.cancel_at_period_end,
                 current_period_end = excluded.current_period_end,
                 event_watermark = excluded.event_watermark,
-                event_watermark_id = excluded.event_watermark_id, updated_at = excluded.updated_at
+                event_watermark_id = excluded.event_watermark_id, updated_at = excluded.updated_at,
+                cancel_at = excluded.cancel_at, canceled_at = excluded.canceled_at,
+                ended_at = excluded.ended_at, items = excluded.items
              WHERE subscriptions.event_watermark IS NULL
                 OR subscriptions.event_watermark <= excluded.event_watermark",
         )
@@ -1428,6 +1445,10 @@ impl Store for SqliteStore {
         .bind(created)
         .bind(to_ms(sub.updated_at))
         .bind(event_id)
+        .bind(sub.cancel_at.map(to_ms))
+        .bind(sub.canceled_at.map(to_ms))
+        .bind(sub.ended_at.map(to_ms))
+        .bind(super::items_json(&sub.items))
         .execute(&self.pool)
         .await?
         .rows_affected()

@@ -16,7 +16,7 @@ use crate::{
     outbox::{backoff, JobFailure},
     store::{
         CustomerUpdate, EventOutcome, EventToApply, PushedProfile, RemoteProfile, Store,
-        StoreError, SubscriptionMirror, UpdateContext, User, UserUpsert,
+        StoreError, SubscriptionItemMirror, SubscriptionMirror, UpdateContext, User, UserUpsert,
     },
     stripe::{Customer, StripeClient, Subscription},
 };
@@ -493,6 +493,19 @@ impl Applier {
                 .current_period_end()
                 .and_then(|t| time::OffsetDateTime::from_unix_timestamp(t).ok()),
             updated_at: crate::store::now(),
+            cancel_at: unix(sub.cancel_at),
+            canceled_at: unix(sub.canceled_at),
+            ended_at: unix(sub.ended_at),
+            items: sub
+                .all_items()
+                .iter()
+                .map(|item| SubscriptionItemMirror {
+                    id: item.id.clone(),
+                    price_id: item.price_id().map(str::to_owned),
+                    quantity: item.quantity,
+                    current_period_end: item.current_period_end,
+                })
+                .collect(),
             id: sub.id,
         };
         self.store
@@ -626,6 +639,10 @@ fn profile_write(context: &UpdateContext, snapshot: &Customer) -> Option<RemoteP
         expected: context.user.version,
         pushed: remote,
     })
+}
+
+fn unix(seconds: Option<i64>) -> Option<time::OffsetDateTime> {
+    seconds.and_then(|t| time::OffsetDateTime::from_unix_timestamp(t).ok())
 }
 
 /// The event's `data.object`, from its stored payload.
