@@ -15,7 +15,7 @@ use crate::{
     stripe::{CustomerParams, StripeClient, METADATA_USER_ID},
 };
 
-pub const EXPORT_VERSION: &str = "2.0";
+pub const EXPORT_VERSION: &str = "3.0";
 /// Usage records are read and written this many at a time, however many there are.
 const USAGE_PAGE: u32 = 500;
 
@@ -89,28 +89,56 @@ pub async fn export(
     let link = store.get_link(&user.id).await?;
     let subscriptions = store.list_subscriptions(&user.id).await?;
     let mut warnings: Vec<String> = Vec::new();
-    let (stripe_customer, stripe_subscriptions) = match &link {
-        None => (Value::Null, Value::Null),
-        Some(link) => {
-            let customer = match stripe.retrieve_customer(link.customer_id.as_str()).await {
-                Ok(customer) => serde_json::to_value(customer).unwrap_or(Value::Null),
-                Err(err) => {
-                    tracing::warn!(error = %err, "export: Stripe customer unavailable");
-                    warnings.push("stripe_customer could not be retrieved from Stripe".into());
-                    Value::Null
-                }
-            };
-            let subs = match stripe.list_subscriptions(link.customer_id.as_str()).await {
-                Ok(subs) => serde_json::to_value(subs).unwrap_or(Value::Null),
-                Err(err) => {
-                    tracing::warn!(error = %err, "export: Stripe subscriptions unavailable");
-                    warnings.push("stripe_subscriptions could not be retrieved from Stripe".into());
-                    Value::Null
-                }
-            };
-            (customer, subs)
+    // Stripe's objects pass through whole: nothing billsync does not model is dropped.
+    let mut stripe_sections: Vec<(&str, Value)> = Vec::new();
+    if let Some(link) = &link {
+        let customer = link.customer_id.as_str();
+        let fetched = [
+            (
+                "stripe_customer",
+                stripe.retrieve_customer_raw(customer).await,
+            ),
+            (
+                "stripe_subscriptions",
+                stripe
+                    .list_subscriptions_raw(customer)
+                    .await
+                    .map(Value::from),
+            ),
+            (
+                "stripe_invoices",
+                stripe.list_invoices_raw(customer).await.map(Value::from),
+            ),
+            (
+                "stripe_payment_methods",
+                stripe
+                    .list_payment_methods_raw(customer)
+                    .await
+                    .map(Value::from),
+            ),
+        ];
+        for (section, result) in fetched {
+            let value = result.unwrap_or_else(|err| {
+                tracing::warn!(error = %err, section, "export: Stripe section unavailable");
+                warnings.push(format!("{section} could not be retrieved from Stripe"));
+                Value::Null
+            });
+            stripe_sections.push((section, value));
         }
-    };
+    } else {
+        for section in [
+            "stripe_customer",
+            "stripe_subscriptions",
+            "stripe_invoices",
+            "stripe_payment_methods",
+        ] {
+            stripe_sections.push((section, Value::Null));
+        }
+    }
+    let pushed_profile = store
+        .last_push(&user.id)
+        .await?
+        .map(|p| json!({"email": p.email, "name": p.name, "phone": p.phone, "version": p.version}));
     // Insertion order is the document's order; usage_records goes last, streamed.
     let head: BTreeMap<&str, Value> = BTreeMap::from([
         ("export_version", json!(EXPORT_VERSION)),
@@ -134,10 +162,11 @@ pub async fn export(
             "subscriptions",
             subscriptions.iter().map(subscription_json).collect(),
         ),
-        ("stripe_customer", stripe_customer),
-        ("stripe_subscriptions", stripe_subscriptions),
-        ("warnings", json!(warnings)),
+        ("pushed_profile", json!(pushed_profile)),
     ]);
+    let mut head = head;
+    head.extend(stripe_sections);
+    head.insert("warnings", json!(warnings));
     let mut opening = serde_json::to_string(&head).expect("JSON values serialize");
     opening.pop(); // the closing brace: usage_records follows
     opening.push_str(",\"usage_records\":[");

@@ -261,6 +261,76 @@ impl StripeClient {
         .await
     }
 
+    /// The customer exactly as Stripe returns it, every field (the export's).
+    pub async fn retrieve_customer_raw(&self, id: &str) -> StripeResult<Value> {
+        self.send(Request {
+            operation: "customers.retrieve",
+            method: Method::GET,
+            path: format!("/v1/customers/{}", path_segment(id)),
+            query: vec![],
+            form: None,
+            idempotency_key: None,
+        })
+        .await
+    }
+
+    /// Every object of a Stripe list, as Stripe returns them, paged with `starting_after`
+    /// until `has_more` is false.
+    async fn list_raw(
+        &self,
+        operation: &'static str,
+        path: String,
+        filter: Vec<(&str, String)>,
+    ) -> StripeResult<Vec<Value>> {
+        let mut found: Vec<Value> = Vec::new();
+        loop {
+            let mut query = filter.clone();
+            query.push(("limit", MAX_PAGE.to_string()));
+            if let Some(last) = found.last().and_then(|o| o["id"].as_str()) {
+                query.push(("starting_after", last.to_owned()));
+            }
+            let page: List<Value> = self
+                .send(Request {
+                    operation,
+                    method: Method::GET,
+                    path: path.clone(),
+                    query,
+                    form: None,
+                    idempotency_key: None,
+                })
+                .await?;
+            let more = page.has_more && !page.data.is_empty();
+            found.extend(page.data);
+            if !more {
+                return Ok(found);
+            }
+        }
+    }
+
+    /// Every subscription of a customer, whatever its status, whole.
+    pub async fn list_subscriptions_raw(&self, customer: &str) -> StripeResult<Vec<Value>> {
+        let filter = vec![
+            ("customer", customer.to_owned()),
+            ("status", "all".to_owned()),
+        ];
+        self.list_raw("subscriptions.list", "/v1/subscriptions".into(), filter)
+            .await
+    }
+
+    /// Every invoice of a customer, whole.
+    pub async fn list_invoices_raw(&self, customer: &str) -> StripeResult<Vec<Value>> {
+        let filter = vec![("customer", customer.to_owned())];
+        self.list_raw("invoices.list", "/v1/invoices".into(), filter)
+            .await
+    }
+
+    /// Every payment method of a customer, whole.
+    pub async fn list_payment_methods_raw(&self, customer: &str) -> StripeResult<Vec<Value>> {
+        let path = format!("/v1/customers/{}/payment_methods", path_segment(customer));
+        self.list_raw("customers.payment_methods.list", path, vec![])
+            .await
+    }
+
     pub async fn cancel_subscription(&self, id: &str) -> StripeResult<Subscription> {
         self.send(Request {
             operation: "subscriptions.cancel",
