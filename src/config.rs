@@ -698,7 +698,10 @@ mod tests {
             })
         };
         let err = load("short").unwrap_err().to_string();
-        assert!(err.contains("BILLSYNC_ERASURE_PEPPER must be at least 32"), "{err}");
+        assert!(
+            err.contains("BILLSYNC_ERASURE_PEPPER must be at least 32"),
+            "{err}"
+        );
         let pepper = "p".repeat(32);
         let config = load(&pepper).unwrap();
         assert!(config.secret_values().contains(&pepper));

@@ -336,6 +336,13 @@ impl CustomerResolver {
                 );
                 Ok(None)
             }
+            LinkOutcome::CustomerDeleted => {
+                tracing::warn!(
+                    customer_id,
+                    "candidate customer was deleted in Stripe; skipped"
+                );
+                Ok(None)
+            }
             LinkOutcome::UserMissing => Err(ResolveError::UserNotFound),
         }
     }

@@ -113,6 +113,17 @@ fn subscription_json(sub: &SubscriptionMirror) -> Value {
         "price_id": sub.price_id,
         "cancel_at_period_end": sub.cancel_at_period_end,
         "current_period_end": sub.current_period_end.map(rfc3339),
+        "cancel_at": sub.cancel_at.map(rfc3339),
+        "canceled_at": sub.canceled_at.map(rfc3339),
+        "ended_at": sub.ended_at.map(rfc3339),
+        "items": sub.items.iter().map(|item| json!({
+            "id": item.id,
+            "price_id": item.price_id,
+            "quantity": item.quantity,
+            "current_period_end": item.current_period_end
+                .and_then(|t| time::OffsetDateTime::from_unix_timestamp(t).ok())
+                .map(rfc3339),
+        })).collect::<Vec<_>>(),
         "updated_at": rfc3339(sub.updated_at),
     })
 }

@@ -302,6 +302,14 @@ async fn logs_carry_request_ids_and_never_secrets_or_contact_details() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    // Drained as it is written: at debug level the server writes more than a pipe holds, and
+    // a full pipe would stall it.
+    let mut stderr = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut logs = String::new();
+        stderr.read_to_string(&mut logs).unwrap();
+        logs
+    });
     let http = reqwest::Client::new();
     eventually(20, "server up", || async {
         http.get(format!("{base}/healthz"))
@@ -357,14 +365,8 @@ async fn logs_carry_request_ids_and_never_secrets_or_contact_details() {
         .args(["-TERM", &child.id().to_string()])
         .status()
         .unwrap();
-    let mut logs = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut logs)
-        .unwrap();
     child.wait().unwrap();
+    let logs = reader.join().unwrap();
 
     let lines: Vec<Value> = logs
         .lines()

@@ -189,6 +189,42 @@ async fn links_are_unique_on_both_sides(backend: Backend) {
     );
 }
 
+/// Issue 12 §9: a customer deleted in Stripe is never linked again, by anyone.
+async fn deleted_customers_are_never_linked(backend: Backend) {
+    let Some(t) = backend.store("deleted_customers_are_never_linked").await else {
+        return;
+    };
+    let store = &t.store;
+    let a = UserId::parse("a").unwrap();
+    store
+        .upsert_user(&upsert("a", "a@example.com"))
+        .await
+        .unwrap();
+    store.record_deleted_customer("cus_D", 200).await.unwrap();
+    // Recorded again with an older event: still deleted.
+    store.record_deleted_customer("cus_D", 100).await.unwrap();
+    assert_eq!(
+        store
+            .insert_link(&a, &cus("cus_D"), false, LinkSource::StripeMetadata)
+            .await
+            .unwrap(),
+        LinkOutcome::CustomerDeleted
+    );
+    assert_eq!(store.get_link(&a).await.unwrap(), None);
+    assert_eq!(
+        store.get_link_by_customer(&cus("cus_D")).await.unwrap(),
+        None
+    );
+    // Another customer still links.
+    assert!(matches!(
+        store
+            .insert_link(&a, &cus("cus_E"), false, LinkSource::Created)
+            .await
+            .unwrap(),
+        LinkOutcome::Linked(_)
+    ));
+}
+
 async fn concurrent_links_make_exactly_one(backend: Backend) {
     let Some(t) = backend.store("concurrent_links_make_exactly_one").await else {
         return;
@@ -962,10 +998,32 @@ async fn usage_subscriptions_and_pushes_round_trip(backend: Backend) {
         cancel_at_period_end: false,
         current_period_end: Some(billsync::store::now()),
         updated_at: billsync::store::now(),
+        cancel_at: None,
+        canceled_at: None,
+        ended_at: None,
+        items: vec![],
     };
     store.upsert_subscription(&sub).await.unwrap();
     sub.status = "canceled".into();
     sub.cancel_at_period_end = true;
+    // basil's cancellation fields and every item round-trip (issue 12 §4).
+    sub.cancel_at = Some(billsync::store::now());
+    sub.canceled_at = Some(billsync::store::now());
+    sub.ended_at = Some(billsync::store::now());
+    sub.items = vec![
+        billsync::store::SubscriptionItemMirror {
+            id: Some("si_1".into()),
+            price_id: Some("price_1".into()),
+            quantity: Some(1),
+            current_period_end: Some(1_900_000_000),
+        },
+        billsync::store::SubscriptionItemMirror {
+            id: Some("si_2".into()),
+            price_id: Some("price_2".into()),
+            quantity: Some(5),
+            current_period_end: None,
+        },
+    ];
     store.upsert_subscription(&sub).await.unwrap();
     assert_eq!(store.list_subscriptions(&user).await.unwrap(), vec![sub]);
 
@@ -982,6 +1040,94 @@ async fn usage_subscriptions_and_pushes_round_trip(backend: Backend) {
     };
     store.record_push(&user, &pushed).await.unwrap();
     assert_eq!(store.last_push(&user).await.unwrap(), Some(pushed));
+}
+
+/// Issue 12 §3: the subscriptions' watermark carries the event id, and a customer's
+/// deletion raises it, so an older subscription event cannot write the mirror again.
+async fn subscription_watermarks_rise_with_a_deletion(backend: Backend) {
+    let Some(t) = backend
+        .store("subscription_watermarks_rise_with_a_deletion")
+        .await
+    else {
+        return;
+    };
+    let store = &t.store;
+    let user = UserId::parse("s").unwrap();
+    store
+        .upsert_user(&upsert("s", "s@example.com"))
+        .await
+        .unwrap();
+    let sub = SubscriptionMirror {
+        id: "sub_W".into(),
+        user_id: Some(user.clone()),
+        customer_id: "cus_W".into(),
+        status: "active".into(),
+        price_id: Some("price_1".into()),
+        cancel_at_period_end: false,
+        current_period_end: None,
+        updated_at: billsync::store::now(),
+        cancel_at: None,
+        canceled_at: None,
+        ended_at: None,
+        items: vec![],
+    };
+    assert_eq!(store.subscription_watermark("sub_W").await.unwrap(), None);
+    assert!(store
+        .upsert_subscription_if_newer(&sub, 100, "evt_1")
+        .await
+        .unwrap());
+    assert_eq!(
+        store.subscription_watermark("sub_W").await.unwrap(),
+        Some((100, Some("evt_1".to_owned())))
+    );
+    assert_eq!(
+        store
+            .cancel_customer_subscriptions("cus_W", 300, "evt_del")
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(
+        store.subscription_watermark("sub_W").await.unwrap(),
+        Some((300, Some("evt_del".to_owned())))
+    );
+    assert!(
+        !store
+            .upsert_subscription_if_newer(&sub, 200, "evt_2")
+            .await
+            .unwrap(),
+        "older than the deletion"
+    );
+    let rows = store.list_subscriptions(&user).await.unwrap();
+    assert_eq!(rows[0].status, "canceled");
+    let mut newer = sub.clone();
+    newer.status = "active".into();
+    newer.cancel_at = Some(billsync::store::now());
+    newer.items = rows[0].items.clone();
+    newer.items.push(billsync::store::SubscriptionItemMirror {
+        id: Some("si_W".into()),
+        price_id: None,
+        quantity: Some(2),
+        current_period_end: Some(5),
+    });
+    assert!(store
+        .upsert_subscription_if_newer(&newer, 400, "evt_4")
+        .await
+        .unwrap());
+    let rows = store.list_subscriptions(&user).await.unwrap();
+    assert_eq!(
+        (rows[0].cancel_at, &rows[0].items),
+        (newer.cancel_at, &newer.items)
+    );
+    // A deletion older than the watermark keeps it.
+    store
+        .cancel_customer_subscriptions("cus_W", 250, "evt_old_del")
+        .await
+        .unwrap();
+    assert_eq!(
+        store.subscription_watermark("sub_W").await.unwrap(),
+        Some((400, Some("evt_4".to_owned())))
+    );
 }
 
 /// The ids of a customer's waiting events, in apply order.
@@ -1651,6 +1797,8 @@ async fn customer_updates_are_read_and_written_in_batches(backend: Backend) {
 }
 
 on_every_store!(
+    subscription_watermarks_rise_with_a_deletion,
+    deleted_customers_are_never_linked,
     customer_updates_are_read_and_written_in_batches,
     event_states_follow_the_queue,
     parked_events_are_pruned_after_the_retention,

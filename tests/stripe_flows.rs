@@ -146,6 +146,10 @@ async fn portal_sessions_send_what_stripe_documents(backend: Backend) {
             cancel_at_period_end: false,
             current_period_end: None,
             updated_at: billsync::store::now(),
+            cancel_at: None,
+            canceled_at: None,
+            ended_at: None,
+            items: vec![],
         })
         .await
         .unwrap();

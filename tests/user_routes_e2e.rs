@@ -191,6 +191,10 @@ async fn export_contains_every_section(backend: Backend) {
             cancel_at_period_end: false,
             current_period_end: None,
             updated_at: billsync::store::now(),
+            cancel_at: None,
+            canceled_at: None,
+            ended_at: None,
+            items: vec![],
         })
         .await
         .unwrap();
@@ -782,6 +786,131 @@ async fn an_erased_person_stays_erased(backend: Backend) {
     assert_eq!(put_profile(&w, &token, json!({})).await.0, 410);
 }
 
+/// Issue 12 §7: Stripe's objects pass through whole (an address and a field billsync does not
+/// model survive), invoices and payment methods are paged through, and a section Stripe
+/// fails is a warning naming it. Stripe is a wiremock server (localstripe has no invoices
+/// list paging nor customer payment-method lists).
+async fn export_passes_stripe_through_whole(backend: Backend) {
+    use wiremock::{
+        matchers::{method, path, query_param, query_param_is_missing},
+        Mock, MockServer, ResponseTemplate,
+    };
+    let Some(store) = backend.store("export_passes_stripe_through_whole").await else {
+        return;
+    };
+    let stripe = MockServer::start().await;
+    let app = TestApp::spawn(store.store.clone(), &support::test_config(&stripe.uri())).await;
+    app.put_user("whole", json!({"email": "whole@example.com"}))
+        .await;
+    support::link_in_store(app.state.store.as_ref(), "whole", "cus_whole").await;
+    let list = |data: Value, more: bool| {
+        ResponseTemplate::new(200)
+            .set_body_json(json!({"object": "list", "data": data, "has_more": more}))
+    };
+    Mock::given(method("GET"))
+        .and(path("/v1/customers/cus_whole"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({
+            "id": "cus_whole", "object": "customer", "email": "whole@example.com",
+            "address": {"line1": "1 Main St", "city": "Springfield", "country": "US"},
+            "invoice_settings": {"footer": "thanks"}, "tax_exempt": "none",
+            "a_field_billsync_does_not_model": {"kept": true}})))
+        .mount(&stripe)
+        .await;
+    // Two pages of invoices.
+    Mock::given(method("GET"))
+        .and(path("/v1/invoices"))
+        .and(query_param("customer", "cus_whole"))
+        .and(query_param_is_missing("starting_after"))
+        .respond_with(list(
+            json!([{"id": "in_1", "object": "invoice", "total": 100}]),
+            true,
+        ))
+        .mount(&stripe)
+        .await;
+    Mock::given(method("GET"))
+        .and(path("/v1/invoices"))
+        .and(query_param("starting_after", "in_1"))
+        .respond_with(list(
+            json!([{"id": "in_2", "object": "invoice", "total": 200}]),
+            false,
+        ))
+        .mount(&stripe)
+        .await;
+    Mock::given(method("GET"))
+        .and(path("/v1/customers/cus_whole/payment_methods"))
+        .and(query_param_is_missing("starting_after"))
+        .respond_with(list(
+            json!([{"id": "pm_1", "object": "payment_method",
+                                   "card": {"last4": "4242"}}]),
+            true,
+        ))
+        .mount(&stripe)
+        .await;
+    Mock::given(method("GET"))
+        .and(path("/v1/customers/cus_whole/payment_methods"))
+        .and(query_param("starting_after", "pm_1"))
+        .respond_with(list(
+            json!([{"id": "pm_2", "object": "payment_method"}]),
+            false,
+        ))
+        .mount(&stripe)
+        .await;
+    // Subscriptions fail (not retried: a 400).
+    Mock::given(method("GET"))
+        .and(path("/v1/subscriptions"))
+        .respond_with(
+            ResponseTemplate::new(400).set_body_json(
+                json!({"error": {"type": "invalid_request_error", "message": "nope"}}),
+            ),
+        )
+        .mount(&stripe)
+        .await;
+
+    let token = support::user_token("whole", Some("whole@example.com"), None);
+    let export: Value = app
+        .as_user(Method::GET, "/api/user/export-data", &token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let customer = &export["stripe_customer"];
+    assert_eq!(customer["address"]["line1"], "1 Main St", "{export}");
+    assert_eq!(export["export_version"], "3.0");
+    assert_eq!(customer["invoice_settings"]["footer"], "thanks");
+    assert_eq!(customer["a_field_billsync_does_not_model"]["kept"], true);
+    let ids = |section: &str| {
+        export[section]
+            .as_array()
+            .unwrap_or_else(|| panic!("{section}: {export}"))
+            .iter()
+            .map(|o| o["id"].as_str().unwrap().to_owned())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(ids("stripe_invoices"), ["in_1", "in_2"], "both pages");
+    assert_eq!(
+        ids("stripe_payment_methods"),
+        ["pm_1", "pm_2"],
+        "both pages"
+    );
+    assert_eq!(export["stripe_payment_methods"][0]["card"]["last4"], "4242");
+    assert_eq!(export["stripe_subscriptions"], Value::Null);
+    assert_eq!(
+        export["warnings"],
+        json!(["stripe_subscriptions could not be retrieved from Stripe"])
+    );
+    for section in [
+        "user_profile",
+        "customer_link",
+        "subscriptions",
+        "pushed_profile",
+        "usage_records",
+    ] {
+        assert!(export.get(section).is_some(), "{section} missing: {export}");
+    }
+}
+
 on_every_store!(
     an_erased_person_stays_erased,
     newer_tokens_carry_newer_identity,
@@ -797,4 +926,5 @@ on_every_store!(
     erasure_can_delete_the_customer,
     erasure_during_an_outage_finishes_later,
     portal_needs_a_customer,
+    export_passes_stripe_through_whole,
 );

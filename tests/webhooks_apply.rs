@@ -8,7 +8,10 @@ use billsync::{domain::UserId, store::PushedProfile};
 use reqwest::Method;
 use serde_json::{json, Value};
 use support::{eventually, Backend, TestApp};
-use wiremock::{matchers::method, Mock, MockServer, ResponseTemplate};
+use wiremock::{
+    matchers::{method, path},
+    Mock, MockServer, ResponseTemplate,
+};
 
 struct World {
     app: TestApp,
@@ -835,6 +838,292 @@ async fn a_mixed_batch_applies_each_customer_as_if_alone(backend: Backend) {
     );
 }
 
+/// Issue 12 §9: Stripe retries a failed `customer.created` for days; arriving after the
+/// `customer.deleted` of the same customer, it must not link the deleted customer again, and
+/// resolve must then make a live one.
+async fn a_late_customer_created_never_relinks_a_deleted_customer(backend: Backend) {
+    let Some(w) = world(
+        backend,
+        "a_late_customer_created_never_relinks_a_deleted_customer",
+    )
+    .await
+    else {
+        return;
+    };
+    link(&w, "late", "cus_late", json!({"email": "late@example.com"})).await;
+    let deleted = json!({"id": "cus_late", "object": "customer", "deleted": true});
+    deliver(
+        &w.app,
+        &customer_event("evt_l2", "customer.deleted", 200, deleted),
+    )
+    .await;
+    settled(&w.app).await;
+    let mut created = customer("cus_late", "late@example.com", None, None);
+    created["metadata"] = json!({"userId": "late"});
+    deliver(
+        &w.app,
+        &customer_event("evt_l1", "customer.created", 100, created),
+    )
+    .await;
+    settled(&w.app).await;
+    assert_eq!(
+        user(&w.app, "late").await["customer"],
+        Value::Null,
+        "the deleted customer is not linked again"
+    );
+
+    // Stripe lists no deleted customer; resolve makes a new, live one.
+    Mock::given(method("GET"))
+        .and(path("/v1/customers"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(json!({"object": "list", "data": [], "has_more": false})),
+        )
+        .mount(&w.stripe)
+        .await;
+    let mut fresh = customer("cus_fresh", "late@example.com", None, None);
+    fresh["metadata"] = json!({"userId": "late"});
+    Mock::given(method("POST"))
+        .and(path("/v1/customers"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(fresh))
+        .mount(&w.stripe)
+        .await;
+    let (status, body) = w.app.resolve("late").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["customer_id"], "cus_fresh", "{body}");
+    assert_eq!(user(&w.app, "late").await["customer"]["id"], "cus_fresh");
+}
+
+/// Issue 12 §3: `created` (incomplete) and `updated` (active) in the same second, delivered
+/// in reverse: Stripe is asked, the mirror ends active and the portal's cancel flow works.
+async fn same_second_subscription_events_ask_stripe(backend: Backend) {
+    let Some(w) = world(backend, "same_second_subscription_events_ask_stripe").await else {
+        return;
+    };
+    link(&w, "tie", "cus_tie", json!({"email": "tie@example.com"})).await;
+    let sub = |status: &str| {
+        json!({"id": "sub_tie", "object": "subscription", "customer": "cus_tie",
+               "status": status, "cancel_at_period_end": false,
+               "items": {"data": [{"price": {"id": "price_pro"},
+                                   "current_period_end": 1_900_000_000}]}})
+    };
+    Mock::given(method("GET"))
+        .and(path("/v1/subscriptions/sub_tie"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(sub("active")))
+        .mount(&w.stripe)
+        .await;
+    deliver(
+        &w.app,
+        &customer_event(
+            "evt_t2",
+            "customer.subscription.updated",
+            300,
+            sub("active"),
+        ),
+    )
+    .await;
+    settled(&w.app).await;
+    deliver(
+        &w.app,
+        &customer_event(
+            "evt_t1",
+            "customer.subscription.created",
+            300,
+            sub("incomplete"),
+        ),
+    )
+    .await;
+    settled(&w.app).await;
+    let id = UserId::parse("tie").unwrap();
+    let subs = w.app.state.store.list_subscriptions(&id).await.unwrap();
+    assert_eq!(
+        subs[0].status, "active",
+        "Stripe's current state wins the tie"
+    );
+
+    Mock::given(method("POST"))
+        .and(path("/v1/billing_portal/sessions"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(
+            json!({"id": "bps_1", "object": "billing_portal.session", "url": "https://portal/x"}),
+        ))
+        .mount(&w.stripe)
+        .await;
+    let token = support::user_token("tie", Some("tie@example.com"), None);
+    let response = w
+        .app
+        .as_user(Method::POST, "/api/billing/create-portal-session", &token)
+        .json(&json!({"flow": "subscription_cancel"}))
+        .send()
+        .await
+        .unwrap();
+    let status = response.status();
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(status, 200, "{body}");
+}
+
+/// Issue 12 §3: a subscription event older than the `customer.deleted` that canceled the
+/// mirror, delivered late, does not revive it.
+async fn an_older_subscription_event_does_not_revive_a_deleted_customers(backend: Backend) {
+    let Some(w) = world(
+        backend,
+        "an_older_subscription_event_does_not_revive_a_deleted_customers",
+    )
+    .await
+    else {
+        return;
+    };
+    link(&w, "rev", "cus_rev", json!({"email": "rev@example.com"})).await;
+    let sub = json!({"id": "sub_rev", "object": "subscription", "customer": "cus_rev",
+                     "status": "active", "cancel_at_period_end": false,
+                     "items": {"data": [{"price": {"id": "price_pro"}}]}});
+    deliver(
+        &w.app,
+        &customer_event("evt_r1", "customer.subscription.created", 100, sub.clone()),
+    )
+    .await;
+    settled(&w.app).await;
+    deliver(
+        &w.app,
+        &customer_event(
+            "evt_r3",
+            "customer.deleted",
+            300,
+            json!({"id": "cus_rev", "object": "customer", "deleted": true}),
+        ),
+    )
+    .await;
+    settled(&w.app).await;
+    deliver(
+        &w.app,
+        &customer_event("evt_r2", "customer.subscription.updated", 200, sub),
+    )
+    .await;
+    settled(&w.app).await;
+    let store = &w.app.state.store;
+    let rows = store
+        .list_subscriptions(&UserId::parse("rev").unwrap())
+        .await
+        .unwrap();
+    // The user is unlinked; the mirror row keeps its user.
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].status, "canceled", "the older event lost");
+    assert_eq!(
+        store.subscription_watermark("sub_rev").await.unwrap(),
+        Some((300, Some("evt_r3".to_owned())))
+    );
+}
+
+/// Stripe's own example subscription for the pinned version (see tests/fixtures/stripe).
+fn fixture_subscription(id: &str, customer: Value) -> Value {
+    let mut sub: Value =
+        serde_json::from_str(include_str!("fixtures/stripe/subscription.json")).unwrap();
+    sub["id"] = json!(id);
+    sub["customer"] = customer;
+    sub["status"] = json!("active");
+    sub
+}
+
+/// Issue 12 §4: basil's portal cancellation (`cancel_at` set, `cancel_at_period_end`
+/// false), a two-item subscription and an expanded `customer` object are mirrored whole, and
+/// shown in the export.
+async fn basil_subscriptions_are_mirrored_whole(backend: Backend) {
+    let Some(w) = world(backend, "basil_subscriptions_are_mirrored_whole").await else {
+        return;
+    };
+    link(
+        &w,
+        "basil",
+        "cus_basil",
+        json!({"email": "basil@example.com"}),
+    )
+    .await;
+    // The customer expanded, as `expand[]=customer` returns it.
+    let mut expanded: Value =
+        serde_json::from_str(include_str!("fixtures/stripe/customer.json")).unwrap();
+    expanded["id"] = json!("cus_basil");
+    let mut sub = fixture_subscription("sub_basil", expanded);
+    sub["cancel_at_period_end"] = json!(false);
+    sub["cancel_at"] = json!(1_950_000_000);
+    sub["canceled_at"] = json!(1_900_000_000);
+    sub["ended_at"] = Value::Null;
+    let mut second = sub["items"]["data"][0].clone();
+    second["id"] = json!("si_second");
+    second["price"]["id"] = json!("price_seats");
+    second["quantity"] = json!(7);
+    second["current_period_end"] = json!(1_960_000_000);
+    sub["items"]["data"].as_array_mut().unwrap().push(second);
+    deliver(
+        &w.app,
+        &customer_event("evt_b1", "customer.subscription.updated", 400, sub.clone()),
+    )
+    .await;
+    settled(&w.app).await;
+
+    let id = UserId::parse("basil").unwrap();
+    let subs = w.app.state.store.list_subscriptions(&id).await.unwrap();
+    assert_eq!(subs.len(), 1, "the expanded customer object was accepted");
+    let mirror = &subs[0];
+    assert_eq!(mirror.customer_id, "cus_basil");
+    assert!(!mirror.cancel_at_period_end);
+    assert_eq!(
+        mirror.cancel_at.map(|t| t.unix_timestamp()),
+        Some(1_950_000_000),
+        "shown as ending"
+    );
+    assert_eq!(
+        mirror.canceled_at.map(|t| t.unix_timestamp()),
+        Some(1_900_000_000)
+    );
+    assert_eq!(mirror.ended_at, None);
+    let items = mirror
+        .items
+        .iter()
+        .map(|i| {
+            (
+                i.id.clone().unwrap(),
+                i.price_id.clone().unwrap(),
+                i.quantity,
+                i.current_period_end,
+            )
+        })
+        .collect::<Vec<_>>();
+    let first = &sub["items"]["data"][0];
+    assert_eq!(
+        items,
+        vec![
+            (
+                first["id"].as_str().unwrap().to_owned(),
+                first["price"]["id"].as_str().unwrap().to_owned(),
+                first["quantity"].as_i64(),
+                first["current_period_end"].as_i64(),
+            ),
+            (
+                "si_second".to_owned(),
+                "price_seats".to_owned(),
+                Some(7),
+                Some(1_960_000_000)
+            ),
+        ],
+        "every item, each with its own period end"
+    );
+
+    let token = support::user_token("basil", Some("basil@example.com"), None);
+    let export: Value = w
+        .app
+        .as_user(Method::GET, "/api/user/export-data", &token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let shown = &export["subscriptions"][0];
+    assert_eq!(shown["cancel_at"], "2031-10-17T10:40:00Z", "{export}");
+    assert_eq!(shown["items"].as_array().unwrap().len(), 2, "{export}");
+    assert_eq!(shown["items"][1]["price_id"], "price_seats");
+    assert_eq!(shown["items"][1]["quantity"], 7);
+}
+
 on_every_store!(
     a_mixed_batch_applies_each_customer_as_if_alone,
     a_backlog_is_applied_as_its_newest_snapshot,
@@ -847,4 +1136,8 @@ on_every_store!(
     shuffled_duplicated_delivery_equals_in_order,
     deleted_customers_unlink_and_cancel,
     customer_created_links_by_metadata,
+    a_late_customer_created_never_relinks_a_deleted_customer,
+    same_second_subscription_events_ask_stripe,
+    an_older_subscription_event_does_not_revive_a_deleted_customers,
+    basil_subscriptions_are_mirrored_whole,
 );

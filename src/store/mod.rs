@@ -106,6 +106,8 @@ pub enum LinkOutcome {
     CustomerTaken { other_user: UserId },
     /// The user does not exist.
     UserMissing,
+    /// The customer was deleted in Stripe (see `record_deleted_customer`); nothing was written.
+    CustomerDeleted,
 }
 
 /// A held claim on creating a user's customer.
@@ -244,6 +246,31 @@ pub struct SubscriptionMirror {
     pub cancel_at_period_end: bool,
     pub current_period_end: Option<OffsetDateTime>,
     pub updated_at: OffsetDateTime,
+    /// When it will end (basil: a portal cancellation may set this with
+    /// `cancel_at_period_end` false).
+    pub cancel_at: Option<OffsetDateTime>,
+    pub canceled_at: Option<OffsetDateTime>,
+    pub ended_at: Option<OffsetDateTime>,
+    /// Every item, not only the first.
+    pub items: Vec<SubscriptionItemMirror>,
+}
+
+/// One item of a mirrored subscription.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct SubscriptionItemMirror {
+    pub id: Option<String>,
+    pub price_id: Option<String>,
+    pub quantity: Option<i64>,
+    /// Unix seconds (basil keeps the period per item).
+    pub current_period_end: Option<i64>,
+}
+
+fn items_json(items: &[SubscriptionItemMirror]) -> String {
+    serde_json::to_string(items).expect("subscription items serialize")
+}
+
+fn items_from_json(raw: &str) -> StoreResult<Vec<SubscriptionItemMirror>> {
+    serde_json::from_str(raw).map_err(|e| StoreError::Corrupt(format!("subscription items: {e}")))
 }
 
 #[derive(
@@ -416,7 +443,8 @@ pub trait Store: Send + Sync + 'static {
         &self,
         customer: &StripeCustomerId,
     ) -> StoreResult<Option<CustomerLink>>;
-    /// Links a user to a customer unless either side is already linked.
+    /// Links a user to a customer unless either side is already linked or the customer is
+    /// known deleted in Stripe.
     async fn insert_link(
         &self,
         user: &UserId,
@@ -425,6 +453,9 @@ pub trait Store: Send + Sync + 'static {
         via: LinkSource,
     ) -> StoreResult<LinkOutcome>;
 
+    /// Remembers that Stripe deleted this customer (`created` of the `customer.deleted`
+    /// event), so it is never linked again, whatever arrives late.
+    async fn record_deleted_customer(&self, customer: &str, created: i64) -> StoreResult<()>;
     /// Records what was last pushed to the user's customer; the push stamped
     /// `pushed.version` into the customer's metadata.
     async fn record_push(&self, user: &UserId, pushed: &PushedProfile) -> StoreResult<()>;
@@ -622,13 +653,24 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreResult<Option<User>>;
     /// Whether a profile push for the user is pending or in flight (local edits win then).
     async fn has_active_push(&self, user: &UserId) -> StoreResult<bool>;
-    /// After `customer.deleted`: the customer's subscriptions become canceled at period end.
-    async fn cancel_customer_subscriptions(&self, customer: &str) -> StoreResult<u64>;
-    /// Upserts the mirror unless it already holds a newer snapshot; returns whether it wrote.
+    /// After `customer.deleted` (its `created` and event id): the customer's subscriptions
+    /// become canceled at period end, and their watermark rises to the deletion, so an older
+    /// subscription event cannot bring them back.
+    async fn cancel_customer_subscriptions(
+        &self,
+        customer: &str,
+        created: i64,
+        event_id: &str,
+    ) -> StoreResult<u64>;
+    /// The `created` and event id of the newest event applied to this subscription.
+    async fn subscription_watermark(&self, id: &str) -> StoreResult<Option<(i64, Option<String>)>>;
+    /// Upserts the mirror unless it already holds a newer snapshot (`created` below its
+    /// watermark); returns whether it wrote.
     async fn upsert_subscription_if_newer(
         &self,
         subscription: &SubscriptionMirror,
         created: i64,
+        event_id: &str,
     ) -> StoreResult<bool>;
 
     /// Takes the user's resolve claim if nobody holds an unexpired one. Re-taking an expired
@@ -770,6 +812,11 @@ pub(crate) fn postgres_migrator() -> Migrator {
             include_str!("../../migrations/postgres/0005_push_stamp.sql"),
         ),
         (
+            6,
+            "subscriptions and deleted customers",
+            include_str!("../../migrations/postgres/0006_subscriptions_and_deleted_customers.sql"),
+        ),
+        (
             7,
             "outbox fencing",
             include_str!("../../migrations/postgres/0007_outbox_fencing.sql"),
@@ -808,6 +855,11 @@ pub(crate) fn sqlite_migrator() -> Migrator {
             4,
             "push stamp",
             include_str!("../../migrations/sqlite/0004_push_stamp.sql"),
+        ),
+        (
+            5,
+            "subscriptions and deleted customers",
+            include_str!("../../migrations/sqlite/0005_subscriptions_and_deleted_customers.sql"),
         ),
         (
             6,
@@ -913,6 +965,9 @@ async fn explain_link_conflict<S: Store + ?Sized>(
         return Ok(LinkOutcome::CustomerTaken {
             other_user: other.user_id,
         });
+    }
+    if store.get_user(user).await?.is_some() {
+        return Ok(LinkOutcome::CustomerDeleted);
     }
     Ok(LinkOutcome::UserMissing)
 }

@@ -709,6 +709,7 @@ impl Store for PgStore {
             "INSERT INTO customer_links (user_id, stripe_customer_id, livemode, linked_via, linked_at)
              SELECT $1, $2, $3, $4, date_trunc('milliseconds', now())
              WHERE EXISTS (SELECT 1 FROM users WHERE id = $1)
+               AND NOT EXISTS (SELECT 1 FROM deleted_customers WHERE stripe_customer_id = $2)
              ON CONFLICT DO NOTHING
              RETURNING {LINK_COLUMNS}"
         ))
@@ -724,6 +725,21 @@ impl Store for PgStore {
             return Ok(LinkOutcome::Linked(link));
         }
         super::explain_link_conflict(self, user, customer).await
+    }
+
+    async fn record_deleted_customer(&self, customer: &str, created: i64) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO deleted_customers (stripe_customer_id, deleted_created, recorded_at)
+             VALUES ($1, $2, now())
+             ON CONFLICT (stripe_customer_id) DO UPDATE
+             SET deleted_created = GREATEST(deleted_customers.deleted_created,
+                                            EXCLUDED.deleted_created)",
+        )
+        .bind(customer)
+        .bind(created)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
     }
 
     async fn record_push(&self, user: &UserId, pushed: &PushedProfile) -> StoreResult<()> {
@@ -1175,12 +1191,14 @@ impl Store for PgStore {
         sqlx::query(
             "INSERT INTO subscriptions (id, user_id, stripe_customer_id, status, price_id,
                                         cancel_at_period_end, current_period_end, created_at,
-                                        updated_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8)
+                                        updated_at, cancel_at, canceled_at, ended_at, items)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8, $9, $10, $11, $12)
              ON CONFLICT (id) DO UPDATE SET user_id = EXCLUDED.user_id,
                 stripe_customer_id = EXCLUDED.stripe_customer_id, status = EXCLUDED.status,
                 price_id = EXCLUDED.price_id, cancel_at_period_end = EXCLUDED.cancel_at_period_end,
-                current_period_end = EXCLUDED.current_period_end, updated_at = EXCLUDED.updated_at",
+                current_period_end = EXCLUDED.current_period_end, updated_at = EXCLUDED.updated_at,
+                cancel_at = EXCLUDED.cancel_at, canceled_at = EXCLUDED.canceled_at,
+                ended_at = EXCLUDED.ended_at, items = EXCLUDED.items",
         )
         .bind(&sub.id)
         .bind(sub.user_id.as_ref().map(UserId::as_str))
@@ -1190,6 +1208,10 @@ impl Store for PgStore {
         .bind(sub.cancel_at_period_end)
         .bind(sub.current_period_end)
         .bind(sub.updated_at)
+        .bind(sub.cancel_at)
+        .bind(sub.canceled_at)
+        .bind(sub.ended_at)
+        .bind(super::items_json(&sub.items))
         .execute(&self.pool)
         .await?;
         Ok(())
@@ -1205,33 +1227,41 @@ impl Store for PgStore {
             bool,
             Option<OffsetDateTime>,
             OffsetDateTime,
+            Option<OffsetDateTime>,
+            Option<OffsetDateTime>,
+            Option<OffsetDateTime>,
+            String,
         );
         let rows: Vec<Row> = sqlx::query_as(
             "SELECT id, user_id, stripe_customer_id, status, price_id, cancel_at_period_end,
-                    current_period_end, updated_at
+                    current_period_end, updated_at, cancel_at, canceled_at, ended_at, items
              FROM subscriptions WHERE user_id = $1 ORDER BY id",
         )
         .bind(user.as_str())
         .fetch_all(&self.pool)
         .await?;
         rows.into_iter()
-            .map(
-                |(id, user_id, customer_id, status, price_id, cancel, period_end, updated_at)| {
-                    Ok(SubscriptionMirror {
-                        id,
-                        user_id: user_id
-                            .map(|u| UserId::parse(&u))
-                            .transpose()
-                            .map_err(|e| StoreError::Corrupt(e.message))?,
-                        customer_id,
-                        status,
-                        price_id,
-                        cancel_at_period_end: cancel,
-                        current_period_end: period_end,
-                        updated_at,
-                    })
-                },
-            )
+            .map(|row| {
+                let (id, user_id, customer_id, status, price_id, cancel, period_end, updated_at) =
+                    (row.0, row.1, row.2, row.3, row.4, row.5, row.6, row.7);
+                Ok(SubscriptionMirror {
+                    id,
+                    user_id: user_id
+                        .map(|u| UserId::parse(&u))
+                        .transpose()
+                        .map_err(|e| StoreError::Corrupt(e.message))?,
+                    customer_id,
+                    status,
+                    price_id,
+                    cancel_at_period_end: cancel,
+                    current_period_end: period_end,
+                    updated_at,
+                    cancel_at: row.8,
+                    canceled_at: row.9,
+                    ended_at: row.10,
+                    items: super::items_from_json(&row.11)?,
+                })
+            })
             .collect()
     }
 
@@ -1737,33 +1767,58 @@ impl Store for PgStore {
         .await?)
     }
 
-    async fn cancel_customer_subscriptions(&self, customer: &str) -> StoreResult<u64> {
+    async fn cancel_customer_subscriptions(
+        &self,
+        customer: &str,
+        created: i64,
+        event_id: &str,
+    ) -> StoreResult<u64> {
         Ok(sqlx::query(
             "UPDATE subscriptions SET status = 'canceled', cancel_at_period_end = TRUE,
-                    updated_at = now()
+                    updated_at = now(),
+                    event_watermark_id = CASE WHEN event_watermark IS NULL OR event_watermark <= $2
+                                              THEN $3 ELSE event_watermark_id END,
+                    event_watermark = GREATEST(COALESCE(event_watermark, $2), $2)
              WHERE stripe_customer_id = $1",
         )
         .bind(customer)
+        .bind(created)
+        .bind(event_id)
         .execute(&self.pool)
         .await?
         .rows_affected())
+    }
+
+    async fn subscription_watermark(&self, id: &str) -> StoreResult<Option<(i64, Option<String>)>> {
+        let row: Option<(Option<i64>, Option<String>)> = sqlx::query_as(
+            "SELECT event_watermark, event_watermark_id FROM subscriptions WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.and_then(|(created, id)| created.map(|c| (c, id))))
     }
 
     async fn upsert_subscription_if_newer(
         &self,
         sub: &SubscriptionMirror,
         created: i64,
+        event_id: &str,
     ) -> StoreResult<bool> {
         Ok(sqlx::query(
             "INSERT INTO subscriptions (id, user_id, stripe_customer_id, status, price_id,
                                         cancel_at_period_end, current_period_end, event_watermark,
-                                        created_at, updated_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9)
+                                        event_watermark_id, created_at, updated_at, cancel_at,
+                                        canceled_at, ended_at, items)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $10, $9, $9, $11, $12, $13, $14)
              ON CONFLICT (id) DO UPDATE SET user_id = EXCLUDED.user_id,
                 stripe_customer_id = EXCLUDED.stripe_customer_id, status = EXCLUDED.status,
                 price_id = EXCLUDED.price_id, cancel_at_period_end = EXCLUDED.cancel_at_period_end,
                 current_period_end = EXCLUDED.current_period_end,
-                event_watermark = EXCLUDED.event_watermark, updated_at = EXCLUDED.updated_at
+                event_watermark = EXCLUDED.event_watermark,
+                event_watermark_id = EXCLUDED.event_watermark_id, updated_at = EXCLUDED.updated_at,
+                cancel_at = EXCLUDED.cancel_at, canceled_at = EXCLUDED.canceled_at,
+                ended_at = EXCLUDED.ended_at, items = EXCLUDED.items
              WHERE subscriptions.event_watermark IS NULL
                 OR subscriptions.event_watermark <= EXCLUDED.event_watermark",
         )
@@ -1776,6 +1831,11 @@ impl Store for PgStore {
         .bind(sub.current_period_end)
         .bind(created)
         .bind(sub.updated_at)
+        .bind(event_id)
+        .bind(sub.cancel_at)
+        .bind(sub.canceled_at)
+        .bind(sub.ended_at)
+        .bind(super::items_json(&sub.items))
         .execute(&self.pool)
         .await?
         .rows_affected()

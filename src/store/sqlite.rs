@@ -588,6 +588,7 @@ impl Store for SqliteStore {
             "INSERT INTO customer_links (user_id, stripe_customer_id, livemode, linked_via, linked_at)
              SELECT ?1, ?2, ?3, ?4, ?5
              WHERE EXISTS (SELECT 1 FROM users WHERE id = ?1)
+               AND NOT EXISTS (SELECT 1 FROM deleted_customers WHERE stripe_customer_id = ?2)
              ON CONFLICT DO NOTHING
              RETURNING {LINK_COLUMNS}"
         ))
@@ -602,6 +603,21 @@ impl Store for SqliteStore {
             return Ok(LinkOutcome::Linked(link(row)?));
         }
         super::explain_link_conflict(self, user_id, customer).await
+    }
+
+    async fn record_deleted_customer(&self, customer: &str, created: i64) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO deleted_customers (stripe_customer_id, deleted_created, recorded_at)
+             VALUES (?1, ?2, ?3)
+             ON CONFLICT (stripe_customer_id) DO UPDATE
+             SET deleted_created = MAX(deleted_created, excluded.deleted_created)",
+        )
+        .bind(customer)
+        .bind(created)
+        .bind(to_ms(now()))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
     }
 
     async fn record_push(&self, user_id: &UserId, pushed: &PushedProfile) -> StoreResult<()> {
@@ -1055,12 +1071,14 @@ impl Store for SqliteStore {
         sqlx::query(
             "INSERT INTO subscriptions (id, user_id, stripe_customer_id, status, price_id,
                                         cancel_at_period_end, current_period_end, created_at,
-                                        updated_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8)
+                                        updated_at, cancel_at, canceled_at, ended_at, items)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8, ?9, ?10, ?11, ?12)
              ON CONFLICT (id) DO UPDATE SET user_id = excluded.user_id,
                 stripe_customer_id = excluded.stripe_customer_id, status = excluded.status,
                 price_id = excluded.price_id, cancel_at_period_end = excluded.cancel_at_period_end,
-                current_period_end = excluded.current_period_end, updated_at = excluded.updated_at",
+                current_period_end = excluded.current_period_end, updated_at = excluded.updated_at,
+                cancel_at = excluded.cancel_at, canceled_at = excluded.canceled_at,
+                ended_at = excluded.ended_at, items = excluded.items",
         )
         .bind(&sub.id)
         .bind(sub.user_id.as_ref().map(UserId::as_str))
@@ -1070,12 +1088,16 @@ impl Store for SqliteStore {
         .bind(sub.cancel_at_period_end)
         .bind(sub.current_period_end.map(to_ms))
         .bind(to_ms(sub.updated_at))
+        .bind(sub.cancel_at.map(to_ms))
+        .bind(sub.canceled_at.map(to_ms))
+        .bind(sub.ended_at.map(to_ms))
+        .bind(super::items_json(&sub.items))
         .execute(&self.pool)
         .await?;
         Ok(())
     }
 
-    async fn list_subscriptions(&self, user_id: &UserId) -> StoreResult<Vec<SubscriptionMirror>> {
+    async fn list_subscriptions(&self, user: &UserId) -> StoreResult<Vec<SubscriptionMirror>> {
         type Row = (
             String,
             Option<String>,
@@ -1085,33 +1107,41 @@ impl Store for SqliteStore {
             bool,
             Option<i64>,
             i64,
+            Option<i64>,
+            Option<i64>,
+            Option<i64>,
+            String,
         );
         let rows: Vec<Row> = sqlx::query_as(
             "SELECT id, user_id, stripe_customer_id, status, price_id, cancel_at_period_end,
-                    current_period_end, updated_at
+                    current_period_end, updated_at, cancel_at, canceled_at, ended_at, items
              FROM subscriptions WHERE user_id = ?1 ORDER BY id",
         )
-        .bind(user_id.as_str())
+        .bind(user.as_str())
         .fetch_all(&self.pool)
         .await?;
         rows.into_iter()
-            .map(
-                |(id, user_id, customer_id, status, price_id, cancel, period_end, updated_at)| {
-                    Ok(SubscriptionMirror {
-                        id,
-                        user_id: user_id
-                            .map(|u| UserId::parse(&u))
-                            .transpose()
-                            .map_err(|e| StoreError::Corrupt(e.message))?,
-                        customer_id,
-                        status,
-                        price_id,
-                        cancel_at_period_end: cancel,
-                        current_period_end: period_end.map(from_ms).transpose()?,
-                        updated_at: from_ms(updated_at)?,
-                    })
-                },
-            )
+            .map(|row| {
+                let (id, user_id, customer_id, status, price_id, cancel, period_end, updated_at) =
+                    (row.0, row.1, row.2, row.3, row.4, row.5, row.6, row.7);
+                Ok(SubscriptionMirror {
+                    id,
+                    user_id: user_id
+                        .map(|u| UserId::parse(&u))
+                        .transpose()
+                        .map_err(|e| StoreError::Corrupt(e.message))?,
+                    customer_id,
+                    status,
+                    price_id,
+                    cancel_at_period_end: cancel,
+                    current_period_end: period_end.map(from_ms).transpose()?,
+                    updated_at: from_ms(updated_at)?,
+                    cancel_at: row.8.map(from_ms).transpose()?,
+                    canceled_at: row.9.map(from_ms).transpose()?,
+                    ended_at: row.10.map(from_ms).transpose()?,
+                    items: super::items_from_json(&row.11)?,
+                })
+            })
             .collect()
     }
 
@@ -1588,33 +1618,58 @@ impl Store for SqliteStore {
         .await?)
     }
 
-    async fn cancel_customer_subscriptions(&self, customer: &str) -> StoreResult<u64> {
+    async fn cancel_customer_subscriptions(
+        &self,
+        customer: &str,
+        created: i64,
+        event_id: &str,
+    ) -> StoreResult<u64> {
         Ok(sqlx::query(
-            "UPDATE subscriptions SET status = 'canceled', cancel_at_period_end = 1, updated_at = ?2
+            "UPDATE subscriptions SET status = 'canceled', cancel_at_period_end = 1, updated_at = ?2,
+                    event_watermark_id = CASE WHEN event_watermark IS NULL OR event_watermark <= ?3
+                                              THEN ?4 ELSE event_watermark_id END,
+                    event_watermark = MAX(COALESCE(event_watermark, ?3), ?3)
              WHERE stripe_customer_id = ?1",
         )
         .bind(customer)
         .bind(to_ms(now()))
+        .bind(created)
+        .bind(event_id)
         .execute(&self.pool)
         .await?
         .rows_affected())
+    }
+
+    async fn subscription_watermark(&self, id: &str) -> StoreResult<Option<(i64, Option<String>)>> {
+        let row: Option<(Option<i64>, Option<String>)> = sqlx::query_as(
+            "SELECT event_watermark, event_watermark_id FROM subscriptions WHERE id = ?1",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.and_then(|(created, id)| created.map(|c| (c, id))))
     }
 
     async fn upsert_subscription_if_newer(
         &self,
         sub: &SubscriptionMirror,
         created: i64,
+        event_id: &str,
     ) -> StoreResult<bool> {
         Ok(sqlx::query(
             "INSERT INTO subscriptions (id, user_id, stripe_customer_id, status, price_id,
                                         cancel_at_period_end, current_period_end, event_watermark,
-                                        created_at, updated_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?9)
+                                        event_watermark_id, created_at, updated_at, cancel_at,
+                                        canceled_at, ended_at, items)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?10, ?9, ?9, ?11, ?12, ?13, ?14)
              ON CONFLICT (id) DO UPDATE SET user_id = excluded.user_id,
                 stripe_customer_id = excluded.stripe_customer_id, status = excluded.status,
                 price_id = excluded.price_id, cancel_at_period_end = excluded.cancel_at_period_end,
                 current_period_end = excluded.current_period_end,
-                event_watermark = excluded.event_watermark, updated_at = excluded.updated_at
+                event_watermark = excluded.event_watermark,
+                event_watermark_id = excluded.event_watermark_id, updated_at = excluded.updated_at,
+                cancel_at = excluded.cancel_at, canceled_at = excluded.canceled_at,
+                ended_at = excluded.ended_at, items = excluded.items
              WHERE subscriptions.event_watermark IS NULL
                 OR subscriptions.event_watermark <= excluded.event_watermark",
         )
@@ -1627,6 +1682,11 @@ impl Store for SqliteStore {
         .bind(sub.current_period_end.map(to_ms))
         .bind(created)
         .bind(to_ms(sub.updated_at))
+        .bind(event_id)
+        .bind(sub.cancel_at.map(to_ms))
+        .bind(sub.canceled_at.map(to_ms))
+        .bind(sub.ended_at.map(to_ms))
+        .bind(super::items_json(&sub.items))
         .execute(&self.pool)
         .await?
         .rows_affected()

@@ -416,6 +416,18 @@ impl StripeClient {
         }
     }
 
+    pub async fn retrieve_subscription(&self, id: &str) -> StripeResult<Subscription> {
+        self.send(Request {
+            operation: "subscriptions.retrieve",
+            method: Method::GET,
+            path: format!("/v1/subscriptions/{}", path_segment(id)),
+            query: vec![],
+            form: None,
+            idempotency_key: None,
+        })
+        .await
+    }
+
     pub async fn cancel_subscription(&self, id: &str) -> StripeResult<Subscription> {
         self.send(Request {
             operation: "subscriptions.cancel",

@@ -70,8 +70,25 @@ pub struct IdOnly {
     pub id: String,
 }
 
+/// A subscription's `customer`: an id, or the customer object when expanded.
+fn id_or_object<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum IdOrObject {
+        Id(String),
+        Object { id: String },
+    }
+    Ok(match IdOrObject::deserialize(d)? {
+        IdOrObject::Id(id) | IdOrObject::Object { id } => id,
+    })
+}
+
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 pub struct SubscriptionItem {
+    #[serde(default)]
+    pub id: Option<String>,
+    #[serde(default)]
+    pub quantity: Option<i64>,
     #[serde(default)]
     pub price: Option<IdOnly>,
     #[serde(default)]
@@ -84,10 +101,19 @@ pub struct SubscriptionItem {
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 pub struct Subscription {
     pub id: String,
+    #[serde(deserialize_with = "id_or_object")]
     pub customer: String,
     pub status: String,
     #[serde(default)]
     pub cancel_at_period_end: bool,
+    /// When it will end (basil's portal cancellation may set this instead of
+    /// `cancel_at_period_end`).
+    #[serde(default)]
+    pub cancel_at: Option<i64>,
+    #[serde(default)]
+    pub canceled_at: Option<i64>,
+    #[serde(default)]
+    pub ended_at: Option<i64>,
     /// Where API versions before 2025-03-31 put the period end.
     #[serde(default)]
     pub current_period_end: Option<i64>,
@@ -95,6 +121,16 @@ pub struct Subscription {
     pub plan: Option<IdOnly>,
     #[serde(default)]
     pub items: Option<List<SubscriptionItem>>,
+}
+
+impl SubscriptionItem {
+    /// The item's price id (or legacy plan id).
+    pub fn price_id(&self) -> Option<&str> {
+        self.price
+            .as_ref()
+            .or(self.plan.as_ref())
+            .map(|p| p.id.as_str())
+    }
 }
 
 impl Subscription {
@@ -108,6 +144,13 @@ impl Subscription {
             .and_then(|item| item.price.as_ref().or(item.plan.as_ref()))
             .or(self.plan.as_ref())
             .map(|p| p.id.as_str())
+    }
+
+    /// Every item (empty when the object has none).
+    pub fn all_items(&self) -> &[SubscriptionItem] {
+        self.items
+            .as_ref()
+            .map_or(&[], |items| items.data.as_slice())
     }
 
     pub fn current_period_end(&self) -> Option<i64> {

@@ -16,7 +16,7 @@ use crate::{
     outbox::{backoff, JobFailure},
     store::{
         CustomerUpdate, EventOutcome, EventToApply, PushedProfile, RemoteProfile, Store,
-        StoreError, SubscriptionMirror, UpdateContext, User, UserUpsert,
+        StoreError, SubscriptionItemMirror, SubscriptionMirror, UpdateContext, User, UserUpsert,
     },
     stripe::{Customer, StripeClient, Subscription},
 };
@@ -328,17 +328,23 @@ impl Applier {
                 )
                 .await
             }
-            "customer.deleted" => self.customer_deleted(parse(object)?).await,
+            "customer.deleted" => {
+                self.customer_deleted(parse(object)?, created, &event.event.id)
+                    .await
+            }
             "customer.subscription.created"
             | "customer.subscription.updated"
             | "customer.subscription.deleted" => {
-                self.subscription_changed(parse(object)?, created).await
+                self.subscription_changed(parse(object)?, created, &event.event.id)
+                    .await
             }
             _ => Ok(()),
         }
     }
 
     /// Links the customer to the user its metadata names, if that user exists and is unlinked.
+    /// A customer deleted in Stripe is never linked (`insert_link` refuses it), so a late
+    /// `customer.created` cannot bring one back.
     async fn customer_created(&self, customer: Customer) -> Result<(), JobFailure> {
         let Some(user) = customer
             .user_id_metadata()
@@ -435,26 +441,54 @@ impl Applier {
         }
     }
 
-    /// Unlinks the user (who keeps their account) and marks their subscriptions canceled.
-    async fn customer_deleted(&self, customer: Customer) -> Result<(), JobFailure> {
+    /// Remembers the customer as deleted, unlinks the user (who keeps their account) and
+    /// marks their subscriptions canceled.
+    async fn customer_deleted(
+        &self,
+        customer: Customer,
+        created: i64,
+        event_id: &str,
+    ) -> Result<(), JobFailure> {
         let Ok(customer_id) = StripeCustomerId::parse(&customer.id) else {
             return Ok(());
         };
+        // First, so that nothing can link it between the unlink and this.
+        self.store
+            .record_deleted_customer(customer_id.as_str(), created)
+            .await?;
         if let Some(link) = self.store.get_link_by_customer(&customer_id).await? {
             self.store.remove_link(&link.user_id).await?;
             tracing::info!(user_id = %link.user_id, "customer deleted in Stripe: unlinked");
         }
         self.store
-            .cancel_customer_subscriptions(customer_id.as_str())
+            .cancel_customer_subscriptions(customer_id.as_str(), created, event_id)
             .await?;
         Ok(())
     }
 
+    /// Mirrors the subscription, unless a newer event was applied to it; a same-second tie
+    /// is settled as customers' are: Stripe is asked for the current state.
     async fn subscription_changed(
         &self,
-        sub: Subscription,
+        event_snapshot: Subscription,
         created: i64,
+        event_id: &str,
     ) -> Result<(), JobFailure> {
+        let stored = self
+            .store
+            .subscription_watermark(&event_snapshot.id)
+            .await?;
+        let sub = match order(stored, None, created, event_id) {
+            Order::AlreadyApplied | Order::Older => return Ok(()),
+            Order::SameSecond => {
+                match self.stripe.retrieve_subscription(&event_snapshot.id).await {
+                    Ok(current) => current,
+                    Err(err) if err.is_not_found() => return Ok(()),
+                    Err(err) => return Err(err.into()),
+                }
+            }
+            Order::Newer => event_snapshot,
+        };
         let user = match StripeCustomerId::parse(&sub.customer) {
             Ok(customer) => self
                 .store
@@ -473,10 +507,23 @@ impl Applier {
                 .current_period_end()
                 .and_then(|t| time::OffsetDateTime::from_unix_timestamp(t).ok()),
             updated_at: crate::store::now(),
+            cancel_at: unix(sub.cancel_at),
+            canceled_at: unix(sub.canceled_at),
+            ended_at: unix(sub.ended_at),
+            items: sub
+                .all_items()
+                .iter()
+                .map(|item| SubscriptionItemMirror {
+                    id: item.id.clone(),
+                    price_id: item.price_id().map(str::to_owned),
+                    quantity: item.quantity,
+                    current_period_end: item.current_period_end,
+                })
+                .collect(),
             id: sub.id,
         };
         self.store
-            .upsert_subscription_if_newer(&mirror, created)
+            .upsert_subscription_if_newer(&mirror, created, event_id)
             .await?;
         Ok(())
     }
@@ -660,6 +707,10 @@ fn profile_write(context: &UpdateContext, snapshot: &Customer, from_stripe: bool
         expected: context.user.version,
         pushed: remote,
     }))
+}
+
+fn unix(seconds: Option<i64>) -> Option<time::OffsetDateTime> {
+    seconds.and_then(|t| time::OffsetDateTime::from_unix_timestamp(t).ok())
 }
 
 /// The event's `data.object`, from its stored payload.
