@@ -351,36 +351,27 @@ impl StripeClient {
         customer: &str,
         list: CustomerList,
     ) -> StripeResult<Vec<Value>> {
-        let id_of = |v: &Value| v["id"].as_str().unwrap_or_default().to_owned();
-        match list {
-            CustomerList::Subscriptions => {
-                self.list_all(
-                    "subscriptions.list",
-                    "/v1/subscriptions",
-                    subscriptions_of(customer),
-                    id_of,
-                )
-                .await
-            }
-            CustomerList::Invoices => {
-                self.list_all(
-                    "invoices.list",
-                    "/v1/invoices",
-                    vec![("customer", customer.to_owned())],
-                    id_of,
-                )
-                .await
-            }
-            CustomerList::PaymentMethods => {
-                self.list_all(
-                    "customers.payment_methods.list",
-                    &format!("/v1/customers/{}/payment_methods", path_segment(customer)),
-                    vec![],
-                    id_of,
-                )
-                .await
-            }
-        }
+        let (operation, path, filters) = match list {
+            CustomerList::Subscriptions => (
+                "subscriptions.list",
+                "/v1/subscriptions".to_owned(),
+                subscriptions_of(customer),
+            ),
+            CustomerList::Invoices => (
+                "invoices.list",
+                "/v1/invoices".to_owned(),
+                vec![("customer", customer.to_owned())],
+            ),
+            CustomerList::PaymentMethods => (
+                "customers.payment_methods.list",
+                format!("/v1/customers/{}/payment_methods", path_segment(customer)),
+                vec![],
+            ),
+        };
+        self.list_all(operation, &path, filters, |v: &Value| {
+            v["id"].as_str().unwrap_or_default().to_owned()
+        })
+        .await
     }
 
     /// Every item of a list endpoint, 100 a page, each page after the last item's id.
