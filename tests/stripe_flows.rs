@@ -392,14 +392,7 @@ async fn a_lost_create_is_replayed_identically_after_a_profile_edit(backend: Bac
     else {
         return;
     };
-    Mock::given(method("GET"))
-        .and(path("/v1/customers"))
-        .respond_with(
-            ResponseTemplate::new(200)
-                .set_body_json(json!({"object": "list", "data": [], "has_more": false})),
-        )
-        .mount(&w.stripe)
-        .await;
+    no_customers_listed(&w.stripe).await;
     // Stripe makes the customer but the answer is lost (slower than our timeout)...
     Mock::given(method("POST"))
         .and(path("/v1/customers"))
@@ -497,6 +490,18 @@ async fn stripe_refusing_a_create_is_422(backend: Backend) {
     );
 }
 
+/// Stripe's customer list answers empty, whatever the filter.
+async fn no_customers_listed(stripe: &MockServer) {
+    Mock::given(method("GET"))
+        .and(path("/v1/customers"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(json!({"object": "list", "data": [], "has_more": false})),
+        )
+        .mount(stripe)
+        .await;
+}
+
 fn search_result(customers: Vec<Value>) -> Value {
     json!({"object": "search_result", "url": "/v1/customers/search", "has_more": false,
            "next_page": null, "data": customers})
@@ -514,14 +519,7 @@ async fn search_finds_what_the_email_list_cannot(backend: Backend) {
     let Some(w) = world(backend, "search_finds_what_the_email_list_cannot", |_| {}).await else {
         return;
     };
-    Mock::given(method("GET"))
-        .and(path("/v1/customers"))
-        .respond_with(
-            ResponseTemplate::new(200)
-                .set_body_json(json!({"object": "list", "data": [], "has_more": false})),
-        )
-        .mount(&w.stripe)
-        .await;
+    no_customers_listed(&w.stripe).await;
     // Made for `moved` under an address they have since changed.
     Mock::given(method("GET"))
         .and(path("/v1/customers/search"))
@@ -611,14 +609,7 @@ async fn no_search_here_is_no_error(backend: Backend) {
     let Some(w) = world(backend, "no_search_here_is_no_error", |_| {}).await else {
         return;
     };
-    Mock::given(method("GET"))
-        .and(path("/v1/customers"))
-        .respond_with(
-            ResponseTemplate::new(200)
-                .set_body_json(json!({"object": "list", "data": [], "has_more": false})),
-        )
-        .mount(&w.stripe)
-        .await;
+    no_customers_listed(&w.stripe).await;
     Mock::given(method("GET"))
         .and(path("/v1/customers/search"))
         .respond_with(ResponseTemplate::new(400).set_body_json(json!({"error": {

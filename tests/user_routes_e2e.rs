@@ -517,16 +517,23 @@ async fn both_sides_hold(w: &World, user: &str, customer: &str, expected: (&str,
     assert_eq!(remote["phone"].as_str().unwrap_or_default(), phone);
 }
 
+/// Two edits, each pushed and landed in Stripe: the user, their token, their customer, the
+/// events' base time, and Stripe's copy after each push (the bodies of their echoes).
+async fn two_landed_edits(w: &World, prefix: &str) -> (String, String, String, i64, Value, Value) {
+    let (user, token, customer) = linked_user(w, prefix).await;
+    let t = epoch();
+    put_profile(w, &token, json!({"firstName": "Grace"})).await;
+    let first = landed(w, &user, &customer).await;
+    put_profile(w, &token, json!({"lastName": "Hopper"})).await;
+    let second = landed(w, &user, &customer).await;
+    (user, token, customer, t, first, second)
+}
+
 async fn late_echoes_in_order_never_revert_newer_edits(backend: Backend) {
     let Some(w) = world(backend, "late_echoes_in_order_never_revert_newer_edits").await else {
         return;
     };
-    let (user, token, customer) = linked_user(&w, "late-echo").await;
-    let t = epoch();
-    put_profile(&w, &token, json!({"firstName": "Grace"})).await;
-    let first = landed(&w, &user, &customer).await;
-    put_profile(&w, &token, json!({"lastName": "Hopper"})).await;
-    let second = landed(&w, &user, &customer).await;
+    let (user, token, customer, t, first, second) = two_landed_edits(&w, "late-echo").await;
     // The first push's echo arrives after the second push landed, as Stripe may send it.
     w.app.deliver_webhook(&updated_event(&first, t + 1)).await;
     w.app.events_settled().await;
@@ -543,12 +550,7 @@ async fn late_echoes_reversed_never_revert_newer_edits(backend: Backend) {
     let Some(w) = world(backend, "late_echoes_reversed_never_revert_newer_edits").await else {
         return;
     };
-    let (user, token, customer) = linked_user(&w, "reversed-echo").await;
-    let t = epoch();
-    put_profile(&w, &token, json!({"firstName": "Grace"})).await;
-    let first = landed(&w, &user, &customer).await;
-    put_profile(&w, &token, json!({"lastName": "Hopper"})).await;
-    let second = landed(&w, &user, &customer).await;
+    let (user, token, customer, t, first, second) = two_landed_edits(&w, "reversed-echo").await;
     w.app.deliver_webhook(&updated_event(&second, t + 2)).await;
     w.app.deliver_webhook(&updated_event(&first, t + 1)).await;
     put_profile(&w, &token, json!({"phone": "+14155550100"})).await;
