@@ -325,25 +325,14 @@ async fn every_category_is_counted_fixed_and_stays_fixed(backend: Backend) {
 
     // The admin API: a background run, followed to its report.
     let app = TestApp::spawn(store.store.clone(), &config).await;
-    let started = app
-        .admin(Method::POST, "/v1/reconcile")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(started.status(), 202);
-    let run: Value = started.json().await.unwrap();
-    let id = run["run"]["id"].as_str().unwrap().to_owned();
+    let id = app.start_reconcile().await;
     let busy = app
         .admin(Method::POST, "/v1/reconcile")
         .send()
         .await
         .unwrap();
     assert_eq!(busy.status(), 409, "one run at a time");
-    let done = eventually(30, "the run finished", || async {
-        let run: Value = app.admin_json(&format!("/v1/reconcile/{id}")).await;
-        (run["run"]["status"] != "running").then_some(run)
-    })
-    .await;
+    let done = app.reconcile_finished(&id).await;
     assert_eq!(done["run"]["status"], "done", "{done}");
     assert_eq!(
         done["run"]["report"]["summary"]["orphan"]["found"],

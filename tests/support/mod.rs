@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod process;
+pub mod stripe_standin;
 
 use std::{
     io::Write,
@@ -368,6 +369,27 @@ impl TestApp {
             .then_some(())
         })
         .await;
+    }
+
+    /// `POST /v1/reconcile` (202); the run's id.
+    pub async fn start_reconcile(&self) -> String {
+        let started = self
+            .admin(reqwest::Method::POST, "/v1/reconcile")
+            .send()
+            .await
+            .expect("POST reconcile");
+        assert_eq!(started.status(), 202, "reconcile started");
+        let run: Value = started.json().await.expect("json");
+        run["run"]["id"].as_str().expect("run id").to_owned()
+    }
+
+    /// Waits for a reconcile run to end; `GET /v1/reconcile/{id}`'s body.
+    pub async fn reconcile_finished(&self, id: &str) -> Value {
+        eventually(30, "the reconcile run finished", || async {
+            let run: Value = self.admin_json(&format!("/v1/reconcile/{id}")).await;
+            (run["run"]["status"] != "running").then_some(run)
+        })
+        .await
     }
 
     /// `POST /v1/users/{id}/customer`; the status and the JSON body.
