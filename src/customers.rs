@@ -207,6 +207,15 @@ impl CustomerResolver {
     /// idempotency key, not search, are what prevent duplicates.
     async fn candidates(&self, user: &User) -> Result<Vec<Customer>, ResolveError> {
         let mut candidates = self.stripe.customers_by_email(user.email.as_str()).await?;
+        // Stripe's filter is case-sensitive: a customer made with the address as the app wrote
+        // it (`Ada@Example.com`, by Checkout or the app's old code) is listed only under that.
+        if let Some(as_given) = user.email.as_given() {
+            for customer in self.stripe.customers_by_email(as_given).await? {
+                if !candidates.iter().any(|c| c.id == customer.id) {
+                    candidates.push(customer);
+                }
+            }
+        }
         if candidates
             .iter()
             .any(|c| c.user_id_metadata() == Some(user.id.as_str()))

@@ -95,6 +95,8 @@ fn user_json(user: &User) -> Value {
     json!({
         "id": user.id,
         "email": user.email,
+        // How the app (or Stripe) wrote the address, when not in its normalised form.
+        "email_as_given": user.email.as_given(),
         "email_verified": user.email_verified,
         "first_name": user.first_name,
         "last_name": user.last_name,

@@ -86,6 +86,51 @@ async fn users_round_trip_and_version_counts_changes(backend: Backend) {
     assert_eq!(cleared.phone, None);
 }
 
+/// The address as it was given is kept beside the normalised one (resolve lists both); a
+/// new spelling of the same address is not a change, a new address replaces the spelling.
+async fn an_emails_spelling_is_kept_with_it(backend: Backend) {
+    let Some(t) = backend.store("an_emails_spelling_is_kept_with_it").await else {
+        return;
+    };
+    let store = &t.store;
+    let spelling = |user: &billsync::store::User| user.email.as_given().map(str::to_owned);
+    let created = store
+        .upsert_user(&upsert("spelt", "Ada@Example.com"))
+        .await
+        .unwrap();
+    assert_eq!(created.email.as_str(), "ada@example.com");
+    assert_eq!(spelling(&created).as_deref(), Some("Ada@Example.com"));
+    let read = store.get_user(&created.id).await.unwrap().unwrap();
+    assert_eq!(spelling(&read).as_deref(), Some("Ada@Example.com"));
+
+    let respelt = store
+        .upsert_user(&upsert("spelt", "ADA@example.com"))
+        .await
+        .unwrap();
+    assert_eq!(respelt.version, 1, "the same address is no change");
+    assert_eq!(spelling(&respelt).as_deref(), Some("Ada@Example.com"));
+
+    let moved = store
+        .upsert_user(&upsert("spelt", "new@example.com"))
+        .await
+        .unwrap();
+    assert_eq!(moved.version, 2);
+    assert_eq!(
+        spelling(&moved),
+        None,
+        "the old spelling went with the old address"
+    );
+
+    let edited = store
+        .update_user_if_version(&upsert("spelt", "Grace@Example.com"), moved.version)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(spelling(&edited).as_deref(), Some("Grace@Example.com"));
+    let read = store.get_user(&created.id).await.unwrap().unwrap();
+    assert_eq!(spelling(&read).as_deref(), Some("Grace@Example.com"));
+}
+
 async fn hostile_strings_are_data(backend: Backend) {
     let Some(t) = backend.store("hostile_strings_are_data").await else {
         return;
@@ -1683,7 +1728,7 @@ async fn customer_updates_are_read_and_written_in_batches(backend: Backend) {
         user: upsert(&format!("u{}", n + 1), email),
         expected,
         pushed: PushedProfile {
-            email: email.into(),
+            email: email.to_lowercase(),
             name: None,
             phone: None,
             version: expected,
@@ -1693,7 +1738,8 @@ async fn customer_updates_are_read_and_written_in_batches(backend: Backend) {
         .commit_customer_updates(&[
             CustomerUpdate {
                 customer_id: "cus_1".into(),
-                profile: Some(change(0, "new1@example.com", users[0].version)),
+                // As Stripe spells it.
+                profile: Some(change(0, "New1@Example.com", users[0].version)),
                 watermark: Some((12, "evt_1b".into())),
                 events: ids(&["evt_1a", "evt_1b"]),
             },
@@ -1720,6 +1766,7 @@ async fn customer_updates_are_read_and_written_in_batches(backend: Backend) {
 
     let u1 = store.get_user(&users[0].id).await.unwrap().unwrap();
     assert_eq!(u1.email.as_str(), "new1@example.com");
+    assert_eq!(u1.email.as_given(), Some("New1@Example.com"));
     assert_eq!(u1.version, users[0].version + 1);
     assert_eq!(
         store
@@ -1797,6 +1844,7 @@ async fn customer_updates_are_read_and_written_in_batches(backend: Backend) {
 }
 
 on_every_store!(
+    an_emails_spelling_is_kept_with_it,
     subscription_watermarks_rise_with_a_deletion,
     deleted_customers_are_never_linked,
     customer_updates_are_read_and_written_in_batches,

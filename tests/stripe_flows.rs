@@ -646,6 +646,80 @@ async fn no_search_here_is_no_error(backend: Backend) {
     );
 }
 
+/// Stripe's list `email` filter is case-sensitive: a customer made as `Ada.Given@Example.com`
+/// (Checkout, the Dashboard, the app's old code) is listed only under that spelling. Resolve
+/// asks for the address as the app gave it too, so it links that customer instead of making a
+/// duplicate — with no search to fall back on.
+async fn the_address_as_given_is_listed_too(backend: Backend) {
+    let Some(w) = world(backend, "the_address_as_given_is_listed_too", |_| {}).await else {
+        return;
+    };
+    Mock::given(method("GET"))
+        .and(path("/v1/customers"))
+        .and(wiremock::matchers::query_param(
+            "email",
+            "Ada.Given@Example.com",
+        ))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({
+            "object": "list", "has_more": false,
+            "data": [stripe_customer("cus_Given", "Ada.Given@Example.com", json!({}))],
+        })))
+        .mount(&w.stripe)
+        .await;
+    no_customers_listed(&w.stripe).await;
+    Mock::given(method("GET"))
+        .and(path("/v1/customers/search"))
+        .respond_with(ResponseTemplate::new(404).set_body_json(json!({"error": {
+            "type": "invalid_request_error", "message": "Unrecognized request URL"}})))
+        .mount(&w.stripe)
+        .await;
+    Mock::given(method("POST"))
+        .and(path("/v1/customers/cus_Given"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(stripe_customer(
+            "cus_Given",
+            "Ada.Given@Example.com",
+            json!({"userId": "given"}),
+        )))
+        .mount(&w.stripe)
+        .await;
+    let user = w
+        .app
+        .put_user(
+            "given",
+            json!({"email": " Ada.Given@Example.com ", "email_verified": true}),
+        )
+        .await;
+    assert_eq!(
+        user["user"]["email"], "ada.given@example.com",
+        "kept normalised"
+    );
+    let (status, body) = w.app.resolve("given").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        (body["customer_id"].as_str(), body["source"].as_str()),
+        (Some("cus_Given"), Some("stripe_email"))
+    );
+    let listed: Vec<String> = w
+        .stripe
+        .received_requests()
+        .await
+        .unwrap()
+        .iter()
+        .filter(|r| r.method.as_str() == "GET" && r.url.path() == "/v1/customers")
+        .filter_map(|r| {
+            r.url
+                .query_pairs()
+                .find(|(k, _)| k == "email")
+                .map(|(_, v)| v.into_owned())
+        })
+        .collect();
+    assert_eq!(
+        listed,
+        ["ada.given@example.com", "Ada.Given@Example.com"],
+        "normalised first, then as given"
+    );
+}
+
 /// The export holds everything: Stripe's objects passed through whole and paged, what
 /// billsync itself keeps (stored webhook payloads, the profile pushed, outbox jobs, audit
 /// entries), and a warning for a section Stripe could not give.
@@ -761,6 +835,7 @@ async fn the_export_passes_everything_through(backend: Backend) {
 on_every_store!(
     the_export_passes_everything_through,
     search_finds_what_the_email_list_cannot,
+    the_address_as_given_is_listed_too,
     no_search_here_is_no_error,
     a_lost_create_is_replayed_identically_after_a_profile_edit,
     stripe_refusing_a_create_is_422,

@@ -78,11 +78,28 @@ impl UserId {
     }
 }
 
-/// An email address, normalised (trimmed, lowercased) so that comparisons and Stripe's
-/// case-sensitive `email` filter see one spelling.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct Email(String);
+/// An email address, normalised (trimmed, lowercased) so that comparisons see one spelling.
+/// It also remembers how it was written where it came from, when that differs (`Ada@Example.com`):
+/// Stripe's list `email` filter is case-sensitive, so a customer made with that spelling (by
+/// Checkout, the Dashboard, the app's old code) is found only by asking for it as written. Two
+/// spellings of one address are equal.
+#[derive(Debug, Clone)]
+pub struct Email(String, Option<String>);
 string_newtype!(Email);
+
+impl PartialEq for Email {
+    fn eq(&self, other: &Self) -> bool {
+        self.0 == other.0
+    }
+}
+
+impl Eq for Email {}
+
+impl std::hash::Hash for Email {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.0.hash(state);
+    }
+}
 
 impl Email {
     pub const MAX_LEN: usize = 254;
@@ -107,7 +124,27 @@ impl Email {
         {
             return Err(invalid());
         }
-        Ok(Self(normalised))
+        let trimmed = raw.trim();
+        let as_given = (trimmed != normalised).then(|| trimmed.to_owned());
+        Ok(Self(normalised, as_given))
+    }
+
+    /// The address as it was given, when that is not its normalised form.
+    pub fn as_given(&self) -> Option<&str> {
+        self.1.as_deref()
+    }
+
+    /// A stored address with its stored spelling; a spelling of another address is dropped.
+    pub fn with_spelling(
+        normalised: &str,
+        as_given: Option<&str>,
+    ) -> Result<Self, ValidationError> {
+        let mut email = Self::parse(normalised)?;
+        email.1 = as_given
+            .and_then(|given| Self::parse(given).ok())
+            .filter(|given| given.0 == email.0)
+            .and_then(|given| given.1);
+        Ok(email)
     }
 }
 
@@ -227,6 +264,20 @@ impl LinkSource {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_email_keeps_its_spelling_but_compares_normalised() {
+        let given = Email::parse("  Ada@Example.COM ").unwrap();
+        assert_eq!(given.as_given(), Some("Ada@Example.COM"));
+        assert_eq!(Email::parse("ada@example.com").unwrap().as_given(), None);
+        assert_eq!(given, Email::parse("ada@example.com").unwrap());
+        let stored = Email::with_spelling("ada@example.com", Some("Ada@Example.COM")).unwrap();
+        assert_eq!(stored.as_given(), Some("Ada@Example.COM"));
+        assert_eq!(stored.as_str(), "ada@example.com");
+        // A spelling of another address is not this one's.
+        let other = Email::with_spelling("ada@example.com", Some("Bob@Example.com")).unwrap();
+        assert_eq!(other.as_given(), None);
+    }
 
     #[test]
     fn email_is_normalised_and_validated() {

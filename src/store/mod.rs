@@ -831,6 +831,11 @@ pub(crate) fn postgres_migrator() -> Migrator {
             "erasure tombstones",
             include_str!("../../migrations/postgres/0009_erasure_tombstones.sql"),
         ),
+        (
+            10,
+            "email as given",
+            include_str!("../../migrations/postgres/0010_email_as_given.sql"),
+        ),
     ])
 }
 
@@ -876,6 +881,11 @@ pub(crate) fn sqlite_migrator() -> Migrator {
             "erasure tombstones",
             include_str!("../../migrations/sqlite/0008_erasure_tombstones.sql"),
         ),
+        (
+            9,
+            "email as given",
+            include_str!("../../migrations/sqlite/0009_email_as_given.sql"),
+        ),
     ])
 }
 
@@ -890,6 +900,7 @@ type UserRow = (
     i64,
     OffsetDateTime,
     OffsetDateTime,
+    Option<String>,
 );
 
 /// The `pushed_*` columns of a link, when a push (or a Stripe-side change) was recorded.
@@ -911,12 +922,22 @@ fn pushed_profile(
 }
 
 fn user_from_row(row: UserRow) -> StoreResult<User> {
-    let (id, email, email_verified, first_name, last_name, phone, version, created_at, updated_at) =
-        row;
+    let (
+        id,
+        email,
+        email_verified,
+        first_name,
+        last_name,
+        phone,
+        version,
+        created_at,
+        updated_at,
+        email_as_given,
+    ) = row;
     let corrupt = |e: crate::domain::ValidationError| StoreError::Corrupt(e.message);
     Ok(User {
         id: UserId::parse(&id).map_err(corrupt)?,
-        email: Email::parse(&email).map_err(corrupt)?,
+        email: Email::with_spelling(&email, email_as_given.as_deref()).map_err(corrupt)?,
         email_verified,
         first_name: PersonName::parse_optional(first_name.as_deref(), "first_name")
             .map_err(corrupt)?,

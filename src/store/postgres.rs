@@ -19,12 +19,12 @@ use super::{
 };
 use crate::domain::{LinkSource, StripeCustomerId, UserId};
 
-const USER_COLUMNS: &str =
-    "id, email, email_verified, first_name, last_name, phone, version, created_at, updated_at";
+const USER_COLUMNS: &str = "id, email, email_verified, first_name, last_name, phone, version, \
+     created_at, updated_at, email_as_given";
 const LINK_COLUMNS: &str = "user_id, stripe_customer_id, livemode, linked_via, linked_at";
 const USER_COLUMNS_QUALIFIED: &str = "users.id, users.email, users.email_verified, \
      users.first_name, users.last_name, users.phone, users.version, users.created_at, \
-     users.updated_at";
+     users.updated_at, users.email_as_given";
 /// True when the proposed profile (`excluded`) differs from the stored one.
 const USER_CHANGED: &str = "(users.email, users.email_verified, users.first_name, \
      users.last_name, users.phone) IS DISTINCT FROM (excluded.email, excluded.email_verified, \
@@ -106,7 +106,7 @@ async fn update_user_in(
 ) -> StoreResult<Option<User>> {
     let row: Option<UserRow> = sqlx::query_as(&format!(
         "UPDATE users SET email = $2, email_verified = $3, first_name = $4, last_name = $5,
-                phone = $6, version = users.version + 1,
+                phone = $6, email_as_given = $8, version = users.version + 1,
                 updated_at = date_trunc('milliseconds', now())
          FROM (SELECT $2::text AS email, $3::boolean AS email_verified, $4::text AS first_name,
                       $5::text AS last_name, $6::text AS phone) AS excluded
@@ -120,6 +120,7 @@ async fn update_user_in(
     .bind(opt_str(&user.last_name))
     .bind(opt_str(&user.phone))
     .bind(expected)
+    .bind(user.email.as_given())
     .fetch_optional(&mut **tx)
     .await?;
     row.map(user_from_row).transpose()
@@ -164,11 +165,12 @@ async fn apply_remote_profiles_in(
     let written: Vec<(String, i64)> = sqlx::query_as(&format!(
         "UPDATE users SET email = excluded.email, email_verified = excluded.email_verified,
                 first_name = excluded.first_name, last_name = excluded.last_name,
-                phone = excluded.phone, version = users.version + 1,
-                updated_at = date_trunc('milliseconds', now())
+                phone = excluded.phone, email_as_given = excluded.email_as_given,
+                version = users.version + 1, updated_at = date_trunc('milliseconds', now())
          FROM unnest($1::text[], $2::text[], $3::boolean[], $4::text[], $5::text[], $6::text[],
-                     $7::bigint[])
-              AS excluded(id, email, email_verified, first_name, last_name, phone, expected)
+                     $7::bigint[], $8::text[])
+              AS excluded(id, email, email_verified, first_name, last_name, phone, expected,
+                          email_as_given)
          WHERE users.id = excluded.id AND users.version = excluded.expected AND {USER_CHANGED}
          RETURNING users.id, users.version"
     ))
@@ -184,6 +186,7 @@ async fn apply_remote_profiles_in(
     .bind(column(|p| opt_str(&p.user.last_name)))
     .bind(column(|p| opt_str(&p.user.phone)))
     .bind(profiles.iter().map(|(_, p)| p.expected).collect::<Vec<_>>())
+    .bind(column(|p| p.user.email.as_given()))
     .fetch_all(&mut **tx)
     .await?;
     let version_of = written.into_iter().collect::<HashMap<_, _>>();
@@ -589,11 +592,12 @@ impl Store for PgStore {
         let mut tx = self.pool.begin().await?;
         let written: Option<UserRow> = sqlx::query_as(&format!(
             "INSERT INTO users (id, email, email_verified, first_name, last_name, phone, version, \
-                                created_at, updated_at)
+                                created_at, updated_at, email_as_given)
              VALUES ($1, $2, $3, $4, $5, $6, 1, date_trunc('milliseconds', now()), \
-                     date_trunc('milliseconds', now()))
+                     date_trunc('milliseconds', now()), $7)
              ON CONFLICT (id) DO UPDATE SET
-                email = EXCLUDED.email, email_verified = EXCLUDED.email_verified,
+                email = EXCLUDED.email, email_as_given = EXCLUDED.email_as_given,
+                email_verified = EXCLUDED.email_verified,
                 first_name = EXCLUDED.first_name, last_name = EXCLUDED.last_name,
                 phone = EXCLUDED.phone, version = users.version + 1,
                 updated_at = EXCLUDED.updated_at
@@ -606,6 +610,7 @@ impl Store for PgStore {
         .bind(opt_str(&user.first_name))
         .bind(opt_str(&user.last_name))
         .bind(opt_str(&user.phone))
+        .bind(user.email.as_given())
         .fetch_optional(&mut *tx)
         .await?;
         let saved = match written {
@@ -1604,6 +1609,7 @@ impl Store for PgStore {
                     row.try_get("version")?,
                     row.try_get("created_at")?,
                     row.try_get("updated_at")?,
+                    row.try_get("email_as_given")?,
                 );
                 let watermark: Option<i64> = row.try_get("event_watermark")?;
                 Ok(UpdateContext {

@@ -27,12 +27,12 @@ fn ids_json(ids: &[String]) -> String {
     serde_json::Value::from(ids).to_string()
 }
 
-const USER_COLUMNS: &str =
-    "id, email, email_verified, first_name, last_name, phone, version, created_at, updated_at";
+const USER_COLUMNS: &str = "id, email, email_verified, first_name, last_name, phone, version, \
+     created_at, updated_at, email_as_given";
 const LINK_COLUMNS: &str = "user_id, stripe_customer_id, livemode, linked_via, linked_at";
 const USER_COLUMNS_QUALIFIED: &str = "users.id, users.email, users.email_verified, \
      users.first_name, users.last_name, users.phone, users.version, users.created_at, \
-     users.updated_at";
+     users.updated_at, users.email_as_given";
 
 type SqliteUserRow = (
     String,
@@ -44,6 +44,7 @@ type SqliteUserRow = (
     i64,
     i64,
     i64,
+    Option<String>,
 );
 type SqliteLinkRow = (String, String, bool, String, i64);
 const EVENT_COLUMNS: &str = "id, type, created, livemode, stripe_customer_id, state, attempts, \
@@ -126,7 +127,7 @@ async fn update_user_in(
 ) -> StoreResult<Option<User>> {
     let row: Option<SqliteUserRow> = sqlx::query_as(&format!(
         "UPDATE users SET email = ?2, email_verified = ?3, first_name = ?4, last_name = ?5,
-                phone = ?6, version = version + 1, updated_at = ?8
+                phone = ?6, version = version + 1, updated_at = ?8, email_as_given = ?9
          WHERE id = ?1 AND version = ?7
            AND (email IS NOT ?2 OR email_verified IS NOT ?3 OR first_name IS NOT ?4
                 OR last_name IS NOT ?5 OR phone IS NOT ?6)
@@ -140,6 +141,7 @@ async fn update_user_in(
     .bind(opt_str(&input.phone))
     .bind(expected)
     .bind(now)
+    .bind(input.email.as_given())
     .fetch_optional(&mut **tx)
     .await?;
     row.map(user).transpose()
@@ -241,7 +243,7 @@ fn from_ms(ms: i64) -> StoreResult<OffsetDateTime> {
 }
 
 fn user(row: SqliteUserRow) -> StoreResult<User> {
-    let (id, email, verified, first, last, phone, version, created, updated) = row;
+    let (id, email, verified, first, last, phone, version, created, updated, as_given) = row;
     user_from_row((
         id,
         email,
@@ -252,6 +254,7 @@ fn user(row: SqliteUserRow) -> StoreResult<User> {
         version,
         from_ms(created)?,
         from_ms(updated)?,
+        as_given,
     ))
 }
 
@@ -479,10 +482,11 @@ impl Store for SqliteStore {
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         let written: Option<SqliteUserRow> = sqlx::query_as(&format!(
             "INSERT INTO users (id, email, email_verified, first_name, last_name, phone, version, \
-                                created_at, updated_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, 1, ?7, ?7)
+                                created_at, updated_at, email_as_given)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, 1, ?7, ?7, ?8)
              ON CONFLICT (id) DO UPDATE SET
-                email = excluded.email, email_verified = excluded.email_verified,
+                email = excluded.email, email_as_given = excluded.email_as_given,
+                email_verified = excluded.email_verified,
                 first_name = excluded.first_name, last_name = excluded.last_name,
                 phone = excluded.phone, version = users.version + 1,
                 updated_at = excluded.updated_at
@@ -496,6 +500,7 @@ impl Store for SqliteStore {
         .bind(opt_str(&input.last_name))
         .bind(opt_str(&input.phone))
         .bind(now)
+        .bind(input.email.as_given())
         .fetch_optional(&mut *tx)
         .await?;
         let saved = match written {
@@ -1482,6 +1487,7 @@ impl Store for SqliteStore {
                     row.try_get(14)?,
                     row.try_get(15)?,
                     row.try_get(16)?,
+                    row.try_get(17)?,
                 );
                 Ok(UpdateContext {
                     customer_id,
@@ -1489,7 +1495,7 @@ impl Store for SqliteStore {
                     watermark: watermark.map(|created| (created, watermark_id)),
                     active_push: active,
                     last_push: pushed_profile(email, name, phone, version),
-                    pushed_stamp: row.try_get(17)?,
+                    pushed_stamp: row.try_get(18)?,
                 })
             })
             .collect()
