@@ -1,10 +1,13 @@
 //! The billing-portal configuration as code: a TOML file is validated (every error names its
-//! key), turned into Stripe's parameters, and applied — created the first time, updated in
-//! place when the file changed, left alone (no Stripe call) when it did not. The applied
-//! configuration's id and a hash of its parameters are recorded under the file's `name`.
+//! key), turned into the state Stripe should hold, and applied — created the first time,
+//! updated in place when the file changed (every modeled field is sent, a removed one as
+//! Stripe's explicit empty value, so nothing the file no longer says stays live), and compared
+//! with Stripe's current copy when it did not (a Dashboard edit is repaired, nothing else is
+//! written). The applied configuration's id and a hash of that state are recorded under the
+//! file's `name`.
 
 use serde::Deserialize;
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
 use crate::{
@@ -27,6 +30,18 @@ const CANCELLATION_REASONS: [&str; 8] = [
 const SUBSCRIPTION_UPDATES: [&str; 3] = ["price", "quantity", "promotion_code"];
 const UPDATE_PRORATIONS: [&str; 3] = ["none", "create_prorations", "always_invoice"];
 const CANCEL_MODES: [&str; 2] = ["at_period_end", "immediately"];
+/// Stripe's limit on `features.subscription_update.products`.
+const MAX_UPDATE_PRODUCTS: usize = 10;
+const FEATURES: [&str; 5] = [
+    "payment_method_update",
+    "invoice_history",
+    "customer_update",
+    "subscription_cancel",
+    "subscription_update",
+];
+/// The one empty list Stripe requires on create (`Array | ''`, not optional): without it the
+/// create is refused with `parameter_missing`, even when the reason prompt is off.
+const REQUIRED_ON_CREATE: &str = "features.subscription_cancel.cancellation_reason.options";
 
 #[derive(Debug, thiserror::Error)]
 pub enum PortalConfigError {
@@ -174,6 +189,15 @@ impl PortalSpec {
         {
             return Err(invalid("name", "use 1 to 64 letters, digits, '-' or '_'"));
         }
+        if self.features == Features::default() {
+            return Err(invalid(
+                "features",
+                format!(
+                    "the table names no feature; set at least one of {}",
+                    FEATURES.join(", ")
+                ),
+            ));
+        }
         url("default_return_url", &self.default_return_url)?;
         url(
             "business_profile.privacy_policy_url",
@@ -255,10 +279,33 @@ impl PortalSpec {
                     &UPDATE_PRORATIONS,
                 )?;
             }
+            let key = "features.subscription_update.products";
+            if update.enabled && update.products.is_empty() {
+                return Err(invalid(
+                    key,
+                    "an enabled subscription update needs the products (each with its prices) customers may switch between",
+                ));
+            }
+            if update.products.len() > MAX_UPDATE_PRODUCTS {
+                return Err(invalid(
+                    key,
+                    format!(
+                        "Stripe allows at most {MAX_UPDATE_PRODUCTS} products, the file lists {}",
+                        update.products.len()
+                    ),
+                ));
+            }
+            let mut seen = std::collections::HashSet::new();
             for (i, product) in update.products.iter().enumerate() {
-                let key = format!("features.subscription_update.products[{i}]");
+                let key = format!("{key}[{i}]");
                 if !product.product.starts_with("prod_") {
                     return Err(invalid(&format!("{key}.product"), "must be a prod_… id"));
+                }
+                if !seen.insert(product.product.as_str()) {
+                    return Err(invalid(
+                        &format!("{key}.product"),
+                        format!("{:?} is listed twice", product.product),
+                    ));
                 }
                 if product.prices.is_empty()
                     || product.prices.iter().any(|p| !p.starts_with("price_"))
@@ -270,105 +317,228 @@ impl PortalSpec {
         Ok(())
     }
 
-    /// The parameters of `POST /v1/billing_portal/configurations`, as Stripe documents them.
-    pub fn stripe_params(&self) -> Value {
-        let mut features = Map::new();
-        let toggle = |t: &Toggle| json!({ "enabled": t.enabled });
-        if let Some(t) = &self.features.payment_method_update {
-            features.insert("payment_method_update".into(), toggle(t));
-        }
-        if let Some(t) = &self.features.invoice_history {
-            features.insert("invoice_history".into(), toggle(t));
-        }
-        if let Some(u) = &self.features.customer_update {
-            let mut value = json!({ "enabled": u.enabled });
-            if !u.allowed_updates.is_empty() {
-                value["allowed_updates"] = json!(u.allowed_updates);
-            }
-            features.insert("customer_update".into(), value);
-        }
-        if let Some(c) = &self.features.subscription_cancel {
-            let mut value = json!({ "enabled": c.enabled });
-            if let Some(mode) = &c.mode {
-                value["mode"] = json!(mode);
-            }
-            if let Some(proration) = &c.proration_behavior {
-                value["proration_behavior"] = json!(proration);
-            }
-            if let Some(reason) = &c.cancellation_reason {
-                let mut r = json!({ "enabled": reason.enabled });
-                if !reason.options.is_empty() {
-                    r["options"] = json!(reason.options);
-                }
-                value["cancellation_reason"] = r;
-            }
-            features.insert("subscription_cancel".into(), value);
-        }
-        if let Some(u) = &self.features.subscription_update {
-            let mut value = json!({ "enabled": u.enabled });
-            if !u.default_allowed_updates.is_empty() {
-                value["default_allowed_updates"] = json!(u.default_allowed_updates);
-            }
-            if let Some(proration) = &u.proration_behavior {
-                value["proration_behavior"] = json!(proration);
-            }
-            if !u.products.is_empty() {
-                value["products"] = u
-                    .products
-                    .iter()
-                    .map(|p| json!({ "product": p.product, "prices": p.prices }))
-                    .collect();
-            }
-            features.insert("subscription_update".into(), value);
-        }
-        let mut profile = Map::new();
-        for (key, value) in [
-            ("headline", &self.business_profile.headline),
-            (
-                "privacy_policy_url",
-                &self.business_profile.privacy_policy_url,
-            ),
-            (
-                "terms_of_service_url",
-                &self.business_profile.terms_of_service_url,
-            ),
-        ] {
-            if let Some(v) = value {
-                profile.insert(key.into(), json!(v));
-            }
-        }
-        let mut params = json!({
-            "business_profile": profile,
-            "features": features,
+    /// What Stripe should hold after an apply, in the configuration object's own shape: every
+    /// field the file models, a field the file leaves out at Stripe's empty value (`null`, `[]`)
+    /// or default (a feature off, `mode = "at_period_end"`, `proration_behavior = "none"`).
+    /// Both requests and the drift check are derived from it, so they cannot disagree.
+    pub fn desired(&self) -> Value {
+        let f = &self.features;
+        let on = |t: &Option<Toggle>| t.as_ref().is_some_and(|t| t.enabled);
+        let customer = f.customer_update.as_ref();
+        let cancel = f.subscription_cancel.as_ref();
+        let reason = cancel.and_then(|c| c.cancellation_reason.as_ref());
+        let update = f.subscription_update.as_ref();
+        let products: Vec<Value> = update
+            .map(|u| u.products.as_slice())
+            .unwrap_or_default()
+            .iter()
+            .map(|p| json!({ "product": p.product, "prices": p.prices }))
+            .collect();
+        json!({
+            "business_profile": {
+                "headline": self.business_profile.headline,
+                "privacy_policy_url": self.business_profile.privacy_policy_url,
+                "terms_of_service_url": self.business_profile.terms_of_service_url,
+            },
+            "default_return_url": self.default_return_url,
+            "features": {
+                "customer_update": {
+                    "enabled": customer.is_some_and(|c| c.enabled),
+                    "allowed_updates": customer.map(|c| c.allowed_updates.as_slice()).unwrap_or_default(),
+                },
+                "invoice_history": { "enabled": on(&f.invoice_history) },
+                "payment_method_update": { "enabled": on(&f.payment_method_update) },
+                "subscription_cancel": {
+                    "enabled": cancel.is_some_and(|c| c.enabled),
+                    "mode": cancel.and_then(|c| c.mode.as_deref()).unwrap_or("at_period_end"),
+                    "proration_behavior": cancel
+                        .and_then(|c| c.proration_behavior.as_deref())
+                        .unwrap_or("none"),
+                    "cancellation_reason": {
+                        "enabled": reason.is_some_and(|r| r.enabled),
+                        "options": reason.map(|r| r.options.as_slice()).unwrap_or_default(),
+                    },
+                },
+                "subscription_update": {
+                    "enabled": update.is_some_and(|u| u.enabled),
+                    "default_allowed_updates": update
+                        .map(|u| u.default_allowed_updates.as_slice())
+                        .unwrap_or_default(),
+                    "proration_behavior": update
+                        .and_then(|u| u.proration_behavior.as_deref())
+                        .unwrap_or("none"),
+                    "products": products,
+                },
+            },
             "metadata": { "billsync_name": self.name },
-        });
-        if let Some(url) = &self.default_return_url {
-            params["default_return_url"] = json!(url);
-        }
-        params
+        })
     }
+
+    /// The parameters of `POST /v1/billing_portal/configurations`: empty fields are left out
+    /// (a new configuration starts empty, and create refuses `''` for the policy URLs), except
+    /// the reason options Stripe requires.
+    pub fn create_params(&self) -> Value {
+        without_empties(&self.desired(), "", &|path| {
+            (path == REQUIRED_ON_CREATE).then(|| json!(""))
+        })
+        .unwrap_or_default()
+    }
+
+    /// The parameters of `POST /v1/billing_portal/configurations/{id}`: every modeled field,
+    /// an empty one as `''` (Stripe's `Emptyable`, sent as `key=`, which clears it). Stripe
+    /// keeps any field an update does not send, so leaving it out would keep it live.
+    pub fn update_params(&self) -> Value {
+        without_empties(&self.desired(), "", &|_| Some(json!(""))).unwrap_or_default()
+    }
+
+    /// The dotted names of the modeled fields where Stripe's copy (`live`, the retrieved
+    /// object) differs from the file. Fields the file does not model are not compared; lists
+    /// are compared as sets (Stripe's order is not the file's promise), and a product only by
+    /// its id and prices.
+    pub fn drift(&self, live: &Value) -> Vec<String> {
+        let mut drifted = Vec::new();
+        compare(&self.desired(), live, "", &mut drifted);
+        drifted
+    }
+}
+
+fn join(path: &str, key: &str) -> String {
+    if path.is_empty() {
+        key.to_owned()
+    } else {
+        format!("{path}.{key}")
+    }
+}
+
+fn is_empty(value: &Value) -> bool {
+    match value {
+        Value::Null => true,
+        Value::String(s) => s.is_empty(),
+        Value::Array(items) => items.is_empty(),
+        _ => false,
+    }
+}
+
+/// `value` with each empty leaf replaced by what `empty` says for its dotted path (`None`
+/// leaves the key out).
+fn without_empties(
+    value: &Value,
+    path: &str,
+    empty: &dyn Fn(&str) -> Option<Value>,
+) -> Option<Value> {
+    match value {
+        Value::Object(map) => Some(Value::Object(
+            map.iter()
+                .filter_map(|(key, inner)| {
+                    without_empties(inner, &join(path, key), empty).map(|v| (key.clone(), v))
+                })
+                .collect(),
+        )),
+        leaf if is_empty(leaf) => empty(path),
+        leaf => Some(leaf.clone()),
+    }
+}
+
+fn compare(desired: &Value, live: &Value, path: &str, drifted: &mut Vec<String>) {
+    if let Value::Object(map) = desired {
+        for (key, inner) in map {
+            let live = live.get(key).unwrap_or(&Value::Null);
+            compare(inner, live, &join(path, key), drifted);
+        }
+    } else if comparable(desired, desired) != comparable(live, desired) {
+        drifted.push(path.to_owned());
+    }
+}
+
+/// `value` as the drift check sees it next to the file's `model` leaf: empty is empty
+/// (`null`, `""`, `[]`), lists are sorted, and a list's objects keep only the keys the file's
+/// objects have (a product's `adjustable_quantity` is not modeled).
+fn comparable(value: &Value, model: &Value) -> Value {
+    if is_empty(value) {
+        return Value::Null;
+    }
+    let Value::Array(items) = value else {
+        return value.clone();
+    };
+    let keys: std::collections::BTreeSet<&String> = match model {
+        Value::Array(model) => model
+            .iter()
+            .filter_map(Value::as_object)
+            .flat_map(|o| o.keys())
+            .collect(),
+        _ => Default::default(),
+    };
+    let mut items: Vec<Value> = items
+        .iter()
+        .map(|item| match item {
+            Value::Object(map) => Value::Object(
+                map.iter()
+                    .filter(|(key, _)| keys.contains(key))
+                    .map(|(key, inner)| (key.clone(), comparable(inner, inner)))
+                    .collect(),
+            ),
+            other => other.clone(),
+        })
+        .collect();
+    items.sort_by_key(Value::to_string);
+    Value::Array(items)
 }
 
 /// What `apply` did.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 #[serde(tag = "action", rename_all = "snake_case")]
 pub enum Applied {
-    Created { id: String },
-    Updated { id: String },
-    Unchanged { id: String },
+    Created {
+        id: String,
+    },
+    Updated {
+        id: String,
+    },
+    /// The file had not changed but Stripe's copy had (a Dashboard edit): updated back, and
+    /// `drifted` names the fields that had differed.
+    Repaired {
+        id: String,
+        drifted: Vec<String>,
+    },
+    Unchanged {
+        id: String,
+    },
 }
 
 impl Applied {
     pub fn id(&self) -> &str {
         match self {
-            Self::Created { id } | Self::Updated { id } | Self::Unchanged { id } => id,
+            Self::Created { id }
+            | Self::Updated { id }
+            | Self::Repaired { id, .. }
+            | Self::Unchanged { id } => id,
         }
     }
 }
 
-/// A stable fingerprint of the parameters (serde_json maps are ordered, so the text is too).
-fn fingerprint(params: &Value) -> String {
-    hex::encode(Sha256::digest(params.to_string().as_bytes()))
+/// What `apply --check` found; it changes nothing.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum Checked {
+    InSync {
+        id: String,
+    },
+    /// Stripe's copy differs from the file in these (dotted) fields.
+    Drifted {
+        id: String,
+        drifted: Vec<String>,
+    },
+    /// No configuration was applied under the file's name: an apply would create one.
+    NotApplied {
+        name: String,
+    },
+}
+
+/// A stable fingerprint of the desired state (serde_json maps are ordered, so the text is
+/// too). It changed when updates began sending every field, so the first apply after that
+/// upgrade is one `updated`, which also clears whatever earlier updates had left behind.
+fn fingerprint(desired: &Value) -> String {
+    hex::encode(Sha256::digest(desired.to_string().as_bytes()))
 }
 
 /// Creates, updates or leaves the configuration so Stripe holds what the spec says.
@@ -378,17 +548,27 @@ pub async fn apply(
     stripe: &StripeClient,
     spec: &PortalSpec,
 ) -> Result<Applied, PortalConfigError> {
-    let params = spec.stripe_params();
-    let hash = fingerprint(&params);
+    let hash = fingerprint(&spec.desired());
     let applied = match store.portal_config(&spec.name).await? {
         Some(record) if record.spec_hash == hash => {
-            return Ok(Applied::Unchanged {
-                id: record.stripe_configuration_id,
-            })
+            // The file is what was applied, but the portal can be edited in the Dashboard:
+            // one read decides, and only a difference is written.
+            let id = record.stripe_configuration_id;
+            let drifted = spec.drift(&stripe.retrieve_portal_configuration(&id).await?);
+            if drifted.is_empty() {
+                return Ok(Applied::Unchanged { id });
+            }
+            let updated = stripe
+                .update_portal_configuration(&id, &spec.update_params())
+                .await?;
+            Applied::Repaired {
+                id: updated.id,
+                drifted,
+            }
         }
         Some(record) => {
             let updated = stripe
-                .update_portal_configuration(&record.stripe_configuration_id, &params)
+                .update_portal_configuration(&record.stripe_configuration_id, &spec.update_params())
                 .await?;
             Applied::Updated { id: updated.id }
         }
@@ -396,7 +576,9 @@ pub async fn apply(
             // Keyed by the name and content: a retry after a lost answer (or a crash before
             // the id was recorded) gets the same configuration back instead of a second one.
             let key = format!("billsync-portal-{}-{}", spec.name, &hash[..32]);
-            let created = stripe.create_portal_configuration(&params, &key).await?;
+            let created = stripe
+                .create_portal_configuration(&spec.create_params(), &key)
+                .await?;
             Applied::Created { id: created.id }
         }
     };
@@ -412,28 +594,243 @@ pub async fn apply(
     Ok(applied)
 }
 
+/// Compares the file with Stripe's current copy of the configuration applied under its name.
+pub async fn check(
+    store: &dyn Store,
+    stripe: &StripeClient,
+    spec: &PortalSpec,
+) -> Result<Checked, PortalConfigError> {
+    let Some(record) = store.portal_config(&spec.name).await? else {
+        return Ok(Checked::NotApplied {
+            name: spec.name.clone(),
+        });
+    };
+    let id = record.stripe_configuration_id;
+    let drifted = spec.drift(&stripe.retrieve_portal_configuration(&id).await?);
+    Ok(if drifted.is_empty() {
+        Checked::InSync { id }
+    } else {
+        Checked::Drifted { id, drifted }
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     const EXAMPLE: &str = include_str!("../portal.example.toml");
+    const UPDATE_OFF: &str = "[features.subscription_update]\n# Off until you list your products: Stripe refuses an enabled subscription update without\n# them. To let customers switch plans, set enabled = true and uncomment the products.\nenabled = false";
+
+    /// The example with its subscription update turned on and `products` appended.
+    fn with_products(products: &str) -> String {
+        assert!(EXAMPLE.contains(UPDATE_OFF));
+        format!(
+            "{}{products}",
+            EXAMPLE.replace(UPDATE_OFF, "[features.subscription_update]\nenabled = true")
+        )
+    }
+
+    fn product(i: usize) -> String {
+        format!(
+            "\n[[features.subscription_update.products]]\nproduct = \"prod_{i}\"\nprices = [\"price_{i}a\", \"price_{i}b\"]\n"
+        )
+    }
 
     #[test]
     fn the_shipped_example_is_valid_and_matches_the_spec() {
         let spec = PortalSpec::parse(EXAMPLE).unwrap();
-        let params = spec.stripe_params();
+        let desired = spec.desired();
         assert_eq!(
-            params["features"]["customer_update"]["allowed_updates"],
+            desired["features"]["customer_update"]["allowed_updates"],
             json!(["email", "name", "phone", "address", "tax_id"])
         );
         assert_eq!(
-            params["features"]["subscription_cancel"]["mode"],
+            desired["features"]["subscription_cancel"]["mode"],
             "at_period_end"
         );
         assert_eq!(
-            params["features"]["subscription_update"]["proration_behavior"],
-            "create_prorations"
+            desired["features"]["subscription_update"],
+            json!({
+                "enabled": false,
+                "default_allowed_updates": ["price"],
+                "proration_behavior": "create_prorations",
+                "products": [],
+            })
         );
-        assert_eq!(fingerprint(&params), fingerprint(&spec.stripe_params()));
+        assert_eq!(fingerprint(&desired), fingerprint(&spec.desired()));
+    }
+
+    #[test]
+    fn invalid_features_are_refused_naming_the_key() {
+        let eleven: String = (0..11).map(product).collect();
+        let cases: Vec<(&str, String, &str)> = vec![
+            (
+                "an empty features table",
+                "name = \"x\"\n[business_profile]\n[features]\n".into(),
+                "features: the table names no feature",
+            ),
+            (
+                "enabled without products",
+                with_products(""),
+                "features.subscription_update.products: an enabled subscription update needs the products",
+            ),
+            (
+                "eleven products",
+                with_products(&eleven),
+                "features.subscription_update.products: Stripe allows at most 10 products, the file lists 11",
+            ),
+            (
+                "a product listed twice",
+                with_products(&format!("{}{}", product(1), product(1))),
+                "features.subscription_update.products[1].product: \"prod_1\" is listed twice",
+            ),
+            (
+                "a product without prices",
+                with_products("\n[[features.subscription_update.products]]\nproduct = \"prod_1\"\nprices = []\n"),
+                "features.subscription_update.products[0].prices: must list price_… ids",
+            ),
+            (
+                "a price where the product goes",
+                with_products("\n[[features.subscription_update.products]]\nproduct = \"price_1\"\nprices = [\"price_1\"]\n"),
+                "features.subscription_update.products[0].product: must be a prod_… id",
+            ),
+        ];
+        for (what, text, expected) in cases {
+            let error = PortalSpec::parse(&text).expect_err(what).to_string();
+            assert!(error.starts_with(expected), "{what}: {error}");
+        }
+        // Ten products, and products listed while the feature is off, are fine.
+        let ten: String = (0..10).map(product).collect();
+        PortalSpec::parse(&with_products(&ten)).unwrap();
+        PortalSpec::parse(&format!("{EXAMPLE}{}", product(1))).unwrap();
+    }
+
+    #[test]
+    fn create_sends_the_required_empty_reason_options_and_leaves_other_empties_out() {
+        let text = EXAMPLE.replace(
+            "[features.subscription_cancel.cancellation_reason]\nenabled = true",
+            "[features.subscription_cancel.cancellation_reason]\nenabled = false",
+        );
+        let text = text.replace(
+            "options = [\"too_expensive\", \"missing_features\", \"switched_service\", \"unused\", \"other\"]",
+            "options = []",
+        );
+        let params = PortalSpec::parse(&text).unwrap().create_params();
+        assert_eq!(
+            params["features"]["subscription_cancel"]["cancellation_reason"],
+            json!({ "enabled": false, "options": "" })
+        );
+        // Nothing empty is sent otherwise: the policy URLs cannot be `''` on create.
+        assert_eq!(
+            params["business_profile"],
+            json!({ "headline": "Manage your subscription and billing details" })
+        );
+        assert!(params.get("default_return_url").is_none());
+        assert_eq!(
+            params["features"]["subscription_update"],
+            json!({
+                "enabled": false,
+                "default_allowed_updates": ["price"],
+                "proration_behavior": "create_prorations",
+            })
+        );
+        let body = crate::stripe::form::encode(&crate::stripe::form::form_pairs(&params));
+        assert!(
+            body.contains("features[subscription_cancel][cancellation_reason][options]=&"),
+            "{body}"
+        );
+    }
+
+    #[test]
+    fn update_sends_an_explicit_empty_for_every_field_the_file_leaves_out() {
+        let spec =
+            PortalSpec::parse("[business_profile]\n[features.invoice_history]\nenabled = true\n")
+                .unwrap();
+        assert_eq!(
+            spec.update_params(),
+            json!({
+                "business_profile": {
+                    "headline": "",
+                    "privacy_policy_url": "",
+                    "terms_of_service_url": "",
+                },
+                "default_return_url": "",
+                "features": {
+                    "customer_update": { "enabled": false, "allowed_updates": "" },
+                    "invoice_history": { "enabled": true },
+                    "payment_method_update": { "enabled": false },
+                    "subscription_cancel": {
+                        "enabled": false,
+                        "mode": "at_period_end",
+                        "proration_behavior": "none",
+                        "cancellation_reason": { "enabled": false, "options": "" },
+                    },
+                    "subscription_update": {
+                        "enabled": false,
+                        "default_allowed_updates": "",
+                        "proration_behavior": "none",
+                        "products": "",
+                    },
+                },
+                "metadata": { "billsync_name": "default" },
+            })
+        );
+    }
+
+    /// Stripe's copy of what `spec` says, as a retrieve returns it (with fields billsync does
+    /// not model).
+    fn live_copy(spec: &PortalSpec) -> Value {
+        let mut live = spec.desired();
+        live["id"] = json!("bpc_1");
+        live["active"] = json!(true);
+        live["login_page"] = json!({ "enabled": false, "url": null });
+        live["metadata"]["set_elsewhere"] = json!("kept");
+        live["features"]["subscription_update"]["schedule_at_period_end"] =
+            json!({ "conditions": [] });
+        live
+    }
+
+    #[test]
+    fn drift_names_each_modeled_field_that_differs_and_nothing_else() {
+        let spec =
+            PortalSpec::parse(&with_products(&format!("{}{}", product(1), product(2)))).unwrap();
+        let live = live_copy(&spec);
+        assert_eq!(spec.drift(&live), Vec::<String>::new());
+
+        // Reordered lists, Stripe's null for an empty list, and unmodeled fields are no drift.
+        let mut same = live.clone();
+        same["features"]["customer_update"]["allowed_updates"] =
+            json!(["tax_id", "address", "phone", "name", "email"]);
+        same["features"]["subscription_update"]["products"] = json!([
+            { "product": "prod_2", "prices": ["price_2b", "price_2a"],
+              "adjustable_quantity": { "enabled": false, "maximum": null, "minimum": 1 } },
+            { "product": "prod_1", "prices": ["price_1a", "price_1b"] },
+        ]);
+        same["features"]["subscription_update"]["schedule_at_period_end"] =
+            json!({ "conditions": [{ "type": "shortening_interval" }] });
+        same["business_profile"]["privacy_policy_url"] = Value::Null;
+        same.as_object_mut().unwrap().remove("default_return_url");
+        assert_eq!(spec.drift(&same), Vec::<String>::new());
+
+        let mut edited = live;
+        edited["business_profile"]["headline"] = json!("Edited in the Dashboard");
+        edited["business_profile"]["terms_of_service_url"] = json!("https://x.example/tos");
+        edited["features"]["invoice_history"]["enabled"] = json!(false);
+        edited["features"]["customer_update"]["allowed_updates"] = json!(["email", "shipping"]);
+        edited["features"]["subscription_cancel"]["cancellation_reason"]["options"] = json!([]);
+        edited["features"]["subscription_update"]["products"][1]["prices"] = json!(["price_2a"]);
+        edited["metadata"]["billsync_name"] = json!("other");
+        assert_eq!(
+            spec.drift(&edited),
+            [
+                "business_profile.headline",
+                "business_profile.terms_of_service_url",
+                "features.customer_update.allowed_updates",
+                "features.invoice_history.enabled",
+                "features.subscription_cancel.cancellation_reason.options",
+                "features.subscription_update.products",
+                "metadata.billsync_name",
+            ]
+        );
     }
 }

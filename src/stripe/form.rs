@@ -67,6 +67,15 @@ mod tests {
         );
     }
 
+    /// Stripe clears an `Emptyable` field (a list included) only when it is sent as `key=`:
+    /// callers that mean "clear" pass `""`. An empty array sends nothing at all (so Stripe
+    /// keeps the list it has); that stays so, other callers build their params with it.
+    #[test]
+    fn an_explicit_empty_is_sent_and_an_empty_array_is_not() {
+        let params = json!({"a": {"list": "", "kept": []}, "b": ""});
+        assert_eq!(encode(&form_pairs(&params)), "a[list]=&b=");
+    }
+
     #[test]
     fn metacharacters_in_values_stay_inside_their_value() {
         let params = json!({"name": "a&b=c[d]", "metadata": {"k": "%5B"}});
