@@ -157,6 +157,19 @@ fn the_rules_refuse_what_stripe_refuses() {
     }
 }
 
+/// A portal configuration with everything optional switched off: basil still requires the
+/// reason options (as `''`).
+const PORTAL_MINIMAL: &str = r#"
+name = "minimal"
+[business_profile]
+[features.invoice_history]
+enabled = true
+[features.subscription_cancel]
+enabled = false
+[features.subscription_cancel.cancellation_reason]
+enabled = false
+"#;
+
 #[tokio::test]
 async fn every_request_billsync_sends_is_one_stripe_accepts() {
     let (server, stripe) = StripeStandIn::start().await;
@@ -263,6 +276,10 @@ async fn every_request_billsync_sends_is_one_stripe_accepts() {
         .retrieve_portal_configuration(updated.id())
         .await
         .unwrap();
+    let minimal = PortalSpec::parse(PORTAL_MINIMAL).unwrap();
+    portal_config::apply(store.store.as_ref(), &client, &minimal)
+        .await
+        .unwrap_or_else(|e| panic!("minimal portal: {e}: {:?}", stripe.refused()));
 
     // Paging: more than a page of customers, of search results, of a customer's subscriptions.
     for _ in 0..101 {
