@@ -197,6 +197,10 @@ pub struct ConfigArgs {
     /// Stripe requests per second a reconciliation may make (Stripe's test mode allows 25) [default: 20]
     #[arg(long, env = "BILLSYNC_STRIPE_RPS", global = true)]
     pub stripe_rps: Option<u32>,
+    /// Stripe requests per second this process sends at most, all its work together (retries
+    /// included); what a person waits for goes first [default: 20]
+    #[arg(long, env = "BILLSYNC_STRIPE_BUDGET_RPS", global = true)]
+    pub stripe_budget_rps: Option<u32>,
     /// Seconds a client has to send a request's headers; slower connections are closed [default: 10]
     #[arg(long, env = "BILLSYNC_HEADER_READ_TIMEOUT_SECS", global = true)]
     pub header_read_timeout_secs: Option<u64>,
@@ -252,6 +256,7 @@ struct FileConfig {
     log_format: Option<String>,
     cors_origins: Option<String>,
     stripe_rps: Option<u32>,
+    stripe_budget_rps: Option<u32>,
     header_read_timeout_secs: Option<u64>,
     body_read_timeout_secs: Option<u64>,
     max_connections: Option<usize>,
@@ -326,6 +331,8 @@ pub struct StripeConfig {
     pub retry_base_delay: Duration,
     /// Longest single wait between attempts, including a server's `Retry-After`.
     pub retry_max_delay: Duration,
+    /// Attempts per second the process sends at most (its share of the account's limit).
+    pub budget_rps: u32,
 }
 
 #[derive(Debug, Clone)]
@@ -547,6 +554,12 @@ impl Config {
                 "BILLSYNC_STRIPE_RPS must be between 1 and 1000, got {stripe_rps}"
             )));
         }
+        let stripe_budget_rps = pick(&args.stripe_budget_rps, file.stripe_budget_rps).unwrap_or(20);
+        if !(1..=1_000).contains(&stripe_budget_rps) {
+            return Err(ConfigError::Invalid(format!(
+                "BILLSYNC_STRIPE_BUDGET_RPS must be between 1 and 1000, got {stripe_budget_rps}"
+            )));
+        }
         let positive = |value: Option<u64>, default: u64, name: &str| match value.unwrap_or(default)
         {
             0 => Err(ConfigError::Invalid(format!("{name} must be positive"))),
@@ -626,6 +639,7 @@ impl Config {
                 max_retries: pick(&args.stripe_max_retries, file.stripe_max_retries).unwrap_or(2),
                 retry_base_delay: Duration::from_millis(250),
                 retry_max_delay: Duration::from_secs(10),
+                budget_rps: stripe_budget_rps,
             },
             admin_api_key,
             erasure_pepper,
@@ -803,6 +817,24 @@ mod tests {
         }
         assert_eq!(url_password("postgres://postgres@127.0.0.1/x"), None);
         assert_eq!(url_password("sqlite://./billsync.db"), None);
+    }
+
+    #[test]
+    fn the_stripe_budget_has_a_default_and_refuses_zero_or_absurd_values() {
+        let config = Config::load(&ConfigArgs::default()).unwrap();
+        assert_eq!(config.stripe.budget_rps, 20);
+        for rps in [0, 1_001] {
+            let err = Config::load(&ConfigArgs {
+                stripe_budget_rps: Some(rps),
+                ..Default::default()
+            })
+            .unwrap_err()
+            .to_string();
+            assert!(
+                err.starts_with("BILLSYNC_STRIPE_BUDGET_RPS must be"),
+                "{err}"
+            );
+        }
     }
 
     #[test]

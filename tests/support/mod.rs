@@ -234,6 +234,9 @@ pub fn test_config(stripe_base: &str) -> Config {
         outbox_debounce_ms: Some(150),
         outbox_backoff_base_ms: Some(50),
         stripe_webhook_secret: Some(WEBHOOK_SECRET.into()),
+        // Fakes and localstripe have no rate limit to protect, and the flows under test make
+        // many calls at once: the budget's own tests set a small one.
+        stripe_budget_rps: Some(1_000),
         ..Default::default()
     })
     .expect("test config");
