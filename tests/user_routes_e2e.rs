@@ -930,3 +930,131 @@ on_every_store!(
     portal_needs_a_customer,
     export_passes_stripe_through_whole,
 );
+
+/// One user looping on the routes that call Stripe gets 429 `rate_limited` with a
+/// `Retry-After` once their bucket is spent, and makes no Stripe call; another user is not
+/// affected. The store plays no part in the limits: SQLite only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn portal_sessions_and_exports_are_limited_per_user() {
+    use billsync::config::Quota;
+    use std::time::Duration;
+    use wiremock::{
+        matchers::{method, path},
+        Mock, MockServer, ResponseTemplate,
+    };
+    let store = Backend::Sqlite
+        .store("portal_sessions_and_exports_are_limited_per_user")
+        .await
+        .expect("sqlite");
+    let stripe = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/v1/billing_portal/sessions"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(
+            json!({"id": "bps_1", "object": "billing_portal.session", "url": "https://billing.stripe.com/p/session/limited"}),
+        ))
+        .mount(&stripe)
+        .await;
+    Mock::given(method("GET"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(
+            json!({"id": "cus_any", "object": "list", "data": [], "has_more": false}),
+        ))
+        .mount(&stripe)
+        .await;
+    let mut config = support::test_config(&stripe.uri());
+    config.user_limits.portal = Quota {
+        burst: 2,
+        interval: Duration::from_secs(30),
+    };
+    config.user_limits.export = Quota {
+        burst: 1,
+        interval: Duration::from_secs(300),
+    };
+    let app = TestApp::spawn(store.store.clone(), &config).await;
+    let mut tokens = Vec::new();
+    for (user, customer) in [("limited-alice", "cus_alice"), ("limited-bob", "cus_bob")] {
+        let email = format!("{user}@example.com");
+        app.put_user(user, json!({"email": email})).await;
+        support::link_in_store(app.state.store.as_ref(), user, customer).await;
+        tokens.push(support::user_token(user, Some(&email), None));
+    }
+    let (alice, bob) = (&tokens[0], &tokens[1]);
+    let call = |method: Method, route: &'static str, token: &String| {
+        let request = app.as_user(method, route, token);
+        async move { request.send().await.unwrap() }
+    };
+    let portal = "/api/billing/create-portal-session";
+    let export = "/api/user/export-data";
+    let assert_limited = |response: reqwest::Response, ceiling: u64| async move {
+        assert_eq!(response.status(), 429);
+        let retry_after: u64 = response.headers()["retry-after"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .expect("whole seconds");
+        assert!((1..=ceiling).contains(&retry_after), "{retry_after}");
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "rate_limited", "{body}");
+        assert!(body["error"]["message"].is_string());
+    };
+
+    for _ in 0..2 {
+        assert_eq!(call(Method::POST, portal, alice).await.status(), 200);
+    }
+    assert_limited(call(Method::POST, portal, alice).await, 30).await;
+    assert_limited(call(Method::POST, portal, alice).await, 30).await;
+    assert_eq!(
+        call(Method::POST, portal, bob).await.status(),
+        200,
+        "another user's bucket is their own"
+    );
+
+    let first = call(Method::GET, export, alice).await;
+    assert_eq!(first.status(), 200);
+    first.json::<Value>().await.expect("the whole export");
+    assert_limited(call(Method::GET, export, alice).await, 300).await;
+    let theirs = call(Method::GET, export, bob).await;
+    assert_eq!(theirs.status(), 200);
+    theirs.json::<Value>().await.unwrap();
+
+    // An unsigned request is refused before any bucket: it spends nobody's quota.
+    let anonymous = app
+        .http
+        .post(app.url(portal))
+        .bearer_auth("not-a-token")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(anonymous.status(), 401);
+
+    // The refused requests never reached Stripe: 3 portal sessions were created, not 5.
+    let sessions = stripe
+        .received_requests()
+        .await
+        .unwrap()
+        .iter()
+        .filter(|r| r.url.path() == "/v1/billing_portal/sessions")
+        .count();
+    assert_eq!(sessions, 3);
+
+    let metrics = app.admin_text("/metrics").await;
+    for route in [portal, export] {
+        assert!(
+            metrics.contains(&format!(
+                "billsync_user_rate_limited_total{{route=\"{route}\"}}"
+            )),
+            "{route} counted"
+        );
+    }
+    let doc = app.public_json("/openapi.json").await;
+    for (route, verb) in [
+        (portal, "post"),
+        (export, "get"),
+        ("/api/user/delete-account", "delete"),
+    ] {
+        let limited = &doc["paths"][route][verb]["responses"]["429"];
+        assert!(
+            limited["headers"]["Retry-After"].is_object(),
+            "{route}: {limited}"
+        );
+    }
+}

@@ -2,6 +2,7 @@
 
 mod admin;
 pub mod extract;
+pub mod limits;
 mod openapi;
 mod reconcile;
 pub mod server;
@@ -81,6 +82,8 @@ pub struct AppStateInner {
     pub stripe_rps: u32,
     pub reconcile_runs: reconcile::SharedRuns,
     pub body_read_timeout: Duration,
+    /// Per-user buckets of the user routes that call Stripe.
+    pub user_limits: limits::UserLimits,
 }
 
 impl AppState {
@@ -89,6 +92,7 @@ impl AppState {
         Self(Arc::new(AppStateInner {
             stripe_rps: config.stripe_rps,
             body_read_timeout: config.body_read_timeout,
+            user_limits: limits::UserLimits::new(&config.user_limits),
             reconcile_runs: Default::default(),
             cors_origins: config
                 .cors_origins
