@@ -401,3 +401,41 @@ async fn a_call_that_gets_no_permit_in_time_is_unavailable_and_not_sent() {
     assert_eq!(server.received_requests().await.unwrap().len(), 1);
     assert_eq!(stripe.waiting_for_budget(), 0, "the waiter left the line");
 }
+
+/// Only the wait for permits counts against the bound, not the attempts: a retry after an
+/// attempt that timed out is still sent with its idempotency key (giving up here would leave
+/// the change to a job's next claim, under a new key, and could apply it twice).
+#[tokio::test]
+async fn a_retry_after_a_timed_out_attempt_still_gets_its_permit() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(customer_json("cus_slow"))
+                .set_delay(Duration::from_secs(3)),
+        )
+        .up_to_n_times(1)
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(customer_json("cus_slow")))
+        .mount(&server)
+        .await;
+    // One permit a second and an 800 ms timeout: the retry's permit, due at 1 s, comes after
+    // the first attempt's timeout but well within the time left to wait.
+    let mut config = support::test_config(&server.uri());
+    config.stripe.budget_rps = 1;
+    config.stripe.max_retries = 1;
+    config.stripe.timeout = Duration::from_millis(800);
+    let stripe = StripeClient::new(&config.stripe, config.stripe_secret_key().unwrap()).unwrap();
+    let customer = stripe
+        .update_customer("cus_slow", &params(), Some("key-slow"))
+        .await
+        .unwrap();
+    assert_eq!(customer.id, "cus_slow");
+    let requests = server.received_requests().await.unwrap();
+    assert_eq!(requests.len(), 2);
+    assert!(requests
+        .iter()
+        .all(|r| header(r, "idempotency-key") == Some("key-slow")));
+}

@@ -511,14 +511,18 @@ impl StripeClient {
         };
         let url = format!("{}{}", config.api_base, request.path);
         let priority = current_priority();
-        // All the attempts of one call wait for permits one attempt timeout at most, together:
-        // a person gets a clear 503 rather than a hang, and a job's call still fits its lease
-        // (sized for its attempts and their delays, plus this).
-        let budget_deadline = tokio::time::Instant::now() + config.timeout;
+        // The attempts of one call wait for permits one attempt timeout at most, together: a
+        // person gets a clear 503 rather than a hang, and a job's call still fits its lease
+        // (sized for its attempts and their delays, plus this). Only the waiting counts, not
+        // the attempts: a retry after an attempt that timed out must still be sent, with the
+        // same idempotency key, or the job's next claim would send the change again under a
+        // new one.
+        let mut budget_left = config.timeout;
         let mut attempt: u32 = 0;
         loop {
-            let bound = budget_deadline.saturating_duration_since(tokio::time::Instant::now());
-            if self.inner.budget.acquire(priority, bound).await.is_err() {
+            if let Ok(waited) = self.inner.budget.acquire(priority, budget_left).await {
+                budget_left = budget_left.saturating_sub(waited);
+            } else {
                 metrics::counter!("billsync_stripe_budget_exhausted_total",
                     "priority" => priority.label())
                 .increment(1);
