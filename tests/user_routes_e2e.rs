@@ -974,11 +974,12 @@ async fn linked_token(app: &TestApp, user: &str, customer: &str) -> String {
 /// `Retry-After` once their bucket is spent, and makes no Stripe call; another user is not
 /// affected. The store plays no part in the limits: SQLite only.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn portal_sessions_and_exports_are_limited_per_user() {
+async fn the_user_routes_that_call_stripe_are_limited_per_user() {
     use billsync::config::Quota;
     use std::time::Duration;
-    let (_store, stripe, app) =
-        wiremock_app("portal_sessions_and_exports_are_limited_per_user", |c| {
+    let (_store, stripe, app) = wiremock_app(
+        "the_user_routes_that_call_stripe_are_limited_per_user",
+        |c| {
             c.user_limits.portal = Quota {
                 burst: 2,
                 interval: Duration::from_secs(30),
@@ -987,8 +988,13 @@ async fn portal_sessions_and_exports_are_limited_per_user() {
                 burst: 1,
                 interval: Duration::from_secs(300),
             };
-        })
-        .await;
+            c.user_limits.delete = Quota {
+                burst: 1,
+                interval: Duration::from_secs(60),
+            };
+        },
+    )
+    .await;
     let alice = &linked_token(&app, "limited-alice", "cus_alice").await;
     let bob = &linked_token(&app, "limited-bob", "cus_bob").await;
     let call = |method: Method, route: &'static str, token: &String| {
@@ -1029,6 +1035,13 @@ async fn portal_sessions_and_exports_are_limited_per_user() {
     assert_eq!(theirs.status(), 200);
     theirs.json::<Value>().await.unwrap();
 
+    // Account deletion too: a repeat is refused before it can run the saga's Stripe steps.
+    let carol = &linked_token(&app, "limited-carol", "cus_carol").await;
+    let delete = "/api/user/delete-account";
+    let first = call(Method::DELETE, delete, carol).await.status();
+    assert!(first == 200 || first == 202, "{first}");
+    assert_limited(call(Method::DELETE, delete, carol).await, 60).await;
+
     // An unsigned request is refused before any bucket: it spends nobody's quota.
     let anonymous = app
         .http
@@ -1050,7 +1063,7 @@ async fn portal_sessions_and_exports_are_limited_per_user() {
     assert_eq!(sessions, 3);
 
     let metrics = app.admin_text("/metrics").await;
-    for route in [portal, export] {
+    for route in [portal, export, delete] {
         assert!(
             metrics.contains(&format!(
                 "billsync_user_rate_limited_total{{route=\"{route}\"}}"
@@ -1059,11 +1072,7 @@ async fn portal_sessions_and_exports_are_limited_per_user() {
         );
     }
     let doc = app.public_json("/openapi.json").await;
-    for (route, verb) in [
-        (portal, "post"),
-        (export, "get"),
-        ("/api/user/delete-account", "delete"),
-    ] {
+    for (route, verb) in [(portal, "post"), (export, "get"), (delete, "delete")] {
         let limited = &doc["paths"][route][verb]["responses"]["429"];
         assert!(
             limited["headers"]["Retry-After"].is_object(),
