@@ -109,6 +109,8 @@ async fn main() {
         .env("STRIPE_SECRET_KEY", "sk_test_bench")
         .env("BILLSYNC_STRIPE_API_BASE", stripe.uri())
         .env("BILLSYNC_STRIPE_RPS", rps.to_string())
+        // The process budget would cap an RPS above its default; the fake has no limit.
+        .env("BILLSYNC_STRIPE_BUDGET_RPS", "1000")
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
         .stderr(Stdio::null())

@@ -197,6 +197,28 @@ pub struct ConfigArgs {
     /// Stripe requests per second a reconciliation may make (Stripe's test mode allows 25) [default: 20]
     #[arg(long, env = "BILLSYNC_STRIPE_RPS", global = true)]
     pub stripe_rps: Option<u32>,
+    /// Stripe requests per second this process sends at most, all its work together (retries
+    /// included); what a person waits for goes first [default: 20]
+    #[arg(long, env = "BILLSYNC_STRIPE_BUDGET_RPS", global = true)]
+    pub stripe_budget_rps: Option<u32>,
+    /// Portal sessions one user may create at once before waiting [default: 5]
+    #[arg(long, env = "BILLSYNC_USER_PORTAL_BURST", global = true)]
+    pub user_portal_burst: Option<u32>,
+    /// Seconds after which a user may create one more portal session [default: 12, so 5 a minute]
+    #[arg(long, env = "BILLSYNC_USER_PORTAL_INTERVAL_SECS", global = true)]
+    pub user_portal_interval_secs: Option<u64>,
+    /// Data exports one user may make at once before waiting [default: 1]
+    #[arg(long, env = "BILLSYNC_USER_EXPORT_BURST", global = true)]
+    pub user_export_burst: Option<u32>,
+    /// Seconds after which a user may make one more data export [default: 300]
+    #[arg(long, env = "BILLSYNC_USER_EXPORT_INTERVAL_SECS", global = true)]
+    pub user_export_interval_secs: Option<u64>,
+    /// Account deletions one user may request at once before waiting [default: 3]
+    #[arg(long, env = "BILLSYNC_USER_DELETE_BURST", global = true)]
+    pub user_delete_burst: Option<u32>,
+    /// Seconds after which a user may request one more account deletion [default: 60]
+    #[arg(long, env = "BILLSYNC_USER_DELETE_INTERVAL_SECS", global = true)]
+    pub user_delete_interval_secs: Option<u64>,
     /// Seconds a client has to send a request's headers; slower connections are closed [default: 10]
     #[arg(long, env = "BILLSYNC_HEADER_READ_TIMEOUT_SECS", global = true)]
     pub header_read_timeout_secs: Option<u64>,
@@ -252,6 +274,13 @@ struct FileConfig {
     log_format: Option<String>,
     cors_origins: Option<String>,
     stripe_rps: Option<u32>,
+    stripe_budget_rps: Option<u32>,
+    user_portal_burst: Option<u32>,
+    user_portal_interval_secs: Option<u64>,
+    user_export_burst: Option<u32>,
+    user_export_interval_secs: Option<u64>,
+    user_delete_burst: Option<u32>,
+    user_delete_interval_secs: Option<u64>,
     header_read_timeout_secs: Option<u64>,
     body_read_timeout_secs: Option<u64>,
     max_connections: Option<usize>,
@@ -326,6 +355,23 @@ pub struct StripeConfig {
     pub retry_base_delay: Duration,
     /// Longest single wait between attempts, including a server's `Retry-After`.
     pub retry_max_delay: Duration,
+    /// Attempts per second the process sends at most (its share of the account's limit).
+    pub budget_rps: u32,
+}
+
+/// A per-user token bucket: `burst` requests at once, then one more per `interval`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Quota {
+    pub burst: u32,
+    pub interval: Duration,
+}
+
+/// Per-user limits of the user routes that call Stripe while the person waits.
+#[derive(Debug, Clone, Copy)]
+pub struct UserLimitsConfig {
+    pub portal: Quota,
+    pub export: Quota,
+    pub delete: Quota,
 }
 
 #[derive(Debug, Clone)]
@@ -356,6 +402,7 @@ pub struct Config {
     pub cors_origins: Vec<String>,
     /// `serve` runs the outbox worker and the event applier too.
     pub run_workers: bool,
+    pub user_limits: UserLimitsConfig,
 }
 
 impl Config {
@@ -547,6 +594,63 @@ impl Config {
                 "BILLSYNC_STRIPE_RPS must be between 1 and 1000, got {stripe_rps}"
             )));
         }
+        let stripe_budget_rps = pick(&args.stripe_budget_rps, file.stripe_budget_rps).unwrap_or(20);
+        if !(1..=1_000).contains(&stripe_budget_rps) {
+            return Err(ConfigError::Invalid(format!(
+                "BILLSYNC_STRIPE_BUDGET_RPS must be between 1 and 1000, got {stripe_budget_rps}"
+            )));
+        }
+        let quota = |burst: Option<u32>,
+                     interval: Option<u64>,
+                     (default_burst, default_secs): (u32, u64),
+                     name: &str|
+         -> Result<Quota, ConfigError> {
+            let burst = burst.unwrap_or(default_burst);
+            if !(1..=1_000).contains(&burst) {
+                return Err(ConfigError::Invalid(format!(
+                    "BILLSYNC_USER_{name}_BURST must be between 1 and 1000, got {burst}"
+                )));
+            }
+            let secs = interval.unwrap_or(default_secs);
+            if !(1..=86_400).contains(&secs) {
+                return Err(ConfigError::Invalid(format!(
+                    "BILLSYNC_USER_{name}_INTERVAL_SECS must be between 1 and 86400, got {secs}"
+                )));
+            }
+            Ok(Quota {
+                burst,
+                interval: Duration::from_secs(secs),
+            })
+        };
+        let user_limits = UserLimitsConfig {
+            portal: quota(
+                pick(&args.user_portal_burst, file.user_portal_burst),
+                pick(
+                    &args.user_portal_interval_secs,
+                    file.user_portal_interval_secs,
+                ),
+                (5, 12),
+                "PORTAL",
+            )?,
+            export: quota(
+                pick(&args.user_export_burst, file.user_export_burst),
+                pick(
+                    &args.user_export_interval_secs,
+                    file.user_export_interval_secs,
+                ),
+                (1, 300),
+                "EXPORT",
+            )?,
+            delete: quota(
+                pick(&args.user_delete_burst, file.user_delete_burst),
+                pick(
+                    &args.user_delete_interval_secs,
+                    file.user_delete_interval_secs,
+                ),
+                (3, 60),
+                "DELETE",
+            )?,
+        };
         let positive = |value: Option<u64>, default: u64, name: &str| match value.unwrap_or(default)
         {
             0 => Err(ConfigError::Invalid(format!("{name} must be positive"))),
@@ -581,6 +685,7 @@ impl Config {
         }
         Ok(Self {
             run_workers,
+            user_limits,
             webhooks,
             stripe_rps,
             server: crate::http::server::ServerLimits {
@@ -626,6 +731,7 @@ impl Config {
                 max_retries: pick(&args.stripe_max_retries, file.stripe_max_retries).unwrap_or(2),
                 retry_base_delay: Duration::from_millis(250),
                 retry_max_delay: Duration::from_secs(10),
+                budget_rps: stripe_budget_rps,
             },
             admin_api_key,
             erasure_pepper,
@@ -803,6 +909,62 @@ mod tests {
         }
         assert_eq!(url_password("postgres://postgres@127.0.0.1/x"), None);
         assert_eq!(url_password("sqlite://./billsync.db"), None);
+    }
+
+    #[test]
+    fn the_stripe_budget_has_a_default_and_refuses_zero_or_absurd_values() {
+        let config = Config::load(&ConfigArgs::default()).unwrap();
+        assert_eq!(config.stripe.budget_rps, 20);
+        for rps in [0, 1_001] {
+            let err = Config::load(&ConfigArgs {
+                stripe_budget_rps: Some(rps),
+                ..Default::default()
+            })
+            .unwrap_err()
+            .to_string();
+            assert!(
+                err.starts_with("BILLSYNC_STRIPE_BUDGET_RPS must be"),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
+    fn user_limits_have_defaults_and_refuse_zero_or_absurd_values() {
+        let limits = Config::load(&ConfigArgs::default()).unwrap().user_limits;
+        assert_eq!(
+            (limits.portal.burst, limits.portal.interval),
+            (5, Duration::from_secs(12))
+        );
+        assert_eq!(
+            (limits.export.burst, limits.export.interval),
+            (1, Duration::from_secs(300))
+        );
+        assert_eq!(
+            (limits.delete.burst, limits.delete.interval),
+            (3, Duration::from_secs(60))
+        );
+        type Setter = fn(&mut ConfigArgs);
+        let refused: [(&str, Setter); 4] = [
+            ("BILLSYNC_USER_PORTAL_BURST", |a| {
+                a.user_portal_burst = Some(0)
+            }),
+            ("BILLSYNC_USER_EXPORT_BURST", |a| {
+                a.user_export_burst = Some(1_001)
+            }),
+            ("BILLSYNC_USER_EXPORT_INTERVAL_SECS", |a| {
+                a.user_export_interval_secs = Some(0)
+            }),
+            ("BILLSYNC_USER_DELETE_INTERVAL_SECS", |a| {
+                a.user_delete_interval_secs = Some(86_401)
+            }),
+        ];
+        for (setting, set) in refused {
+            let mut args = ConfigArgs::default();
+            set(&mut args);
+            let err = Config::load(&args).unwrap_err().to_string();
+            assert!(err.starts_with(&format!("{setting} must be")), "{err}");
+        }
     }
 
     #[test]

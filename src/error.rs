@@ -77,6 +77,9 @@ pub enum ApiError {
     ReconcileNotFound,
     #[error("a reconciliation is already running on this instance")]
     ReconcileRunning,
+    /// The signed-in user's bucket for this route is empty (see `http::limits`).
+    #[error("too many requests of this kind; try again in {retry_after_secs} s")]
+    RateLimited { retry_after_secs: u64 },
     /// Stripe refused the request (its validation is stricter than ours somewhere).
     #[error("Stripe refused the request: {message}")]
     StripeRejected {
@@ -105,6 +108,7 @@ impl ApiError {
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::AccountErased => StatusCode::GONE,
             Self::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
+            Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::ResolveBusy
             | Self::NoSubscription
             | Self::DeletionPending
@@ -162,6 +166,7 @@ impl ApiError {
             Self::RequestTimeout => "request_timeout",
             Self::ReconcileNotFound => "reconcile_not_found",
             Self::ReconcileRunning => "reconcile_in_progress",
+            Self::RateLimited { .. } => "rate_limited",
             Self::StripeRejected { .. } => "stripe_rejected",
             Self::Internal(_) => "internal_error",
         }
@@ -184,6 +189,12 @@ impl IntoResponse for ApiError {
         }
         let body = json!({"error": {"code": self.code(), "message": self.to_string()}});
         let mut response = (status, Json(body)).into_response();
+        if let Self::RateLimited { retry_after_secs } = self {
+            response.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from(retry_after_secs),
+            );
+        }
         if matches!(
             self,
             Self::DatabaseUnavailable | Self::StripeUnavailable | Self::ResolveBusy

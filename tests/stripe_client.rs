@@ -315,3 +315,129 @@ async fn ids_cannot_escape_their_path_segment() {
     );
     assert_eq!(requests[0].url.query(), None);
 }
+
+fn budgeted_client(server: &MockServer, budget_rps: u32, timeout_ms: u64) -> StripeClient {
+    let mut config = support::test_config(&server.uri());
+    config.stripe.budget_rps = budget_rps;
+    config.stripe.max_retries = 0;
+    config.stripe.timeout = Duration::from_millis(timeout_ms);
+    StripeClient::new(&config.stripe, config.stripe_secret_key().unwrap()).unwrap()
+}
+
+async fn customers_answer(server: &MockServer) {
+    Mock::given(method("GET"))
+        .respond_with(|request: &Request| {
+            let id = request.url.path().trim_start_matches("/v1/customers/");
+            ResponseTemplate::new(200).set_body_json(customer_json(id))
+        })
+        .mount(server)
+        .await;
+}
+
+/// Waits (polling, no deadline asserted) until `n` calls were sent or wait for a permit.
+async fn until_in_line(stripe: &StripeClient, n: usize) {
+    while stripe.attempts_sent() as usize + stripe.waiting_for_budget() < n {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interactive_call_is_sent_before_queued_background_ones() {
+    let server = MockServer::start().await;
+    customers_answer(&server).await;
+    // 2 a second: the background backlog takes two seconds to drain.
+    let stripe = budgeted_client(&server, 2, 10_000);
+    let mut calls = Vec::new();
+    for i in 0..4 {
+        let stripe_ = stripe.clone();
+        calls.push(tokio::spawn(async move {
+            stripe_.retrieve_customer(&format!("cus_b{i}")).await
+        }));
+        // The first is sent at once (the budget was idle); the others queue in order.
+        until_in_line(&stripe, i + 1).await;
+    }
+    let interactive = billsync::stripe::with_priority(
+        billsync::stripe::Priority::Interactive,
+        stripe.retrieve_customer("cus_person"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(interactive.id, "cus_person");
+    for call in calls {
+        call.await.unwrap().unwrap();
+    }
+    let order: Vec<String> = server
+        .received_requests()
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.url.path().trim_start_matches("/v1/customers/").to_owned())
+        .collect();
+    assert_eq!(
+        order,
+        ["cus_b0", "cus_person", "cus_b1", "cus_b2", "cus_b3"],
+        "the person's call overtakes the queued background calls"
+    );
+}
+
+#[tokio::test]
+async fn a_call_that_gets_no_permit_in_time_is_unavailable_and_not_sent() {
+    let server = MockServer::start().await;
+    customers_answer(&server).await;
+    // One a second, and a 300 ms timeout bounding the wait for a permit.
+    let stripe = budgeted_client(&server, 1, 300);
+    stripe.retrieve_customer("cus_first").await.unwrap();
+    let err = billsync::stripe::with_priority(
+        billsync::stripe::Priority::Interactive,
+        stripe.retrieve_customer("cus_second"),
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(err, StripeError::BudgetExhausted), "{err:?}");
+    assert!(err.is_unavailable(), "retried later, never parked");
+    let api = billsync::error::ApiError::from(err);
+    assert_eq!(
+        (api.status().as_u16(), api.code()),
+        (503, "stripe_unavailable")
+    );
+    assert_eq!(server.received_requests().await.unwrap().len(), 1);
+    assert_eq!(stripe.waiting_for_budget(), 0, "the waiter left the line");
+}
+
+/// Only the wait for permits counts against the bound, not the attempts: a retry after an
+/// attempt that timed out is still sent with its idempotency key (giving up here would leave
+/// the change to a job's next claim, under a new key, and could apply it twice).
+#[tokio::test]
+async fn a_retry_after_a_timed_out_attempt_still_gets_its_permit() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(customer_json("cus_slow"))
+                .set_delay(Duration::from_secs(3)),
+        )
+        .up_to_n_times(1)
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(customer_json("cus_slow")))
+        .mount(&server)
+        .await;
+    // One permit a second and an 800 ms timeout: the retry's permit, due at 1 s, comes after
+    // the first attempt's timeout but well within the time left to wait.
+    let mut config = support::test_config(&server.uri());
+    config.stripe.budget_rps = 1;
+    config.stripe.max_retries = 1;
+    config.stripe.timeout = Duration::from_millis(800);
+    let stripe = StripeClient::new(&config.stripe, config.stripe_secret_key().unwrap()).unwrap();
+    let customer = stripe
+        .update_customer("cus_slow", &params(), Some("key-slow"))
+        .await
+        .unwrap();
+    assert_eq!(customer.id, "cus_slow");
+    let requests = server.received_requests().await.unwrap();
+    assert_eq!(requests.len(), 2);
+    assert!(requests
+        .iter()
+        .all(|r| header(r, "idempotency-key") == Some("key-slow")));
+}

@@ -930,3 +930,210 @@ on_every_store!(
     portal_needs_a_customer,
     export_passes_stripe_through_whole,
 );
+
+/// A server whose Stripe is wiremock: portal sessions are created, and every `GET` answers a
+/// body that reads as an empty list and as a customer. `configure` sets the limits under test.
+async fn wiremock_app(
+    test: &str,
+    configure: impl FnOnce(&mut billsync::config::Config),
+) -> (support::TestStore, wiremock::MockServer, TestApp) {
+    use wiremock::{
+        matchers::{method, path},
+        Mock, MockServer, ResponseTemplate,
+    };
+    let store = Backend::Sqlite.store(test).await.expect("sqlite");
+    let stripe = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/v1/billing_portal/sessions"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(
+            json!({"id": "bps_1", "object": "billing_portal.session", "url": "https://billing.stripe.com/p/session/1"}),
+        ))
+        .mount(&stripe)
+        .await;
+    Mock::given(method("GET"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(
+            json!({"id": "cus_any", "object": "list", "data": [], "has_more": false, "metadata": {}}),
+        ))
+        .mount(&stripe)
+        .await;
+    let mut config = support::test_config(&stripe.uri());
+    configure(&mut config);
+    let app = TestApp::spawn(store.store.clone(), &config).await;
+    (store, stripe, app)
+}
+
+/// A user linked to `customer` (in the store only), and their token.
+async fn linked_token(app: &TestApp, user: &str, customer: &str) -> String {
+    let email = format!("{user}@example.com");
+    app.put_user(user, json!({"email": email})).await;
+    support::link_in_store(app.state.store.as_ref(), user, customer).await;
+    support::user_token(user, Some(&email), None)
+}
+
+/// One user looping on the routes that call Stripe gets 429 `rate_limited` with a
+/// `Retry-After` once their bucket is spent, and makes no Stripe call; another user is not
+/// affected. The store plays no part in the limits: SQLite only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_user_routes_that_call_stripe_are_limited_per_user() {
+    use billsync::config::Quota;
+    use std::time::Duration;
+    let (_store, stripe, app) = wiremock_app(
+        "the_user_routes_that_call_stripe_are_limited_per_user",
+        |c| {
+            c.user_limits.portal = Quota {
+                burst: 2,
+                interval: Duration::from_secs(30),
+            };
+            c.user_limits.export = Quota {
+                burst: 1,
+                interval: Duration::from_secs(300),
+            };
+            c.user_limits.delete = Quota {
+                burst: 1,
+                interval: Duration::from_secs(60),
+            };
+        },
+    )
+    .await;
+    let alice = &linked_token(&app, "limited-alice", "cus_alice").await;
+    let bob = &linked_token(&app, "limited-bob", "cus_bob").await;
+    let call = |method: Method, route: &'static str, token: &String| {
+        let request = app.as_user(method, route, token);
+        async move { request.send().await.unwrap() }
+    };
+    let portal = "/api/billing/create-portal-session";
+    let export = "/api/user/export-data";
+    let assert_limited = |response: reqwest::Response, ceiling: u64| async move {
+        assert_eq!(response.status(), 429);
+        let retry_after: u64 = response.headers()["retry-after"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .expect("whole seconds");
+        assert!((1..=ceiling).contains(&retry_after), "{retry_after}");
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "rate_limited", "{body}");
+        assert!(body["error"]["message"].is_string());
+    };
+
+    for _ in 0..2 {
+        assert_eq!(call(Method::POST, portal, alice).await.status(), 200);
+    }
+    assert_limited(call(Method::POST, portal, alice).await, 30).await;
+    assert_limited(call(Method::POST, portal, alice).await, 30).await;
+    assert_eq!(
+        call(Method::POST, portal, bob).await.status(),
+        200,
+        "another user's bucket is their own"
+    );
+
+    let first = call(Method::GET, export, alice).await;
+    assert_eq!(first.status(), 200);
+    first.json::<Value>().await.expect("the whole export");
+    assert_limited(call(Method::GET, export, alice).await, 300).await;
+    let theirs = call(Method::GET, export, bob).await;
+    assert_eq!(theirs.status(), 200);
+    theirs.json::<Value>().await.unwrap();
+
+    // Account deletion too: a repeat is refused before it can run the saga's Stripe steps.
+    let carol = &linked_token(&app, "limited-carol", "cus_carol").await;
+    let delete = "/api/user/delete-account";
+    let first = call(Method::DELETE, delete, carol).await.status();
+    assert!(first == 200 || first == 202, "{first}");
+    assert_limited(call(Method::DELETE, delete, carol).await, 60).await;
+
+    // An unsigned request is refused before any bucket: it spends nobody's quota.
+    let anonymous = app
+        .http
+        .post(app.url(portal))
+        .bearer_auth("not-a-token")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(anonymous.status(), 401);
+
+    // The refused requests never reached Stripe: 3 portal sessions were created, not 5.
+    let sessions = stripe
+        .received_requests()
+        .await
+        .unwrap()
+        .iter()
+        .filter(|r| r.url.path() == "/v1/billing_portal/sessions")
+        .count();
+    assert_eq!(sessions, 3);
+
+    let metrics = app.admin_text("/metrics").await;
+    for route in [portal, export, delete] {
+        assert!(
+            metrics.contains(&format!(
+                "billsync_user_rate_limited_total{{route=\"{route}\"}}"
+            )),
+            "{route} counted"
+        );
+    }
+    let doc = app.public_json("/openapi.json").await;
+    for (route, verb) in [(portal, "post"), (export, "get"), (delete, "delete")] {
+        let limited = &doc["paths"][route][verb]["responses"]["429"];
+        assert!(
+            limited["headers"]["Retry-After"].is_object(),
+            "{route}: {limited}"
+        );
+    }
+}
+
+/// The user routes' Stripe calls are interactive: with the budget short and background calls
+/// queued (made here from a plain task, as the workers make them), a user's portal session
+/// reaches Stripe before them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_users_stripe_call_goes_before_queued_background_work() {
+    use std::time::Duration;
+    let (_store, stripe, app) = wiremock_app(
+        "a_users_stripe_call_goes_before_queued_background_work",
+        |c| {
+            c.stripe.budget_rps = 2;
+            c.stripe.max_retries = 0;
+            c.stripe.timeout = Duration::from_secs(10);
+        },
+    )
+    .await;
+    let token = linked_token(&app, "first-user", "cus_first").await;
+
+    let client = app.state.stripe.clone();
+    let mut background = Vec::new();
+    for i in 0..4 {
+        let client_ = client.clone();
+        background.push(tokio::spawn(async move {
+            client_.retrieve_customer(&format!("cus_bg{i}")).await
+        }));
+        // In line one at a time (the first has the idle budget's permit at once).
+        while (client.attempts_sent() as usize) + client.waiting_for_budget() < i + 1 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    let response = app
+        .as_user(Method::POST, "/api/billing/create-portal-session", &token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    for call in background {
+        call.await.unwrap().unwrap();
+    }
+    let order: Vec<String> = stripe
+        .received_requests()
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.url.path().to_owned())
+        .collect();
+    assert_eq!(
+        order,
+        [
+            "/v1/customers/cus_bg0",
+            "/v1/billing_portal/sessions",
+            "/v1/customers/cus_bg1",
+            "/v1/customers/cus_bg2",
+            "/v1/customers/cus_bg3",
+        ]
+    );
+}

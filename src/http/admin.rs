@@ -206,10 +206,14 @@ pub async fn resolve_customer(
     }
     // Detached: a client that hangs up must not cancel a resolve half-way (its claim would
     // block the user until the lease runs out); the work finishes and the next call is fast.
+    // Its Stripe calls keep the request's class: the admin waits for them.
     let resolver = state.resolver.clone();
-    let resolved = tokio::spawn(async move { resolver.resolve(&user_id).await })
-        .await
-        .map_err(ApiError::internal)??;
+    let priority = crate::stripe::current_priority();
+    let resolved = tokio::spawn(crate::stripe::with_priority(priority, async move {
+        resolver.resolve(&user_id).await
+    }))
+    .await
+    .map_err(ApiError::internal)??;
     Ok(Json(ResolveResponse {
         customer_id: resolved.customer_id.to_string(),
         source: resolved.source,

@@ -2,6 +2,7 @@
 
 mod admin;
 pub mod extract;
+pub mod limits;
 mod openapi;
 mod reconcile;
 pub mod server;
@@ -81,6 +82,8 @@ pub struct AppStateInner {
     pub stripe_rps: u32,
     pub reconcile_runs: reconcile::SharedRuns,
     pub body_read_timeout: Duration,
+    /// Per-user buckets of the user routes that call Stripe.
+    pub user_limits: limits::UserLimits,
 }
 
 impl AppState {
@@ -89,6 +92,7 @@ impl AppState {
         Self(Arc::new(AppStateInner {
             stripe_rps: config.stripe_rps,
             body_read_timeout: config.body_read_timeout,
+            user_limits: limits::UserLimits::new(&config.user_limits),
             reconcile_runs: Default::default(),
             cors_origins: config
                 .cors_origins
@@ -150,6 +154,7 @@ pub fn app(state: AppState) -> Router {
         .route("/metrics", get(metrics))
         .route("/v1/reconcile", post(reconcile::start))
         .route("/v1/reconcile/{id}", get(reconcile::get))
+        .route_layer(middleware::from_fn(stripe_interactive))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             admin::require_admin_key,
@@ -164,6 +169,7 @@ pub fn app(state: AppState) -> Router {
         )
         .route("/api/user/export-data", get(user::export_data))
         .route("/api/user/delete-account", delete(user::delete_account))
+        .route_layer(middleware::from_fn(stripe_interactive))
         // Set here, under the CORS layer, so a preflight of a PUT-only route reaches CORS.
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(cors(&state.cors_origins));
@@ -201,6 +207,16 @@ pub fn app(state: AppState) -> Router {
         .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
         .layer(middleware::map_request(drop_unusable_request_id))
         .with_state(state)
+}
+
+/// A person waits for the answer of a user or admin route: its Stripe calls go before
+/// background work when the request budget is short. (Work a handler spawns is background
+/// unless it carries the class over, as the admin resolve does.)
+async fn stripe_interactive(
+    request: axum::extract::Request,
+    next: middleware::Next,
+) -> axum::response::Response {
+    crate::stripe::with_priority(crate::stripe::Priority::Interactive, next.run(request)).await
 }
 
 /// A client's `x-request-id` is kept (so a trace spans the app and billsync) only if it is a

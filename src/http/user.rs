@@ -14,6 +14,7 @@ use time::OffsetDateTime;
 
 use super::{
     extract::{JsonBody, OptionalJsonBody},
+    limits::Limited,
     AppState,
 };
 use crate::{
@@ -203,6 +204,8 @@ pub struct UrlResponse {
     request_body(content = Option<PortalBody>), security(("user_jwt" = [])),
     responses((status = 200, body = UrlResponse), (status = 401, body = crate::http::ErrorBody), (status = 410, body = crate::http::ErrorBody),
               (status = 404, body = crate::http::ErrorBody), (status = 409, body = crate::http::ErrorBody),
+              (status = 429, body = crate::http::ErrorBody, description = "The user's limit for this route is spent (`rate_limited`)",
+               headers(("Retry-After" = u64, description = "Whole seconds until the next request is allowed"))),
               (status = 503, body = crate::http::ErrorBody)))]
 #[tracing::instrument(skip_all, fields(user_id = %auth.id))]
 pub async fn create_portal_session(
@@ -210,6 +213,9 @@ pub async fn create_portal_session(
     CurrentUser(auth): CurrentUser,
     OptionalJsonBody(body): OptionalJsonBody<PortalBody>,
 ) -> Result<Json<UrlResponse>, ApiError> {
+    state
+        .user_limits
+        .charge(Limited::PortalSession, auth.id.as_str())?;
     let user = ensure_user(&state, &auth).await?;
     let url = portal::create_session(
         state.store.as_ref(),
@@ -226,12 +232,17 @@ pub async fn create_portal_session(
 /// Everything billsync holds about the caller, as one JSON document (GDPR export).
 #[utoipa::path(get, path = "/api/user/export-data", tag = "user", security(("user_jwt" = [])),
     responses((status = 200, description = "The export document", content_type = "application/json"),
-              (status = 401, body = crate::http::ErrorBody), (status = 410, body = crate::http::ErrorBody)))]
+              (status = 401, body = crate::http::ErrorBody), (status = 410, body = crate::http::ErrorBody),
+              (status = 429, body = crate::http::ErrorBody, description = "The user's limit for this route is spent (`rate_limited`)",
+               headers(("Retry-After" = u64, description = "Whole seconds until the next request is allowed")))))]
 #[tracing::instrument(skip_all, fields(user_id = %auth.id))]
 pub async fn export_data(
     State(state): State<AppState>,
     CurrentUser(auth): CurrentUser,
 ) -> Result<Response, ApiError> {
+    state
+        .user_limits
+        .charge(Limited::Export, auth.id.as_str())?;
     let user = ensure_user(&state, &auth).await?;
     let filename = format!("customer-data-{}.json", filename_safe(user.id.as_str()));
     let stream = gdpr::export(state.store.clone(), &state.stripe, user).await?;
@@ -282,13 +293,19 @@ pub struct DeleteBody {
 #[utoipa::path(delete, path = "/api/user/delete-account", tag = "user",
     request_body(content = Option<DeleteBody>), security(("user_jwt" = [])),
     responses((status = 200, description = "Deleted"), (status = 202, description = "Queued"),
-              (status = 401, body = crate::http::ErrorBody), (status = 410, body = crate::http::ErrorBody)))]
+              (status = 401, body = crate::http::ErrorBody), (status = 410, body = crate::http::ErrorBody),
+              (status = 429, body = crate::http::ErrorBody, description = "The user's limit for this route is spent (`rate_limited`)",
+               headers(("Retry-After" = u64, description = "Whole seconds until the next request is allowed")))))]
 #[tracing::instrument(skip_all, fields(subject = %gdpr::subject_hash(&auth.id)))]
 pub async fn delete_account(
     State(state): State<AppState>,
     CurrentUser(auth): CurrentUser,
     OptionalJsonBody(body): OptionalJsonBody<DeleteBody>,
 ) -> Result<Response, ApiError> {
+    // A repeat while the erasure is pending runs its Stripe steps again, so it is limited too.
+    state
+        .user_limits
+        .charge(Limited::DeleteAccount, auth.id.as_str())?;
     let delete_customer = body.unwrap_or_default().delete_from_stripe;
     if issued_before_erasure(&state, &auth).await? {
         // A repeat of the erasure this token asked for is done already; a token from before

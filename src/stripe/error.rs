@@ -39,6 +39,10 @@ pub enum StripeError {
     /// Stripe answered 2xx with a body billsync cannot read.
     #[error("unexpected stripe response: {0}")]
     Decode(String),
+    /// Not sent: billsync's own request budget (`BILLSYNC_STRIPE_BUDGET_RPS`) had no permit
+    /// for it within the Stripe timeout.
+    #[error("not sent: no Stripe request budget left within the timeout")]
+    BudgetExhausted,
 }
 
 impl StripeError {
@@ -46,7 +50,7 @@ impl StripeError {
     /// nothing was decided.
     pub fn is_unavailable(&self) -> bool {
         match self {
-            Self::Transport { .. } => true,
+            Self::Transport { .. } | Self::BudgetExhausted => true,
             Self::Api(e) => e.status == 429 || e.status == 409 || e.status >= 500,
             Self::Decode(_) => false,
         }
@@ -63,6 +67,7 @@ impl StripeError {
             Self::Api(e) if e.status >= 500 => "server_error",
             Self::Api(_) => "client_error",
             Self::Decode(_) => "decode_error",
+            Self::BudgetExhausted => "budget_exhausted",
         }
     }
 

@@ -1,6 +1,8 @@
 //! billsync's Stripe client: one send path (base URL from config, pinned `Stripe-Version`,
-//! timeouts, retries with backoff, one idempotency key per logical POST, typed errors).
+//! timeouts, retries with backoff, one idempotency key per logical POST, typed errors), and
+//! the process's request budget every attempt passes through.
 
+mod budget;
 mod error;
 pub mod form;
 mod types;
@@ -17,6 +19,7 @@ use reqwest::{header::HeaderMap, Method, StatusCode};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use serde_json::Value;
 
+pub use budget::{current_priority, with_priority, Priority};
 pub use error::{ApiError, StripeError};
 pub use types::{
     Customer, Deleted, IdOnly, List, PortalConfiguration, PortalSession, Subscription,
@@ -88,6 +91,8 @@ struct Inner {
     config: StripeConfig,
     secret_key: Secret,
     attempts_sent: AtomicU64,
+    /// Shared by every clone, so by all of the process's Stripe work.
+    budget: budget::Budget,
 }
 
 #[derive(Deserialize)]
@@ -123,6 +128,7 @@ impl StripeClient {
                 config: config.clone(),
                 secret_key,
                 attempts_sent: AtomicU64::new(0),
+                budget: budget::Budget::per_second(config.budget_rps),
             }),
         })
     }
@@ -130,6 +136,11 @@ impl StripeClient {
     /// HTTP attempts sent since start (retries included).
     pub fn attempts_sent(&self) -> u64 {
         self.inner.attempts_sent.load(Ordering::Relaxed)
+    }
+
+    /// Calls waiting for a permit of the request budget now.
+    pub fn waiting_for_budget(&self) -> usize {
+        self.inner.budget.waiting()
     }
 
     pub async fn create_customer(
@@ -490,7 +501,8 @@ impl StripeClient {
     }
 
     /// The one send path. A POST gets one idempotency key for all its attempts, so a retry
-    /// after a lost answer cannot act twice.
+    /// after a lost answer cannot act twice. Every attempt first takes a permit of the budget,
+    /// in the class of the task that calls (see [`Priority`]).
     async fn send<T: DeserializeOwned>(&self, request: Request<'_>) -> StripeResult<T> {
         let config = &self.inner.config;
         let idempotency_key = match (&request.method, request.idempotency_key) {
@@ -498,8 +510,30 @@ impl StripeClient {
             (_, key) => key,
         };
         let url = format!("{}{}", config.api_base, request.path);
+        let priority = current_priority();
+        // The attempts of one call wait for permits one attempt timeout at most, together: a
+        // person gets a clear 503 rather than a hang, and a job's call still fits its lease
+        // (sized for its attempts and their delays, plus this). Only the waiting counts, not
+        // the attempts: a retry after an attempt that timed out must still be sent, with the
+        // same idempotency key, or the job's next claim would send the change again under a
+        // new one.
+        let mut budget_left = config.timeout;
         let mut attempt: u32 = 0;
         loop {
+            if let Ok(waited) = self.inner.budget.acquire(priority, budget_left).await {
+                budget_left = budget_left.saturating_sub(waited);
+            } else {
+                metrics::counter!("billsync_stripe_budget_exhausted_total",
+                    "priority" => priority.label())
+                .increment(1);
+                tracing::warn!(
+                    operation = request.operation,
+                    priority = priority.label(),
+                    attempt,
+                    "no Stripe request budget within the timeout; not sent"
+                );
+                return Err(StripeError::BudgetExhausted);
+            }
             let started = Instant::now();
             let mut builder = self
                 .inner

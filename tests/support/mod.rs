@@ -237,6 +237,12 @@ pub fn test_config(stripe_base: &str) -> Config {
         outbox_debounce_ms: Some(150),
         outbox_backoff_base_ms: Some(50),
         stripe_webhook_secret: Some(WEBHOOK_SECRET.into()),
+        // Fakes and localstripe have no rate limit to protect, and the flows under test make
+        // many calls and requests at once: the limits' own tests set small ones.
+        stripe_budget_rps: Some(1_000),
+        user_portal_burst: Some(1_000),
+        user_export_burst: Some(1_000),
+        user_delete_burst: Some(1_000),
         ..Default::default()
     })
     .expect("test config");
@@ -335,6 +341,29 @@ impl TestApp {
             .expect("PUT user");
         assert_eq!(response.status(), 200, "PUT user");
         response.json().await.expect("json")
+    }
+
+    /// An admin `GET`'s text body (`/metrics`), whatever its status.
+    pub async fn admin_text(&self, path: &str) -> String {
+        self.admin(reqwest::Method::GET, path)
+            .send()
+            .await
+            .expect("admin GET")
+            .text()
+            .await
+            .expect("text")
+    }
+
+    /// An unauthenticated `GET`'s JSON body (`/openapi.json`), whatever its status.
+    pub async fn public_json(&self, path: &str) -> Value {
+        self.http
+            .get(self.url(path))
+            .send()
+            .await
+            .expect("GET")
+            .json()
+            .await
+            .expect("json")
     }
 
     /// An admin `GET`'s JSON body, whatever its status.

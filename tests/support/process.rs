@@ -51,6 +51,8 @@ pub fn start_with(database_url: &str, port: u16, settings: &[(&str, String)]) ->
         .env("BILLSYNC_STRIPE_API_BASE", "http://127.0.0.1:9")
         .env("BILLSYNC_LISTEN", format!("127.0.0.1:{port}"))
         .env("BILLSYNC_OUTBOX_POLL_MS", "20")
+        // A fake Stripe has no rate limit to protect; the budget's own tests set theirs.
+        .env("BILLSYNC_STRIPE_BUDGET_RPS", "1000")
         .env("RUST_LOG", "warn")
         .envs(settings.iter().map(|(k, v)| (*k, v.as_str())))
         .arg("serve")
