@@ -32,7 +32,7 @@ use crate::{
     config::{Config, Secret, ServerLimits},
     customers::CustomerResolver,
     error::ApiError,
-    outbox::OutboxWorker,
+    jobs::OutboxWorker,
     store::Store,
     stripe::StripeClient,
 };

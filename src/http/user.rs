@@ -20,7 +20,7 @@ use crate::{
     auth::{AuthError, AuthenticatedUser},
     error::ApiError,
     gdpr,
-    outbox::ErasureStatus,
+    jobs::ErasureStatus,
     portal::{self, PortalFlow},
     profile::{self, ProfileBody},
     store::{User, UserUpsert},

@@ -13,7 +13,7 @@ use tokio::sync::watch;
 use crate::{
     config::OutboxConfig,
     domain::{full_name, Email, LinkSource, PersonName, Phone, StripeCustomerId, UserId},
-    outbox::{backoff, JobFailure},
+    retry::{Decision, JobFailure, RetryPolicy},
     store::{
         CustomerUpdate, EventOutcome, EventToApply, PushedProfile, RemoteProfile, Store,
         StoreError, SubscriptionItemMirror, SubscriptionMirror, UpdateContext, User, UserUpsert,
@@ -40,8 +40,13 @@ pub struct Applier {
     store: Arc<dyn Store>,
     stripe: StripeClient,
     holder: String,
-    /// Retry policy (the outbox's: same backoff, same attempt limit).
-    retry: OutboxConfig,
+    /// Failed events are retried as jobs are (configured with the outbox's attempts and
+    /// backoff).
+    retry: RetryPolicy,
+    /// Between ticks that found nothing.
+    poll_interval: std::time::Duration,
+    /// How long a customer's lease keeps other instances off it.
+    lease: std::time::Duration,
     retention: std::time::Duration,
     concurrency: usize,
 }
@@ -50,14 +55,16 @@ impl Applier {
     pub fn new(
         store: Arc<dyn Store>,
         stripe: StripeClient,
-        retry: OutboxConfig,
+        outbox: OutboxConfig,
         retention: std::time::Duration,
     ) -> Self {
         Self {
             store,
             stripe,
             holder: format!("applier-{}", uuid::Uuid::new_v4()),
-            retry,
+            retry: RetryPolicy::from(&outbox),
+            poll_interval: outbox.poll_interval,
+            lease: outbox.lease,
             retention,
             concurrency: 1,
         }
@@ -105,7 +112,7 @@ impl Applier {
             // which Stripe waits on, keeps at least half the time, and a customer's events
             // arriving in a burst meanwhile are applied as one snapshot.
             let pause = if applied == 0 {
-                self.retry.poll_interval
+                self.poll_interval
             } else {
                 started.elapsed().min(BUSY_PAUSE_MAX)
             };
@@ -128,7 +135,7 @@ impl Applier {
         // Customers another instance is on are left to it.
         let leased = self
             .store
-            .try_lease_customers(&due, &self.holder, self.retry.lease)
+            .try_lease_customers(&due, &self.holder, self.lease)
             .await?;
         if leased.is_empty() {
             return Ok(0);
@@ -290,15 +297,12 @@ impl Applier {
 
     fn outcome_of(&self, event: &EventToApply, failure: JobFailure) -> EventOutcome {
         let attempts = u32::try_from(event.event.attempts + 1).unwrap_or(u32::MAX);
-        match failure {
-            JobFailure::Transient { error, retry_after } if attempts < self.retry.max_attempts => {
+        match self.retry.decide(attempts, failure) {
+            Decision::Retry { delay, error } => {
                 tracing::info!(event_id = %event.event.id, %error, "event will be retried");
-                EventOutcome::Retry {
-                    delay: backoff(&self.retry, attempts, retry_after),
-                    error,
-                }
+                EventOutcome::Retry { delay, error }
             }
-            JobFailure::Transient { error, .. } | JobFailure::Permanent(error) => {
+            Decision::Exhausted { error } | Decision::Permanent { error } => {
                 tracing::warn!(event_id = %event.event.id, %error, "event failed; replay it once fixed");
                 EventOutcome::Failed { error }
             }
