@@ -134,3 +134,170 @@ fn plan_batched_update(
         events: events_done(),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::{json, Value};
+
+    use super::*;
+    use crate::{
+        store::{EventState, StoredEvent},
+        webhooks::apply::rules::tests::{context, snapshot_json},
+    };
+
+    /// A fresh `customer.updated` for `cus_1`; `object: None` is a superseded one, not loaded.
+    fn update(id: &str, created: i64, object: Option<Value>) -> EventToApply {
+        EventToApply {
+            event: StoredEvent {
+                id: id.into(),
+                kind: CUSTOMER_UPDATED.into(),
+                created,
+                livemode: false,
+                customer_id: Some("cus_1".into()),
+                state: EventState::Pending,
+                attempts: 0,
+                last_error: None,
+                received_at: time::OffsetDateTime::now_utc(),
+            },
+            payload: object.map(|object| json!({"data": {"object": object}}).to_string()),
+            next_attempt_at: None,
+        }
+    }
+
+    #[test]
+    fn only_fresh_updates_with_the_newest_loaded_take_the_batched_path() {
+        let fresh = || update("evt_1", 10, Some(snapshot_json("Ada Hopper", Some(5))));
+        let retried = EventToApply {
+            event: StoredEvent {
+                attempts: 1,
+                ..fresh().event
+            },
+            ..fresh()
+        };
+        let waiting = EventToApply {
+            next_attempt_at: Some(time::OffsetDateTime::now_utc()),
+            ..fresh()
+        };
+        let deleted = EventToApply {
+            event: StoredEvent {
+                kind: "customer.deleted".into(),
+                ..fresh().event
+            },
+            ..fresh()
+        };
+        let superseded = update("evt_0", 9, None);
+        // (the customer's waiting events, batched?)
+        let cases = [
+            (vec![fresh()], true),
+            (vec![superseded.clone(), fresh()], true),
+            (vec![fresh(), superseded], false),
+            (vec![retried], false),
+            (vec![waiting], false),
+            (vec![fresh(), deleted], false),
+            (vec![], false),
+        ];
+        for (index, (events, batched)) in cases.into_iter().enumerate() {
+            assert_eq!(only_due_updates(&events), batched, "case {index}");
+        }
+    }
+
+    #[test]
+    fn plan_batched_update_writes_what_the_rules_allow_and_leaves_the_rest() {
+        let grace = || Some(snapshot_json("Grace Hopper", Some(5)));
+        let linked = |watermark: Option<(i64, &str)>| {
+            let mut context = context(5, Some(5), false);
+            context.watermark = watermark.map(|(at, id)| (at, Some(id.to_owned())));
+            Some(context)
+        };
+        let mut elsewhere = snapshot_json("Grace Hopper", Some(5));
+        elsewhere["id"] = json!("cus_2");
+        // (the link, the events, `None` when left to the one-by-one path, else whether the
+        // profile is written and the watermark raised to)
+        let cases = [
+            // Not one of ours: nothing to write, the events are done.
+            (
+                None,
+                vec![update("evt_1", 11, grace())],
+                Some((false, None)),
+            ),
+            // A snapshot that does not parse, or filed under another customer.
+            (None, vec![update("evt_1", 11, Some(json!("?")))], None),
+            (
+                linked(None),
+                vec![update("evt_1", 11, Some(elsewhere))],
+                None,
+            ),
+            // Newer: a Stripe-side change is written; an echo only raises the watermark.
+            (
+                linked(Some((10, "evt_0"))),
+                vec![update("evt_1", 11, grace())],
+                Some((true, Some((11, "evt_1")))),
+            ),
+            (
+                linked(Some((10, "evt_0"))),
+                vec![update(
+                    "evt_1",
+                    11,
+                    Some(snapshot_json("Ada Hopper", Some(5))),
+                )],
+                Some((false, Some((11, "evt_1")))),
+            ),
+            // Older, or this very one again: done, nothing written.
+            (
+                linked(Some((10, "evt_0"))),
+                vec![update("evt_1", 9, grace())],
+                Some((false, None)),
+            ),
+            (
+                linked(Some((10, "evt_1"))),
+                vec![update("evt_1", 10, grace())],
+                Some((false, None)),
+            ),
+            // Same second, or unknown provenance: Stripe is asked, one by one.
+            (
+                linked(Some((10, "evt_0"))),
+                vec![update("evt_1", 10, grace())],
+                None,
+            ),
+            (
+                linked(Some((10, "evt_0"))),
+                vec![update(
+                    "evt_1",
+                    11,
+                    Some(snapshot_json("Grace Hopper", None)),
+                )],
+                None,
+            ),
+            // The folded snapshot is compared with as if applied just before.
+            (
+                linked(Some((10, "evt_0"))),
+                vec![update("evt_1", 11, None), update("evt_2", 11, grace())],
+                None,
+            ),
+            (
+                linked(Some((10, "evt_0"))),
+                vec![update("evt_1", 11, None), update("evt_2", 12, grace())],
+                Some((true, Some((12, "evt_2")))),
+            ),
+        ];
+        for (index, (context, events, expected)) in cases.into_iter().enumerate() {
+            let ids = events
+                .iter()
+                .map(|e| e.event.id.clone())
+                .collect::<Vec<_>>();
+            let plan = plan_batched_update(context, &events);
+            let got = plan.map(|update| {
+                assert_eq!(update.customer_id, "cus_1", "case {index}");
+                assert_eq!(update.events, ids, "case {index}: every event is finished");
+                (update.profile.is_some(), update.watermark)
+            });
+            let expected = expected.map(|(writes, watermark)| {
+                (
+                    writes,
+                    watermark.map(|(at, id): (i64, &str)| (at, id.to_owned())),
+                )
+            });
+            assert_eq!(got, expected, "case {index}");
+        }
+    }
+}

@@ -180,8 +180,9 @@ fn remote_change(user: &User, customer: &Customer) -> Option<(UserUpsert, Pushed
     (!unchanged).then_some((desired, remote))
 }
 
+/// The fixtures are shared with the batched path's tests.
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::domain::UserId;
 
@@ -218,7 +219,13 @@ mod tests {
         }
     }
 
-    fn context(version: i64, pushed_stamp: Option<i64>, active_push: bool) -> UpdateContext {
+    /// `user()`'s link: no watermark, Ada Hopper last pushed (at `version`, stamped
+    /// `pushed_stamp`), `active_push` if a push is pending.
+    pub(in crate::webhooks::apply) fn context(
+        version: i64,
+        pushed_stamp: Option<i64>,
+        active_push: bool,
+    ) -> UpdateContext {
         UpdateContext {
             customer_id: "cus_1".into(),
             user: user(version),
@@ -234,15 +241,22 @@ mod tests {
         }
     }
 
-    fn snapshot(name: &str, stamp: Option<i64>) -> Customer {
+    /// Customer `cus_1` as an event carries it: ada@example.com, `name`, stamped `stamp`.
+    pub(in crate::webhooks::apply) fn snapshot_json(
+        name: &str,
+        stamp: Option<i64>,
+    ) -> serde_json::Value {
         let metadata = stamp.map_or(
             serde_json::json!({}),
             |s| serde_json::json!({"billsync_profile_version": s.to_string()}),
         );
-        serde_json::from_value(serde_json::json!({
+        serde_json::json!({
             "id": "cus_1", "email": "ada@example.com", "name": name, "metadata": metadata,
-        }))
-        .unwrap()
+        })
+    }
+
+    fn snapshot(name: &str, stamp: Option<i64>) -> Customer {
+        serde_json::from_value(snapshot_json(name, stamp)).unwrap()
     }
 
     #[test]
