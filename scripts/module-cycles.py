@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Reports import cycles between the modules of src/.
 
-    scripts/module-cycles.py [SRC_DIR]     # default: src/ beside this script's folder
+    scripts/module-cycles.py [--graph] [SRC_DIR]   # default: src/ beside this script's folder
+                                                   # --graph: print every edge too
 
 Two graphs are checked:
   - top-level modules (a file `src/x.rs` or a folder `src/x/`): x -> y when code anywhere
@@ -11,9 +12,12 @@ Two graphs are checked:
     item of `crate::x` itself.
 
 Paths are read from `use crate::{...}` trees and from inline `crate::a::b` / `super::b`
-paths; comments and string literals are skipped. `pub use` in a `mod.rs` (the folder's
-facade re-exporting its children) is not counted as the folder depending on them, and
-neither is `pub mod` / `mod`. Test code counts like any other.
+paths (`super` inside an inline `mod tests { ... }` is the file's own module); comments and
+string literals are skipped. Only these paths count: a method called on a type from another
+file is seen where that type is named, and a `mod.rs` naming its children relatively
+(`admin::get_user` in `http/mod.rs`, wiring them into a router) is not read. Neither is a
+`mod.rs`'s `pub use` (the folder's facade re-exporting its children), nor a visibility
+(`pub(in crate::x)`). Test code counts like any other.
 
 Exits 1 when there is a cycle, printing each strongly connected group and one cycle in it.
 """
@@ -110,26 +114,48 @@ def module_of(path, src):
     return parts
 
 
+def inline_module_spans(text):
+    """The (start, end) offsets of every inline `mod name { ... }` body."""
+    spans = []
+    for m in re.finditer(r"\bmod\s+[A-Za-z_][A-Za-z0-9_]*\s*\{", text):
+        depth, i = 1, m.end()
+        while i < len(text) and depth:
+            depth += {"{": 1, "}": -1}.get(text[i], 0)
+            i += 1
+        spans.append((m.end(), i))
+    return spans
+
+
 def references(path, src):
     """The `crate::` paths a file names, as lists of segments from the crate root."""
     text = strip_comments_and_strings(path.read_text())
     module = module_of(path, src)
     is_mod_rs = path.name == "mod.rs"
+    inline = inline_module_spans(text)
     found = []
-    # `super::x` in a file `a/b.rs` names `a::x`; in `a/mod.rs`, the parent of `a`. Inline
-    # `mod tests { use super::*; }` names the file itself: `super::*` is skipped.
-    parent = module[:-1]
     for m in re.finditer(r"(?<![A-Za-z0-9_$:])(crate|super)\s*::", text):
         line_start = text.rfind("\n", 0, m.start()) + 1
         line = text[line_start:m.start()]
         if is_mod_rs and re.search(r"\bpub(\([^)]*\))?\s+use\b", line):
             continue  # the facade's re-export
+        if re.search(r"\bpub\s*\(\s*in\s+$", line):
+            continue  # a visibility, `pub(in crate::a)`, names no item
         paths, _ = parse_tree(text, m.end())
-        base = [] if m.group(1) == "crate" else parent
+        if m.group(1) == "crate":
+            base = []
+        elif any(start <= m.start() < end for start, end in inline):
+            # In an inline module (`mod tests { use super::*; }`): the file's own module.
+            base = list(module)
+        else:
+            # In `a/b.rs`, `super` is `a`; in `a/mod.rs`, the parent of `a`.
+            base = list(module[:-1])
         for p in paths:
-            if m.group(1) == "super" and not p:
-                continue
-            found.append(base + p)
+            b = list(base)
+            while p[:1] == ["super"]:  # super::super::
+                b, p = b[:-1], p[1:]
+            full = b + p
+            if full and full != list(module):  # `use super::*` in a test module: the file
+                found.append(full)
     return module, found
 
 
@@ -194,8 +220,14 @@ def report_group(group, edges):
 
 
 def main():
-    src = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).resolve().parent.parent / "src"
+    args = sys.argv[1:]
+    graph = "--graph" in args
+    args = [a for a in args if a != "--graph"]
+    src = Path(args[0]) if args else Path(__file__).resolve().parent.parent / "src"
     files = sorted(src.rglob("*.rs"))
+    if not files:
+        print(f"no Rust files under {src}", file=sys.stderr)
+        return 2
     modules = {tuple(module_of(f, src)) for f in files}
     # What names a module: every folder and file module, by its path.
     known = modules | {m[:k] for m in modules for k in range(1, len(m))}
@@ -233,6 +265,13 @@ def main():
                 sub_edges.setdefault(folder, {}).setdefault(a, set()).add(b)
                 why.setdefault((folder, a, b), f"{f.relative_to(src.parent)}: crate::{'::'.join(p)}")
 
+    if graph:
+        for a in sorted(top_edges):
+            print(f"{a} -> {', '.join(sorted(top_edges[a]))}")
+        for folder in sorted(sub_edges):
+            for a in sorted(sub_edges[folder]):
+                targets = ", ".join(sorted(sub_edges[folder][a]))
+                print(f"{'::'.join(folder)}/{a} -> {targets}")
     failed = False
     top_nodes = {m[0] for m in modules if m}
     groups = tarjan(top_nodes, top_edges)
