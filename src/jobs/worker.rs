@@ -25,7 +25,7 @@ pub struct Worker {
     store: Arc<dyn Store>,
     config: OutboxConfig,
     retry: RetryPolicy,
-    /// A handful of kinds: a list looked through beats a map.
+    /// Looked up by kind: a handful of them, and `JobKind` is neither `Hash` nor `Ord`.
     handlers: Vec<(JobKind, Arc<dyn JobHandler>)>,
 }
 
