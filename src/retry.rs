@@ -100,6 +100,18 @@ impl RetryPolicy {
 }
 
 #[cfg(test)]
+impl RetryPolicy {
+    /// Three attempts, waits of one second doubling up to a minute: a policy for tests.
+    pub(crate) fn three_attempts() -> Self {
+        Self {
+            max_attempts: 3,
+            backoff_base: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(60),
+        }
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
@@ -134,11 +146,7 @@ mod tests {
 
     #[test]
     fn decide_retries_transient_failures_until_the_last_attempt() {
-        let policy = RetryPolicy {
-            max_attempts: 3,
-            backoff_base: Duration::from_secs(1),
-            backoff_max: Duration::from_secs(60),
-        };
+        let policy = RetryPolicy::three_attempts();
         let transient = || JobFailure::Transient {
             error: "unavailable".into(),
             retry_after: None,

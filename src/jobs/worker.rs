@@ -124,7 +124,7 @@ impl Worker {
         };
         let outcome = match result {
             Ok(()) => JobOutcome::Done,
-            Err(failure) => self.outcome_of(job, failure),
+            Err(failure) => outcome_of(&self.retry, job.attempts, failure),
         };
         let label = match outcome {
             JobOutcome::Done => "done",
@@ -136,23 +136,68 @@ impl Worker {
         .increment(1);
         outcome
     }
+}
 
-    fn outcome_of(&self, job: &OutboxJob, failure: JobFailure) -> JobOutcome {
-        let attempts = u32::try_from(job.attempts.max(1)).unwrap_or(u32::MAX);
-        match self.retry.decide(attempts, failure) {
-            Decision::Retry { delay, error } => {
-                tracing::info!(%error, delay_ms = delay.as_millis() as u64, "job will be retried");
-                JobOutcome::Retry { delay, error }
+/// How a job whose claim has made `attempts` attempts (this one included) ends after
+/// `failure`: retried after the backoff, or parked as failed with the reason.
+fn outcome_of(retry: &RetryPolicy, attempts: i32, failure: JobFailure) -> JobOutcome {
+    let attempts = u32::try_from(attempts.max(1)).unwrap_or(u32::MAX);
+    match retry.decide(attempts, failure) {
+        Decision::Retry { delay, error } => {
+            tracing::info!(%error, delay_ms = delay.as_millis() as u64, "job will be retried");
+            JobOutcome::Retry { delay, error }
+        }
+        Decision::Exhausted { error } => {
+            tracing::warn!(%error, attempts, "job failed after its last attempt");
+            JobOutcome::Failed {
+                error: format!("gave up after {attempts} attempts: {error}"),
             }
-            Decision::Exhausted { error } => {
-                tracing::warn!(%error, attempts, "job failed after its last attempt");
-                JobOutcome::Failed {
-                    error: format!("gave up after {attempts} attempts: {error}"),
+        }
+        Decision::Permanent { error } => {
+            tracing::warn!(%error, "job failed permanently");
+            JobOutcome::Failed { error }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_attempt_is_retried_until_the_last_then_parked() {
+        let retry = RetryPolicy::three_attempts();
+        let unavailable = || JobFailure::Transient {
+            error: "Stripe is unavailable".into(),
+            retry_after: None,
+        };
+        let refused = || JobFailure::Permanent("No such customer".into());
+        let failed = |error: &str| {
+            Some(JobOutcome::Failed {
+                error: error.to_owned(),
+            })
+        };
+        // (the claimed job's attempts, the failure, the outcome; `None`: retried)
+        type Case = (i32, fn() -> JobFailure, Option<JobOutcome>);
+        let cases: [Case; 6] = [
+            // A job run without a claim (its attempts not counted yet) is on its first.
+            (0, unavailable, None),
+            (1, unavailable, None),
+            (2, unavailable, None),
+            (
+                3,
+                unavailable,
+                failed("gave up after 3 attempts: Stripe is unavailable"),
+            ),
+            (1, refused, failed("No such customer")),
+            (3, refused, failed("No such customer")),
+        ];
+        for (attempts, failure, expected) in cases {
+            match (outcome_of(&retry, attempts, failure()), expected) {
+                (JobOutcome::Retry { error, .. }, None) => {
+                    assert_eq!(error, "Stripe is unavailable", "attempts {attempts}")
                 }
-            }
-            Decision::Permanent { error } => {
-                tracing::warn!(%error, "job failed permanently");
-                JobOutcome::Failed { error }
+                (outcome, expected) => assert_eq!(Some(outcome), expected, "attempts {attempts}"),
             }
         }
     }
