@@ -209,8 +209,8 @@ async fn execute(command: Command, config: Config) -> anyhow::Result<()> {
                 .erase_now(&user_id, delete_stripe_customer)
                 .await?
             {
-                crate::outbox::ErasureStatus::Completed => println!("erased"),
-                crate::outbox::ErasureStatus::Pending => {
+                crate::jobs::ErasureStatus::Completed => println!("erased"),
+                crate::jobs::ErasureStatus::Pending => {
                     println!("pending: a Stripe step failed; `billsync serve` will retry it");
                 }
             }
@@ -332,7 +332,7 @@ async fn reconcile(
     if !pushes.is_empty() {
         // No server may be running: deliver the queued pushes now, at the same rate limit.
         let worker =
-            crate::outbox::OutboxWorker::new(store.clone(), stripe.clone(), config.outbox.clone());
+            crate::jobs::OutboxWorker::new(store.clone(), stripe.clone(), config.outbox.clone());
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
         loop {
             limiter.acquire().await;

@@ -142,7 +142,7 @@ fn counts(report: &Report) -> Vec<(Category, u64)> {
 
 async fn drain_outbox(store: &Arc<dyn Store>, stripe: &StripeClient) {
     let config = support::test_config("http://unused");
-    let worker = billsync::outbox::OutboxWorker::new(store.clone(), stripe.clone(), config.outbox);
+    let worker = billsync::jobs::OutboxWorker::new(store.clone(), stripe.clone(), config.outbox);
     eventually(20, "queued pushes delivered", || async {
         worker.tick().await.unwrap();
         (store.queue_stats().await.unwrap().outbox_depth == 0).then_some(())

@@ -30,10 +30,10 @@ pub use admin::{UserBody, UserView};
 
 use crate::{
     auth::JwtVerifier,
-    config::{Config, Secret},
+    config::{Config, Secret, ServerLimits},
     customers::CustomerResolver,
     error::ApiError,
-    outbox::OutboxWorker,
+    jobs::OutboxWorker,
     store::Store,
     stripe::StripeClient,
 };
@@ -314,7 +314,7 @@ async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
 pub async fn serve(
     listener: tokio::net::TcpListener,
     router: Router,
-    limits: server::ServerLimits,
+    limits: ServerLimits,
 ) -> std::io::Result<()> {
     server::serve(listener, router, limits, shutdown_signal()).await
 }

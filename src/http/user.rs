@@ -21,7 +21,7 @@ use crate::{
     auth::{AuthError, AuthenticatedUser},
     error::ApiError,
     gdpr,
-    outbox::ErasureStatus,
+    jobs::ErasureStatus,
     portal::{self, PortalFlow},
     profile::{self, ProfileBody},
     store::{User, UserUpsert},

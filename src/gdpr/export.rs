@@ -1,91 +1,21 @@
-//! GDPR: export everything billsync holds about a user, and erase it (a resumable saga).
+//! The export: everything billsync holds about a user, and their Stripe objects, streamed.
 
 use std::collections::BTreeMap;
 
 use axum::body::Bytes;
 use futures_util::{stream, Stream, StreamExt};
 use serde_json::{json, Value};
-use sha2::{Digest, Sha256};
 use time::{format_description::well_known::Rfc3339, OffsetDateTime};
 
+use super::tombstones::subject_hash;
 use crate::{
-    config::Secret,
-    domain::UserId,
-    outbox::JobFailure,
-    store::{Erased, OutboxJob, Store, StoreError, SubscriptionMirror, UsageRecord, User},
-    stripe::{CustomerList, StripeClient, METADATA_PROFILE_VERSION, METADATA_USER_ID},
+    store::{OutboxJob, Store, StoreError, SubscriptionMirror, UsageRecord, User},
+    stripe::{CustomerList, StripeClient},
 };
 
 pub const EXPORT_VERSION: &str = "3.0";
 /// Usage records are read and written this many at a time, however many there are.
 const USAGE_PAGE: u32 = 500;
-
-/// Erasure tombstones: a keyed hash (HMAC-SHA256) of each erased user id, so a token issued
-/// before the erasure cannot bring the person back, while the table names nobody. The key is
-/// `BILLSYNC_ERASURE_PEPPER` or, unset, one generated at first use and kept in the database
-/// (every instance then uses the same).
-pub struct Tombstones {
-    configured: Option<Secret>,
-    pepper: tokio::sync::OnceCell<Secret>,
-}
-
-impl Tombstones {
-    pub fn new(configured: Option<Secret>) -> Self {
-        Self {
-            configured,
-            pepper: tokio::sync::OnceCell::new(),
-        }
-    }
-
-    async fn pepper(&self, store: &dyn Store) -> Result<&Secret, StoreError> {
-        if let Some(configured) = &self.configured {
-            return Ok(configured);
-        }
-        self.pepper
-            .get_or_try_init(|| async {
-                let fresh = hex::encode(rand_bytes());
-                let kept = store.setting_or_init("erasure_pepper", &fresh).await?;
-                Ok(Secret::new(kept))
-            })
-            .await
-    }
-
-    /// The keyed hash of a user id, as the tombstones hold it.
-    pub async fn subject(&self, store: &dyn Store, user: &UserId) -> Result<String, StoreError> {
-        use hmac::Mac;
-        let pepper = self.pepper(store).await?;
-        let mut mac = hmac::Hmac::<Sha256>::new_from_slice(pepper.expose().as_bytes())
-            .expect("HMAC takes a key of any length");
-        mac.update(user.as_str().as_bytes());
-        Ok(hex::encode(mac.finalize().into_bytes()))
-    }
-
-    pub async fn record(&self, store: &dyn Store, user: &UserId) -> Result<(), StoreError> {
-        store
-            .record_tombstone(&self.subject(store, user).await?)
-            .await
-    }
-
-    /// When the user was erased, if they were.
-    pub async fn erased_at(
-        &self,
-        store: &dyn Store,
-        user: &UserId,
-    ) -> Result<Option<OffsetDateTime>, StoreError> {
-        store.tombstone(&self.subject(store, user).await?).await
-    }
-}
-
-/// 32 random bytes, from two v4 UUIDs (the OS's random source).
-fn rand_bytes() -> Vec<u8> {
-    let (a, b) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
-    a.as_bytes().iter().chain(b.as_bytes()).copied().collect()
-}
-
-/// The id as it may appear in logs and the audit trail: a hash, not the id.
-pub fn subject_hash(user: &UserId) -> String {
-    hex::encode(Sha256::digest(user.as_str().as_bytes()))
-}
 
 fn rfc3339(at: OffsetDateTime) -> String {
     at.format(&Rfc3339).expect("UTC formats as RFC 3339")
@@ -355,143 +285,4 @@ pub async fn export(
         }))
         .chain(events)
         .chain(stream::once(async { Ok(Bytes::from_static(b"}")) })))
-}
-
-/// Erasure progress, kept in the job's payload so a retried saga skips finished steps.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, Default)]
-pub struct ErasurePlan {
-    pub customer_id: Option<String>,
-    pub delete_customer: bool,
-    #[serde(default)]
-    pub subscriptions_canceled: bool,
-    #[serde(default)]
-    pub customer_done: bool,
-    #[serde(default)]
-    pub canceled_count: u32,
-}
-
-/// Customers linked during one erasure run that it handles before giving up for a retry.
-const MAX_RELINKS: u32 = 3;
-
-/// Metadata keys billsync writes on customers; scrubbing empties them.
-const OUR_METADATA: [&str; 6] = [
-    METADATA_USER_ID,
-    "source",
-    "created_at",
-    "last_profile_sync",
-    "synced_from",
-    METADATA_PROFILE_VERSION,
-];
-
-/// The saga: cancel the customer's subscriptions; delete the customer, or scrub it of email,
-/// name, phone, description, address, shipping and billsync's metadata; then delete the local rows and write the audit entry. Each
-/// step is idempotent and recorded, so a retry resumes where the last attempt stopped.
-#[tracing::instrument(skip_all, fields(job_id = job.id))]
-pub async fn run_erasure(
-    store: &dyn Store,
-    stripe: &StripeClient,
-    tombstones: &Tombstones,
-    job: &OutboxJob,
-) -> Result<(), JobFailure> {
-    let mut plan: ErasurePlan = serde_json::from_value(job.payload.clone())
-        .map_err(|e| JobFailure::Permanent(format!("unreadable erasure plan: {e}")))?;
-    let user = UserId::parse(&job.user_id)
-        .map_err(|e| JobFailure::Permanent(format!("job user id: {}", e.message)))?;
-    let hash = job
-        .user_id
-        .strip_prefix("erased:")
-        .map_or_else(|| subject_hash(&user), str::to_owned);
-    // The Stripe steps for the planned customer, then the local rows; a customer linked since
-    // the plan is found inside the deleting transaction and handled in its turn.
-    let mut relinks = 0;
-    loop {
-        if let Some(customer) = plan.customer_id.clone() {
-            if !plan.subscriptions_canceled {
-                let subscriptions = match stripe.list_subscriptions(&customer).await {
-                    Ok(subs) => subs,
-                    Err(err) if err.is_not_found() => Vec::new(),
-                    Err(err) => return Err(err.into()),
-                };
-                for sub in subscriptions
-                    .iter()
-                    .filter(|s| !matches!(s.status.as_str(), "canceled" | "incomplete_expired"))
-                {
-                    match stripe.cancel_subscription(&sub.id).await {
-                        Ok(_) => plan.canceled_count += 1,
-                        Err(err) if err.is_not_found() => {}
-                        Err(err) => return Err(err.into()),
-                    }
-                }
-                plan.subscriptions_canceled = true;
-                save(store, job, &plan).await?;
-            }
-            if !plan.customer_done {
-                let result = if plan.delete_customer {
-                    stripe.delete_customer(&customer).await.map(|_| ())
-                } else {
-                    // Our metadata is emptied, but `userId` keeps a tombstone (the subject hash):
-                    // a customer with a non-empty userId is never linked to anyone by email, so a
-                    // newcomer with the same address cannot inherit this customer's billing.
-                    let mut metadata: BTreeMap<String, String> = OUR_METADATA
-                        .iter()
-                        .map(|k| ((*k).to_owned(), String::new()))
-                        .collect();
-                    metadata.insert(METADATA_USER_ID.to_owned(), format!("erased:{hash}"));
-                    stripe
-                        .scrub_customer(&customer, &metadata)
-                        .await
-                        .map(|_| ())
-                };
-                match result {
-                    Ok(()) => {}
-                    Err(err) if err.is_not_found() => {} // already gone
-                    Err(err) => return Err(err.into()),
-                }
-                plan.customer_done = true;
-                save(store, job, &plan).await?;
-            }
-        }
-        let detail = json!({
-            "delete_from_stripe": plan.delete_customer,
-            "had_customer": plan.customer_id.is_some(),
-            "subscriptions_canceled": plan.canceled_count,
-        });
-        // Before the rows go: from here on, tokens issued earlier are refused, even if the
-        // deletion below has to be retried.
-        tombstones.record(store, &user).await?;
-        match store
-            .erase_user(&user, plan.customer_id.as_deref(), &hash, &detail)
-            .await?
-        {
-            Erased::Done(_) => break,
-            Erased::Relinked(customer) if relinks < MAX_RELINKS => {
-                relinks += 1;
-                tracing::info!("a customer was linked during the erasure; handling it too");
-                plan.customer_id = Some(customer);
-                plan.subscriptions_canceled = false;
-                plan.customer_done = false;
-                save(store, job, &plan).await?;
-            }
-            Erased::Relinked(_) => {
-                return Err(JobFailure::Transient {
-                    error: "the user keeps being linked to new customers during the erasure".into(),
-                    retry_after: None,
-                })
-            }
-        }
-    }
-    tracing::info!(subject = %hash, "account erased");
-    Ok(())
-}
-
-async fn save(store: &dyn Store, job: &OutboxJob, plan: &ErasurePlan) -> Result<(), JobFailure> {
-    let payload = serde_json::to_value(plan).expect("plans serialize");
-    if !store.save_job_payload(job, &payload).await? {
-        // Another worker re-claimed the saga: it carries on from the saved steps.
-        return Err(JobFailure::Transient {
-            error: "erasure claim lost to another worker".into(),
-            retry_after: None,
-        });
-    }
-    Ok(())
 }
