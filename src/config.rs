@@ -359,6 +359,16 @@ pub struct StripeConfig {
     pub budget_rps: u32,
 }
 
+/// The HTTP server's connection limits. Declared here, with the other resolved settings, so
+/// that configuration does not depend on the HTTP layer it configures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServerLimits {
+    /// From a connection's first byte of a request (or its idle keep-alive start) to the end
+    /// of the headers.
+    pub header_read_timeout: Duration,
+    pub max_connections: usize,
+}
+
 /// A per-user token bucket: `burst` requests at once, then one more per `interval`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Quota {
@@ -395,7 +405,7 @@ pub struct Config {
     pub log_format: crate::telemetry::LogFormat,
     /// Request rate of a reconciliation's Stripe calls.
     pub stripe_rps: u32,
-    pub server: crate::http::server::ServerLimits,
+    pub server: ServerLimits,
     /// A request's whole body must arrive within this.
     pub body_read_timeout: Duration,
     /// Exact origins (`https://app.example.com`) allowed to call the user routes from a browser.
@@ -688,7 +698,7 @@ impl Config {
             user_limits,
             webhooks,
             stripe_rps,
-            server: crate::http::server::ServerLimits {
+            server: ServerLimits {
                 header_read_timeout,
                 max_connections,
             },

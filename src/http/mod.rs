@@ -314,7 +314,7 @@ async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
 pub async fn serve(
     listener: tokio::net::TcpListener,
     router: Router,
-    limits: server::ServerLimits,
+    limits: crate::config::ServerLimits,
 ) -> std::io::Result<()> {
     server::serve(listener, router, limits, shutdown_signal()).await
 }

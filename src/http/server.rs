@@ -15,18 +15,12 @@ use hyper_util::{
 use tokio::{net::TcpListener, sync::Semaphore};
 use tower::ServiceExt;
 
+use crate::config::ServerLimits;
+
 /// Request headers, start line included, at most this many bytes (else 431).
 pub const MAX_HEADER_BYTES: usize = 16 * 1024;
 /// In-flight requests are given this long to finish after a shutdown signal.
 const DRAIN: Duration = Duration::from_secs(20);
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ServerLimits {
-    /// From a connection's first byte of a request (or its idle keep-alive start) to the end
-    /// of the headers.
-    pub header_read_timeout: Duration,
-    pub max_connections: usize,
-}
 
 /// Serves `router` until `shutdown` completes, then lets in-flight requests finish.
 pub async fn serve(
