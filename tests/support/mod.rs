@@ -14,10 +14,10 @@ use std::{
 };
 
 use billsync::{
+    app::Application,
     config::{Config, ConfigArgs},
-    http::{app, AppState},
+    http::AppState,
     store::{self, Store},
-    stripe::StripeClient,
 };
 use serde_json::Value;
 
@@ -253,14 +253,14 @@ pub fn test_config(stripe_base: &str) -> Config {
     config
 }
 
-/// A billsync server on a real loopback port, with its outbox worker running.
+/// A billsync server on a real loopback port, built and run by the production composition
+/// root (with its outbox worker and event applier); stopped when dropped.
 pub struct TestApp {
     pub base_url: String,
     pub addr: SocketAddr,
     pub state: AppState,
     pub http: reqwest::Client,
-    _server: AbortOnDrop,
-    _worker: AbortOnDrop,
+    _running: AbortOnDrop,
 }
 
 pub struct AbortOnDrop(pub tokio::task::JoinHandle<()>);
@@ -273,38 +273,26 @@ impl Drop for AbortOnDrop {
 
 impl TestApp {
     pub async fn spawn(store: Arc<dyn Store>, config: &Config) -> Self {
-        let stripe = StripeClient::new(
-            &config.stripe,
-            config.stripe_secret_key().expect("test stripe key"),
-        )
-        .expect("stripe client");
-        let state = AppState::new(config, store, stripe);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        let mut config = config.clone();
+        config.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+        let application = Application::build_with_store(&config, store)
             .await
-            .expect("bind");
-        let addr = listener.local_addr().expect("local addr");
-        let router = app(state.clone());
-        let limits = config.server;
-        // The production server, with its limits (and a shutdown that never comes).
-        let server = tokio::spawn(async move {
-            billsync::http::server::serve(listener, router, limits, std::future::pending())
+            .expect("build the application");
+        let addr = application.local_addr().expect("local addr");
+        let state = application.state().clone();
+        // A shutdown that never comes: the test ends by dropping the app.
+        let running = tokio::spawn(async move {
+            application
+                .run_until_stopped(std::future::pending())
                 .await
                 .expect("server runs");
-        });
-        let (_stop, stopping) = tokio::sync::watch::channel(false);
-        let worker = state.worker.clone();
-        let applier = state.applier.clone();
-        let worker = tokio::spawn(async move {
-            let _keep_sender = _stop;
-            tokio::join!(worker.run(stopping.clone()), applier.run(stopping));
         });
         Self {
             base_url: format!("http://{addr}"),
             addr,
             state,
             http: reqwest::Client::new(),
-            _server: AbortOnDrop(server),
-            _worker: AbortOnDrop(worker),
+            _running: AbortOnDrop(running),
         }
     }
 
