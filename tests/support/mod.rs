@@ -15,7 +15,7 @@ use std::{
 
 use billsync::{
     app::Application,
-    config::{Config, ConfigArgs},
+    config::{settings, Config, ConfigArgs},
     http::AppState,
     store::{self, Store},
 };
@@ -226,23 +226,42 @@ pub async fn private_localstripe(test: &str) -> Option<PrivateLocalStripe> {
 /// Test configuration: short Stripe timeouts and retry delays, an admin key.
 pub fn test_config(stripe_base: &str) -> Config {
     let mut config = Config::load(&ConfigArgs {
-        stripe_secret_key: Some(STRIPE_KEY.into()),
-        stripe_api_base: Some(stripe_base.into()),
-        admin_api_key: Some(ADMIN_KEY.into()),
-        stripe_timeout_ms: Some(2_000),
-        stripe_max_retries: Some(2),
-        jwt_secret: Some(JWT_SECRET.into()),
-        app_url: Some(APP_URL.into()),
-        outbox_poll_ms: Some(20),
-        outbox_debounce_ms: Some(150),
-        outbox_backoff_base_ms: Some(50),
-        stripe_webhook_secret: Some(WEBHOOK_SECRET.into()),
-        // Fakes and localstripe have no rate limit to protect, and the flows under test make
-        // many calls and requests at once: the limits' own tests set small ones.
-        stripe_budget_rps: Some(1_000),
-        user_portal_burst: Some(1_000),
-        user_export_burst: Some(1_000),
-        user_delete_burst: Some(1_000),
+        stripe: settings::StripeSettings {
+            stripe_secret_key: Some(STRIPE_KEY.into()),
+            stripe_api_base: Some(stripe_base.into()),
+            stripe_timeout_ms: Some(2_000),
+            stripe_max_retries: Some(2),
+            // Fakes and localstripe have no rate limit to protect, and the flows under test make
+            // many calls and requests at once: the limits' own tests set small ones.
+            stripe_budget_rps: Some(1_000),
+            ..Default::default()
+        },
+        auth: settings::AuthSettings {
+            admin_api_key: Some(ADMIN_KEY.into()),
+            jwt_secret: Some(JWT_SECRET.into()),
+            ..Default::default()
+        },
+        portal: settings::PortalSettings {
+            app_url: Some(APP_URL.into()),
+            ..Default::default()
+        },
+        outbox: settings::OutboxSettings {
+            outbox_poll_ms: Some(20),
+            outbox_debounce_ms: Some(150),
+            outbox_backoff_base_ms: Some(50),
+            ..Default::default()
+        },
+        webhooks: settings::WebhookSettings {
+            stripe_webhook_secret: Some(WEBHOOK_SECRET.into()),
+            ..Default::default()
+        },
+        // Many requests of one user at once, for the same reason.
+        user_limits: settings::UserLimitSettings {
+            user_portal_burst: Some(1_000),
+            user_export_burst: Some(1_000),
+            user_delete_burst: Some(1_000),
+            ..Default::default()
+        },
         ..Default::default()
     })
     .expect("test config");
