@@ -2,6 +2,7 @@
 //!
 //! The library holds the whole service; the `billsync` binary is a thin CLI over it.
 
+pub mod app;
 pub mod auth;
 pub mod cli;
 pub mod config;

@@ -302,8 +302,11 @@ async fn issuer_is_checked_when_configured() {
     let store = support::sqlite_store().await;
     let mut config = support::test_config(DEAD_STRIPE);
     config.jwt = billsync::config::Config::load(&billsync::config::ConfigArgs {
-        jwt_secret: Some(support::JWT_SECRET.into()),
-        jwt_issuer: Some("https://project.supabase.co/auth/v1".into()),
+        auth: billsync::config::settings::AuthSettings {
+            jwt_secret: Some(support::JWT_SECRET.into()),
+            jwt_issuer: Some("https://project.supabase.co/auth/v1".into()),
+            ..Default::default()
+        },
         ..Default::default()
     })
     .unwrap()

@@ -1,4 +1,5 @@
-//! The HTTP surface: `app(state)` builds the router (tests call it directly); `serve` binds it.
+//! The HTTP surface: `app(state)` builds the router, `server::serve` serves it on a listener
+//! (both put together by `crate::app`), and `shutdown_signal` says when to stop.
 
 mod admin;
 pub mod extract;
@@ -30,7 +31,7 @@ pub use admin::{UserBody, UserView};
 
 use crate::{
     auth::JwtVerifier,
-    config::{Config, Secret, ServerLimits},
+    config::{Config, Secret},
     customers::CustomerResolver,
     error::ApiError,
     jobs::OutboxWorker,
@@ -310,15 +311,7 @@ async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     }
 }
 
-/// Serves until SIGINT or SIGTERM, then lets in-flight requests finish.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    router: Router,
-    limits: ServerLimits,
-) -> std::io::Result<()> {
-    server::serve(listener, router, limits, shutdown_signal()).await
-}
-
+/// Completes on SIGINT or SIGTERM.
 pub async fn shutdown_signal() {
     let interrupt = async {
         let _ = tokio::signal::ctrl_c().await;

@@ -14,10 +14,10 @@ use std::{
 };
 
 use billsync::{
-    config::{Config, ConfigArgs},
-    http::{app, AppState},
+    app::Application,
+    config::{settings, Config, ConfigArgs},
+    http::AppState,
     store::{self, Store},
-    stripe::StripeClient,
 };
 use serde_json::Value;
 
@@ -226,23 +226,42 @@ pub async fn private_localstripe(test: &str) -> Option<PrivateLocalStripe> {
 /// Test configuration: short Stripe timeouts and retry delays, an admin key.
 pub fn test_config(stripe_base: &str) -> Config {
     let mut config = Config::load(&ConfigArgs {
-        stripe_secret_key: Some(STRIPE_KEY.into()),
-        stripe_api_base: Some(stripe_base.into()),
-        admin_api_key: Some(ADMIN_KEY.into()),
-        stripe_timeout_ms: Some(2_000),
-        stripe_max_retries: Some(2),
-        jwt_secret: Some(JWT_SECRET.into()),
-        app_url: Some(APP_URL.into()),
-        outbox_poll_ms: Some(20),
-        outbox_debounce_ms: Some(150),
-        outbox_backoff_base_ms: Some(50),
-        stripe_webhook_secret: Some(WEBHOOK_SECRET.into()),
-        // Fakes and localstripe have no rate limit to protect, and the flows under test make
-        // many calls and requests at once: the limits' own tests set small ones.
-        stripe_budget_rps: Some(1_000),
-        user_portal_burst: Some(1_000),
-        user_export_burst: Some(1_000),
-        user_delete_burst: Some(1_000),
+        stripe: settings::StripeSettings {
+            stripe_secret_key: Some(STRIPE_KEY.into()),
+            stripe_api_base: Some(stripe_base.into()),
+            stripe_timeout_ms: Some(2_000),
+            stripe_max_retries: Some(2),
+            // Fakes and localstripe have no rate limit to protect, and the flows under test make
+            // many calls and requests at once: the limits' own tests set small ones.
+            stripe_budget_rps: Some(1_000),
+            ..Default::default()
+        },
+        auth: settings::AuthSettings {
+            admin_api_key: Some(ADMIN_KEY.into()),
+            jwt_secret: Some(JWT_SECRET.into()),
+            ..Default::default()
+        },
+        portal: settings::PortalSettings {
+            app_url: Some(APP_URL.into()),
+            ..Default::default()
+        },
+        outbox: settings::OutboxSettings {
+            outbox_poll_ms: Some(20),
+            outbox_debounce_ms: Some(150),
+            outbox_backoff_base_ms: Some(50),
+            ..Default::default()
+        },
+        webhooks: settings::WebhookSettings {
+            stripe_webhook_secret: Some(WEBHOOK_SECRET.into()),
+            ..Default::default()
+        },
+        // Many requests of one user at once, for the same reason.
+        user_limits: settings::UserLimitSettings {
+            user_portal_burst: Some(1_000),
+            user_export_burst: Some(1_000),
+            user_delete_burst: Some(1_000),
+            ..Default::default()
+        },
         ..Default::default()
     })
     .expect("test config");
@@ -253,14 +272,14 @@ pub fn test_config(stripe_base: &str) -> Config {
     config
 }
 
-/// A billsync server on a real loopback port, with its outbox worker running.
+/// A billsync server on a real loopback port, built and run by the production composition
+/// root (with its outbox worker and event applier); stopped when dropped.
 pub struct TestApp {
     pub base_url: String,
     pub addr: SocketAddr,
     pub state: AppState,
     pub http: reqwest::Client,
-    _server: AbortOnDrop,
-    _worker: AbortOnDrop,
+    _running: AbortOnDrop,
 }
 
 pub struct AbortOnDrop(pub tokio::task::JoinHandle<()>);
@@ -273,38 +292,26 @@ impl Drop for AbortOnDrop {
 
 impl TestApp {
     pub async fn spawn(store: Arc<dyn Store>, config: &Config) -> Self {
-        let stripe = StripeClient::new(
-            &config.stripe,
-            config.stripe_secret_key().expect("test stripe key"),
-        )
-        .expect("stripe client");
-        let state = AppState::new(config, store, stripe);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        let mut config = config.clone();
+        config.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+        let application = Application::build_with_store(&config, store)
             .await
-            .expect("bind");
-        let addr = listener.local_addr().expect("local addr");
-        let router = app(state.clone());
-        let limits = config.server;
-        // The production server, with its limits (and a shutdown that never comes).
-        let server = tokio::spawn(async move {
-            billsync::http::server::serve(listener, router, limits, std::future::pending())
+            .expect("build the application");
+        let addr = application.local_addr().expect("local addr");
+        let state = application.state().clone();
+        // A shutdown that never comes: the test ends by dropping the app.
+        let running = tokio::spawn(async move {
+            application
+                .run_until_stopped(std::future::pending())
                 .await
                 .expect("server runs");
-        });
-        let (_stop, stopping) = tokio::sync::watch::channel(false);
-        let worker = state.worker.clone();
-        let applier = state.applier.clone();
-        let worker = tokio::spawn(async move {
-            let _keep_sender = _stop;
-            tokio::join!(worker.run(stopping.clone()), applier.run(stopping));
         });
         Self {
             base_url: format!("http://{addr}"),
             addr,
             state,
             http: reqwest::Client::new(),
-            _server: AbortOnDrop(server),
-            _worker: AbortOnDrop(worker),
+            _running: AbortOnDrop(running),
         }
     }
 
