@@ -7,8 +7,8 @@ use std::{sync::Arc, time::Duration};
 use billsync::{
     domain::{Email, LinkSource, PersonName, Phone, StripeCustomerId, UserId},
     store::{
-        Erased, JobKind, JobOutcome, JobState, LinkOutcome, PushedProfile, Store, StoreError,
-        SubscriptionMirror, UserUpsert,
+        Erased, EventToApply, JobKind, JobOutcome, JobState, LinkOutcome, PushedProfile, Store,
+        StoreError, StoreResult, SubscriptionMirror, UserUpsert,
     },
 };
 use support::Backend;
@@ -26,6 +26,46 @@ fn upsert(id: &str, email: &str) -> UserUpsert {
 
 fn cus(id: &str) -> StripeCustomerId {
     StripeCustomerId::parse(id).unwrap()
+}
+
+/// One-customer forms of the batch methods, as the suite asserts them; written on the live
+/// batch methods, which the store no longer duplicates.
+trait OneCustomer {
+    async fn customer_events(&self, customer: &str, limit: u32) -> StoreResult<Vec<EventToApply>>;
+    async fn try_lease_customer(
+        &self,
+        customer: &str,
+        holder: &str,
+        lease: Duration,
+    ) -> StoreResult<bool>;
+    async fn release_customer(&self, customer: &str, holder: &str) -> StoreResult<()>;
+    async fn link_watermark(&self, customer: &str) -> StoreResult<Option<(i64, Option<String>)>>;
+}
+
+impl<S: Store + ?Sized> OneCustomer for S {
+    async fn customer_events(&self, customer: &str, limit: u32) -> StoreResult<Vec<EventToApply>> {
+        let mut found = self.customers_events(&[customer.to_owned()], limit).await?;
+        Ok(found.pop().map(|(_, events)| events).unwrap_or_default())
+    }
+    async fn try_lease_customer(
+        &self,
+        customer: &str,
+        holder: &str,
+        lease: Duration,
+    ) -> StoreResult<bool> {
+        let leased = self
+            .try_lease_customers(&[customer.to_owned()], holder, lease)
+            .await?;
+        Ok(!leased.is_empty())
+    }
+    async fn release_customer(&self, customer: &str, holder: &str) -> StoreResult<()> {
+        self.release_customers(&[customer.to_owned()], holder).await
+    }
+    /// The applier reads a link's watermark with its update context.
+    async fn link_watermark(&self, customer: &str) -> StoreResult<Option<(i64, Option<String>)>> {
+        let mut contexts = self.update_contexts(&[customer.to_owned()]).await?;
+        Ok(contexts.pop().and_then(|c| c.watermark))
+    }
 }
 
 async fn users_round_trip_and_version_counts_changes(backend: Backend) {
@@ -985,9 +1025,8 @@ async fn erasure_removes_the_user_and_keeps_no_personal_data(backend: Backend) {
         jobs.iter().all(|j| j.kind == JobKind::Erase),
         "pending pushes dropped: {jobs:?}"
     );
-    let audit = store.recent_audit(5).await.unwrap();
-    assert_eq!(audit[0].1, "account_erased");
-    assert_eq!(audit[0].2.as_deref(), Some("hash123"));
+    let audit = store.audit_for_subject("hash123").await.unwrap();
+    assert_eq!(audit.last().unwrap().action, "account_erased");
     assert!(!format!("{audit:?}").contains("erase-me"));
     assert!(!format!("{audit:?}").contains("e2@example.com"));
     // Again: nothing left to erase.
@@ -1048,7 +1087,10 @@ async fn usage_subscriptions_and_pushes_round_trip(backend: Backend) {
         ended_at: None,
         items: vec![],
     };
-    store.upsert_subscription(&sub).await.unwrap();
+    store
+        .upsert_subscription_if_newer(&sub, 1, "evt_sub_1")
+        .await
+        .unwrap();
     sub.status = "canceled".into();
     sub.cancel_at_period_end = true;
     // basil's cancellation fields and every item round-trip (issue 12 §4).
@@ -1069,7 +1111,10 @@ async fn usage_subscriptions_and_pushes_round_trip(backend: Backend) {
             current_period_end: None,
         },
     ];
-    store.upsert_subscription(&sub).await.unwrap();
+    store
+        .upsert_subscription_if_newer(&sub, 2, "evt_sub_2")
+        .await
+        .unwrap();
     assert_eq!(store.list_subscriptions(&user).await.unwrap(), vec![sub]);
 
     assert_eq!(store.last_push(&user).await.unwrap(), None);

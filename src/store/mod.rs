@@ -514,11 +514,6 @@ pub trait Store: Send + Sync + 'static {
         subject_hash: Option<&str>,
         detail: &serde_json::Value,
     ) -> StoreResult<()>;
-    /// Newest first: (actor, action, subject_hash, detail).
-    async fn recent_audit(
-        &self,
-        limit: u32,
-    ) -> StoreResult<Vec<(String, String, Option<String>, serde_json::Value)>>;
 
     async fn insert_usage_record(
         &self,
@@ -535,7 +530,6 @@ pub trait Store: Send + Sync + 'static {
         limit: u32,
     ) -> StoreResult<Vec<UsageRecord>>;
 
-    async fn upsert_subscription(&self, subscription: &SubscriptionMirror) -> StoreResult<()>;
     async fn list_subscriptions(&self, user: &UserId) -> StoreResult<Vec<SubscriptionMirror>>;
 
     /// The setting `name`, written as `value` first if it has none; returns what is stored
@@ -596,20 +590,6 @@ pub trait Store: Send + Sync + 'static {
         lease: Duration,
     ) -> StoreResult<Vec<String>>;
     async fn release_customers(&self, customers: &[String], holder: &str) -> StoreResult<()>;
-    async fn try_lease_customer(
-        &self,
-        customer: &str,
-        holder: &str,
-        lease: Duration,
-    ) -> StoreResult<bool> {
-        let leased = self
-            .try_lease_customers(&[customer.to_owned()], holder, lease)
-            .await?;
-        Ok(!leased.is_empty())
-    }
-    async fn release_customer(&self, customer: &str, holder: &str) -> StoreResult<()> {
-        self.release_customers(&[customer.to_owned()], holder).await
-    }
     /// Each customer's applicable events in order (Stripe's `created`, then arrival), up to
     /// `limit` per customer, in one query; customers without any are left out.
     async fn customers_events(
@@ -617,10 +597,6 @@ pub trait Store: Send + Sync + 'static {
         customers: &[String],
         limit: u32,
     ) -> StoreResult<Vec<(String, Vec<EventToApply>)>>;
-    async fn customer_events(&self, customer: &str, limit: u32) -> StoreResult<Vec<EventToApply>> {
-        let mut found = self.customers_events(&[customer.to_owned()], limit).await?;
-        Ok(found.pop().map(|(_, events)| events).unwrap_or_default())
-    }
     /// The linked user of each customer, with what applying a snapshot to them needs;
     /// customers not linked to a user are left out.
     async fn update_contexts(&self, customers: &[String]) -> StoreResult<Vec<UpdateContext>>;
@@ -635,8 +611,6 @@ pub trait Store: Send + Sync + 'static {
     async fn finish_event(&self, id: &str, outcome: &EventOutcome) -> StoreResult<()> {
         self.finish_events(&[id.to_owned()], outcome).await
     }
-    /// The `created` and event id of the newest customer snapshot applied to this link.
-    async fn link_watermark(&self, customer: &str) -> StoreResult<Option<(i64, Option<String>)>>;
     async fn raise_link_watermark(
         &self,
         customer: &str,
@@ -651,8 +625,6 @@ pub trait Store: Send + Sync + 'static {
         expected: i64,
         pushed: &PushedProfile,
     ) -> StoreResult<Option<User>>;
-    /// Whether a profile push for the user is pending or in flight (local edits win then).
-    async fn has_active_push(&self, user: &UserId) -> StoreResult<bool>;
     /// After `customer.deleted` (its `created` and event id): the customer's subscriptions
     /// become canceled at period end, and their watermark rises to the deletion, so an older
     /// subscription event cannot bring them back.

@@ -1045,23 +1045,6 @@ impl Store for PgStore {
         Ok(())
     }
 
-    async fn recent_audit(
-        &self,
-        limit: u32,
-    ) -> StoreResult<Vec<(String, String, Option<String>, serde_json::Value)>> {
-        let rows: Vec<(String, String, Option<String>, String)> = sqlx::query_as(
-            "SELECT actor, action, subject_hash, detail FROM audit_log ORDER BY id DESC LIMIT $1",
-        )
-        .bind(i64::from(limit))
-        .fetch_all(&self.pool)
-        .await?;
-        rows.into_iter()
-            .map(|(actor, action, subject, detail)| {
-                Ok((actor, action, subject, parse_json(&detail)?))
-            })
-            .collect()
-    }
-
     async fn insert_usage_record(
         &self,
         user: &UserId,
@@ -1190,36 +1173,6 @@ impl Store for PgStore {
                 },
             )
             .collect())
-    }
-
-    async fn upsert_subscription(&self, sub: &SubscriptionMirror) -> StoreResult<()> {
-        sqlx::query(
-            "INSERT INTO subscriptions (id, user_id, stripe_customer_id, status, price_id,
-                                        cancel_at_period_end, current_period_end, created_at,
-                                        updated_at, cancel_at, canceled_at, ended_at, items)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8, $9, $10, $11, $12)
-             ON CONFLICT (id) DO UPDATE SET user_id = EXCLUDED.user_id,
-                stripe_customer_id = EXCLUDED.stripe_customer_id, status = EXCLUDED.status,
-                price_id = EXCLUDED.price_id, cancel_at_period_end = EXCLUDED.cancel_at_period_end,
-                current_period_end = EXCLUDED.current_period_end, updated_at = EXCLUDED.updated_at,
-                cancel_at = EXCLUDED.cancel_at, canceled_at = EXCLUDED.canceled_at,
-                ended_at = EXCLUDED.ended_at, items = EXCLUDED.items",
-        )
-        .bind(&sub.id)
-        .bind(sub.user_id.as_ref().map(UserId::as_str))
-        .bind(&sub.customer_id)
-        .bind(&sub.status)
-        .bind(&sub.price_id)
-        .bind(sub.cancel_at_period_end)
-        .bind(sub.current_period_end)
-        .bind(sub.updated_at)
-        .bind(sub.cancel_at)
-        .bind(sub.canceled_at)
-        .bind(sub.ended_at)
-        .bind(super::items_json(&sub.items))
-        .execute(&self.pool)
-        .await?;
-        Ok(())
     }
 
     async fn list_subscriptions(&self, user: &UserId) -> StoreResult<Vec<SubscriptionMirror>> {
@@ -1706,17 +1659,6 @@ impl Store for PgStore {
         Ok(())
     }
 
-    async fn link_watermark(&self, customer: &str) -> StoreResult<Option<(i64, Option<String>)>> {
-        let row: Option<(Option<i64>, Option<String>)> = sqlx::query_as(
-            "SELECT event_watermark, event_watermark_id FROM customer_links
-             WHERE stripe_customer_id = $1",
-        )
-        .bind(customer)
-        .fetch_optional(&self.pool)
-        .await?;
-        Ok(row.and_then(|(created, id)| created.map(|c| (c, id))))
-    }
-
     async fn raise_link_watermark(
         &self,
         customer: &str,
@@ -1761,16 +1703,6 @@ impl Store for PgStore {
         .await?;
         tx.commit().await?;
         Ok(Some(saved))
-    }
-
-    async fn has_active_push(&self, user: &UserId) -> StoreResult<bool> {
-        Ok(sqlx::query_scalar(
-            "SELECT EXISTS (SELECT 1 FROM outbox WHERE user_id = $1 AND kind = 'push_profile'
-                                                 AND state IN ('pending', 'in_flight'))",
-        )
-        .bind(user.as_str())
-        .fetch_one(&self.pool)
-        .await?)
     }
 
     async fn cancel_customer_subscriptions(
