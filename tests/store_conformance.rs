@@ -4,6 +4,7 @@ mod support;
 
 use std::{sync::Arc, time::Duration};
 
+use billsync::store::prelude::*;
 use billsync::{
     domain::{Email, LinkSource, PersonName, Phone, StripeCustomerId, UserId},
     store::{
