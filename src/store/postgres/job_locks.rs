@@ -1,8 +1,6 @@
 //! A claimed job's session advisory lock: its holder's session is alive while the job runs,
 //! so another instance takes over a job whose holder died at once, lease or not.
 
-use std::sync::Arc;
-
 use super::{
     common::{jobs::JobClaim, rows::job_from_row},
     LockSession, PgStore,
@@ -123,10 +121,7 @@ impl PgStore {
             }
         };
         if !locked.is_empty() {
-            let session = Arc::new(tokio::sync::Mutex::new(LockSession {
-                connection: Some(connection),
-                held: locked.len(),
-            }));
+            let session = LockSession::shared(connection, locked.len());
             let mut table = self.job_locks.lock().expect("job lock map poisoned");
             for job in jobs.iter().filter(|j| locked.contains(&j.id)) {
                 let token = job.claim_token.clone().unwrap_or_default();
@@ -146,28 +141,12 @@ impl PgStore {
             table.remove(&id).map(|(_, session)| session)
         };
         let Some(session) = session else { return };
-        let mut session = session.lock().await;
-        let Some(connection) = session.connection.as_mut() else {
-            return; // closed after an error: its locks are gone
-        };
-        let unlocked = sqlx::query("SELECT pg_advisory_unlock($1, ($2 % 2147483647)::int4)")
+        let unlock = sqlx::query("SELECT pg_advisory_unlock($1, ($2 % 2147483647)::int4)")
             .bind(JOB_LOCK_SPACE)
-            .bind(id)
-            .execute(&mut **connection)
-            .await;
-        match unlocked {
-            Ok(_) => {
-                session.held = session.held.saturating_sub(1);
-                if session.held == 0 {
-                    session.connection = None; // back to the pool, holding nothing
-                }
-            }
-            Err(err) => {
-                tracing::warn!(error = %err, job_id = id, "cannot release a job lock; closing its session");
-                if let Some(connection) = session.connection.take() {
-                    drop(connection.detach());
-                }
-            }
+            .bind(id);
+        let unlocked = session.lock().await.unlock(unlock, 1).await;
+        if let Err(err) = unlocked {
+            tracing::warn!(error = %err, job_id = id, "cannot release a job lock; closed its session");
         }
     }
 }

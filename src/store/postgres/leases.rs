@@ -42,10 +42,7 @@ impl Leases for PgStore {
             }
         };
         if !locked.is_empty() {
-            let session = Arc::new(tokio::sync::Mutex::new(LockSession {
-                connection: Some(connection),
-                held: locked.len(),
-            }));
+            let session = LockSession::shared(connection, locked.len());
             let mut table = self
                 .customer_locks
                 .lock()
@@ -81,31 +78,13 @@ impl Leases for PgStore {
         }
         let mut first_error = None;
         for (session, released) in sessions {
-            let mut session = session.lock().await;
-            let Some(connection) = session.connection.as_mut() else {
-                continue; // closed after an error: its locks are gone
-            };
-            let unlocked = sqlx::query(
+            let unlock = sqlx::query(
                 "SELECT pg_advisory_unlock(hashtextextended(c, 42)) FROM unnest($1::text[]) AS c",
             )
-            .bind(&released)
-            .execute(&mut **connection)
-            .await;
-            match unlocked {
-                Ok(_) => {
-                    session.held = session.held.saturating_sub(released.len());
-                    if session.held == 0 {
-                        session.connection = None; // back to the pool, holding nothing
-                    }
-                }
-                Err(err) => {
-                    // Never return a connection that may still hold locks to the pool:
-                    // closing it frees them.
-                    if let Some(connection) = session.connection.take() {
-                        drop(connection.detach());
-                    }
-                    first_error.get_or_insert(err);
-                }
+            .bind(&released);
+            let unlocked = session.lock().await.unlock(unlock, released.len()).await;
+            if let Err(err) = unlocked {
+                first_error.get_or_insert(err);
             }
         }
         match first_error {

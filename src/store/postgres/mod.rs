@@ -35,6 +35,43 @@ struct LockSession {
     held: usize,
 }
 
+impl LockSession {
+    fn shared(connection: PoolConnection<Postgres>, held: usize) -> SharedLockSession {
+        Arc::new(tokio::sync::Mutex::new(Self {
+            connection: Some(connection),
+            held,
+        }))
+    }
+
+    /// Runs `unlock`, which frees `count` of the session's locks. A session left holding
+    /// none goes back to the pool; one whose unlock failed is closed, never returned to the
+    /// pool still holding locks (closing frees them). Nothing to do for a closed one.
+    async fn unlock(
+        &mut self,
+        unlock: sqlx::query::Query<'_, Postgres, sqlx::postgres::PgArguments>,
+        count: usize,
+    ) -> sqlx::Result<()> {
+        let Some(connection) = self.connection.as_mut() else {
+            return Ok(());
+        };
+        match unlock.execute(&mut **connection).await {
+            Ok(_) => {
+                self.held = self.held.saturating_sub(count);
+                if self.held == 0 {
+                    self.connection = None;
+                }
+                Ok(())
+            }
+            Err(err) => {
+                if let Some(connection) = self.connection.take() {
+                    drop(connection.detach());
+                }
+                Err(err)
+            }
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct PgStore {
     pool: PgPool,
