@@ -15,34 +15,27 @@ use crate::domain::{
     UsageRecord, User, UserId, UserUpsert,
 };
 
-/// Every aggregate's store, behind one object.
-pub trait Store:
-    Operations
-    + Users
-    + Links
-    + ResolveClaims
-    + OutboxJobs
-    + Erasure
-    + Subscriptions
-    + EventInbox
-    + Leases
-    + PortalConfigs
-{
+/// `Store` is every aggregate's trait, and everything that implements them all is one.
+macro_rules! store_of {
+    ($($aggregate:ident),*) => {
+        /// Every aggregate's store, behind one object.
+        pub trait Store: $($aggregate +)* {}
+        impl<T: $($aggregate +)*> Store for T {}
+    };
 }
 
-impl<T> Store for T where
-    T: Operations
-        + Users
-        + Links
-        + ResolveClaims
-        + OutboxJobs
-        + Erasure
-        + Subscriptions
-        + EventInbox
-        + Leases
-        + PortalConfigs
-{
-}
+store_of!(
+    Operations,
+    Users,
+    Links,
+    ResolveClaims,
+    OutboxJobs,
+    Erasure,
+    Subscriptions,
+    EventInbox,
+    Leases,
+    PortalConfigs
+);
 
 /// The database itself: its schema, its health, its settings.
 #[async_trait]

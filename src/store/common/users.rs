@@ -4,7 +4,7 @@ use async_trait::async_trait;
 use time::OffsetDateTime;
 
 use super::{
-    dialect::{begin_write, db_time, span, sql, time, Clock, Clocked, Connection, Time},
+    dialect::{begin_write, db_time, span, sql, time, Clock, Clocked, Connection, Db, Time},
     links::record_pushed,
     rows::{user_from_row, UserRow},
     Backend,
@@ -13,6 +13,19 @@ use crate::{
     domain::{PushedProfile, UsageRecord, User, UserId, UserUpsert},
     store::{opt_str, traits::Users, StoreError, StoreResult},
 };
+
+type UserQuery<'q> = sqlx::query::QueryAs<'q, Db, UserRow, <Db as sqlx::Database>::Arguments<'q>>;
+
+/// Binds `$1`..`$6`, the user and their profile, as `{user_changed}` compares them.
+fn bind_profile<'q>(query: UserQuery<'q>, user: &'q UserUpsert) -> UserQuery<'q> {
+    query
+        .bind(user.id.as_str())
+        .bind(user.email.as_str())
+        .bind(user.email_verified)
+        .bind(opt_str(&user.first_name))
+        .bind(opt_str(&user.last_name))
+        .bind(opt_str(&user.phone))
+}
 
 /// Queues a push of the user's profile, unless one is already pending (it will push the
 /// newest state when it runs).
@@ -44,24 +57,19 @@ pub(crate) async fn update_user_in(
     expected: i64,
     now: Clock,
 ) -> StoreResult<Option<User>> {
-    let row: Option<UserRow> = sqlx::query_as(&sql(
+    let statement = sql(
         "UPDATE users SET email = $2, email_verified = $3, first_name = $4, last_name = $5,
                 phone = $6, email_as_given = $8, version = users.version + 1,
                 updated_at = {now_ms}
          WHERE users.id = $1 AND users.version = $7 AND {user_changed}
          RETURNING {user_columns}",
-    ))
-    .bind(user.id.as_str())
-    .bind(user.email.as_str())
-    .bind(user.email_verified)
-    .bind(opt_str(&user.first_name))
-    .bind(opt_str(&user.last_name))
-    .bind(opt_str(&user.phone))
-    .bind(expected)
-    .bind(user.email.as_given())
-    .clock(now)
-    .fetch_optional(db)
-    .await?;
+    );
+    let row: Option<UserRow> = bind_profile(sqlx::query_as(&statement), user)
+        .bind(expected)
+        .bind(user.email.as_given())
+        .clock(now)
+        .fetch_optional(db)
+        .await?;
     row.map(user_from_row).transpose()
 }
 
@@ -79,7 +87,7 @@ impl Users for Backend {
     async fn upsert_user(&self, user: &UserUpsert) -> StoreResult<User> {
         let now = Clock::now();
         let mut tx = begin_write(&self.pool).await?;
-        let written: Option<UserRow> = sqlx::query_as(&sql(
+        let statement = sql(
             "INSERT INTO users (id, email, email_verified, first_name, last_name, phone, version,
                                 created_at, updated_at, email_as_given)
              VALUES ($1, $2, $3, $4, $5, $6, 1, {now_ms}, {now_ms}, $7)
@@ -91,17 +99,12 @@ impl Users for Backend {
                 updated_at = excluded.updated_at
              WHERE {user_changed}
              RETURNING {user_columns}",
-        ))
-        .bind(user.id.as_str())
-        .bind(user.email.as_str())
-        .bind(user.email_verified)
-        .bind(opt_str(&user.first_name))
-        .bind(opt_str(&user.last_name))
-        .bind(opt_str(&user.phone))
-        .bind(user.email.as_given())
-        .clock(now)
-        .fetch_optional(&mut *tx)
-        .await?;
+        );
+        let written: Option<UserRow> = bind_profile(sqlx::query_as(&statement), user)
+            .bind(user.email.as_given())
+            .clock(now)
+            .fetch_optional(&mut *tx)
+            .await?;
         let saved = match written {
             Some(row) => {
                 let saved = user_from_row(row)?;
