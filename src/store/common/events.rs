@@ -3,7 +3,7 @@ use sqlx::Row;
 use time::OffsetDateTime;
 
 use super::{
-    dialect::{begin_write, db_time, ids, span, sql, Clock, Clocked, Connection},
+    dialect::{begin_write, db_time, ids, span, sql, Clock, Clocked},
     rows::{event_from_row, user_from_row, EventRow, UserRow},
     Backend,
 };
@@ -15,38 +15,10 @@ use crate::{
     store::{clip_error, pushed_profile, traits::EventInbox, StoreResult, DUE_WINDOW_PER_CUSTOMER},
 };
 
-/// Finishes applied events: deletes their queue rows; the event row is rewritten only for an
-/// event that failed before, to keep its attempt count.
-pub(crate) async fn finish_applied(
-    db: &mut Connection,
-    events: &[String],
-    now: Clock,
-) -> StoreResult<()> {
-    if events.is_empty() {
-        return Ok(());
-    }
-    sqlx::query(&sql("UPDATE stripe_events
-         SET state = 'applied', last_error = NULL, applied_at = {now},
-             attempts = (SELECT q.attempts FROM stripe_event_queue q
-                         WHERE q.event_id = stripe_events.id)
-         WHERE id IN (SELECT event_id FROM stripe_event_queue
-                      WHERE event_id {in $1} AND attempts > 0)"))
-    .bind(ids(events))
-    .clock(now)
-    .execute(&mut *db)
-    .await?;
-    sqlx::query(&sql(
-        "DELETE FROM stripe_event_queue WHERE event_id {in $1}",
-    ))
-    .bind(ids(events))
-    .execute(db)
-    .await?;
-    Ok(())
-}
-
-/// Storing a batch, reading many customers' queues and committing many customers' updates
-/// are batched differently per backend (`Backend::store_events`, `queued_events`,
-/// `commit_updates`): Postgres in one statement each, SQLite a statement per row.
+/// Storing a batch, reading many customers' queues, committing many customers' updates and
+/// finishing applied events are done differently per backend (`Backend::store_events`,
+/// `queued_events`, `commit_updates`, `finish_applied`): Postgres in one statement each,
+/// SQLite a statement per row.
 #[async_trait]
 impl EventInbox for Backend {
     async fn insert_events(&self, events: &[NewEvent]) -> StoreResult<Vec<bool>> {
@@ -235,7 +207,7 @@ impl EventInbox for Backend {
             // attempt count; the common case deletes queue rows and nothing else.
             EventOutcome::Applied => {
                 let mut tx = begin_write(&self.pool).await?;
-                finish_applied(&mut tx, events, now).await?;
+                Backend::finish_applied(&mut tx, events, now).await?;
                 tx.commit().await?;
             }
             EventOutcome::Retry { delay, error } => {

@@ -5,10 +5,7 @@ use std::collections::HashMap;
 use sqlx::{Row, Transaction};
 
 use super::{
-    common::{
-        events::finish_applied,
-        rows::{event_from_row, EventRow},
-    },
+    common::rows::{event_from_row, EventRow},
     dialect::Clock,
     PgStore,
 };
@@ -18,6 +15,31 @@ use crate::{
 };
 
 impl PgStore {
+    /// Finishes applied events: deletes their queue rows; the event row is rewritten only for
+    /// an event that failed before, to keep its attempt count. One statement, as it is run
+    /// for every batch applied.
+    pub(super) async fn finish_applied(
+        db: &mut sqlx::PgConnection,
+        events: &[String],
+        _now: Clock,
+    ) -> StoreResult<()> {
+        if !events.is_empty() {
+            sqlx::query(
+                "WITH done AS (
+                     DELETE FROM stripe_event_queue WHERE event_id = ANY($1)
+                     RETURNING event_id, attempts)
+                 UPDATE stripe_events e
+                 SET state = 'applied', attempts = done.attempts, last_error = NULL,
+                     applied_at = now()
+                 FROM done WHERE e.id = done.event_id AND done.attempts > 0",
+            )
+            .bind(events)
+            .execute(db)
+            .await?;
+        }
+        Ok(())
+    }
+
     pub(super) async fn store_events(&self, events: &[NewEvent]) -> StoreResult<Vec<bool>> {
         // UNNEST keeps arrival order for arrival_seq. Events to apply also get their queue
         // row, in the same statement.
@@ -149,7 +171,7 @@ impl PgStore {
             .iter()
             .flat_map(|u| u.events.iter().cloned())
             .collect::<Vec<_>>();
-        finish_applied(&mut tx, &events, Clock::now()).await?;
+        Self::finish_applied(&mut tx, &events, Clock::now()).await?;
         tx.commit().await?;
         Ok(conflicts)
     }

@@ -6,12 +6,11 @@ use sqlx::Row;
 
 use super::{
     common::{
-        events::finish_applied,
         links::{raise_watermark, record_pushed},
         rows::{event_from_row, EventRow},
         users::update_user_in,
     },
-    dialect::{begin_write, sql, time, Clock, Clocked, Time},
+    dialect::{begin_write, ids, sql, time, Clock, Clocked, Time},
     SqliteStore,
 };
 use crate::{
@@ -20,6 +19,35 @@ use crate::{
 };
 
 impl SqliteStore {
+    /// Finishes applied events: deletes their queue rows; the event row is rewritten only for an
+    /// event that failed before, to keep its attempt count.
+    pub(super) async fn finish_applied(
+        db: &mut sqlx::SqliteConnection,
+        events: &[String],
+        now: Clock,
+    ) -> StoreResult<()> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        sqlx::query(&sql("UPDATE stripe_events
+             SET state = 'applied', last_error = NULL, applied_at = {now},
+                 attempts = (SELECT q.attempts FROM stripe_event_queue q
+                             WHERE q.event_id = stripe_events.id)
+             WHERE id IN (SELECT event_id FROM stripe_event_queue
+                          WHERE event_id {in $1} AND attempts > 0)"))
+        .bind(ids(events))
+        .clock(now)
+        .execute(&mut *db)
+        .await?;
+        sqlx::query(&sql(
+            "DELETE FROM stripe_event_queue WHERE event_id {in $1}",
+        ))
+        .bind(ids(events))
+        .execute(db)
+        .await?;
+        Ok(())
+    }
+
     pub(super) async fn store_events(&self, events: &[NewEvent]) -> StoreResult<Vec<bool>> {
         let now = Clock::now();
         let mut tx = begin_write(&self.pool).await?;
@@ -146,7 +174,7 @@ impl SqliteStore {
             }
             finished.extend(update.events.iter().cloned());
         }
-        finish_applied(&mut tx, &finished, now).await?;
+        Self::finish_applied(&mut tx, &finished, now).await?;
         tx.commit().await?;
         Ok(conflicts)
     }
