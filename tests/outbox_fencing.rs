@@ -12,7 +12,7 @@ use std::{
 
 use billsync::{
     domain::UserId,
-    store::{JobKind, JobState, Store},
+    store::{prelude::*, JobKind, JobState},
 };
 use reqwest::Method;
 use serde_json::json;

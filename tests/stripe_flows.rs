@@ -137,20 +137,24 @@ async fn portal_sessions_send_what_stripe_documents(backend: Backend) {
     w.app
         .state
         .store
-        .upsert_subscription(&SubscriptionMirror {
-            id: "sub_live".into(),
-            user_id: Some(UserId::parse("portal-user").unwrap()),
-            customer_id: "cus_portaluser".into(),
-            status: "active".into(),
-            price_id: None,
-            cancel_at_period_end: false,
-            current_period_end: None,
-            updated_at: billsync::store::now(),
-            cancel_at: None,
-            canceled_at: None,
-            ended_at: None,
-            items: vec![],
-        })
+        .upsert_subscription_if_newer(
+            &SubscriptionMirror {
+                id: "sub_live".into(),
+                user_id: Some(UserId::parse("portal-user").unwrap()),
+                customer_id: "cus_portaluser".into(),
+                status: "active".into(),
+                price_id: None,
+                cancel_at_period_end: false,
+                current_period_end: None,
+                updated_at: billsync::store::now(),
+                cancel_at: None,
+                canceled_at: None,
+                ended_at: None,
+                items: vec![],
+            },
+            0,
+            "evt_fixture",
+        )
         .await
         .unwrap();
     let cancel = w

@@ -182,20 +182,24 @@ async fn export_contains_every_section(backend: Backend) {
     w.app
         .state
         .store
-        .upsert_subscription(&billsync::store::SubscriptionMirror {
-            id: "sub_export".into(),
-            user_id: Some(id.clone()),
-            customer_id: customer.clone(),
-            status: "active".into(),
-            price_id: Some("price_pro".into()),
-            cancel_at_period_end: false,
-            current_period_end: None,
-            updated_at: billsync::store::now(),
-            cancel_at: None,
-            canceled_at: None,
-            ended_at: None,
-            items: vec![],
-        })
+        .upsert_subscription_if_newer(
+            &billsync::store::SubscriptionMirror {
+                id: "sub_export".into(),
+                user_id: Some(id.clone()),
+                customer_id: customer.clone(),
+                status: "active".into(),
+                price_id: Some("price_pro".into()),
+                cancel_at_period_end: false,
+                current_period_end: None,
+                updated_at: billsync::store::now(),
+                cancel_at: None,
+                canceled_at: None,
+                ended_at: None,
+                items: vec![],
+            },
+            0,
+            "evt_fixture",
+        )
         .await
         .unwrap();
     let response = w
@@ -326,14 +330,11 @@ async fn erasure_keeps_a_scrubbed_customer_by_default(backend: Backend) {
         .await
         .unwrap();
     assert_eq!(local.status(), 404, "no local data left");
-    let audit = w.app.state.store.recent_audit(20).await.unwrap();
     let hash = billsync::gdpr::subject_hash(&billsync::domain::UserId::parse(&user).unwrap());
-    let entry = audit
-        .iter()
-        .find(|a| a.2.as_deref() == Some(hash.as_str()))
-        .expect("audit entry");
-    assert_eq!(entry.1, "account_erased");
-    assert_eq!(entry.3["delete_from_stripe"], false);
+    let audit = w.app.state.store.audit_for_subject(&hash).await.unwrap();
+    let entry = audit.last().expect("audit entry");
+    assert_eq!(entry.action, "account_erased");
+    assert_eq!(entry.detail["delete_from_stripe"], false);
     assert!(
         !format!("{audit:?}").contains(&user),
         "no personal data in the audit log"

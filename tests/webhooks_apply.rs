@@ -828,11 +828,11 @@ async fn a_mixed_batch_applies_each_customer_as_if_alone(backend: Backend) {
         "older than the one applied"
     );
     assert_eq!(
-        b.store.store.link_watermark("cus_run7").await.unwrap(),
+        support::link_watermark(b.store.store.as_ref(), "cus_run7").await,
         Some((102, Some("evt_run7_2".to_owned())))
     );
     assert_eq!(
-        b.store.store.link_watermark("cus_old").await.unwrap(),
+        support::link_watermark(b.store.store.as_ref(), "cus_old").await,
         Some((500, Some("evt_old_seen".to_owned()))),
         "a watermark never goes back"
     );

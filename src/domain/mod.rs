@@ -1,9 +1,24 @@
 //! Domain newtypes: every input is parsed into one of these at the edge, so the rest of the
-//! code never handles an unvalidated string.
+//! code never handles an unvalidated string. The entities billsync keeps (users, links, jobs,
+//! events, the billing mirror) are defined here too; `store` persists them.
 
 use std::fmt;
 
 use serde::{Serialize, Serializer};
+
+mod billing;
+mod event;
+mod job;
+mod link;
+mod user;
+
+pub use billing::{PortalConfigRecord, SubscriptionItemMirror, SubscriptionMirror};
+pub use event::{
+    CustomerUpdate, EventOutcome, EventState, EventToApply, NewEvent, StoredEvent, UpdateContext,
+};
+pub use job::{AuditEntry, Erased, JobKind, JobOutcome, JobState, OutboxJob};
+pub use link::{CustomerLink, LinkOutcome, ResolveClaim};
+pub use user::{PushedProfile, RemoteProfile, UsageRecord, User, UserUpsert};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{message}")]

@@ -1,21 +1,44 @@
-//! Persistence. One [`Store`] trait, a Postgres implementation for production (several
-//! instances may share it) and a SQLite one as the embedded default. `tests/store_conformance.rs`
-//! runs the same suite against both.
+//! Persistence. One trait per aggregate ([`traits`]), all of them together as [`Store`]; a
+//! Postgres implementation for production (several instances may share it) and a SQLite one
+//! as the embedded default. The statements both run are written once, in `common/`, which
+//! each backend mounts with its own dialect; `postgres/` and `sqlite/` hold only what really
+//! differs (leases, job locks, batching, the link cache's listener, the serving lock).
+//! `tests/store_conformance.rs` runs the same suite against both.
 
 use std::{sync::Arc, time::Duration};
 
-use async_trait::async_trait;
-use sqlx::migrate::{Migration, MigrationType, Migrator};
 use time::OffsetDateTime;
 
-use crate::domain::{Email, LinkSource, PersonName, Phone, StripeCustomerId, UserId};
+use crate::domain::{StripeCustomerId, UserId};
 
 mod link_cache;
+mod migrations;
 mod postgres;
+mod sql;
 mod sqlite;
+pub mod traits;
 
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
+pub use traits::{
+    Erasure, EventInbox, Leases, Links, Operations, OutboxJobs, PortalConfigs, ResolveClaims,
+    Store, Subscriptions, Users,
+};
+// The entities live in `domain`; re-exported here, where their callers have always found them.
+pub use crate::domain::{
+    AuditEntry, CustomerLink, CustomerUpdate, Erased, EventOutcome, EventState, EventToApply,
+    JobKind, JobOutcome, JobState, LinkOutcome, NewEvent, OutboxJob, PortalConfigRecord,
+    PushedProfile, RemoteProfile, ResolveClaim, StoredEvent, SubscriptionItemMirror,
+    SubscriptionMirror, UpdateContext, UsageRecord, User, UserUpsert,
+};
+
+/// Every store trait, for callers of their methods: `use crate::store::prelude::*;`.
+pub mod prelude {
+    pub use super::traits::{
+        Erasure, EventInbox, Leases, Links, Operations, OutboxJobs, PortalConfigs, ResolveClaims,
+        Store, Subscriptions, Users,
+    };
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -61,656 +84,12 @@ impl From<sqlx::Error> for StoreError {
 
 pub type StoreResult<T> = Result<T, StoreError>;
 
-/// A user of the application, as billsync mirrors it.
-#[derive(Debug, Clone, PartialEq)]
-pub struct User {
-    pub id: UserId,
-    pub email: Email,
-    pub email_verified: bool,
-    pub first_name: Option<PersonName>,
-    pub last_name: Option<PersonName>,
-    pub phone: Option<Phone>,
-    /// Increases on every change of the fields above.
-    pub version: i64,
-    pub created_at: OffsetDateTime,
-    pub updated_at: OffsetDateTime,
-}
-
-/// The desired state of a user, for create-or-replace.
-#[derive(Debug, Clone, PartialEq)]
-pub struct UserUpsert {
-    pub id: UserId,
-    pub email: Email,
-    pub email_verified: bool,
-    pub first_name: Option<PersonName>,
-    pub last_name: Option<PersonName>,
-    pub phone: Option<Phone>,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct CustomerLink {
-    pub user_id: UserId,
-    pub customer_id: StripeCustomerId,
-    pub livemode: bool,
-    pub linked_via: LinkSource,
-    pub linked_at: OffsetDateTime,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub enum LinkOutcome {
-    /// The link was written.
-    Linked(CustomerLink),
-    /// The user already had a link (returned); nothing was written.
-    UserAlreadyLinked(CustomerLink),
-    /// The customer is linked to another user; nothing was written.
-    CustomerTaken { other_user: UserId },
-    /// The user does not exist.
-    UserMissing,
-    /// The customer was deleted in Stripe (see `record_deleted_customer`); nothing was written.
-    CustomerDeleted,
-}
-
-/// A held claim on creating a user's customer.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ResolveClaim {
-    /// When the first attempt began; kept across failed attempts so a retried create is the
-    /// same request (same metadata, same idempotency key).
-    pub started_at: OffsetDateTime,
-    /// The first attempt's create parameters (JSON), resent unchanged by every retry.
-    pub create_params: Option<String>,
-}
-
-/// A durable job towards Stripe.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema,
-)]
-#[serde(rename_all = "snake_case")]
-pub enum JobKind {
-    /// Push the user's current email, name and phone to their customer.
-    PushProfile,
-    /// The erasure saga (payload: its progress).
-    Erase,
-}
-
-impl JobKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::PushProfile => "push_profile",
-            Self::Erase => "erase",
-        }
-    }
-    pub fn parse(raw: &str) -> Option<Self> {
-        [Self::PushProfile, Self::Erase]
-            .into_iter()
-            .find(|k| k.as_str() == raw)
-    }
-}
-
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema,
-)]
-#[serde(rename_all = "snake_case")]
-pub enum JobState {
-    Pending,
-    InFlight,
-    Done,
-    Failed,
-}
-
-impl JobState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Pending => "pending",
-            Self::InFlight => "in_flight",
-            Self::Done => "done",
-            Self::Failed => "failed",
-        }
-    }
-    pub fn parse(raw: &str) -> Option<Self> {
-        [Self::Pending, Self::InFlight, Self::Done, Self::Failed]
-            .into_iter()
-            .find(|k| k.as_str() == raw)
-    }
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct OutboxJob {
-    pub id: i64,
-    pub kind: JobKind,
-    /// The user's id; replaced by `erased:<hash>` once an erasure completes.
-    pub user_id: String,
-    pub payload: serde_json::Value,
-    pub state: JobState,
-    /// Attempts started, this one included for a claimed job.
-    pub attempts: i32,
-    /// A fresh random token per claim: the claim's writes (`finish_job`, `save_job_payload`)
-    /// only take effect while the row still carries it, and the push's idempotency key is
-    /// made from it, so no key is ever sent twice with different parameters.
-    pub claim_token: Option<String>,
-    pub next_attempt_at: OffsetDateTime,
-    pub last_error: Option<String>,
-    pub created_at: OffsetDateTime,
-    pub updated_at: OffsetDateTime,
-}
-
-/// What `erase_user` did.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Erased {
-    /// The rows are gone; whether the user existed.
-    Done(bool),
-    /// Nothing deleted: the user is linked to this customer, which the saga has not handled.
-    Relinked(String),
-}
-
-/// How a claimed job ended.
-#[derive(Debug, Clone, PartialEq)]
-pub enum JobOutcome {
-    Done,
-    /// Try again after `delay`; a newer pending job of the same kind for the user supersedes it.
-    Retry {
-        delay: Duration,
-        error: String,
-    },
-    /// Parked for an operator.
-    Failed {
-        error: String,
-    },
-}
-
-/// What billsync last sent to a customer, to tell its own echo from a Stripe-side change.
-#[derive(Debug, Clone, PartialEq)]
-pub struct PushedProfile {
-    pub email: String,
-    pub name: Option<String>,
-    pub phone: Option<String>,
-    pub version: i64,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct UsageRecord {
-    pub id: i64,
-    pub metric: String,
-    pub quantity: i64,
-    pub recorded_at: OffsetDateTime,
-    pub created_at: OffsetDateTime,
-}
-
-/// The local mirror of one Stripe subscription.
-#[derive(Debug, Clone, PartialEq)]
-pub struct SubscriptionMirror {
-    pub id: String,
-    pub user_id: Option<UserId>,
-    pub customer_id: String,
-    pub status: String,
-    pub price_id: Option<String>,
-    pub cancel_at_period_end: bool,
-    pub current_period_end: Option<OffsetDateTime>,
-    pub updated_at: OffsetDateTime,
-    /// When it will end (basil: a portal cancellation may set this with
-    /// `cancel_at_period_end` false).
-    pub cancel_at: Option<OffsetDateTime>,
-    pub canceled_at: Option<OffsetDateTime>,
-    pub ended_at: Option<OffsetDateTime>,
-    /// Every item, not only the first.
-    pub items: Vec<SubscriptionItemMirror>,
-}
-
-/// One item of a mirrored subscription.
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct SubscriptionItemMirror {
-    pub id: Option<String>,
-    pub price_id: Option<String>,
-    pub quantity: Option<i64>,
-    /// Unix seconds (basil keeps the period per item).
-    pub current_period_end: Option<i64>,
-}
-
-fn items_json(items: &[SubscriptionItemMirror]) -> String {
-    serde_json::to_string(items).expect("subscription items serialize")
-}
-
-fn items_from_json(raw: &str) -> StoreResult<Vec<SubscriptionItemMirror>> {
-    serde_json::from_str(raw).map_err(|e| StoreError::Corrupt(format!("subscription items: {e}")))
-}
-
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema,
-)]
-#[serde(rename_all = "snake_case")]
-pub enum EventState {
-    Pending,
-    Applied,
-    Skipped,
-    Failed,
-}
-
-impl EventState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Pending => "pending",
-            Self::Applied => "applied",
-            Self::Skipped => "skipped",
-            Self::Failed => "failed",
-        }
-    }
-    pub fn parse(raw: &str) -> Option<Self> {
-        [Self::Pending, Self::Applied, Self::Skipped, Self::Failed]
-            .into_iter()
-            .find(|k| k.as_str() == raw)
-    }
-}
-
-/// A verified Stripe event, as it is written to the inbox.
-#[derive(Debug, Clone, PartialEq)]
-pub struct NewEvent {
-    pub id: String,
-    pub kind: String,
-    /// Stripe's `created`, unix seconds.
-    pub created: i64,
-    pub livemode: bool,
-    pub customer_id: Option<String>,
-    /// The raw, verified body.
-    pub payload: String,
-    /// `Pending` for events billsync applies, `Skipped` for the rest.
-    pub state: EventState,
-}
-
-/// An inbox entry, without its payload.
-#[derive(Debug, Clone, PartialEq)]
-pub struct StoredEvent {
-    pub id: String,
-    pub kind: String,
-    pub created: i64,
-    pub livemode: bool,
-    pub customer_id: Option<String>,
-    pub state: EventState,
-    pub attempts: i32,
-    pub last_error: Option<String>,
-    pub received_at: OffsetDateTime,
-}
-
-/// An inbox event ready to apply: its envelope and its raw payload.
-#[derive(Debug, Clone, PartialEq)]
-pub struct EventToApply {
-    pub event: StoredEvent,
-    /// `None` for a `customer.updated` followed by another due one: only the newest snapshot
-    /// of such a run is applied, so the older payloads are not loaded.
-    pub payload: Option<String>,
-    /// When a failed event may be tried again; `None` for a pending one.
-    pub next_attempt_at: Option<OffsetDateTime>,
-}
-
-/// How applying an event ended.
-#[derive(Debug, Clone, PartialEq)]
-pub enum EventOutcome {
-    Applied,
-    /// Try again after `delay`.
-    Retry {
-        delay: Duration,
-        error: String,
-    },
-    /// Parked for an operator (replay it through `/v1/events/{id}/replay`).
-    Failed {
-        error: String,
-    },
-}
-
-/// What applying a customer's newest `customer.updated` snapshot needs to know about the
-/// user linked to it; read for many customers at once.
-#[derive(Debug, Clone, PartialEq)]
-pub struct UpdateContext {
-    pub customer_id: String,
-    pub user: User,
-    /// The `created` and event id of the newest snapshot applied.
-    pub watermark: Option<(i64, Option<String>)>,
-    /// A profile push is pending or in flight: local values win.
-    pub active_push: bool,
-    pub last_push: Option<PushedProfile>,
-    /// The profile version the newest recorded push stamped into the customer's metadata;
-    /// `None` if no push carried a stamp yet.
-    pub pushed_stamp: Option<i64>,
-}
-
-/// A Stripe-side profile change to write, if the user is still at `expected`.
-#[derive(Debug, Clone, PartialEq)]
-pub struct RemoteProfile {
-    pub user: UserUpsert,
-    pub expected: i64,
-    /// The snapshot's values, recorded as what Stripe holds.
-    pub pushed: PushedProfile,
-}
-
-/// One customer's share of a batch of applied `customer.updated` events.
-#[derive(Debug, Clone, PartialEq)]
-pub struct CustomerUpdate {
-    pub customer_id: String,
-    pub profile: Option<RemoteProfile>,
-    /// Raise the link's watermark to this snapshot (`created`, event id).
-    pub watermark: Option<(i64, String)>,
-    /// The events this finishes, as applied.
-    pub events: Vec<String>,
-}
-
 /// Timestamps are stored with millisecond precision on every backend; values made here
 /// round-trip exactly.
 pub fn now() -> OffsetDateTime {
     let now = OffsetDateTime::now_utc();
     now.replace_nanosecond(now.nanosecond() / 1_000_000 * 1_000_000)
         .expect("a truncated nanosecond is in range")
-}
-
-#[async_trait]
-pub trait Store: Send + Sync + 'static {
-    /// `postgres` or `sqlite`, for logs and metrics.
-    fn backend(&self) -> &'static str;
-    async fn migrate(&self) -> StoreResult<()>;
-    /// A round trip to the database, for readiness.
-    async fn ping(&self) -> StoreResult<()>;
-    /// Queue depths and ages, for the metrics gauges.
-    async fn queue_stats(&self) -> StoreResult<QueueStats>;
-
-    /// Users with `id > after`, by id, at most `limit`: pages for a full scan (reconcile).
-    async fn users_page(&self, after: Option<&UserId>, limit: u32) -> StoreResult<Vec<User>>;
-    /// Links with `user_id > after`, by user id, at most `limit`.
-    async fn links_page(
-        &self,
-        after: Option<&UserId>,
-        limit: u32,
-    ) -> StoreResult<Vec<CustomerLink>>;
-    /// Queues a push of the user's current profile to Stripe (none if one is pending).
-    async fn queue_profile_push(&self, user: &UserId) -> StoreResult<()>;
-
-    async fn portal_config(&self, name: &str) -> StoreResult<Option<PortalConfigRecord>>;
-    /// Records (or replaces) what `name` was last applied as.
-    async fn save_portal_config(&self, record: &PortalConfigRecord) -> StoreResult<()>;
-
-    /// Creates the user or replaces its profile; `version` increases only when a field changed,
-    /// and a change of an existing user queues a profile push in the same transaction.
-    async fn upsert_user(&self, user: &UserUpsert) -> StoreResult<User>;
-    /// Like `upsert_user` for an existing user, but only if its version is still `expected`
-    /// (optimistic concurrency for read-modify-write); `None` when it is not (or is gone).
-    async fn update_user_if_version(
-        &self,
-        user: &UserUpsert,
-        expected: i64,
-    ) -> StoreResult<Option<User>>;
-    async fn get_user(&self, id: &UserId) -> StoreResult<Option<User>>;
-
-    async fn get_link(&self, user: &UserId) -> StoreResult<Option<CustomerLink>>;
-    /// Unlinks the user; returns the link that was removed.
-    async fn remove_link(&self, user: &UserId) -> StoreResult<Option<CustomerLink>>;
-    async fn get_link_by_customer(
-        &self,
-        customer: &StripeCustomerId,
-    ) -> StoreResult<Option<CustomerLink>>;
-    /// Links a user to a customer unless either side is already linked or the customer is
-    /// known deleted in Stripe.
-    async fn insert_link(
-        &self,
-        user: &UserId,
-        customer: &StripeCustomerId,
-        livemode: bool,
-        via: LinkSource,
-    ) -> StoreResult<LinkOutcome>;
-
-    /// Remembers that Stripe deleted this customer (`created` of the `customer.deleted`
-    /// event), so it is never linked again, whatever arrives late.
-    async fn record_deleted_customer(&self, customer: &str, created: i64) -> StoreResult<()>;
-    /// Records what was last pushed to the user's customer; the push stamped
-    /// `pushed.version` into the customer's metadata.
-    async fn record_push(&self, user: &UserId, pushed: &PushedProfile) -> StoreResult<()>;
-    async fn last_push(&self, user: &UserId) -> StoreResult<Option<PushedProfile>>;
-
-    /// Claims up to `limit` due jobs (pending and due, or in flight with an expired lease, or
-    /// on Postgres whose holder's session is gone), never two in flight at once for one user
-    /// (a unique index makes it atomic). Each claim gets a new `claim_token`; each claimed
-    /// job's `attempts` counts this attempt.
-    async fn claim_jobs(&self, limit: u32, lease: Duration) -> StoreResult<Vec<OutboxJob>>;
-    /// Claims one job now, whatever its due time, if it is pending and no other job of its
-    /// user is in flight.
-    async fn claim_job(&self, id: i64, lease: Duration) -> StoreResult<Option<OutboxJob>>;
-    /// Ends a claim. Fenced: `false` (and nothing written) when the job no longer carries
-    /// `job.claim_token` (its lease was lost and another worker re-claimed it).
-    async fn finish_job(&self, job: &OutboxJob, outcome: &JobOutcome) -> StoreResult<bool>;
-    /// Saves a job's progress (the erasure saga's completed steps); fenced like `finish_job`.
-    async fn save_job_payload(
-        &self,
-        job: &OutboxJob,
-        payload: &serde_json::Value,
-    ) -> StoreResult<bool>;
-    async fn get_job(&self, id: i64) -> StoreResult<Option<OutboxJob>>;
-    /// Newest first.
-    async fn list_jobs(&self, state: Option<JobState>, limit: u32) -> StoreResult<Vec<OutboxJob>>;
-    /// Puts a failed job back in the queue, due now, with its attempts reset; `None` when the
-    /// job does not exist or is not failed.
-    async fn retry_job(&self, id: i64) -> StoreResult<Option<OutboxJob>>;
-    /// The user's erasure job if one is pending or in flight; otherwise a new pending one,
-    /// due in 30 s: the caller runs it now (`claim_job`), and the delay keeps workers from
-    /// racing it for it; they take it over only if the caller dies first.
-    async fn enqueue_erase(
-        &self,
-        user: &UserId,
-        payload: &serde_json::Value,
-    ) -> StoreResult<OutboxJob>;
-    async fn active_erase(&self, user: &UserId) -> StoreResult<Option<OutboxJob>>;
-    /// The erasure's last step, in one transaction: deletes the user (links, subscriptions,
-    /// usage and claims go with it), drops their pending pushes, deletes the stored webhook
-    /// events of `handled_customer`, renames their jobs to `erased:<subject_hash>`, and
-    /// writes the audit entry. Re-plans first, with the user's
-    /// row locked (no link can be made meanwhile): if the user is now linked to a customer
-    /// other than `handled_customer` (a resolve or a `customer.created` since the saga's
-    /// plan), nothing is deleted and that customer is returned, for the saga to handle.
-    async fn erase_user(
-        &self,
-        user: &UserId,
-        handled_customer: Option<&str>,
-        subject_hash: &str,
-        audit_detail: &serde_json::Value,
-    ) -> StoreResult<Erased>;
-    async fn append_audit(
-        &self,
-        actor: &str,
-        action: &str,
-        subject_hash: Option<&str>,
-        detail: &serde_json::Value,
-    ) -> StoreResult<()>;
-    /// Newest first: (actor, action, subject_hash, detail).
-    async fn recent_audit(
-        &self,
-        limit: u32,
-    ) -> StoreResult<Vec<(String, String, Option<String>, serde_json::Value)>>;
-
-    async fn insert_usage_record(
-        &self,
-        user: &UserId,
-        metric: &str,
-        quantity: i64,
-        recorded_at: OffsetDateTime,
-    ) -> StoreResult<i64>;
-    /// Records with `id > after`, oldest first, at most `limit`: pages for streaming.
-    async fn usage_records_page(
-        &self,
-        user: &UserId,
-        after: i64,
-        limit: u32,
-    ) -> StoreResult<Vec<UsageRecord>>;
-
-    async fn upsert_subscription(&self, subscription: &SubscriptionMirror) -> StoreResult<()>;
-    async fn list_subscriptions(&self, user: &UserId) -> StoreResult<Vec<SubscriptionMirror>>;
-
-    /// The setting `name`, written as `value` first if it has none; returns what is stored
-    /// (the first writer wins when instances race).
-    async fn setting_or_init(&self, name: &str, value: &str) -> StoreResult<String>;
-    /// Records that the person behind `subject` (a keyed hash of their id) was erased now.
-    async fn record_tombstone(&self, subject: &str) -> StoreResult<()>;
-    /// When the person behind `subject` was erased, if they were.
-    async fn tombstone(&self, subject: &str) -> StoreResult<Option<OffsetDateTime>>;
-
-    /// The raw stored events of a customer with `id > after`, by id, at most `limit`: pages
-    /// for the GDPR export. `(id, payload)`.
-    async fn customer_events_page(
-        &self,
-        customer: &str,
-        after: Option<&str>,
-        limit: u32,
-    ) -> StoreResult<Vec<(String, String)>>;
-    /// Every outbox job of the user, oldest first.
-    async fn user_jobs(&self, user: &UserId) -> StoreResult<Vec<OutboxJob>>;
-    /// The audit entries about a subject (its hash), oldest first.
-    async fn audit_for_subject(&self, subject_hash: &str) -> StoreResult<Vec<AuditEntry>>;
-
-    /// Writes verified events in one transaction; for each, whether it was new (a
-    /// redelivery of a stored event changes nothing).
-    async fn insert_events(&self, events: &[NewEvent]) -> StoreResult<Vec<bool>>;
-    /// Newest first.
-    async fn list_events(
-        &self,
-        state: Option<EventState>,
-        limit: u32,
-    ) -> StoreResult<Vec<StoredEvent>>;
-    /// Queues a stored event to be applied again; `None` if there is no such event.
-    async fn replay_event(&self, id: &str) -> StoreResult<Option<StoredEvent>>;
-
-    /// Queues every failed event to be applied again; returns how many.
-    async fn replay_failed_events(&self) -> StoreResult<u64>;
-    /// Deletes applied, skipped and parked (failed for good) events received before `cutoff`;
-    /// returns how many. Events waiting for a retry stay.
-    async fn prune_events(&self, cutoff: OffsetDateTime) -> StoreResult<u64>;
-    /// Takes this process's claim on serving the database, for `serve`. On SQLite (one
-    /// serving process per file) an exclusive lock on `<file>.lock`, held until the process
-    /// ends, refuses a second one with [`StoreError::InUse`]; holding it, the leases left by a
-    /// process that died are freed. A no-op on Postgres, where instances share the work and
-    /// locks die with their connection.
-    async fn claim_serving(&self) -> StoreResult<()>;
-    /// Customers with events due to be applied (pending, or failed and due for a retry),
-    /// oldest arrival first, leaving out those held back by an event waiting for its retry.
-    /// Only the oldest due events are looked at, so the query stays cheap however long the
-    /// backlog is.
-    async fn due_event_customers(&self, limit: u32) -> StoreResult<Vec<String>>;
-    /// Takes the lease on applying each customer's events that nobody holds; returns the
-    /// customers leased. One round trip however many customers.
-    async fn try_lease_customers(
-        &self,
-        customers: &[String],
-        holder: &str,
-        lease: Duration,
-    ) -> StoreResult<Vec<String>>;
-    async fn release_customers(&self, customers: &[String], holder: &str) -> StoreResult<()>;
-    async fn try_lease_customer(
-        &self,
-        customer: &str,
-        holder: &str,
-        lease: Duration,
-    ) -> StoreResult<bool> {
-        let leased = self
-            .try_lease_customers(&[customer.to_owned()], holder, lease)
-            .await?;
-        Ok(!leased.is_empty())
-    }
-    async fn release_customer(&self, customer: &str, holder: &str) -> StoreResult<()> {
-        self.release_customers(&[customer.to_owned()], holder).await
-    }
-    /// Each customer's applicable events in order (Stripe's `created`, then arrival), up to
-    /// `limit` per customer, in one query; customers without any are left out.
-    async fn customers_events(
-        &self,
-        customers: &[String],
-        limit: u32,
-    ) -> StoreResult<Vec<(String, Vec<EventToApply>)>>;
-    async fn customer_events(&self, customer: &str, limit: u32) -> StoreResult<Vec<EventToApply>> {
-        let mut found = self.customers_events(&[customer.to_owned()], limit).await?;
-        Ok(found.pop().map(|(_, events)| events).unwrap_or_default())
-    }
-    /// The linked user of each customer, with what applying a snapshot to them needs;
-    /// customers not linked to a user are left out.
-    async fn update_contexts(&self, customers: &[String]) -> StoreResult<Vec<UpdateContext>>;
-    /// Writes a batch of applied `customer.updated` events in one transaction: per customer,
-    /// the profile change (if the user is still at its expected version), the watermark, and
-    /// the events finished. A customer whose user changed meanwhile is left untouched and
-    /// returned, to be applied again. An error writes nothing.
-    async fn commit_customer_updates(&self, updates: &[CustomerUpdate])
-        -> StoreResult<Vec<String>>;
-    /// Records how applying these events ended, in one statement.
-    async fn finish_events(&self, ids: &[String], outcome: &EventOutcome) -> StoreResult<()>;
-    async fn finish_event(&self, id: &str, outcome: &EventOutcome) -> StoreResult<()> {
-        self.finish_events(&[id.to_owned()], outcome).await
-    }
-    /// The `created` and event id of the newest customer snapshot applied to this link.
-    async fn link_watermark(&self, customer: &str) -> StoreResult<Option<(i64, Option<String>)>>;
-    async fn raise_link_watermark(
-        &self,
-        customer: &str,
-        created: i64,
-        event_id: &str,
-    ) -> StoreResult<()>;
-    /// Writes a change that came from Stripe: like `update_user_if_version`, but queues no
-    /// push (the change is Stripe's already), and records the values as what Stripe holds.
-    async fn apply_remote_profile(
-        &self,
-        user: &UserUpsert,
-        expected: i64,
-        pushed: &PushedProfile,
-    ) -> StoreResult<Option<User>>;
-    /// Whether a profile push for the user is pending or in flight (local edits win then).
-    async fn has_active_push(&self, user: &UserId) -> StoreResult<bool>;
-    /// After `customer.deleted` (its `created` and event id): the customer's subscriptions
-    /// become canceled at period end, and their watermark rises to the deletion, so an older
-    /// subscription event cannot bring them back.
-    async fn cancel_customer_subscriptions(
-        &self,
-        customer: &str,
-        created: i64,
-        event_id: &str,
-    ) -> StoreResult<u64>;
-    /// The `created` and event id of the newest event applied to this subscription.
-    async fn subscription_watermark(&self, id: &str) -> StoreResult<Option<(i64, Option<String>)>>;
-    /// Upserts the mirror unless it already holds a newer snapshot (`created` below its
-    /// watermark); returns whether it wrote.
-    async fn upsert_subscription_if_newer(
-        &self,
-        subscription: &SubscriptionMirror,
-        created: i64,
-        event_id: &str,
-    ) -> StoreResult<bool>;
-
-    /// Takes the user's resolve claim if nobody holds an unexpired one. Re-taking an expired
-    /// claim keeps its `started_at`.
-    async fn try_claim_resolve(
-        &self,
-        user: &UserId,
-        holder: &str,
-        lease: Duration,
-    ) -> StoreResult<Option<ResolveClaim>>;
-    /// Records the create request of the claim's first attempt (kept if one is recorded).
-    async fn save_claim_params(&self, user: &UserId, holder: &str, params: &str)
-        -> StoreResult<()>;
-    /// Ends a claim held by `holder`: `completed` deletes it, otherwise it is expired at once
-    /// (keeping `started_at` for the next attempt).
-    async fn release_resolve(
-        &self,
-        user: &UserId,
-        holder: &str,
-        completed: bool,
-    ) -> StoreResult<()>;
-}
-
-/// One line of the audit log.
-#[derive(Debug, Clone, PartialEq)]
-pub struct AuditEntry {
-    pub at: OffsetDateTime,
-    pub actor: String,
-    pub action: String,
-    pub detail: serde_json::Value,
-}
-
-/// A billing-portal configuration kept as code, as last applied.
-#[derive(Debug, Clone, PartialEq)]
-pub struct PortalConfigRecord {
-    pub name: String,
-    pub stripe_configuration_id: String,
-    /// Fingerprint of the parameters sent to Stripe.
-    pub spec_hash: String,
-    pub applied_at: OffsetDateTime,
 }
 
 /// What is waiting, for an operator's gauges.
@@ -765,144 +144,6 @@ pub async fn connect_with(
     }
 }
 
-fn embedded_migrator(files: &[(i64, &'static str, &'static str)]) -> Migrator {
-    Migrator {
-        migrations: files
-            .iter()
-            .map(|&(version, description, sql)| {
-                Migration::new(
-                    version,
-                    description.into(),
-                    MigrationType::Simple,
-                    sql.into(),
-                    false,
-                )
-            })
-            .collect::<Vec<_>>()
-            .into(),
-        ..Migrator::DEFAULT
-    }
-}
-
-pub(crate) fn postgres_migrator() -> Migrator {
-    embedded_migrator(&[
-        (
-            1,
-            "init",
-            include_str!("../../migrations/postgres/0001_init.sql"),
-        ),
-        (
-            2,
-            "link change notify",
-            include_str!("../../migrations/postgres/0002_link_change_notify.sql"),
-        ),
-        (
-            3,
-            "due events index",
-            include_str!("../../migrations/postgres/0003_due_events_index.sql"),
-        ),
-        (
-            4,
-            "event queue",
-            include_str!("../../migrations/postgres/0004_event_queue.sql"),
-        ),
-        (
-            5,
-            "push stamp",
-            include_str!("../../migrations/postgres/0005_push_stamp.sql"),
-        ),
-        (
-            6,
-            "subscriptions and deleted customers",
-            include_str!("../../migrations/postgres/0006_subscriptions_and_deleted_customers.sql"),
-        ),
-        (
-            7,
-            "outbox fencing",
-            include_str!("../../migrations/postgres/0007_outbox_fencing.sql"),
-        ),
-        (
-            8,
-            "events by customer",
-            include_str!("../../migrations/postgres/0008_events_by_customer.sql"),
-        ),
-        (
-            9,
-            "erasure tombstones",
-            include_str!("../../migrations/postgres/0009_erasure_tombstones.sql"),
-        ),
-        (
-            10,
-            "email as given",
-            include_str!("../../migrations/postgres/0010_email_as_given.sql"),
-        ),
-    ])
-}
-
-pub(crate) fn sqlite_migrator() -> Migrator {
-    embedded_migrator(&[
-        (
-            1,
-            "init",
-            include_str!("../../migrations/sqlite/0001_init.sql"),
-        ),
-        (
-            2,
-            "due events index",
-            include_str!("../../migrations/sqlite/0002_due_events_index.sql"),
-        ),
-        (
-            3,
-            "event queue",
-            include_str!("../../migrations/sqlite/0003_event_queue.sql"),
-        ),
-        (
-            4,
-            "push stamp",
-            include_str!("../../migrations/sqlite/0004_push_stamp.sql"),
-        ),
-        (
-            5,
-            "subscriptions and deleted customers",
-            include_str!("../../migrations/sqlite/0005_subscriptions_and_deleted_customers.sql"),
-        ),
-        (
-            6,
-            "outbox fencing",
-            include_str!("../../migrations/sqlite/0006_outbox_fencing.sql"),
-        ),
-        (
-            7,
-            "events by customer",
-            include_str!("../../migrations/sqlite/0007_events_by_customer.sql"),
-        ),
-        (
-            8,
-            "erasure tombstones",
-            include_str!("../../migrations/sqlite/0008_erasure_tombstones.sql"),
-        ),
-        (
-            9,
-            "email as given",
-            include_str!("../../migrations/sqlite/0009_email_as_given.sql"),
-        ),
-    ])
-}
-
-/// Columns of a user row, in the order both backends select them.
-type UserRow = (
-    String,
-    String,
-    bool,
-    Option<String>,
-    Option<String>,
-    Option<String>,
-    i64,
-    OffsetDateTime,
-    OffsetDateTime,
-    Option<String>,
-);
-
 /// The `pushed_*` columns of a link, when a push (or a Stripe-side change) was recorded.
 fn pushed_profile(
     email: Option<String>,
@@ -921,60 +162,12 @@ fn pushed_profile(
     }
 }
 
-fn user_from_row(row: UserRow) -> StoreResult<User> {
-    let (
-        id,
-        email,
-        email_verified,
-        first_name,
-        last_name,
-        phone,
-        version,
-        created_at,
-        updated_at,
-        email_as_given,
-    ) = row;
-    let corrupt = |e: crate::domain::ValidationError| StoreError::Corrupt(e.message);
-    Ok(User {
-        id: UserId::parse(&id).map_err(corrupt)?,
-        email: Email::with_spelling(&email, email_as_given.as_deref()).map_err(corrupt)?,
-        email_verified,
-        first_name: PersonName::parse_optional(first_name.as_deref(), "first_name")
-            .map_err(corrupt)?,
-        last_name: PersonName::parse_optional(last_name.as_deref(), "last_name")
-            .map_err(corrupt)?,
-        phone: phone
-            .as_deref()
-            .map(Phone::parse)
-            .transpose()
-            .map_err(corrupt)?,
-        version,
-        created_at,
-        updated_at,
-    })
-}
-
-type LinkRow = (String, String, bool, String, OffsetDateTime);
-
-fn link_from_row(row: LinkRow) -> StoreResult<CustomerLink> {
-    let (user_id, customer_id, livemode, linked_via, linked_at) = row;
-    Ok(CustomerLink {
-        user_id: UserId::parse(&user_id).map_err(|e| StoreError::Corrupt(e.message))?,
-        customer_id: StripeCustomerId::parse(&customer_id)
-            .map_err(|e| StoreError::Corrupt(e.message))?,
-        livemode,
-        linked_via: LinkSource::parse(&linked_via)
-            .ok_or_else(|| StoreError::Corrupt(format!("unknown linked_via {linked_via:?}")))?,
-        linked_at,
-    })
-}
-
 fn opt_str<T: AsRef<str>>(value: &Option<T>) -> Option<&str> {
     value.as_ref().map(AsRef::as_ref)
 }
 
 /// After an `insert_link` wrote nothing: says which side was already taken.
-async fn explain_link_conflict<S: Store + ?Sized>(
+async fn explain_link_conflict<S: Links + Users + ?Sized>(
     store: &S,
     user: &UserId,
     customer: &StripeCustomerId,
@@ -993,44 +186,6 @@ async fn explain_link_conflict<S: Store + ?Sized>(
     Ok(LinkOutcome::UserMissing)
 }
 
-/// Columns of an outbox row: id, kind, user_id, payload, state, attempts, last_error,
-/// claim_token.
-type JobHead = (
-    i64,
-    String,
-    String,
-    String,
-    String,
-    i32,
-    Option<String>,
-    Option<String>,
-);
-
-fn job_from_parts(
-    head: JobHead,
-    next_attempt_at: OffsetDateTime,
-    created_at: OffsetDateTime,
-    updated_at: OffsetDateTime,
-) -> StoreResult<OutboxJob> {
-    let (id, kind, user_id, payload, state, attempts, last_error, claim_token) = head;
-    Ok(OutboxJob {
-        id,
-        kind: JobKind::parse(&kind)
-            .ok_or_else(|| StoreError::Corrupt(format!("job kind {kind:?}")))?,
-        user_id,
-        payload: serde_json::from_str(&payload)
-            .map_err(|e| StoreError::Corrupt(format!("job {id} payload: {e}")))?,
-        state: JobState::parse(&state)
-            .ok_or_else(|| StoreError::Corrupt(format!("job state {state:?}")))?,
-        attempts,
-        claim_token,
-        next_attempt_at,
-        last_error,
-        created_at,
-        updated_at,
-    })
-}
-
 /// A unique index refused the write (e.g. a second job in flight for one user).
 fn is_unique_violation(err: &sqlx::Error) -> bool {
     matches!(err, sqlx::Error::Database(db) if db.is_unique_violation())
@@ -1045,33 +200,6 @@ fn clip_error(error: &str) -> String {
     error.chars().take(1_000).collect()
 }
 
-type EventHead = (
-    String,
-    String,
-    i64,
-    bool,
-    Option<String>,
-    String,
-    i32,
-    Option<String>,
-);
-
-fn event_from_parts(head: EventHead, received_at: OffsetDateTime) -> StoreResult<StoredEvent> {
-    let (id, kind, created, livemode, customer_id, state, attempts, last_error) = head;
-    Ok(StoredEvent {
-        state: EventState::parse(&state)
-            .ok_or_else(|| StoreError::Corrupt(format!("event state {state:?}")))?,
-        id,
-        kind,
-        created,
-        livemode,
-        customer_id,
-        attempts,
-        last_error,
-        received_at,
-    })
-}
-
 /// For each event, whether it is the first with its id among `events` and in `inserted`.
 fn first_inserted(events: &[NewEvent], inserted: &std::collections::HashSet<String>) -> Vec<bool> {
     let mut seen = std::collections::HashSet::new();
@@ -1079,4 +207,12 @@ fn first_inserted(events: &[NewEvent], inserted: &std::collections::HashSet<Stri
         .iter()
         .map(|e| seen.insert(e.id.as_str()) && inserted.contains(&e.id))
         .collect()
+}
+
+fn items_json(items: &[SubscriptionItemMirror]) -> String {
+    serde_json::to_string(items).expect("subscription items serialize")
+}
+
+fn items_from_json(raw: &str) -> StoreResult<Vec<SubscriptionItemMirror>> {
+    serde_json::from_str(raw).map_err(|e| StoreError::Corrupt(format!("subscription items: {e}")))
 }

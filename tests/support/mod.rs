@@ -665,6 +665,12 @@ pub async fn link_in_store(store: &dyn Store, user: &str, customer: &str) {
         .unwrap();
 }
 
+/// A link's watermark, read as the applier reads it: with the customer's update context.
+pub async fn link_watermark(store: &dyn Store, customer: &str) -> Option<(i64, Option<String>)> {
+    let mut contexts = store.update_contexts(&[customer.to_owned()]).await.unwrap();
+    contexts.pop().and_then(|c| c.watermark)
+}
+
 /// Every log line of this test binary, captured once, for tests that assert what was logged.
 /// Tests search it for their own unique ids, so concurrent tests do not interfere.
 pub fn captured_logs() -> Arc<Mutex<Vec<u8>>> {

@@ -1,0 +1,261 @@
+//! Batches in one statement each (UNNEST, LATERAL): one round trip however many rows.
+
+use std::collections::HashMap;
+
+use sqlx::{Row, Transaction};
+
+use super::{
+    common::rows::{event_from_row, EventRow},
+    dialect::Clock,
+    PgStore,
+};
+use crate::{
+    domain::{CustomerUpdate, EventToApply, NewEvent, PushedProfile, RemoteProfile},
+    store::{first_inserted, opt_str, StoreResult},
+};
+
+impl PgStore {
+    /// Finishes applied events: deletes their queue rows; the event row is rewritten only for
+    /// an event that failed before, to keep its attempt count. One statement, as it is run
+    /// for every batch applied.
+    pub(super) async fn finish_applied(
+        db: &mut sqlx::PgConnection,
+        events: &[String],
+        _now: Clock,
+    ) -> StoreResult<()> {
+        if !events.is_empty() {
+            sqlx::query(
+                "WITH done AS (
+                     DELETE FROM stripe_event_queue WHERE event_id = ANY($1)
+                     RETURNING event_id, attempts)
+                 UPDATE stripe_events e
+                 SET state = 'applied', attempts = done.attempts, last_error = NULL,
+                     applied_at = now()
+                 FROM done WHERE e.id = done.event_id AND done.attempts > 0",
+            )
+            .bind(events)
+            .execute(db)
+            .await?;
+        }
+        Ok(())
+    }
+
+    pub(super) async fn store_events(&self, events: &[NewEvent]) -> StoreResult<Vec<bool>> {
+        // UNNEST keeps arrival order for arrival_seq. Events to apply also get their queue
+        // row, in the same statement.
+        let inserted: Vec<String> = sqlx::query_scalar(
+            "WITH fresh AS (
+                 INSERT INTO stripe_events (id, type, created, livemode, stripe_customer_id,
+                                            payload, received_at, state)
+                 SELECT e.id, e.type, e.created, e.livemode, e.customer, e.payload, now(), e.state
+                 FROM UNNEST($1::text[], $2::text[], $3::int8[], $4::bool[], $5::text[],
+                             $6::text[], $7::text[])
+                      AS e(id, type, created, livemode, customer, payload, state)
+                 ON CONFLICT (id) DO NOTHING
+                 RETURNING id, stripe_customer_id, created, arrival_seq, received_at, state),
+             queued AS (
+                 INSERT INTO stripe_event_queue (event_id, stripe_customer_id, created,
+                                                 arrival_seq, received_at)
+                 SELECT id, stripe_customer_id, created, arrival_seq, received_at FROM fresh
+                 WHERE state = 'pending')
+             SELECT id FROM fresh",
+        )
+        .bind(events.iter().map(|e| e.id.as_str()).collect::<Vec<_>>())
+        .bind(events.iter().map(|e| e.kind.as_str()).collect::<Vec<_>>())
+        .bind(events.iter().map(|e| e.created).collect::<Vec<_>>())
+        .bind(events.iter().map(|e| e.livemode).collect::<Vec<_>>())
+        .bind(
+            events
+                .iter()
+                .map(|e| e.customer_id.as_deref())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            events
+                .iter()
+                .map(|e| e.payload.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(events.iter().map(|e| e.state.as_str()).collect::<Vec<_>>())
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(first_inserted(events, &inserted.into_iter().collect()))
+    }
+
+    pub(super) async fn queued_events(
+        &self,
+        customers: &[String],
+        limit: u32,
+    ) -> StoreResult<Vec<(String, Vec<EventToApply>)>> {
+        // A `customer.updated` followed by another due one is superseded by it: its payload
+        // stays in the database.
+        let rows = sqlx::query(
+            "SELECT x.id, x.type, x.created, x.livemode, x.stripe_customer_id, x.state,
+                    x.attempts, x.last_error, x.received_at,
+                    CASE WHEN x.type = 'customer.updated' AND x.next_supersedes THEN NULL
+                         ELSE x.payload END,
+                    x.next_attempt_at, c.customer
+             FROM unnest($1::text[]) WITH ORDINALITY AS c(customer, ord)
+             CROSS JOIN LATERAL (
+                 SELECT w.*, coalesce(lead(w.type = 'customer.updated' AND w.due)
+                                      OVER (ORDER BY w.created, w.arrival_seq), false)
+                             AS next_supersedes
+                 FROM (SELECT e.id, e.type, q.created, q.arrival_seq, e.livemode,
+                              e.stripe_customer_id, q.state, q.attempts, q.last_error,
+                              e.received_at, e.payload, q.next_attempt_at,
+                              (q.next_attempt_at IS NULL OR q.next_attempt_at <= now()) AS due
+                       FROM stripe_event_queue q JOIN stripe_events e ON e.id = q.event_id
+                       WHERE q.stripe_customer_id = c.customer
+                         AND (q.state = 'pending' OR q.next_attempt_at IS NOT NULL)
+                       ORDER BY q.created, q.arrival_seq
+                       LIMIT $2) AS w
+             ) AS x
+             ORDER BY c.ord, x.created, x.arrival_seq",
+        )
+        .bind(customers)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        let mut found: Vec<(String, Vec<EventToApply>)> = Vec::new();
+        for row in &rows {
+            // The event's columns first, as `event_from_row` reads them; then what applying
+            // needs.
+            let head: EventRow = sqlx::FromRow::from_row(row)?;
+            let owner: String = row.try_get(11)?;
+            let event = EventToApply {
+                event: event_from_row(head)?,
+                payload: row.try_get(9)?,
+                next_attempt_at: row.try_get(10)?,
+            };
+            match found.last_mut() {
+                Some((last, events)) if *last == owner => events.push(event),
+                _ => found.push((owner, vec![event])),
+            }
+        }
+        Ok(found)
+    }
+
+    pub(super) async fn commit_updates(
+        &self,
+        updates: &[CustomerUpdate],
+    ) -> StoreResult<Vec<String>> {
+        let mut tx = self.pool.begin().await?;
+        let conflicts = apply_remote_profiles_in(&mut tx, updates).await?;
+        let done = updates
+            .iter()
+            .filter(|u| !conflicts.contains(&u.customer_id))
+            .collect::<Vec<_>>();
+        let watermarks = done
+            .iter()
+            .filter_map(|u| u.watermark.as_ref().map(|w| (u.customer_id.as_str(), w)))
+            .collect::<Vec<_>>();
+        if !watermarks.is_empty() {
+            sqlx::query(
+                "UPDATE customer_links l SET event_watermark = x.created, event_watermark_id = x.id
+                 FROM unnest($1::text[], $2::bigint[], $3::text[]) AS x(customer, created, id)
+                 WHERE l.stripe_customer_id = x.customer
+                   AND (l.event_watermark IS NULL OR l.event_watermark <= x.created)",
+            )
+            .bind(watermarks.iter().map(|(c, _)| *c).collect::<Vec<_>>())
+            .bind(watermarks.iter().map(|(_, w)| w.0).collect::<Vec<_>>())
+            .bind(
+                watermarks
+                    .iter()
+                    .map(|(_, w)| w.1.as_str())
+                    .collect::<Vec<_>>(),
+            )
+            .execute(&mut *tx)
+            .await?;
+        }
+        let events = done
+            .iter()
+            .flat_map(|u| u.events.iter().cloned())
+            .collect::<Vec<_>>();
+        Self::finish_applied(&mut tx, &events, Clock::now()).await?;
+        tx.commit().await?;
+        Ok(conflicts)
+    }
+}
+
+/// Writes a batch's Stripe-side profile changes, each only if its user is still at the
+/// expected version, and records their values as what Stripe holds; returns the customers
+/// whose user changed meanwhile.
+async fn apply_remote_profiles_in(
+    tx: &mut Transaction<'_, sqlx::Postgres>,
+    updates: &[CustomerUpdate],
+) -> StoreResult<Vec<String>> {
+    let profiles = updates
+        .iter()
+        .filter_map(|u| u.profile.as_ref().map(|p| (u.customer_id.as_str(), p)))
+        .collect::<Vec<_>>();
+    if profiles.is_empty() {
+        return Ok(Vec::new());
+    }
+    let column = |f: fn(&RemoteProfile) -> Option<&str>| {
+        profiles.iter().map(|(_, p)| f(p)).collect::<Vec<_>>()
+    };
+    let written: Vec<(String, i64)> = sqlx::query_as(
+        "UPDATE users SET email = excluded.email, email_verified = excluded.email_verified,
+                first_name = excluded.first_name, last_name = excluded.last_name,
+                phone = excluded.phone, email_as_given = excluded.email_as_given,
+                version = users.version + 1, updated_at = date_trunc('milliseconds', now())
+         FROM unnest($1::text[], $2::text[], $3::boolean[], $4::text[], $5::text[], $6::text[],
+                     $7::bigint[], $8::text[])
+              AS excluded(id, email, email_verified, first_name, last_name, phone, expected,
+                          email_as_given)
+         WHERE users.id = excluded.id AND users.version = excluded.expected
+           AND (users.email, users.email_verified, users.first_name, users.last_name,
+                users.phone) IS DISTINCT FROM (excluded.email, excluded.email_verified,
+                excluded.first_name, excluded.last_name, excluded.phone)
+         RETURNING users.id, users.version",
+    )
+    .bind(column(|p| Some(p.user.id.as_str())))
+    .bind(column(|p| Some(p.user.email.as_str())))
+    .bind(
+        profiles
+            .iter()
+            .map(|(_, p)| p.user.email_verified)
+            .collect::<Vec<_>>(),
+    )
+    .bind(column(|p| opt_str(&p.user.first_name)))
+    .bind(column(|p| opt_str(&p.user.last_name)))
+    .bind(column(|p| opt_str(&p.user.phone)))
+    .bind(profiles.iter().map(|(_, p)| p.expected).collect::<Vec<_>>())
+    .bind(column(|p| p.user.email.as_given()))
+    .fetch_all(&mut **tx)
+    .await?;
+    let version_of = written.into_iter().collect::<HashMap<_, _>>();
+    let mut conflicts = Vec::new();
+    let mut pushed = Vec::new();
+    for (customer, profile) in &profiles {
+        match version_of.get(profile.user.id.as_str()) {
+            Some(version) => pushed.push((profile, *version)),
+            None => conflicts.push((*customer).to_owned()),
+        }
+    }
+    if !pushed.is_empty() {
+        let column = |f: fn(&PushedProfile) -> Option<&str>| {
+            pushed.iter().map(|(p, _)| f(&p.pushed)).collect::<Vec<_>>()
+        };
+        sqlx::query(
+            "UPDATE customer_links l SET pushed_email = x.email, pushed_name = x.name,
+                    pushed_phone = x.phone, pushed_version = x.version, pushed_at = now()
+             FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[])
+                  AS x(user_id, email, name, phone, version)
+             WHERE l.user_id = x.user_id",
+        )
+        .bind(
+            pushed
+                .iter()
+                .map(|(p, _)| p.user.id.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(column(|p| Some(p.email.as_str())))
+        .bind(column(|p| p.name.as_deref()))
+        .bind(column(|p| p.phone.as_deref()))
+        .bind(pushed.iter().map(|(_, v)| *v).collect::<Vec<_>>())
+        .execute(&mut **tx)
+        .await?;
+    }
+    Ok(conflicts)
+}
