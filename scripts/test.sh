@@ -7,7 +7,7 @@
 #   unless BILLSYNC_TEST_LOCALSTRIPE_URL already points at one that answers.
 # - Postgres: BILLSYNC_TEST_POSTGRES_URL, or the local server at
 #   postgres://postgres@127.0.0.1:5432/postgres when it answers; each test makes its own database.
-# - tests/postgres_restart.rs stops and starts that server. It runs when the cluster is this
+# - tests/alone/postgres_restart.rs stops and starts that server. It runs when the cluster is this
 #   machine's own (a Debian cluster on port 5432 that pg_ctlcluster may control, as on the
 #   project's CI and development machines) or with BILLSYNC_TEST_PG_RESTART=1;
 #   BILLSYNC_TEST_PG_RESTART=0 keeps it from running.

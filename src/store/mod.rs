@@ -3,7 +3,7 @@
 //! as the embedded default. The statements both run are written once, in `common/`, which
 //! each backend mounts with its own dialect; `postgres/` and `sqlite/` hold only what really
 //! differs (leases, job locks, batching, the link cache's listener, the serving lock).
-//! `tests/store_conformance.rs` runs the same suite against both.
+//! `tests/store_conformance/main.rs` runs the same suite against both.
 
 use std::{sync::Arc, time::Duration};
 

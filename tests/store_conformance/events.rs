@@ -374,18 +374,33 @@ async fn event_states_follow_the_queue(backend: Backend) {
     );
 }
 
+/// A fresh store whose database has no schema yet (for upgrade tests).
+async fn unmigrated_store(backend: Backend, test: &str) -> Option<support::TestStore> {
+    match backend {
+        Backend::Sqlite => Some(support::unmigrated_sqlite_store().await),
+        Backend::Postgres => support::unmigrated_postgres_store(test).await,
+    }
+}
+
+/// This backend's migration files (`migrations/<backend>`).
+fn migrations_dir(backend: Backend) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("migrations")
+        .join(match backend {
+            Backend::Sqlite => "sqlite",
+            Backend::Postgres => "postgres",
+        })
+}
+
 /// An inbox written before the event queue existed keeps every event where it stood.
 async fn upgrading_keeps_waiting_events_waiting(backend: Backend) {
     use billsync::store::EventState;
-    let Some(t) = backend
-        .unmigrated_store("upgrading_keeps_waiting_events_waiting")
-        .await
-    else {
+    let Some(t) = unmigrated_store(backend, "upgrading_keeps_waiting_events_waiting").await else {
         return;
     };
     // The schema as it was before the queue: every migration before `*_event_queue.sql`.
     let before = tempfile::tempdir().unwrap();
-    let mut files: Vec<_> = std::fs::read_dir(backend.migrations_dir())
+    let mut files: Vec<_> = std::fs::read_dir(migrations_dir(backend))
         .unwrap()
         .map(|entry| entry.unwrap().path())
         .collect();

@@ -33,10 +33,6 @@ impl Drop for Server {
     }
 }
 
-pub fn start(database_url: &str, port: u16) -> Server {
-    start_with(database_url, port, &[])
-}
-
 pub fn start_with(database_url: &str, port: u16, settings: &[(&str, String)]) -> Server {
     let mut command = Command::new(env!("CARGO_BIN_EXE_billsync"));
     for (key, _) in std::env::vars() {

@@ -1,7 +1,7 @@
 //! The HTTP edge as a browser and a proxy see it: CORS on the user routes only, for the exact
 //! configured origins, and request ids accepted, generated and returned.
 
-mod support;
+use crate::support;
 
 use reqwest::{header, Method};
 use support::TestApp;

@@ -1,6 +1,6 @@
 //! The `billsync` binary itself: start-up validation, migrate, resolve, graceful shutdown.
 
-mod support;
+use crate::support;
 
 use std::{
     io::Read,

@@ -1,7 +1,7 @@
 //! Customer resolution end to end: a real billsync server, a real store (SQLite and Postgres)
 //! and localstripe as Stripe. Skipped, out loud, without `BILLSYNC_TEST_LOCALSTRIPE_URL`.
 
-mod support;
+use crate::support;
 
 use std::collections::HashSet;
 

@@ -1,6 +1,6 @@
 //! Webhooks end to end: localstripe sends real signed events to billsync's endpoint.
 
-mod support;
+use crate::support;
 
 use reqwest::Method;
 use serde_json::{json, Value};

@@ -2,9 +2,9 @@
 //! burst; after a restart every event that was acknowledged is stored and applied, and the
 //! users end in the state of the newest event.
 
-mod support;
+use crate::support;
 
-use support::process::{free_port, start, start_with, wait_ready};
+use support::process::{free_port, start_with, wait_ready};
 
 use std::{
     collections::{HashMap, HashSet},
@@ -51,7 +51,7 @@ async fn a_kill_during_a_burst_loses_no_acknowledged_event(backend: Backend) {
     }
 
     let port = free_port();
-    let mut server = start(&t.url, port);
+    let mut server = start_with(&t.url, port, &[]);
     wait_ready(port).await;
 
     let acked: Arc<Mutex<HashSet<String>>> = Arc::default();
@@ -103,7 +103,7 @@ async fn a_kill_during_a_burst_loses_no_acknowledged_event(backend: Backend) {
     );
 
     // Restart on the same database: everything acknowledged is there and gets applied.
-    let mut server = start(&t.url, port);
+    let mut server = start_with(&t.url, port, &[]);
     wait_ready(port).await;
     let store: &Arc<dyn Store> = &t.store;
     let deadline = Instant::now() + Duration::from_secs(60);

@@ -2,7 +2,7 @@
 //! out, in order per customer, idempotent, echo-free. Stripe (for same-second re-fetches) is a
 //! wiremock server.
 
-mod support;
+use crate::support;
 
 use billsync::{domain::UserId, store::PushedProfile};
 use reqwest::Method;
@@ -1016,7 +1016,7 @@ async fn an_older_subscription_event_does_not_revive_a_deleted_customers(backend
 /// Stripe's own example subscription for the pinned version (see tests/fixtures/stripe).
 fn fixture_subscription(id: &str, customer: Value) -> Value {
     let mut sub: Value =
-        serde_json::from_str(include_str!("fixtures/stripe/subscription.json")).unwrap();
+        serde_json::from_str(include_str!("../fixtures/stripe/subscription.json")).unwrap();
     sub["id"] = json!(id);
     sub["customer"] = customer;
     sub["status"] = json!("active");
@@ -1039,7 +1039,7 @@ async fn basil_subscriptions_are_mirrored_whole(backend: Backend) {
     .await;
     // The customer expanded, as `expand[]=customer` returns it.
     let mut expanded: Value =
-        serde_json::from_str(include_str!("fixtures/stripe/customer.json")).unwrap();
+        serde_json::from_str(include_str!("../fixtures/stripe/customer.json")).unwrap();
     expanded["id"] = json!("cus_basil");
     let mut sub = fixture_subscription("sub_basil", expanded);
     sub["cancel_at_period_end"] = json!(false);

@@ -1,7 +1,7 @@
 //! Flows against a wiremock Stripe: the exact requests Stripe documents for portal sessions,
 //! and how profile pushes fail, back off, park and are retried.
 
-mod support;
+use crate::support;
 
 use std::collections::BTreeMap;
 

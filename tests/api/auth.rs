@@ -1,7 +1,7 @@
 //! User authentication through the real server: every way a token can be wrong is refused,
 //! the right ones are accepted, and a user only ever reaches their own data.
 
-mod support;
+use crate::support;
 
 use base64::Engine;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};

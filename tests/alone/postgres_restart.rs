@@ -3,10 +3,10 @@
 //! restart of its own, and every acknowledged event is stored and applied.
 //!
 //! It restarts the machine's Postgres cluster, so it runs only with
-//! `BILLSYNC_TEST_PG_RESTART=1` (`.ci/run` sets it); its own test binary, so no other test
-//! runs meanwhile.
+//! `BILLSYNC_TEST_PG_RESTART=1` (`.ci/run` sets it); in `tests/alone`, one test at a time, so
+//! no other test runs meanwhile.
 
-mod support;
+use crate::support;
 
 use std::{
     collections::HashSet,
@@ -19,7 +19,6 @@ use serde_json::json;
 use support::{
     eventually,
     process::{free_port, start_with, wait_ready},
-    Backend,
 };
 
 const CUSTOMERS: usize = 20;
@@ -48,6 +47,7 @@ fn restart_postgres(down: Duration) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_postgres_restart_mid_burst_loses_no_acknowledged_event() {
+    let _alone = crate::one_at_a_time().await;
     let test = "a_postgres_restart_mid_burst_loses_no_acknowledged_event";
     if std::env::var("BILLSYNC_TEST_PG_RESTART").as_deref() != Ok("1") {
         support::skip(
@@ -56,7 +56,7 @@ async fn a_postgres_restart_mid_burst_loses_no_acknowledged_event() {
         );
         return;
     }
-    let Some(t) = Backend::Postgres.store(test).await else {
+    let Some(t) = support::postgres_store(test).await else {
         return;
     };
     for c in 0..CUSTOMERS {

@@ -1,7 +1,7 @@
 //! The webhook route through a real server: verification, durable and idempotent ingestion,
 //! and its errors. Needs no Stripe.
 
-mod support;
+use crate::support;
 
 use reqwest::Method;
 use serde_json::{json, Value};

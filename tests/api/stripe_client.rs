@@ -1,9 +1,9 @@
 //! The Stripe client against wiremock: the exact requests Stripe documents, and its behaviour
 //! on faults (retries, idempotency keys, timeouts, errors).
 
-#[path = "stripe_client/conformance.rs"]
+use crate::support;
+
 mod conformance;
-mod support;
 
 use std::{collections::BTreeMap, time::Duration};
 

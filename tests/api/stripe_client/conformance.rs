@@ -23,7 +23,7 @@ use crate::support::{
 /// `customers.create`. A new operation fails this test until the snapshot covers it and a
 /// flow below sends it.
 fn operations_in_client_source() -> BTreeSet<String> {
-    let source = include_str!("../../src/stripe/mod.rs");
+    let source = include_str!("../../../src/stripe/mod.rs");
     source
         .split('"')
         .skip(1)
@@ -261,7 +261,7 @@ async fn every_request_billsync_sends_is_one_stripe_accepts() {
     assert_eq!(done["run"]["status"], "done", "{done}");
 
     // The portal configuration as code: created, updated, read back; and a minimal one.
-    let example = PortalSpec::parse(include_str!("../../portal.example.toml")).unwrap();
+    let example = PortalSpec::parse(include_str!("../../../portal.example.toml")).unwrap();
     let created = portal_config::apply(store.store.as_ref(), &client, &example)
         .await
         .unwrap_or_else(|e| panic!("{e}: {:?}", stripe.refused()));

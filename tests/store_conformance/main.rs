@@ -1,23 +1,26 @@
 //! One conformance suite, run against every store backend; one module per aggregate, as
-//! the store's traits are. A single test binary: the modules are mounted by `#[path]`.
+//! the store's traits are. A single test binary.
 
-mod support;
+/// The shared helpers this binary uses (`tests/support/`): only these pieces, so none is dead.
+#[macro_use]
+#[path = "../support"]
+mod support {
+    #[path = "stores.rs"]
+    mod stores;
+    pub use stores::*;
+    #[macro_use]
+    #[path = "backends.rs"]
+    mod backends;
+    pub use backends::*;
+}
 
-#[path = "store_conformance/erasure.rs"]
 mod erasure;
-#[path = "store_conformance/events.rs"]
 mod events;
-#[path = "store_conformance/links.rs"]
 mod links;
-#[path = "store_conformance/operations.rs"]
 mod operations;
-#[path = "store_conformance/outbox.rs"]
 mod outbox;
-#[path = "store_conformance/resolve_claims.rs"]
 mod resolve_claims;
-#[path = "store_conformance/subscriptions.rs"]
 mod subscriptions;
-#[path = "store_conformance/users.rs"]
 mod users;
 
 use std::{sync::Arc, time::Duration};

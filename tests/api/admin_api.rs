@@ -1,7 +1,7 @@
 //! The admin API through a real server: authentication, validation and error shapes, and what
 //! happens when Stripe cannot be reached. Needs no Stripe: a closed port stands in for it.
 
-mod support;
+use crate::support;
 
 use reqwest::Method;
 use serde_json::{json, Value};

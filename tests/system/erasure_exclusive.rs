@@ -1,7 +1,7 @@
 //! Erasure is exclusive per user (issue 12 §5): no profile push reaches Stripe after the
 //! scrub started, and a customer linked after the saga's plan is erased too.
 
-mod support;
+use crate::support;
 
 use std::{
     sync::{Arc, Mutex},

@@ -3,7 +3,7 @@
 //! empties that clear what the file no longer says, no write for an unchanged file, drift
 //! named field by field, and validation that names the key before anything is sent.
 
-mod support;
+use crate::support;
 
 use std::{
     collections::HashMap,
@@ -16,7 +16,7 @@ use serde_json::{json, Value};
 use support::Backend;
 use wiremock::{matchers::path_regex, Mock, MockServer, Request, Respond, ResponseTemplate};
 
-const EXAMPLE: &str = include_str!("../portal.example.toml");
+const EXAMPLE: &str = include_str!("../../portal.example.toml");
 const CONFIGURATIONS: &str = "/v1/billing_portal/configurations";
 
 /// Billing-portal configurations as Stripe keeps them (API 2025-08-27.basil; the parameters

@@ -2,7 +2,7 @@
 //! idempotency key; on Postgres two claimers never hold two jobs of one user, and a crashed
 //! holder's job is taken over at once.
 
-mod support;
+use crate::support;
 
 use std::{
     collections::HashMap,

@@ -3,7 +3,7 @@
 //! ends on its newest event, every profile reaches Stripe, and no customer ever has two pushes
 //! in flight at once.
 
-mod support;
+use crate::support;
 
 use std::{
     collections::HashMap,

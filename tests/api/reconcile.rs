@@ -3,7 +3,7 @@
 //! counted exactly; `--apply` fixes what is safe and deletes nothing; a second run finds only
 //! `ok`, `orphan` and `duplicate`. Then the CLI and the admin API on the same world.
 
-mod support;
+use crate::support;
 
 use std::{process::Command, sync::Arc};
 

@@ -2,7 +2,7 @@
 //! round-trip unchanged through the API, the database and the Stripe form encoding, and never
 //! change a query: no other row is touched, every table survives.
 
-mod support;
+use crate::support;
 
 use reqwest::Method;
 use serde_json::{json, Value};

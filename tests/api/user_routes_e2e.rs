@@ -1,7 +1,7 @@
 //! The user routes end to end: a real server with its outbox worker, a real store (both
 //! backends), localstripe as Stripe (behind a proxy that can cut it off).
 
-mod support;
+use crate::support;
 
 use reqwest::Method;
 use serde_json::{json, Value};

@@ -3,7 +3,7 @@
 //! pushes. Afterwards: one customer per user, every push applied exactly once (idempotency
 //! keys hold across the retries of a lost answer), and the user routes answered throughout.
 
-mod support;
+use crate::support;
 
 use std::{
     collections::HashMap,

@@ -1,8 +1,9 @@
 //! What an operator sees: `/metrics` moving by exactly what a scripted workload did, and the
 //! real binary's logs (JSON, a request id on each request line, secrets redacted, emails and
-//! phone numbers masked). Its own test binary: the metrics recorder is process-wide.
+//! phone numbers masked). In `tests/alone`, one test at a time: the metrics recorder is
+//! process-wide.
 
-mod support;
+use crate::support;
 
 use std::{
     io::Read,
@@ -73,6 +74,7 @@ fn updated(id: &str, created: i64, customer: &str, name: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_move_by_what_the_workload_did() {
+    let _alone = crate::one_at_a_time().await;
     let store = support::sqlite_store().await;
     let stripe = MockServer::start().await;
     let app = TestApp::spawn(store.store.clone(), &support::test_config(&stripe.uri())).await;
@@ -107,7 +109,14 @@ async fn metrics_move_by_what_the_workload_did() {
         .await;
     }
     eventually(10, "both pushes finished", || async {
-        let jobs: Value = app.admin_json("/v1/outbox?limit=10").await;
+        let jobs: Value = app
+            .admin(Method::GET, "/v1/outbox?limit=10")
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
         let finished = jobs["jobs"]
             .as_array()
             .unwrap()
@@ -236,6 +245,7 @@ async fn metrics_move_by_what_the_workload_did() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_need_the_admin_key() {
+    let _alone = crate::one_at_a_time().await;
     let store = support::sqlite_store().await;
     let app = TestApp::spawn(
         store.store.clone(),
@@ -250,6 +260,7 @@ async fn metrics_need_the_admin_key() {
 /// id; a Stripe error quoting the user's email and phone is logged masked; no secret appears.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn logs_carry_request_ids_and_never_secrets_or_contact_details() {
+    let _alone = crate::one_at_a_time().await;
     let stripe = MockServer::start().await;
     Mock::given(method("GET"))
         .and(path("/v1/customers"))
