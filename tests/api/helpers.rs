@@ -95,16 +95,7 @@ impl LocalStripe {
     /// Changes the customer as the billing portal or the dashboard would (no billsync
     /// metadata touched); returns it as it then is.
     pub async fn update_customer(&self, id: &str, form: &[(&str, &str)]) -> Value {
-        let response = self
-            .http
-            .post(format!("{}/v1/customers/{id}", self.base))
-            .basic_auth(STRIPE_KEY, Some(""))
-            .form(form)
-            .send()
-            .await
-            .expect("localstripe update");
-        assert!(response.status().is_success(), "update {id}");
-        response.json().await.expect("json")
+        self.post_form(&format!("/v1/customers/{id}"), form).await
     }
 
     /// A customer with a card on file, so subscriptions to `plan` start active.
@@ -170,15 +161,7 @@ impl LocalStripe {
     }
 
     pub async fn subscription(&self, id: &str) -> Value {
-        self.http
-            .get(format!("{}/v1/subscriptions/{id}", self.base))
-            .basic_auth(STRIPE_KEY, Some(""))
-            .send()
-            .await
-            .expect("localstripe retrieve subscription")
-            .json()
-            .await
-            .expect("json")
+        self.get_json(&format!("/v1/subscriptions/{id}")).await
     }
 
     /// Deletes the customer, as the dashboard would.

@@ -36,32 +36,42 @@ impl LocalStripe {
         }
     }
 
-    pub async fn create_customer(&self, form: &[(&str, &str)]) -> Value {
+    /// A form POST to `path`; panics unless it is a 2xx.
+    pub async fn post_form(&self, path: &str, form: &[(&str, &str)]) -> Value {
         let response = self
             .http
-            .post(format!("{}/v1/customers", self.base))
+            .post(format!("{}{path}", self.base))
             .basic_auth(STRIPE_KEY, Some(""))
             .form(form)
             .send()
             .await
-            .expect("localstripe create");
+            .unwrap_or_else(|e| panic!("localstripe POST {path}: {e}"));
         assert!(
             response.status().is_success(),
-            "localstripe create: {}",
+            "localstripe POST {path}: {}",
             response.status()
         );
         response.json().await.expect("json")
     }
 
-    pub async fn customer(&self, id: &str) -> Value {
+    /// A GET of `path`'s JSON, whatever its status.
+    pub async fn get_json(&self, path: &str) -> Value {
         self.http
-            .get(format!("{}/v1/customers/{id}", self.base))
+            .get(format!("{}{path}", self.base))
             .basic_auth(STRIPE_KEY, Some(""))
             .send()
             .await
-            .expect("localstripe retrieve")
+            .unwrap_or_else(|e| panic!("localstripe GET {path}: {e}"))
             .json()
             .await
             .expect("json")
+    }
+
+    pub async fn create_customer(&self, form: &[(&str, &str)]) -> Value {
+        self.post_form("/v1/customers", form).await
+    }
+
+    pub async fn customer(&self, id: &str) -> Value {
+        self.get_json(&format!("/v1/customers/{id}")).await
     }
 }
