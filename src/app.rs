@@ -24,6 +24,7 @@ pub struct Application {
     state: AppState,
     limits: ServerLimits,
     run_workers: bool,
+    deliverer: crate::app_events::delivery::Deliverer,
 }
 
 impl Application {
@@ -63,11 +64,17 @@ impl Application {
             stripe_api = %config.stripe.api_base,
             "billsync serving"
         );
+        let deliverer = crate::app_events::delivery::Deliverer::new(
+            store.clone(),
+            &config.app_events,
+            config.webhooks.retention,
+        );
         Ok(Self {
             listener,
             state: AppState::new(config, store, stripe),
             limits: config.server,
             run_workers: config.run_workers,
+            deliverer,
         })
     }
 
@@ -83,11 +90,19 @@ impl Application {
     /// Serves until `shutdown` completes, then lets in-flight requests and the workers' jobs
     /// in hand finish. Dropped before then, it stops everything it started.
     pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+        let Self {
+            listener,
+            state,
+            limits,
+            run_workers,
+            deliverer,
+        } = self;
         let (stop_workers, workers_stopping) = watch::channel(false);
-        let workers = if self.run_workers {
+        let workers = if run_workers {
             Workers(vec![
-                tokio::spawn(self.state.worker.clone().run(workers_stopping.clone())),
-                tokio::spawn(self.state.applier.clone().run(workers_stopping)),
+                tokio::spawn(state.worker.clone().run(workers_stopping.clone())),
+                tokio::spawn(state.applier.clone().run(workers_stopping.clone())),
+                tokio::spawn(deliverer.run(workers_stopping)),
             ])
         } else {
             tracing::info!(
@@ -96,7 +111,7 @@ impl Application {
             );
             Workers(Vec::new())
         };
-        http::server::serve(self.listener, http::app(self.state), self.limits, shutdown).await?;
+        http::server::serve(listener, http::app(state), limits, shutdown).await?;
         // Let the job in hand finish; an unfinished one is reclaimed when its lease runs out.
         let _ = stop_workers.send(true);
         if tokio::time::timeout(WORKERS_STOP, workers.join())

@@ -71,6 +71,8 @@ pub enum ApiError {
     WebhooksDisabled,
     #[error("no such event")]
     EventNotFound,
+    #[error("no such app event")]
+    AppEventNotFound,
     #[error("the request body did not arrive in time")]
     RequestTimeout,
     #[error("no such reconciliation run (runs are kept in the memory of the instance that started them)")]
@@ -121,6 +123,7 @@ impl ApiError {
             Self::NoCustomer
             | Self::JobNotFound
             | Self::EventNotFound
+            | Self::AppEventNotFound
             | Self::ReconcileNotFound => StatusCode::NOT_FOUND,
             Self::AdminDisabled
             | Self::StripeUnavailable
@@ -163,6 +166,7 @@ impl ApiError {
             Self::InvalidPayload(_) => "invalid_payload",
             Self::WebhooksDisabled => "webhooks_disabled",
             Self::EventNotFound => "event_not_found",
+            Self::AppEventNotFound => "app_event_not_found",
             Self::RequestTimeout => "request_timeout",
             Self::ReconcileNotFound => "reconcile_not_found",
             Self::ReconcileRunning => "reconcile_in_progress",

@@ -3,7 +3,9 @@
 //! The library holds the whole service; the `billsync` binary is a thin CLI over it.
 
 pub mod app;
+pub mod app_events;
 pub mod auth;
+pub mod billing;
 pub mod cli;
 pub mod config;
 pub mod customers;
@@ -13,6 +15,7 @@ pub mod gdpr;
 pub mod http;
 pub mod jobs;
 pub mod keyed_lock;
+pub mod plans;
 pub mod portal;
 pub mod portal_config;
 pub mod profile;

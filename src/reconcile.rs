@@ -12,7 +12,7 @@ use serde::Serialize;
 use tokio::time::Instant;
 
 use crate::{
-    domain::{full_name, LinkSource, StripeCustomerId, UserId},
+    domain::{full_name, LinkSource, StripeCustomerId, UnlinkReason, UserId},
     store::{LinkOutcome, Store, StoreError, User},
     stripe::{Customer, StripeClient, StripeError},
 };
@@ -411,7 +411,7 @@ async fn fix(
         }
         Category::DanglingLink => match store.get_link(&user_id).await? {
             Some(link) if link.customer_id == customer_id => {
-                store.remove_link(&user_id).await?;
+                store.remove_link(&user_id, UnlinkReason::Reconcile).await?;
                 "unlinked".to_owned()
             }
             _ => "skipped: relinked meanwhile".to_owned(),

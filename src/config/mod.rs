@@ -11,9 +11,11 @@ pub mod settings;
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 pub use secret::Secret;
+pub use settings::AppEventsConfig;
 use settings::{
-    AuthSettings, DatabaseSettings, ErasureSettings, FileSection, HttpSettings, InstanceSettings,
-    Layer, OutboxSettings, PortalSettings, StripeSettings, UserLimitSettings, WebhookSettings,
+    AppEventSettings, AuthSettings, DatabaseSettings, ErasureSettings, FileSection, HttpSettings,
+    InstanceSettings, Layer, OutboxSettings, PortalSettings, StripeSettings, UserLimitSettings,
+    WebhookSettings,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -131,6 +133,7 @@ sections! {
         pub webhooks: WebhookSettings,
         pub user_limits: UserLimitSettings,
         pub instance: InstanceSettings,
+        pub app_events: AppEventSettings,
     }
 }
 
@@ -291,6 +294,7 @@ pub struct Config {
     /// `serve` runs the outbox worker and the event applier too.
     pub run_workers: bool,
     pub user_limits: UserLimitsConfig,
+    pub app_events: AppEventsConfig,
 }
 
 impl Config {
@@ -311,6 +315,7 @@ impl Config {
         let webhooks = settings.webhooks.resolve()?;
         let user_limits = settings.user_limits.resolve()?;
         let instance = settings.instance.resolve(&database.url)?;
+        let app_events = settings.app_events.resolve()?;
         Ok(Self {
             resolve_lease: stripe.client.timeout * 6 + Duration::from_secs(30),
             database_url: database.url,
@@ -332,6 +337,7 @@ impl Config {
             user_limits,
             run_workers: instance.run_workers,
             log_format: instance.log_format,
+            app_events,
         })
     }
 
@@ -357,6 +363,7 @@ impl Config {
             max_connections: self.db_max_connections,
             push_debounce: self.outbox.debounce,
             link_cache_ttl: self.link_cache_ttl,
+            plans: self.app_events.plans.clone(),
         }
     }
 

@@ -626,3 +626,134 @@ fn comma_separated(list: Option<&str>) -> impl Iterator<Item = &str> {
         .map(str::trim)
         .filter(|item| !item.is_empty())
 }
+
+section! {
+    /// Events towards the app: where they are delivered, how they are signed and retried.
+    pub struct AppEventSettings {
+        /// The app's endpoint for app events (https://…, or http:// on loopback); unset: events
+        /// are only kept for `GET /v1/app-events`.
+        #[arg(long, env = "BILLSYNC_APP_WEBHOOK_URL", global = true, hide_env_values = true)]
+        pub app_webhook_url: Option<Secret>,
+        /// Standard Webhooks signing secrets (whsec_ + base64), comma-separated: every one signs
+        /// each delivery, for a rotation. `billsync app-events new-secret` makes one.
+        #[arg(long, env = "BILLSYNC_APP_WEBHOOK_SECRET", global = true, hide_env_values = true)]
+        pub app_webhook_secret: Option<Secret>,
+        /// One delivery attempt's time limit, in milliseconds [default: 10000]
+        #[arg(long, env = "BILLSYNC_APP_WEBHOOK_TIMEOUT_MS", global = true)]
+        pub app_webhook_timeout_ms: Option<u64>,
+        /// Deliveries in flight at once (each to a different user) [default: 64]
+        #[arg(long, env = "BILLSYNC_APP_WEBHOOK_CONCURRENCY", global = true)]
+        pub app_webhook_concurrency: Option<usize>,
+        /// First wait before a failed delivery is retried, in milliseconds; doubles per
+        /// attempt, with jitter [default: 5000]
+        #[arg(long, env = "BILLSYNC_APP_WEBHOOK_BACKOFF_BASE_MS", global = true)]
+        pub app_webhook_backoff_base_ms: Option<u64>,
+        /// Longest wait between retries, in seconds [default: 3600]
+        #[arg(long, env = "BILLSYNC_APP_WEBHOOK_BACKOFF_MAX_SECS", global = true)]
+        pub app_webhook_backoff_max_secs: Option<u64>,
+        /// How long after its creation an event is retried before it is parked as failed, in
+        /// seconds [default: 259200, three days, as Stripe retries]
+        #[arg(long, env = "BILLSYNC_APP_WEBHOOK_RETRY_WINDOW_SECS", global = true)]
+        pub app_webhook_retry_window_secs: Option<u64>,
+        /// How often the deliverer looks for new events, in milliseconds [default: 50]
+        #[arg(long, env = "BILLSYNC_APP_EVENTS_POLL_MS", global = true)]
+        pub app_events_poll_ms: Option<u64>,
+        /// The plans file (TOML): prices to plans, features and limits; unset: nobody has a plan.
+        #[arg(long, env = "BILLSYNC_PLANS_FILE", global = true)]
+        pub plans_file: Option<std::path::PathBuf>,
+    }
+}
+
+/// App events, validated.
+#[derive(Debug, Clone)]
+pub struct AppEventsConfig {
+    /// `None`: nothing is delivered; events wait for the pull API.
+    pub delivery: Option<crate::app_events::delivery::DeliveryConfig>,
+    pub poll_interval: Duration,
+    pub plans: std::sync::Arc<crate::plans::Plans>,
+}
+
+impl AppEventSettings {
+    pub fn resolve(self) -> Result<AppEventsConfig, ConfigError> {
+        use crate::app_events::{delivery::DeliveryConfig, signing::SigningKeys};
+        let url = non_empty_secret(self.app_webhook_url);
+        let secret = non_empty_secret(self.app_webhook_secret);
+        let delivery = match (url, secret) {
+            (None, None) => None,
+            (Some(_), None) => {
+                return Err(invalid(
+                    "BILLSYNC_APP_WEBHOOK_SECRET must be set with BILLSYNC_APP_WEBHOOK_URL \
+                     (billsync app-events new-secret makes one)",
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(invalid(
+                    "BILLSYNC_APP_WEBHOOK_URL must be set with BILLSYNC_APP_WEBHOOK_SECRET",
+                ))
+            }
+            (Some(url), Some(secret)) => {
+                let raw = url.expose();
+                let parsed = reqwest::Url::parse(raw).ok().filter(|u| {
+                    u.scheme() == "https" || (u.scheme() == "http" && is_loopback_url(raw))
+                });
+                let Some(url) = parsed else {
+                    return Err(invalid(
+                        "BILLSYNC_APP_WEBHOOK_URL must be an https:// URL (http:// only on loopback)",
+                    ));
+                };
+                let keys = SigningKeys::parse(&secret)
+                    .map_err(|e| invalid(format!("BILLSYNC_APP_WEBHOOK_SECRET: a secret {e}")))?;
+                let timeout_ms = self.app_webhook_timeout_ms.unwrap_or(10_000);
+                if !(100..=60_000).contains(&timeout_ms) {
+                    return Err(invalid(
+                        "BILLSYNC_APP_WEBHOOK_TIMEOUT_MS must be between 100 and 60000",
+                    ));
+                }
+                let concurrency = self.app_webhook_concurrency.unwrap_or(64);
+                if !(1..=1_024).contains(&concurrency) {
+                    return Err(invalid(
+                        "BILLSYNC_APP_WEBHOOK_CONCURRENCY must be between 1 and 1024",
+                    ));
+                }
+                let backoff_base =
+                    Duration::from_millis(self.app_webhook_backoff_base_ms.unwrap_or(5_000).max(1));
+                let backoff_max =
+                    Duration::from_secs(self.app_webhook_backoff_max_secs.unwrap_or(3_600).max(1));
+                if backoff_max < backoff_base {
+                    return Err(invalid(
+                        "BILLSYNC_APP_WEBHOOK_BACKOFF_MAX_SECS must not be below the backoff base",
+                    ));
+                }
+                Some(DeliveryConfig {
+                    url,
+                    keys,
+                    timeout: Duration::from_millis(timeout_ms),
+                    concurrency,
+                    backoff_base,
+                    backoff_max,
+                    retry_window: Duration::from_secs(
+                        self.app_webhook_retry_window_secs.unwrap_or(259_200),
+                    ),
+                })
+            }
+        };
+        let plans = match &self.plans_file {
+            None => crate::plans::Plans::none(),
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|e| {
+                    invalid(format!(
+                        "BILLSYNC_PLANS_FILE: cannot read {}: {e}",
+                        path.display()
+                    ))
+                })?;
+                crate::plans::Plans::parse(&text)
+                    .map_err(|e| invalid(format!("BILLSYNC_PLANS_FILE: {e}")))?
+            }
+        };
+        Ok(AppEventsConfig {
+            delivery,
+            poll_interval: Duration::from_millis(self.app_events_poll_ms.unwrap_or(50).max(1)),
+            plans: std::sync::Arc::new(plans),
+        })
+    }
+}

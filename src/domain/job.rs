@@ -109,3 +109,47 @@ pub struct AuditEntry {
     pub action: String,
     pub detail: serde_json::Value,
 }
+
+/// A parked job's error as a stable code for `sync.failed` (its text stays in the outbox,
+/// for operators): what the retry policy's messages say the failure was.
+pub fn failure_code(error: &str) -> &'static str {
+    if error.starts_with("stripe api error") {
+        "stripe_rejected"
+    } else if error.starts_with("stripe unreachable") || error.starts_with("not sent") {
+        "stripe_unavailable"
+    } else if error.starts_with("database") {
+        "database_unavailable"
+    } else {
+        "failed"
+    }
+}
+
+#[cfg(test)]
+mod failure_code_tests {
+    use super::failure_code;
+
+    #[test]
+    fn errors_map_to_stable_codes() {
+        for (error, code) in [
+            (
+                "stripe api error: 400 invalid_request_error: No such customer",
+                "stripe_rejected",
+            ),
+            (
+                "stripe unreachable (timeout): operation timed out",
+                "stripe_unavailable",
+            ),
+            (
+                "not sent: no Stripe request budget left within the timeout",
+                "stripe_unavailable",
+            ),
+            (
+                "database unavailable: pool timed out",
+                "database_unavailable",
+            ),
+            ("no handler registered for erase jobs", "failed"),
+        ] {
+            assert_eq!(failure_code(error), code, "{error}");
+        }
+    }
+}

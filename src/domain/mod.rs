@@ -6,17 +6,24 @@ use std::fmt;
 
 use serde::{Serialize, Serializer};
 
+mod app_event;
 mod billing;
 mod event;
 mod job;
 mod link;
 mod user;
 
-pub use billing::{PortalConfigRecord, SubscriptionItemMirror, SubscriptionMirror};
+pub use app_event::{
+    changed_fields, new_app_event_id, AppEvent, AppEventOutcome, AppEventState, AppEventType,
+    ChangeOrigin, NewAppEvent, UnlinkReason, PROFILE_FIELDS,
+};
+pub use billing::{
+    previous_values, PortalConfigRecord, SubscriptionItemMirror, SubscriptionMirror,
+};
 pub use event::{
     CustomerUpdate, EventOutcome, EventState, EventToApply, NewEvent, StoredEvent, UpdateContext,
 };
-pub use job::{AuditEntry, Erased, JobKind, JobOutcome, JobState, OutboxJob};
+pub use job::{failure_code, AuditEntry, Erased, JobKind, JobOutcome, JobState, OutboxJob};
 pub use link::{CustomerLink, LinkOutcome, ResolveClaim};
 pub use user::{PushedProfile, RemoteProfile, UsageRecord, User, UserUpsert};
 

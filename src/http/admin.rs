@@ -141,6 +141,8 @@ pub struct UserResponse {
 pub struct UserWithCustomerResponse {
     pub user: UserView,
     pub customer: Option<LinkView>,
+    /// The mirrored subscriptions, as the billing read shows them.
+    pub subscriptions: Vec<crate::billing::SubscriptionView>,
 }
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
@@ -181,10 +183,33 @@ pub async fn get_user(
         .await?
         .ok_or(ApiError::UserNotFound)?;
     let link = state.store.get_link(&user_id).await?;
+    let subscriptions = state.store.list_subscriptions(&user_id).await?;
     Ok(Json(UserWithCustomerResponse {
         user: user.into(),
         customer: link.map(Into::into),
+        subscriptions: subscriptions
+            .iter()
+            .map(|s| crate::billing::SubscriptionView::new(s, &state.plans))
+            .collect(),
     }))
+}
+
+/// `GET /v1/users/{user_id}/billing`: the user's customer, plan and subscriptions, from the
+/// mirror (no Stripe call).
+#[utoipa::path(get, path = "/v1/users/{user_id}/billing", tag = "admin", security(("admin_key" = [])),
+    params(("user_id" = String, Path)),
+    responses((status = 200, body = crate::billing::BillingView), (status = 401, body = crate::http::ErrorBody),
+              (status = 404, body = crate::http::ErrorBody)))]
+#[tracing::instrument(skip_all, fields(user_id = %user_id))]
+pub async fn get_user_billing(
+    State(state): State<AppState>,
+    UserIdPath(user_id): UserIdPath,
+) -> Result<Json<crate::billing::BillingView>, ApiError> {
+    if state.store.get_user(&user_id).await?.is_none() {
+        return Err(ApiError::UserNotFound);
+    }
+    let view = crate::billing::read(state.store.as_ref(), &state.plans, &user_id).await?;
+    Ok(Json(view))
 }
 
 /// `POST /v1/users/{user_id}/customer`: resolve (find or create) the user's Stripe customer,

@@ -2,6 +2,7 @@
 //! (both put together by `crate::app`), and `shutdown_signal` says when to stop.
 
 mod admin;
+mod app_events;
 pub mod extract;
 pub mod limits;
 mod openapi;
@@ -85,6 +86,8 @@ pub struct AppStateInner {
     pub body_read_timeout: Duration,
     /// Per-user buckets of the user routes that call Stripe.
     pub user_limits: limits::UserLimits,
+    /// The plans file: what the billing read computes plans with.
+    pub plans: Arc<crate::plans::Plans>,
 }
 
 impl AppState {
@@ -94,6 +97,7 @@ impl AppState {
             stripe_rps: config.stripe_rps,
             body_read_timeout: config.body_read_timeout,
             user_limits: limits::UserLimits::new(&config.user_limits),
+            plans: config.app_events.plans.clone(),
             reconcile_runs: Default::default(),
             cors_origins: config
                 .cors_origins
@@ -148,6 +152,9 @@ pub fn app(state: AppState) -> Router {
             "/v1/users/{user_id}/customer",
             post(admin::resolve_customer),
         )
+        .route("/v1/users/{user_id}/billing", get(admin::get_user_billing))
+        .route("/v1/app-events", get(app_events::list))
+        .route("/v1/app-events/{id}/redeliver", post(app_events::redeliver))
         .route("/v1/outbox", get(admin::list_outbox))
         .route("/v1/events", get(admin::list_events))
         .route("/v1/events/{id}/replay", post(admin::replay_event))
@@ -168,6 +175,7 @@ pub fn app(state: AppState) -> Router {
             "/api/billing/create-portal-session",
             post(user::create_portal_session),
         )
+        .route("/api/user/billing", get(user::get_billing))
         .route("/api/user/export-data", get(user::export_data))
         .route("/api/user/delete-account", delete(user::delete_account))
         .route_layer(middleware::from_fn(stripe_interactive))

@@ -19,6 +19,7 @@ use super::{
 };
 use crate::{
     auth::{AuthError, AuthenticatedUser},
+    domain::ChangeOrigin,
     error::ApiError,
     gdpr,
     jobs::ErasureStatus,
@@ -71,14 +72,17 @@ async fn ensure_user(state: &AppState, auth: &AuthenticatedUser) -> Result<User,
     let email = auth.email.clone().ok_or(ApiError::EmailRequired)?;
     let user = state
         .store
-        .upsert_user(&UserUpsert {
-            id: auth.id.clone(),
-            email,
-            email_verified: auth.email_verified.unwrap_or(false),
-            first_name: None,
-            last_name: None,
-            phone: None,
-        })
+        .upsert_user_from(
+            &UserUpsert {
+                id: auth.id.clone(),
+                email,
+                email_verified: auth.email_verified.unwrap_or(false),
+                first_name: None,
+                last_name: None,
+                phone: None,
+            },
+            ChangeOrigin::App,
+        )
         .await?;
     tracing::info!(user_id = %user.id, "user created from token claims");
     Ok(user)
@@ -227,6 +231,21 @@ pub async fn create_portal_session(
     )
     .await?;
     Ok(Json(UrlResponse { url }))
+}
+
+/// The caller's billing: customer, plan (features and limits) and subscriptions, from
+/// billsync's mirror; no Stripe call, so a feature gate may ask on every page.
+#[utoipa::path(get, path = "/api/user/billing", tag = "user", security(("user_jwt" = [])),
+    responses((status = 200, body = crate::billing::BillingView),
+              (status = 401, body = crate::http::ErrorBody), (status = 410, body = crate::http::ErrorBody)))]
+#[tracing::instrument(skip_all, fields(user_id = %auth.id))]
+pub async fn get_billing(
+    State(state): State<AppState>,
+    CurrentUser(auth): CurrentUser,
+) -> Result<Json<crate::billing::BillingView>, ApiError> {
+    let user = ensure_user(&state, &auth).await?;
+    let view = crate::billing::read(state.store.as_ref(), &state.plans, &user.id).await?;
+    Ok(Json(view))
 }
 
 /// Everything billsync holds about the caller, as one JSON document (GDPR export).

@@ -44,6 +44,7 @@ pub(crate) fn postgres_migrator() -> Migrator {
         "0008_events_by_customer.sql",
         "0009_erasure_tombstones.sql",
         "0010_email_as_given.sql",
+        "0011_app_events.sql",
     )
 }
 
@@ -58,5 +59,6 @@ pub(crate) fn sqlite_migrator() -> Migrator {
         "0007_events_by_customer.sql",
         "0008_erasure_tombstones.sql",
         "0009_email_as_given.sql",
+        "0010_app_events.sql",
     )
 }

@@ -21,8 +21,8 @@ pub mod traits;
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 pub use traits::{
-    Erasure, EventInbox, Leases, Links, Operations, OutboxJobs, PortalConfigs, ResolveClaims,
-    Store, Subscriptions, Users,
+    AppEvents, Erasure, EventInbox, Leases, Links, Operations, OutboxJobs, PortalConfigs,
+    ResolveClaims, Store, Subscriptions, Users,
 };
 // The entities live in `domain`; re-exported here, where their callers have always found them.
 pub use crate::domain::{
@@ -35,8 +35,8 @@ pub use crate::domain::{
 /// Every store trait, for callers of their methods: `use crate::store::prelude::*;`.
 pub mod prelude {
     pub use super::traits::{
-        Erasure, EventInbox, Leases, Links, Operations, OutboxJobs, PortalConfigs, ResolveClaims,
-        Store, Subscriptions, Users,
+        AppEvents, Erasure, EventInbox, Leases, Links, Operations, OutboxJobs, PortalConfigs,
+        ResolveClaims, Store, Subscriptions, Users,
     };
 }
 
@@ -116,6 +116,8 @@ pub struct StoreOptions {
     /// How long Postgres keeps a customer link in memory at most (0 disables the cache).
     /// Changes evict it at once through LISTEN/NOTIFY; the TTL is a safety net.
     pub link_cache_ttl: Duration,
+    /// The plans file, for `plan.changed` (none: nobody has a plan).
+    pub plans: Arc<crate::plans::Plans>,
 }
 
 impl StoreOptions {
@@ -124,6 +126,7 @@ impl StoreOptions {
             max_connections,
             push_debounce: Duration::from_millis(300),
             link_cache_ttl: Duration::from_secs(60),
+            plans: Arc::default(),
         }
     }
 }

@@ -9,10 +9,11 @@ use time::OffsetDateTime;
 
 use super::{QueueStats, StoreResult};
 use crate::domain::{
-    AuditEntry, CustomerLink, CustomerUpdate, Erased, EventOutcome, EventState, EventToApply,
-    JobOutcome, JobState, LinkOutcome, LinkSource, NewEvent, OutboxJob, PortalConfigRecord,
-    PushedProfile, ResolveClaim, StoredEvent, StripeCustomerId, SubscriptionMirror, UpdateContext,
-    UsageRecord, User, UserId, UserUpsert,
+    AppEvent, AppEventOutcome, AppEventState, AuditEntry, ChangeOrigin, CustomerLink,
+    CustomerUpdate, Erased, EventOutcome, EventState, EventToApply, JobOutcome, JobState,
+    LinkOutcome, LinkSource, NewEvent, OutboxJob, PortalConfigRecord, PushedProfile, ResolveClaim,
+    StoredEvent, StripeCustomerId, SubscriptionMirror, UnlinkReason, UpdateContext, UsageRecord,
+    User, UserId, UserUpsert,
 };
 
 /// `Store` is every aggregate's trait, and everything that implements them all is one.
@@ -34,7 +35,8 @@ store_of!(
     Subscriptions,
     EventInbox,
     Leases,
-    PortalConfigs
+    PortalConfigs,
+    AppEvents
 );
 
 /// The database itself: its schema, its health, its settings.
@@ -55,8 +57,13 @@ pub trait Operations: Send + Sync + 'static {
 #[async_trait]
 pub trait Users: Send + Sync + 'static {
     /// Creates the user or replaces its profile; `version` increases only when a field changed,
-    /// and a change of an existing user queues a profile push in the same transaction.
-    async fn upsert_user(&self, user: &UserUpsert) -> StoreResult<User>;
+    /// and a change of an existing user queues a profile push and writes `user.updated` (from
+    /// `origin`) in the same transaction.
+    async fn upsert_user_from(&self, user: &UserUpsert, origin: ChangeOrigin) -> StoreResult<User>;
+    /// [`upsert_user_from`](Self::upsert_user_from) by an operator (the admin API, the CLI).
+    async fn upsert_user(&self, user: &UserUpsert) -> StoreResult<User> {
+        self.upsert_user_from(user, ChangeOrigin::Admin).await
+    }
     /// Like `upsert_user` for an existing user, but only if its version is still `expected`
     /// (optimistic concurrency for read-modify-write); `None` when it is not (or is gone).
     async fn update_user_if_version(
@@ -115,8 +122,13 @@ pub trait Links: Send + Sync + 'static {
         livemode: bool,
         via: LinkSource,
     ) -> StoreResult<LinkOutcome>;
-    /// Unlinks the user; returns the link that was removed.
-    async fn remove_link(&self, user: &UserId) -> StoreResult<Option<CustomerLink>>;
+    /// Unlinks the user, writing `customer.unlinked` with `reason`; returns the link that was
+    /// removed.
+    async fn remove_link(
+        &self,
+        user: &UserId,
+        reason: UnlinkReason,
+    ) -> StoreResult<Option<CustomerLink>>;
     /// Remembers that Stripe deleted this customer (`created` of the `customer.deleted`
     /// event), so it is never linked again, whatever arrives late.
     async fn record_deleted_customer(&self, customer: &str, created: i64) -> StoreResult<()>;
@@ -333,4 +345,37 @@ pub trait PortalConfigs: Send + Sync + 'static {
     async fn portal_config(&self, name: &str) -> StoreResult<Option<PortalConfigRecord>>;
     /// Records (or replaces) what `name` was last applied as.
     async fn save_portal_config(&self, record: &PortalConfigRecord) -> StoreResult<()>;
+}
+
+/// The outbox towards the app. Events are written by the other aggregates' methods, in the
+/// transactions of the changes they announce; these are for putting them in order, delivering
+/// them, and reading them.
+#[async_trait]
+pub trait AppEvents: Send + Sync + 'static {
+    /// Gives up to `limit` committed events without a position the next positions, oldest
+    /// first; one sequencer at a time, so positions become visible in increasing order.
+    /// Returns how many it positioned.
+    async fn sequence_app_events(&self, limit: u32) -> StoreResult<u64>;
+    /// Claims up to `limit` events to deliver: each key's first pending event, if it is due
+    /// and nobody's lease holds it. Each claim gets a new `claim_token` and counts an attempt.
+    async fn claim_app_events(&self, limit: u32, lease: Duration) -> StoreResult<Vec<AppEvent>>;
+    /// Records how claimed deliveries ended, in one transaction; one whose claim was lost
+    /// (its lease ran out and another deliverer took it) changes nothing.
+    async fn finish_app_events(&self, finished: &[(AppEvent, AppEventOutcome)]) -> StoreResult<()>;
+    /// Positioned events with `position > after`, in order, at most `limit`.
+    async fn app_events_after(&self, after: i64, limit: u32) -> StoreResult<Vec<AppEvent>>;
+    /// Events in `state`, newest first.
+    async fn list_app_events(&self, state: AppEventState, limit: u32)
+        -> StoreResult<Vec<AppEvent>>;
+    /// Makes the event pending and due now, its attempts reset; `None` if there is none.
+    async fn redeliver_app_event(&self, id: &str) -> StoreResult<Option<AppEvent>>;
+    /// Deletes events created before `cutoff`: delivered and failed ones, and pending ones
+    /// too when `with_pending` (nothing delivers them; they were kept for the pull API).
+    async fn prune_app_events(
+        &self,
+        cutoff: OffsetDateTime,
+        with_pending: bool,
+    ) -> StoreResult<u64>;
+    /// How many events wait for delivery, and when the oldest of them was made.
+    async fn app_event_backlog(&self) -> StoreResult<(i64, Option<OffsetDateTime>)>;
 }

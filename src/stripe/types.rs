@@ -90,7 +90,7 @@ pub struct SubscriptionItem {
     #[serde(default)]
     pub quantity: Option<i64>,
     #[serde(default)]
-    pub price: Option<IdOnly>,
+    pub price: Option<ItemPrice>,
     #[serde(default)]
     pub plan: Option<IdOnly>,
     /// Where API versions from 2025-03-31 put the period end.
@@ -123,13 +123,25 @@ pub struct Subscription {
     pub items: Option<List<SubscriptionItem>>,
 }
 
+/// A subscription item's price: its id, and the lookup key a plans file may name it by.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+pub struct ItemPrice {
+    pub id: String,
+    #[serde(default)]
+    pub lookup_key: Option<String>,
+}
+
 impl SubscriptionItem {
     /// The item's price id (or legacy plan id).
     pub fn price_id(&self) -> Option<&str> {
         self.price
             .as_ref()
-            .or(self.plan.as_ref())
             .map(|p| p.id.as_str())
+            .or(self.plan.as_ref().map(|p| p.id.as_str()))
+    }
+
+    pub fn lookup_key(&self) -> Option<&str> {
+        self.price.as_ref().and_then(|p| p.lookup_key.as_deref())
     }
 }
 
@@ -141,9 +153,8 @@ impl Subscription {
     /// The price id (or legacy plan id) of the subscription's first item.
     pub fn price_id(&self) -> Option<&str> {
         self.first_item()
-            .and_then(|item| item.price.as_ref().or(item.plan.as_ref()))
-            .or(self.plan.as_ref())
-            .map(|p| p.id.as_str())
+            .and_then(SubscriptionItem::price_id)
+            .or(self.plan.as_ref().map(|p| p.id.as_str()))
     }
 
     /// Every item (empty when the object has none).

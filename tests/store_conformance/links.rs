@@ -160,7 +160,13 @@ async fn removed_links_are_gone_at_once(backend: Backend) {
         .upsert_user(&upsert("leaving", "l@example.com"))
         .await
         .unwrap();
-    assert_eq!(store.remove_link(&user).await.unwrap(), None);
+    assert_eq!(
+        store
+            .remove_link(&user, UnlinkReason::Reconcile)
+            .await
+            .unwrap(),
+        None
+    );
     store
         .insert_link(&user, &cus("cus_L1"), false, LinkSource::Created)
         .await
@@ -169,7 +175,7 @@ async fn removed_links_are_gone_at_once(backend: Backend) {
     assert!(store.get_link(&user).await.unwrap().is_some());
     assert!(store.get_link(&user).await.unwrap().is_some());
     let removed = store
-        .remove_link(&user)
+        .remove_link(&user, UnlinkReason::Reconcile)
         .await
         .unwrap()
         .expect("the removed link");
@@ -224,7 +230,10 @@ async fn postgres_link_cache_follows_other_instances() {
     }
 
     // Unlinked by another instance: evicted here without waiting for the TTL.
-    other.remove_link(&user).await.unwrap();
+    other
+        .remove_link(&user, UnlinkReason::Reconcile)
+        .await
+        .unwrap();
     wait_until_uncached(&cached, &user, None).await;
 
     // Re-linked, cached again, then changed by hand in SQL.

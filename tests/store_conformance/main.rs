@@ -27,7 +27,7 @@ use std::{sync::Arc, time::Duration};
 
 use billsync::store::prelude::*;
 use billsync::{
-    domain::{Email, LinkSource, PersonName, Phone, StripeCustomerId, UserId},
+    domain::{Email, LinkSource, PersonName, Phone, StripeCustomerId, UnlinkReason, UserId},
     store::{
         Erased, EventToApply, JobKind, JobOutcome, JobState, LinkOutcome, PushedProfile, Store,
         StoreError, StoreResult, SubscriptionMirror, UserUpsert,

@@ -62,12 +62,14 @@ async fn usage_subscriptions_and_pushes_round_trip(backend: Backend) {
     sub.ended_at = Some(billsync::store::now());
     sub.items = vec![
         billsync::store::SubscriptionItemMirror {
+            lookup_key: None,
             id: Some("si_1".into()),
             price_id: Some("price_1".into()),
             quantity: Some(1),
             current_period_end: Some(1_900_000_000),
         },
         billsync::store::SubscriptionItemMirror {
+            lookup_key: None,
             id: Some("si_2".into()),
             price_id: Some("price_2".into()),
             quantity: Some(5),
@@ -158,6 +160,7 @@ async fn subscription_watermarks_rise_with_a_deletion(backend: Backend) {
     newer.cancel_at = Some(billsync::store::now());
     newer.items = rows[0].items.clone();
     newer.items.push(billsync::store::SubscriptionItemMirror {
+        lookup_key: None,
         id: Some("si_W".into()),
         price_id: None,
         quantity: Some(2),

@@ -4,12 +4,13 @@ use async_trait::async_trait;
 use time::OffsetDateTime;
 
 use super::{
+    app_events::append,
     dialect::{begin_write, span, sql, time, Clock, Clocked, Time},
     rows::{job_from_row, JobRow},
     Backend,
 };
 use crate::{
-    domain::{AuditEntry, Erased, OutboxJob, UserId},
+    domain::{AuditEntry, Erased, NewAppEvent, OutboxJob, UserId},
     store::{parse_json, traits::Erasure, StoreError, StoreResult},
 };
 
@@ -118,6 +119,18 @@ impl Erasure for Backend {
         .bind(audit_detail.to_string())
         .clock(Clock::now())
         .execute(&mut *tx)
+        .await?;
+        // The person's app events hold their data: gone with them, delivered or not. The app
+        // hears `user.erased`, which names them only by the keyed hash.
+        sqlx::query("DELETE FROM app_events WHERE event_key = $1")
+            .bind(user.as_str())
+            .execute(&mut *tx)
+            .await?;
+        append(
+            &mut tx,
+            &[NewAppEvent::user_erased(subject_hash)],
+            Clock::now(),
+        )
         .await?;
         tx.commit().await?;
         self.links.evict(user.as_str());

@@ -3,14 +3,23 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use super::{
-    dialect::{span, sql, Clock, Clocked, Db},
+    app_events::append,
+    dialect::{begin_write, span, sql, Clock, Clocked, Db},
     rows::{job_from_row, JobRow},
     Backend,
 };
 use crate::{
-    domain::{JobOutcome, JobState, OutboxJob, UserId},
+    domain::{failure_code, JobOutcome, JobState, NewAppEvent, OutboxJob, UserId},
     store::{clip_error, traits::OutboxJobs, StoreResult},
 };
+
+/// `sync.failed`, for a job parked for an operator.
+fn sync_failed(job: &OutboxJob, error: &str) -> NewAppEvent {
+    let user = UserId::parse(&job.user_id)
+        .unwrap_or_else(|_| UserId::parse("unknown").expect("a valid user id"));
+    let code = failure_code(error);
+    NewAppEvent::sync_failed(&user, job.id, job.kind.as_str(), job.attempts, code)
+}
 
 /// A claiming statement, for the backend's `claim` to run: it returns the claimed rows.
 pub(crate) type JobClaim<'q> =
@@ -76,10 +85,20 @@ impl OutboxJobs for Backend {
             JobOutcome::Failed { error } => query.bind(clip_error(error)),
             JobOutcome::Retry { delay, error } => query.bind(clip_error(error)).bind(span(*delay)),
         };
-        let finished = query.clock(Clock::now()).execute(&self.pool).await;
+        let now = Clock::now();
+        let finished = async {
+            let mut tx = begin_write(&self.pool).await?;
+            let finished = query.clock(now).execute(&mut *tx).await?.rows_affected() > 0;
+            if let (true, JobOutcome::Failed { error }) = (finished, outcome) {
+                append(&mut tx, &[sync_failed(job, error)], now).await?;
+            }
+            tx.commit().await?;
+            StoreResult::Ok(finished)
+        }
+        .await;
         // The claim ends either way (a refused finish means it was lost).
         self.claim_ended(job.id, token).await;
-        Ok(finished?.rows_affected() > 0)
+        finished
     }
 
     async fn save_job_payload(

@@ -1,12 +1,16 @@
 use async_trait::async_trait;
 
 use super::{
-    dialect::{sql, Clock, Clocked, Connection},
+    app_events::append,
+    dialect::{begin_write, sql, Clock, Clocked, Connection},
     rows::{link_from_row, LinkRow},
     Backend,
 };
 use crate::{
-    domain::{CustomerLink, LinkOutcome, LinkSource, PushedProfile, StripeCustomerId, UserId},
+    domain::{
+        CustomerLink, LinkOutcome, LinkSource, NewAppEvent, PushedProfile, StripeCustomerId,
+        UnlinkReason, UserId,
+    },
     store::{explain_link_conflict, pushed_profile, traits::Links, StoreResult},
 };
 
@@ -115,6 +119,8 @@ impl Links for Backend {
         via: LinkSource,
     ) -> StoreResult<LinkOutcome> {
         let generation = self.links.generation();
+        let now = Clock::now();
+        let mut tx = begin_write(&self.pool).await?;
         let inserted: Option<LinkRow> = sqlx::query_as(&sql(
             "INSERT INTO customer_links (user_id, stripe_customer_id, livemode, linked_via, linked_at)
              SELECT $1, $2, $3, $4, {now_ms}
@@ -127,26 +133,42 @@ impl Links for Backend {
         .bind(customer.as_str())
         .bind(livemode)
         .bind(via.as_str())
-        .clock(Clock::now())
-        .fetch_optional(&self.pool)
+        .clock(now)
+        .fetch_optional(&mut *tx)
         .await?;
-        if let Some(row) = inserted {
-            let link = link_from_row(row)?;
-            self.links.fill(&link, generation);
-            return Ok(LinkOutcome::Linked(link));
-        }
-        explain_link_conflict(self, user, customer).await
+        let Some(row) = inserted else {
+            tx.rollback().await?;
+            return explain_link_conflict(self, user, customer).await;
+        };
+        let link = link_from_row(row)?;
+        let linked = NewAppEvent::customer_linked(user, customer.as_str(), via);
+        append(&mut tx, &[linked], now).await?;
+        tx.commit().await?;
+        self.links.fill(&link, generation);
+        Ok(LinkOutcome::Linked(link))
     }
 
-    async fn remove_link(&self, user: &UserId) -> StoreResult<Option<CustomerLink>> {
+    async fn remove_link(
+        &self,
+        user: &UserId,
+        reason: UnlinkReason,
+    ) -> StoreResult<Option<CustomerLink>> {
+        let now = Clock::now();
+        let mut tx = begin_write(&self.pool).await?;
         let row: Option<LinkRow> = sqlx::query_as(&sql(
             "DELETE FROM customer_links WHERE user_id = $1 RETURNING {link_columns}",
         ))
         .bind(user.as_str())
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *tx)
         .await?;
+        let removed = row.map(link_from_row).transpose()?;
+        if let Some(link) = &removed {
+            let unlinked = NewAppEvent::customer_unlinked(user, link.customer_id.as_str(), reason);
+            append(&mut tx, &[unlinked], now).await?;
+        }
+        tx.commit().await?;
         self.links.evict(user.as_str());
-        row.map(link_from_row).transpose()
+        Ok(removed)
     }
 
     async fn record_deleted_customer(&self, customer: &str, created: i64) -> StoreResult<()> {

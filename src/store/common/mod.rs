@@ -4,6 +4,7 @@
 //! and the `sql` that renders a statement's `{pieces}` (see `store::sql`). Clippy's
 //! `duplicate_mod`, which guards against mounting a file twice by mistake, is allowed there.
 
+pub(crate) mod app_events;
 mod erasure;
 pub(crate) mod events;
 pub(crate) mod jobs;

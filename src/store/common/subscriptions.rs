@@ -1,62 +1,146 @@
 use async_trait::async_trait;
 
+use serde_json::json;
+
 use super::{
-    dialect::{db_time, sql, time, Clock, Clocked, Time},
+    app_events::append,
+    dialect::{begin_write, db_time, sql, time, Clock, Clocked, Connection, Time},
     Backend,
 };
 use crate::{
-    domain::{SubscriptionMirror, UserId},
+    domain::{previous_values, AppEventType, NewAppEvent, SubscriptionMirror, UserId},
+    plans::Plans,
     store::{items_from_json, items_json, traits::Subscriptions, StoreError, StoreResult},
 };
+
+const SUBSCRIPTION_COLUMNS: &str = "id, user_id, stripe_customer_id, status, price_id, \
+     cancel_at_period_end, current_period_end, updated_at, cancel_at, canceled_at, ended_at, items";
+
+/// The mirrored subscriptions that `filter` (a `WHERE` on `$1`) picks, by id; `locked`: row
+/// locks held until the transaction ends (Postgres).
+async fn subscriptions_where(
+    db: &mut Connection,
+    filter: &str,
+    value: &str,
+    locked: bool,
+) -> StoreResult<Vec<SubscriptionMirror>> {
+    type Row = (
+        String,
+        Option<String>,
+        String,
+        String,
+        Option<String>,
+        bool,
+        Option<Time>,
+        Time,
+        Option<Time>,
+        Option<Time>,
+        Option<Time>,
+        String,
+    );
+    let lock = if locked { " {for_update}" } else { "" };
+    let statement = sql(&format!(
+        "SELECT {SUBSCRIPTION_COLUMNS} FROM subscriptions u WHERE {filter} ORDER BY id{lock}"
+    ));
+    let rows: Vec<Row> = sqlx::query_as(&statement).bind(value).fetch_all(db).await?;
+    let at = |value: Option<Time>| value.map(time).transpose();
+    rows.into_iter()
+        .map(|row| {
+            Ok(SubscriptionMirror {
+                id: row.0,
+                user_id: row
+                    .1
+                    .map(|u| UserId::parse(&u))
+                    .transpose()
+                    .map_err(|e| StoreError::Corrupt(e.message))?,
+                customer_id: row.2,
+                status: row.3,
+                price_id: row.4,
+                cancel_at_period_end: row.5,
+                current_period_end: at(row.6)?,
+                updated_at: time(row.7)?,
+                cancel_at: at(row.8)?,
+                canceled_at: at(row.9)?,
+                ended_at: at(row.10)?,
+                items: items_from_json(&row.11)?,
+            })
+        })
+        .collect()
+}
+
+/// What a subscription's change tells the app: `subscription.created`, `.updated` or
+/// `.deleted` (nothing when no field the app sees changed), and `plan.changed` when the
+/// user's plan moved.
+async fn announce_subscription_change(
+    db: &mut Connection,
+    plans: &Plans,
+    before: Option<&SubscriptionMirror>,
+    after: &SubscriptionMirror,
+    now: Clock,
+) -> StoreResult<()> {
+    let Some(user) = &after.user_id else {
+        return Ok(());
+    };
+    let current = after.to_json();
+    let kind = match before {
+        _ if after.has_ended() && !before.is_some_and(SubscriptionMirror::has_ended) => {
+            AppEventType::SubscriptionDeleted
+        }
+        None => AppEventType::SubscriptionCreated,
+        Some(_) => AppEventType::SubscriptionUpdated,
+    };
+    let previous = before.map_or_else(|| json!({}), |b| previous_values(&b.to_json(), &current));
+    if before.is_none() || previous.as_object().is_some_and(|p| !p.is_empty()) {
+        let event = NewAppEvent::subscription(kind, user, &after.customer_id, current, previous);
+        append(db, &[event], now).await?;
+    }
+    announce_plan(db, plans, user, now).await
+}
+
+/// Writes `plan.changed` if the user's plan, computed from their mirrored subscriptions,
+/// differs from the one last announced (none announced: the default plan).
+pub(crate) async fn announce_plan(
+    db: &mut Connection,
+    plans: &Plans,
+    user: &UserId,
+    now: Clock,
+) -> StoreResult<()> {
+    if plans.is_empty() {
+        return Ok(());
+    }
+    let subscriptions = subscriptions_where(db, "user_id = $1", user.as_str(), false).await?;
+    let plan = plans.plan_for(&subscriptions);
+    let announced: Option<Option<String>> =
+        sqlx::query_scalar("SELECT plan_id FROM user_plans WHERE user_id = $1")
+            .bind(user.as_str())
+            .fetch_optional(&mut *db)
+            .await?;
+    let previous = match announced {
+        Some(announced) => announced,
+        None => plans.plan_for(&[]).map(|p| p.id.clone()),
+    };
+    let id = plan.map(|p| p.id.clone());
+    if id == previous {
+        return Ok(());
+    }
+    sqlx::query(
+        "INSERT INTO user_plans (user_id, plan_id) VALUES ($1, $2)
+         ON CONFLICT (user_id) DO UPDATE SET plan_id = excluded.plan_id",
+    )
+    .bind(user.as_str())
+    .bind(&id)
+    .execute(&mut *db)
+    .await?;
+    let plan = plan.map(|p| serde_json::to_value(p).expect("a plan serializes"));
+    let event = NewAppEvent::plan_changed(user, plan.as_ref(), previous.as_deref());
+    append(db, &[event], now).await
+}
 
 #[async_trait]
 impl Subscriptions for Backend {
     async fn list_subscriptions(&self, user: &UserId) -> StoreResult<Vec<SubscriptionMirror>> {
-        type Row = (
-            String,
-            Option<String>,
-            String,
-            String,
-            Option<String>,
-            bool,
-            Option<Time>,
-            Time,
-            Option<Time>,
-            Option<Time>,
-            Option<Time>,
-            String,
-        );
-        let rows: Vec<Row> = sqlx::query_as(
-            "SELECT id, user_id, stripe_customer_id, status, price_id, cancel_at_period_end,
-                    current_period_end, updated_at, cancel_at, canceled_at, ended_at, items
-             FROM subscriptions WHERE user_id = $1 ORDER BY id",
-        )
-        .bind(user.as_str())
-        .fetch_all(&self.pool)
-        .await?;
-        let at = |value: Option<Time>| value.map(time).transpose();
-        rows.into_iter()
-            .map(|row| {
-                Ok(SubscriptionMirror {
-                    id: row.0,
-                    user_id: row
-                        .1
-                        .map(|u| UserId::parse(&u))
-                        .transpose()
-                        .map_err(|e| StoreError::Corrupt(e.message))?,
-                    customer_id: row.2,
-                    status: row.3,
-                    price_id: row.4,
-                    cancel_at_period_end: row.5,
-                    current_period_end: at(row.6)?,
-                    updated_at: time(row.7)?,
-                    cancel_at: at(row.8)?,
-                    canceled_at: at(row.9)?,
-                    ended_at: at(row.10)?,
-                    items: items_from_json(&row.11)?,
-                })
-            })
-            .collect()
+        let mut db = self.pool.acquire().await?;
+        subscriptions_where(&mut db, "user_id = $1", user.as_str(), false).await
     }
 
     async fn upsert_subscription_if_newer(
@@ -65,7 +149,13 @@ impl Subscriptions for Backend {
         created: i64,
         event_id: &str,
     ) -> StoreResult<bool> {
-        Ok(sqlx::query(
+        let now = Clock::now();
+        let mut tx = begin_write(&self.pool).await?;
+        // Locked (Postgres), so what the app hears changed is what this write changed.
+        let before = subscriptions_where(&mut tx, "id = $1", &sub.id, true)
+            .await?
+            .pop();
+        let written = sqlx::query(
             "INSERT INTO subscriptions (id, user_id, stripe_customer_id, status, price_id,
                                         cancel_at_period_end, current_period_end, event_watermark,
                                         event_watermark_id, created_at, updated_at, cancel_at,
@@ -96,10 +186,15 @@ impl Subscriptions for Backend {
         .bind(sub.canceled_at.map(db_time))
         .bind(sub.ended_at.map(db_time))
         .bind(items_json(&sub.items))
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?
         .rows_affected()
-            > 0)
+            > 0;
+        if written {
+            announce_subscription_change(&mut tx, &self.plans, before.as_ref(), sub, now).await?;
+        }
+        tx.commit().await?;
+        Ok(written)
     }
 
     async fn subscription_watermark(&self, id: &str) -> StoreResult<Option<(i64, Option<String>)>> {
@@ -118,7 +213,11 @@ impl Subscriptions for Backend {
         created: i64,
         event_id: &str,
     ) -> StoreResult<u64> {
-        Ok(sqlx::query(&sql(
+        let now = Clock::now();
+        let mut tx = begin_write(&self.pool).await?;
+        let before =
+            subscriptions_where(&mut tx, "stripe_customer_id = $1", customer, true).await?;
+        let canceled = sqlx::query(&sql(
             "UPDATE subscriptions SET status = 'canceled', cancel_at_period_end = TRUE,
                     updated_at = {now},
                     event_watermark_id = CASE WHEN event_watermark IS NULL OR event_watermark <= $2
@@ -129,9 +228,17 @@ impl Subscriptions for Backend {
         .bind(customer)
         .bind(created)
         .bind(event_id)
-        .clock(Clock::now())
-        .execute(&self.pool)
+        .clock(now)
+        .execute(&mut *tx)
         .await?
-        .rows_affected())
+        .rows_affected();
+        let after =
+            subscriptions_where(&mut tx, "stripe_customer_id = $1", customer, false).await?;
+        for after in &after {
+            let before = before.iter().find(|b| b.id == after.id);
+            announce_subscription_change(&mut tx, &self.plans, before, after, now).await?;
+        }
+        tx.commit().await?;
+        Ok(canceled)
     }
 }

@@ -4,13 +4,14 @@ use async_trait::async_trait;
 use time::OffsetDateTime;
 
 use super::{
+    app_events::append,
     dialect::{begin_write, db_time, span, sql, time, Clock, Clocked, Connection, Db, Time},
     links::record_pushed,
     rows::{user_from_row, UserRow},
     Backend,
 };
 use crate::{
-    domain::{PushedProfile, UsageRecord, User, UserId, UserUpsert},
+    domain::{ChangeOrigin, NewAppEvent, PushedProfile, UsageRecord, User, UserId, UserUpsert},
     store::{opt_str, traits::Users, StoreError, StoreResult},
 };
 
@@ -55,8 +56,10 @@ pub(crate) async fn update_user_in(
     db: &mut Connection,
     user: &UserUpsert,
     expected: i64,
+    origin: ChangeOrigin,
     now: Clock,
 ) -> StoreResult<Option<User>> {
+    let before = get_user_in(db, &user.id).await?;
     let statement = sql(
         "UPDATE users SET email = $2, email_verified = $3, first_name = $4, last_name = $5,
                 phone = $6, email_as_given = $8, version = users.version + 1,
@@ -68,12 +71,33 @@ pub(crate) async fn update_user_in(
         .bind(expected)
         .bind(user.email.as_given())
         .clock(now)
-        .fetch_optional(db)
+        .fetch_optional(&mut *db)
         .await?;
-    row.map(user_from_row).transpose()
+    let Some(saved) = row.map(user_from_row).transpose()? else {
+        return Ok(None);
+    };
+    announce_user_change(db, origin, before.as_ref(), &saved, now).await?;
+    Ok(Some(saved))
 }
 
-async fn get_user_in(db: &mut Connection, id: &UserId) -> StoreResult<Option<User>> {
+/// `user.updated`, when a profile field of an existing user really changed.
+pub(crate) async fn announce_user_change(
+    db: &mut Connection,
+    origin: ChangeOrigin,
+    before: Option<&User>,
+    after: &User,
+    now: Clock,
+) -> StoreResult<()> {
+    if before.is_none() {
+        return Ok(());
+    }
+    match NewAppEvent::user_updated(origin, before, after) {
+        Some(event) => append(db, &[event], now).await,
+        None => Ok(()),
+    }
+}
+
+pub(crate) async fn get_user_in(db: &mut Connection, id: &UserId) -> StoreResult<Option<User>> {
     let row: Option<UserRow> =
         sqlx::query_as(&sql("SELECT {user_columns} FROM users WHERE id = $1"))
             .bind(id.as_str())
@@ -84,9 +108,17 @@ async fn get_user_in(db: &mut Connection, id: &UserId) -> StoreResult<Option<Use
 
 #[async_trait]
 impl Users for Backend {
-    async fn upsert_user(&self, user: &UserUpsert) -> StoreResult<User> {
+    async fn upsert_user_from(&self, user: &UserUpsert, origin: ChangeOrigin) -> StoreResult<User> {
         let now = Clock::now();
         let mut tx = begin_write(&self.pool).await?;
+        // Locked, so that what `user.updated` says changed is what this write changed.
+        let before: Option<UserRow> = sqlx::query_as(&sql(
+            "SELECT {user_columns} FROM users u WHERE id = $1 {for_update}",
+        ))
+        .bind(user.id.as_str())
+        .fetch_optional(&mut *tx)
+        .await?;
+        let before = before.map(user_from_row).transpose()?;
         let statement = sql(
             "INSERT INTO users (id, email, email_verified, first_name, last_name, phone, version,
                                 created_at, updated_at, email_as_given)
@@ -111,6 +143,7 @@ impl Users for Backend {
                 if saved.version > 1 {
                     enqueue_push(&mut tx, &saved.id, self.push_debounce, now).await?;
                 }
+                announce_user_change(&mut tx, origin, before.as_ref(), &saved, now).await?;
                 saved
             }
             // Nothing changed: the row is as requested already.
@@ -129,7 +162,7 @@ impl Users for Backend {
     ) -> StoreResult<Option<User>> {
         let now = Clock::now();
         let mut tx = begin_write(&self.pool).await?;
-        let outcome = match update_user_in(&mut tx, user, expected, now).await? {
+        let outcome = match update_user_in(&mut tx, user, expected, ChangeOrigin::App, now).await? {
             Some(saved) => {
                 enqueue_push(&mut tx, &saved.id, self.push_debounce, now).await?;
                 Some(saved)
@@ -150,7 +183,9 @@ impl Users for Backend {
     ) -> StoreResult<Option<User>> {
         let now = Clock::now();
         let mut tx = begin_write(&self.pool).await?;
-        let Some(saved) = update_user_in(&mut tx, user, expected, now).await? else {
+        let Some(saved) =
+            update_user_in(&mut tx, user, expected, ChangeOrigin::Stripe, now).await?
+        else {
             tx.rollback().await?;
             return Ok(None);
         };

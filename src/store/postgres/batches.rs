@@ -5,12 +5,18 @@ use std::collections::HashMap;
 use sqlx::{Row, Transaction};
 
 use super::{
-    common::rows::{event_from_row, EventRow},
-    dialect::Clock,
+    common::{
+        app_events::append,
+        rows::{event_from_row, user_from_row, EventRow, UserRow},
+    },
+    dialect::{sql, Clock},
     PgStore,
 };
 use crate::{
-    domain::{CustomerUpdate, EventToApply, NewEvent, PushedProfile, RemoteProfile},
+    domain::{
+        ChangeOrigin, CustomerUpdate, EventToApply, NewAppEvent, NewEvent, PushedProfile,
+        RemoteProfile,
+    },
     store::{first_inserted, opt_str, StoreResult},
 };
 
@@ -194,7 +200,19 @@ async fn apply_remote_profiles_in(
     let column = |f: fn(&RemoteProfile) -> Option<&str>| {
         profiles.iter().map(|(_, p)| f(p)).collect::<Vec<_>>()
     };
-    let written: Vec<(String, i64)> = sqlx::query_as(
+    // The rows as they were, for what `user.updated` says changed; a row that moved on since
+    // is not written below (its version differs), so this read needs no lock.
+    let before: Vec<UserRow> =
+        sqlx::query_as(&sql("SELECT {user_columns} FROM users WHERE id = ANY($1)"))
+            .bind(column(|p| Some(p.user.id.as_str())))
+            .fetch_all(&mut **tx)
+            .await?;
+    let before = before
+        .into_iter()
+        .map(user_from_row)
+        .map(|user| user.map(|u| (u.id.to_string(), u)))
+        .collect::<StoreResult<HashMap<_, _>>>()?;
+    let written: Vec<UserRow> = sqlx::query_as(&sql(
         "UPDATE users SET email = excluded.email, email_verified = excluded.email_verified,
                 first_name = excluded.first_name, last_name = excluded.last_name,
                 phone = excluded.phone, email_as_given = excluded.email_as_given,
@@ -207,8 +225,8 @@ async fn apply_remote_profiles_in(
            AND (users.email, users.email_verified, users.first_name, users.last_name,
                 users.phone) IS DISTINCT FROM (excluded.email, excluded.email_verified,
                 excluded.first_name, excluded.last_name, excluded.phone)
-         RETURNING users.id, users.version",
-    )
+         RETURNING {user_columns_qualified}",
+    ))
     .bind(column(|p| Some(p.user.id.as_str())))
     .bind(column(|p| Some(p.user.email.as_str())))
     .bind(
@@ -224,7 +242,15 @@ async fn apply_remote_profiles_in(
     .bind(column(|p| p.user.email.as_given()))
     .fetch_all(&mut **tx)
     .await?;
-    let version_of = written.into_iter().collect::<HashMap<_, _>>();
+    let mut version_of = HashMap::new();
+    let mut announced = Vec::new();
+    for row in written {
+        let after = user_from_row(row)?;
+        let was = before.get(after.id.as_str());
+        announced.extend(NewAppEvent::user_updated(ChangeOrigin::Stripe, was, &after));
+        version_of.insert(after.id.to_string(), after.version);
+    }
+    append(&mut **tx, &announced, Clock::now()).await?;
     let mut conflicts = Vec::new();
     let mut pushed = Vec::new();
     for (customer, profile) in &profiles {

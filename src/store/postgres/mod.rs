@@ -78,6 +78,8 @@ pub struct PgStore {
     /// Only for the connections in `customer_locks`.
     lock_pool: PgPool,
     push_debounce: Duration,
+    /// What a user's plan is, for `plan.changed` when their subscriptions change.
+    plans: Arc<crate::plans::Plans>,
     /// Connections holding a customer's advisory lock while its events are applied.
     /// Per customer: its holder, and the session holding its lock.
     customer_locks: Arc<std::sync::Mutex<HashMap<String, (String, SharedLockSession)>>>,
@@ -136,6 +138,7 @@ impl PgStore {
             pool,
             lock_pool,
             push_debounce: options.push_debounce,
+            plans: options.plans.clone(),
             customer_locks: Arc::default(),
             job_lock_pool,
             job_locks: Arc::default(),

@@ -14,7 +14,7 @@ use super::{
     SqliteStore,
 };
 use crate::{
-    domain::{CustomerUpdate, EventState, EventToApply, NewEvent},
+    domain::{ChangeOrigin, CustomerUpdate, EventState, EventToApply, NewEvent},
     store::{first_inserted, StoreResult},
 };
 
@@ -160,8 +160,14 @@ impl SqliteStore {
         let mut finished = Vec::new();
         for update in updates {
             if let Some(profile) = &update.profile {
-                let Some(saved) =
-                    update_user_in(&mut tx, &profile.user, profile.expected, now).await?
+                let Some(saved) = update_user_in(
+                    &mut tx,
+                    &profile.user,
+                    profile.expected,
+                    ChangeOrigin::Stripe,
+                    now,
+                )
+                .await?
                 else {
                     conflicts.push(update.customer_id.clone());
                     continue;

@@ -33,6 +33,8 @@ type Backend = SqliteStore;
 pub struct SqliteStore {
     pool: SqlitePool,
     push_debounce: Duration,
+    /// What a user's plan is, for `plan.changed` when their subscriptions change.
+    plans: Arc<crate::plans::Plans>,
     /// Never switched on: no other process (the CLI) could tell this one about its changes,
     /// and reads are in-process and cheap. The shared link code goes through it all the same.
     links: Arc<LinkCache>,
@@ -92,6 +94,7 @@ impl SqliteStore {
         Ok(Self {
             pool,
             push_debounce: options.push_debounce,
+            plans: options.plans.clone(),
             links: Arc::new(LinkCache::new(Duration::ZERO, 0)),
             file,
             serving: Arc::new(std::sync::Mutex::new(None)),

@@ -6,7 +6,7 @@ use serde_json::Value;
 
 use super::rules::{order, profile_write, Order, Verdict};
 use crate::{
-    domain::{LinkSource, StripeCustomerId, UserId},
+    domain::{LinkSource, StripeCustomerId, UnlinkReason, UserId},
     retry::JobFailure,
     store::{EventToApply, Store, SubscriptionItemMirror, SubscriptionMirror},
     stripe::{Customer, StripeClient, Subscription},
@@ -173,7 +173,9 @@ impl Handlers<'_> {
             .record_deleted_customer(customer_id.as_str(), created)
             .await?;
         if let Some(link) = self.store.get_link_by_customer(&customer_id).await? {
-            self.store.remove_link(&link.user_id).await?;
+            self.store
+                .remove_link(&link.user_id, UnlinkReason::DeletedInStripe)
+                .await?;
             tracing::info!(user_id = %link.user_id, "customer deleted in Stripe: unlinked");
         }
         self.store
@@ -232,6 +234,7 @@ impl Handlers<'_> {
                 .map(|item| SubscriptionItemMirror {
                     id: item.id.clone(),
                     price_id: item.price_id().map(str::to_owned),
+                    lookup_key: item.lookup_key().map(str::to_owned),
                     quantity: item.quantity,
                     current_period_end: item.current_period_end,
                 })

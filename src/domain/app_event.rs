@@ -1,0 +1,349 @@
+//! Events towards the app: what billsync changed, written in the same transaction as the
+//! change (a transactional outbox), then delivered as Standard Webhooks or pulled.
+
+use serde_json::{json, Value};
+use time::OffsetDateTime;
+
+use super::{LinkSource, User, UserId};
+
+macro_rules! names {
+    ($(#[$meta:meta])* pub enum $name:ident { $($(#[$vmeta:meta])* $variant:ident = $text:literal,)* }) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, utoipa::ToSchema)]
+        pub enum $name { $($(#[$vmeta])* #[serde(rename = $text)] $variant,)* }
+
+        impl $name {
+            pub const ALL: &'static [Self] = &[$(Self::$variant),*];
+            pub fn as_str(self) -> &'static str {
+                match self { $(Self::$variant => $text,)* }
+            }
+            pub fn parse(raw: &str) -> Option<Self> {
+                Self::ALL.iter().copied().find(|v| v.as_str() == raw)
+            }
+        }
+    };
+}
+
+names! {
+    /// What happened.
+    pub enum AppEventType {
+        CustomerLinked = "customer.linked",
+        CustomerUnlinked = "customer.unlinked",
+        /// A real change of the user's profile; never billsync's own echo from Stripe.
+        UserUpdated = "user.updated",
+        SubscriptionCreated = "subscription.created",
+        SubscriptionUpdated = "subscription.updated",
+        SubscriptionDeleted = "subscription.deleted",
+        PlanChanged = "plan.changed",
+        /// Names the person by a keyed hash only.
+        UserErased = "user.erased",
+        /// A job towards Stripe was parked for an operator.
+        SyncFailed = "sync.failed",
+    }
+}
+
+names! {
+    /// Where a profile change came from.
+    pub enum ChangeOrigin {
+        /// The billing portal or the Dashboard, through a webhook.
+        Stripe = "stripe",
+        /// The person, through the user routes.
+        App = "app",
+        /// The admin API or the CLI.
+        Admin = "admin",
+    }
+}
+
+names! {
+    /// Why a customer is no longer linked.
+    pub enum UnlinkReason {
+        DeletedInStripe = "deleted_in_stripe",
+        Reconcile = "reconcile",
+    }
+}
+
+names! {
+    /// How far an app event got.
+    pub enum AppEventState {
+        Pending = "pending",
+        Delivered = "delivered",
+        /// Retried until the retry window closed; `POST /v1/app-events/{id}/redeliver` sends it again.
+        Failed = "failed",
+    }
+}
+
+/// An app event about to be written, with the change it announces.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewAppEvent {
+    pub kind: AppEventType,
+    /// Events of one key are delivered in commit order: the user's id, or for `user.erased`
+    /// the erased subject's hash.
+    pub key: String,
+    pub data: Value,
+}
+
+/// The profile fields `user.updated` names in `changed`.
+pub const PROFILE_FIELDS: &[&str] = &[
+    "email",
+    "email_verified",
+    "first_name",
+    "last_name",
+    "phone",
+];
+
+impl NewAppEvent {
+    fn about(kind: AppEventType, user: &UserId, data: Value) -> Self {
+        Self {
+            kind,
+            key: user.to_string(),
+            data,
+        }
+    }
+
+    pub fn customer_linked(user: &UserId, customer: &str, source: LinkSource) -> Self {
+        let data = json!({"user_id": user, "customer_id": customer, "source": source});
+        Self::about(AppEventType::CustomerLinked, user, data)
+    }
+
+    pub fn customer_unlinked(user: &UserId, customer: &str, reason: UnlinkReason) -> Self {
+        let data = json!({"user_id": user, "customer_id": customer, "reason": reason});
+        Self::about(AppEventType::CustomerUnlinked, user, data)
+    }
+
+    /// `None` when no profile field differs: nothing happened that the app needs to hear.
+    pub fn user_updated(origin: ChangeOrigin, before: Option<&User>, after: &User) -> Option<Self> {
+        let changed = changed_fields(before, after);
+        if changed.is_empty() {
+            return None;
+        }
+        let data = json!({
+            "user_id": after.id,
+            "origin": origin,
+            "changed": changed,
+            "user": user_json(after),
+        });
+        Some(Self::about(AppEventType::UserUpdated, &after.id, data))
+    }
+
+    /// `subscription.created`, `.updated` or `.deleted`, with the changed fields' old values.
+    pub fn subscription(
+        kind: AppEventType,
+        user: &UserId,
+        customer: &str,
+        subscription: Value,
+        previous: Value,
+    ) -> Self {
+        let data = json!({
+            "user_id": user, "customer_id": customer,
+            "subscription": subscription, "previous": previous,
+        });
+        Self::about(kind, user, data)
+    }
+
+    pub fn plan_changed(user: &UserId, plan: Option<&Value>, previous_plan: Option<&str>) -> Self {
+        let id = plan
+            .and_then(|p| p.get("id"))
+            .cloned()
+            .unwrap_or(Value::Null);
+        let field = |name: &str| {
+            plan.and_then(|p| p.get(name))
+                .cloned()
+                .unwrap_or(Value::Null)
+        };
+        let data = json!({
+            "user_id": user, "plan": id, "previous_plan": previous_plan,
+            "features": field("features"), "limits": field("limits"),
+        });
+        Self::about(AppEventType::PlanChanged, user, data)
+    }
+
+    pub fn user_erased(subject: &str) -> Self {
+        Self {
+            kind: AppEventType::UserErased,
+            key: format!("erased:{subject}"),
+            data: json!({"subject": subject}),
+        }
+    }
+
+    pub fn sync_failed(
+        user: &UserId,
+        job_id: i64,
+        kind: &str,
+        attempts: i32,
+        error_code: &str,
+    ) -> Self {
+        let data = json!({
+            "user_id": user, "job_id": job_id, "kind": kind,
+            "attempts": attempts, "error_code": error_code,
+        });
+        Self::about(AppEventType::SyncFailed, user, data)
+    }
+}
+
+/// The profile fields that differ between two versions of a user (all of them for a new one).
+pub fn changed_fields(before: Option<&User>, after: &User) -> Vec<&'static str> {
+    let Some(before) = before else {
+        return PROFILE_FIELDS.to_vec();
+    };
+    let name = |n: &Option<super::PersonName>| n.as_ref().map(|n| n.as_str().to_owned());
+    let mut changed = Vec::new();
+    if before.email != after.email {
+        changed.push("email");
+    }
+    if before.email_verified != after.email_verified {
+        changed.push("email_verified");
+    }
+    if name(&before.first_name) != name(&after.first_name) {
+        changed.push("first_name");
+    }
+    if name(&before.last_name) != name(&after.last_name) {
+        changed.push("last_name");
+    }
+    if before.phone != after.phone {
+        changed.push("phone");
+    }
+    changed
+}
+
+/// The user as `user.updated` shows it (the admin API's shape).
+fn user_json(user: &User) -> Value {
+    json!({
+        "id": user.id,
+        "email": user.email,
+        "email_verified": user.email_verified,
+        "first_name": user.first_name.as_ref().map(|n| n.as_str()),
+        "last_name": user.last_name.as_ref().map(|n| n.as_str()),
+        "phone": user.phone.as_ref().map(|p| p.as_str()),
+        "version": user.version,
+    })
+}
+
+/// A stored app event.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AppEvent {
+    /// Its place in the total order the pull API pages by; assigned once it committed.
+    pub position: i64,
+    /// The `webhook-id`: the same on every delivery of this event.
+    pub id: String,
+    pub kind: AppEventType,
+    pub key: String,
+    pub data: Value,
+    pub created_at: OffsetDateTime,
+    pub state: AppEventState,
+    pub attempts: i32,
+    pub last_error: Option<String>,
+    pub next_attempt_at: OffsetDateTime,
+    pub delivered_at: Option<OffsetDateTime>,
+    /// Set while a deliverer holds it; finishing needs it (a deliverer whose lease ran out and
+    /// whose event another one took drops its result).
+    pub claim_token: Option<String>,
+}
+
+/// How one delivery attempt ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AppEventOutcome {
+    Delivered,
+    Retry {
+        at: OffsetDateTime,
+        error: String,
+    },
+    /// The retry window closed: parked until an operator redelivers it.
+    Failed {
+        error: String,
+    },
+}
+
+impl AppEvent {
+    /// What is delivered and pulled: `{"id", "type", "timestamp", "data"}`.
+    pub fn body(&self) -> Value {
+        let timestamp = self
+            .created_at
+            .format(&time::format_description::well_known::Rfc3339)
+            .expect("a stored time formats");
+        json!({"id": self.id, "type": self.kind, "timestamp": timestamp, "data": self.data})
+    }
+}
+
+/// A new event's id: unique, and stable across every delivery of it.
+pub fn new_app_event_id() -> String {
+    format!("msg_{}", uuid::Uuid::new_v4().simple())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::{Email, PersonName};
+
+    fn user(first: Option<&str>, version: i64) -> User {
+        User {
+            id: UserId::parse("u1").unwrap(),
+            email: Email::parse("ada@example.com").unwrap(),
+            email_verified: true,
+            first_name: PersonName::parse_optional(first, "first_name").unwrap(),
+            last_name: None,
+            phone: None,
+            version,
+            created_at: OffsetDateTime::UNIX_EPOCH,
+            updated_at: OffsetDateTime::UNIX_EPOCH,
+        }
+    }
+
+    #[test]
+    fn user_updated_names_what_changed_and_is_none_for_no_change() {
+        let before = user(Some("Ada"), 1);
+        assert_eq!(
+            NewAppEvent::user_updated(ChangeOrigin::App, Some(&before), &user(Some("Ada"), 2)),
+            None
+        );
+        let event =
+            NewAppEvent::user_updated(ChangeOrigin::Stripe, Some(&before), &user(None, 2)).unwrap();
+        assert_eq!(event.kind, AppEventType::UserUpdated);
+        assert_eq!(event.key, "u1");
+        assert_eq!(event.data["origin"], "stripe");
+        assert_eq!(event.data["changed"], json!(["first_name"]));
+        assert_eq!(event.data["user"]["first_name"], Value::Null);
+        assert_eq!(event.data["user"]["version"], 2);
+        let created = NewAppEvent::user_updated(ChangeOrigin::Admin, None, &before).unwrap();
+        assert_eq!(created.data["changed"], json!(PROFILE_FIELDS));
+    }
+
+    #[test]
+    fn names_round_trip() {
+        for kind in AppEventType::ALL {
+            assert_eq!(AppEventType::parse(kind.as_str()), Some(*kind));
+            assert_eq!(serde_json::to_value(kind).unwrap(), kind.as_str());
+        }
+        assert_eq!(AppEventType::parse("user.created"), None);
+        assert_eq!(AppEventState::parse("failed"), Some(AppEventState::Failed));
+    }
+
+    #[test]
+    fn erased_events_carry_only_the_subject() {
+        let event = NewAppEvent::user_erased("3f9a");
+        assert_eq!(event.data, json!({"subject": "3f9a"}));
+        assert_eq!(event.key, "erased:3f9a");
+    }
+
+    #[test]
+    fn the_body_is_the_standard_webhooks_shape() {
+        let event = AppEvent {
+            position: 7,
+            id: "msg_1".into(),
+            kind: AppEventType::CustomerLinked,
+            key: "u1".into(),
+            data: json!({"user_id": "u1"}),
+            created_at: OffsetDateTime::from_unix_timestamp(1_700_000_000).unwrap(),
+            state: AppEventState::Pending,
+            attempts: 0,
+            last_error: None,
+            next_attempt_at: OffsetDateTime::UNIX_EPOCH,
+            delivered_at: None,
+            claim_token: None,
+        };
+        assert_eq!(
+            event.body(),
+            json!({"id": "msg_1", "type": "customer.linked",
+                   "timestamp": "2023-11-14T22:13:20Z", "data": {"user_id": "u1"}})
+        );
+    }
+}

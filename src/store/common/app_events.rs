@@ -1,0 +1,278 @@
+//! The app-event outbox: events written inside the transactions of the changes they announce
+//! (`append`), put in their total order once committed (`sequence_app_events`), handed to the
+//! deliverer one per key at a time, and paged by the pull API.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use time::OffsetDateTime;
+
+use super::{
+    dialect::{begin_write, db_time, ids, span, sql, time, Clock, Clocked, Connection, Time},
+    Backend,
+};
+use crate::{
+    domain::{
+        new_app_event_id, AppEvent, AppEventOutcome, AppEventState, AppEventType, NewAppEvent,
+    },
+    store::{clip_error, parse_json, traits::AppEvents, StoreError, StoreResult},
+};
+
+macro_rules! app_event_columns {
+    () => {
+        "position, id, type, event_key, data, created_at, state, attempts, last_error,
+         next_attempt_at, delivered_at, claim_token"
+    };
+}
+
+type AppEventRow = (
+    Option<i64>,
+    String,
+    String,
+    String,
+    String,
+    Time,
+    String,
+    i32,
+    Option<String>,
+    Time,
+    Option<Time>,
+    Option<String>,
+);
+
+fn app_event_from_row(row: AppEventRow) -> StoreResult<AppEvent> {
+    let (position, id, kind, key, data, created, state, attempts, error, next, delivered, token) =
+        row;
+    Ok(AppEvent {
+        position: position.unwrap_or(0),
+        id,
+        kind: AppEventType::parse(&kind)
+            .ok_or_else(|| StoreError::Corrupt(format!("unknown app event type {kind:?}")))?,
+        key,
+        data: parse_json(&data)?,
+        created_at: time(created)?,
+        state: AppEventState::parse(&state)
+            .ok_or_else(|| StoreError::Corrupt(format!("unknown app event state {state:?}")))?,
+        attempts,
+        last_error: error,
+        next_attempt_at: time(next)?,
+        delivered_at: delivered.map(time).transpose()?,
+        claim_token: token,
+    })
+}
+
+/// Writes app events inside the caller's transaction, after the change they announce (so
+/// that a key's events are inserted in the order its changes took their row locks).
+pub(crate) async fn append(
+    db: &mut Connection,
+    events: &[NewAppEvent],
+    now: Clock,
+) -> StoreResult<()> {
+    let statement = sql(
+        "INSERT INTO app_events (id, type, event_key, data, created_at, next_attempt_at)
+         VALUES ($1, $2, $3, $4, {now_ms}, {now_ms})",
+    );
+    for event in events {
+        sqlx::query(&statement)
+            .bind(new_app_event_id())
+            .bind(event.kind.as_str())
+            .bind(&event.key)
+            .bind(event.data.to_string())
+            .clock(now)
+            .execute(&mut *db)
+            .await?;
+    }
+    Ok(())
+}
+
+#[async_trait]
+impl AppEvents for Backend {
+    async fn sequence_app_events(&self, limit: u32) -> StoreResult<u64> {
+        // Most rounds find nothing new; a read says so without a write transaction.
+        let waiting: bool =
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM app_events WHERE position IS NULL)")
+                .fetch_one(&self.pool)
+                .await?;
+        if !waiting {
+            return Ok(0);
+        }
+        let mut tx = begin_write(&self.pool).await?;
+        // Holding the sequencer's row makes this the only sequencer until commit; what it reads
+        // next includes everything the one before it positioned.
+        let last: i64 = sqlx::query_scalar(
+            "UPDATE app_event_sequencer SET last_position = last_position WHERE id = 1
+             RETURNING last_position",
+        )
+        .fetch_one(&mut *tx)
+        .await?;
+        let positioned = sqlx::query(
+            "UPDATE app_events SET position = $1 + ranked.n
+             FROM (SELECT seq, row_number() OVER (ORDER BY seq) AS n
+                   FROM (SELECT seq FROM app_events WHERE position IS NULL
+                         ORDER BY seq LIMIT $2) AS waiting) AS ranked
+             WHERE app_events.seq = ranked.seq",
+        )
+        .bind(last)
+        .bind(i64::from(limit))
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        sqlx::query("UPDATE app_event_sequencer SET last_position = $1 WHERE id = 1")
+            .bind(last + positioned as i64)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(positioned)
+    }
+
+    async fn claim_app_events(&self, limit: u32, lease: Duration) -> StoreResult<Vec<AppEvent>> {
+        // Only each key's first pending event; the lease check is repeated on the row itself,
+        // so of two instances claiming at once only one takes it.
+        let statement = sql(concat!(
+            "WITH due AS (
+                SELECT e.seq FROM app_events e
+                WHERE e.state = 'pending' AND e.position IS NOT NULL
+                  AND e.next_attempt_at <= {now}
+                  AND (e.locked_until IS NULL OR e.locked_until < {now})
+                  AND NOT EXISTS (SELECT 1 FROM app_events b
+                                  WHERE b.event_key = e.event_key AND b.state = 'pending'
+                                    AND b.position < e.position)
+                ORDER BY e.position LIMIT $1
+             )
+             UPDATE app_events SET attempts = attempts + 1, claim_token = {new_token},
+                    locked_until = {later $2}
+             WHERE seq IN (SELECT seq FROM due) AND state = 'pending'
+               AND (locked_until IS NULL OR locked_until < {now})
+             RETURNING ",
+            app_event_columns!()
+        ));
+        let rows: Vec<AppEventRow> = sqlx::query_as(&statement)
+            .bind(i64::from(limit))
+            .bind(span(lease))
+            .clock(Clock::now())
+            .fetch_all(&self.pool)
+            .await?;
+        let mut events = rows
+            .into_iter()
+            .map(app_event_from_row)
+            .collect::<StoreResult<Vec<_>>>()?;
+        events.sort_by_key(|e| e.position);
+        Ok(events)
+    }
+
+    async fn finish_app_events(&self, finished: &[(AppEvent, AppEventOutcome)]) -> StoreResult<()> {
+        let now = Clock::now();
+        let mut tx = begin_write(&self.pool).await?;
+        // Delivered ones, the usual case, in one statement: a claim token names one claim of
+        // one event.
+        let delivered: Vec<String> = finished
+            .iter()
+            .filter(|(_, outcome)| *outcome == AppEventOutcome::Delivered)
+            .filter_map(|(event, _)| event.claim_token.clone())
+            .collect();
+        if !delivered.is_empty() {
+            sqlx::query(&sql(
+                "UPDATE app_events SET state = 'delivered', delivered_at = {now},
+                        last_error = NULL, claim_token = NULL, locked_until = NULL
+                 WHERE claim_token {in $1}",
+            ))
+            .bind(ids(&delivered))
+            .clock(now)
+            .execute(&mut *tx)
+            .await?;
+        }
+        for (event, outcome) in finished {
+            let Some(token) = event.claim_token.as_deref() else {
+                continue;
+            };
+            let (state, error, at) = match outcome {
+                AppEventOutcome::Delivered => continue,
+                AppEventOutcome::Retry { at, error } => ("pending", error, *at),
+                AppEventOutcome::Failed { error } => ("failed", error, event.next_attempt_at),
+            };
+            sqlx::query(
+                "UPDATE app_events SET state = $1, last_error = $2, next_attempt_at = $3,
+                        claim_token = NULL, locked_until = NULL
+                 WHERE claim_token = $4",
+            )
+            .bind(state)
+            .bind(clip_error(error))
+            .bind(db_time(at))
+            .bind(token)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn app_events_after(&self, after: i64, limit: u32) -> StoreResult<Vec<AppEvent>> {
+        let rows: Vec<AppEventRow> = sqlx::query_as(concat!(
+            "SELECT ",
+            app_event_columns!(),
+            " FROM app_events WHERE position > $1 ORDER BY position LIMIT $2"
+        ))
+        .bind(after)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter().map(app_event_from_row).collect()
+    }
+
+    async fn list_app_events(
+        &self,
+        state: AppEventState,
+        limit: u32,
+    ) -> StoreResult<Vec<AppEvent>> {
+        let rows: Vec<AppEventRow> = sqlx::query_as(concat!(
+            "SELECT ",
+            app_event_columns!(),
+            " FROM app_events WHERE state = $1 ORDER BY seq DESC LIMIT $2"
+        ))
+        .bind(state.as_str())
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter().map(app_event_from_row).collect()
+    }
+
+    async fn redeliver_app_event(&self, id: &str) -> StoreResult<Option<AppEvent>> {
+        let row: Option<AppEventRow> = sqlx::query_as(&sql(concat!(
+            "UPDATE app_events SET state = 'pending', attempts = 0, last_error = NULL,
+                    next_attempt_at = {now}, delivered_at = NULL, claim_token = NULL,
+                    locked_until = NULL
+             WHERE id = $1 RETURNING ",
+            app_event_columns!()
+        )))
+        .bind(id)
+        .clock(Clock::now())
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(app_event_from_row).transpose()
+    }
+
+    async fn prune_app_events(
+        &self,
+        cutoff: OffsetDateTime,
+        with_pending: bool,
+    ) -> StoreResult<u64> {
+        let pruned = sqlx::query(
+            "DELETE FROM app_events WHERE created_at < $1 AND (state <> 'pending' OR $2)",
+        )
+        .bind(db_time(cutoff))
+        .bind(with_pending)
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        Ok(pruned)
+    }
+
+    async fn app_event_backlog(&self) -> StoreResult<(i64, Option<OffsetDateTime>)> {
+        let (count, oldest): (i64, Option<Time>) = sqlx::query_as(
+            "SELECT count(*), min(created_at) FROM app_events WHERE state = 'pending'",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        Ok((count, oldest.map(time).transpose()?))
+    }
+}

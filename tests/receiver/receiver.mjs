@@ -1,0 +1,90 @@
+// The app's side of billsync's app-event tests: an HTTP server that verifies every delivery
+// with the official Standard Webhooks library, as an app would, and remembers what came.
+//
+//   node receiver.mjs <port> <whsec_secret>     prints "listening <port>" once it listens
+//
+// POST /hook          a delivery: verified, recorded, answered as the mode says
+// POST /_mode         {"mode": "ok" | "fail" | "hang"}: 204, 500, or no answer at all
+// GET  /_received     every delivery so far: {id, type, key, verified, error, headers, body}
+// POST /_verify       {"body", "headers", "shift_secs"}: verifies a recorded delivery again
+//                     with the clock moved by shift_secs (a replay), or a tampered copy
+import http from "node:http";
+import { Webhook } from "standardwebhooks";
+
+const [port, secret] = process.argv.slice(2);
+const webhook = new Webhook(secret);
+const received = [];
+let mode = "ok";
+
+function verify(body, headers, shiftSecs = 0) {
+  const realNow = Date.now;
+  if (shiftSecs) Date.now = () => realNow() + shiftSecs * 1000;
+  try {
+    webhook.verify(body, headers);
+    return { verified: true, error: null };
+  } catch (err) {
+    return { verified: false, error: String(err.message ?? err) };
+  } finally {
+    Date.now = realNow;
+  }
+}
+
+function readBody(req) {
+  return new Promise((resolve, reject) => {
+    const chunks = [];
+    req.on("data", (c) => chunks.push(c));
+    req.on("end", () => resolve(Buffer.concat(chunks).toString("utf8")));
+    req.on("error", reject);
+  });
+}
+
+function json(res, status, value) {
+  res.writeHead(status, { "content-type": "application/json" });
+  res.end(JSON.stringify(value));
+}
+
+const server = http.createServer(async (req, res) => {
+  const body = await readBody(req);
+  if (req.method === "POST" && req.url === "/hook") {
+    const headers = {
+      "webhook-id": req.headers["webhook-id"],
+      "webhook-timestamp": req.headers["webhook-timestamp"],
+      "webhook-signature": req.headers["webhook-signature"],
+    };
+    const check = verify(body, headers);
+    let parsed = {};
+    try {
+      parsed = JSON.parse(body);
+    } catch {}
+    const data = parsed.data ?? {};
+    received.push({
+      id: parsed.id ?? null,
+      type: parsed.type ?? null,
+      key: data.user_id ?? (data.subject ? `erased:${data.subject}` : null),
+      mode,
+      ...check,
+      headers,
+      body,
+    });
+    if (mode === "hang") return; // never answered: the sender's timeout ends it
+    res.writeHead(mode === "fail" ? 500 : 204);
+    res.end();
+    return;
+  }
+  if (req.method === "POST" && req.url === "/_mode") {
+    mode = JSON.parse(body).mode;
+    return json(res, 200, { mode });
+  }
+  if (req.method === "GET" && req.url === "/_received") {
+    return json(res, 200, received);
+  }
+  if (req.method === "POST" && req.url === "/_verify") {
+    const { body: payload, headers, shift_secs } = JSON.parse(body);
+    return json(res, 200, verify(payload, headers, shift_secs ?? 0));
+  }
+  json(res, 404, { error: "no such route" });
+});
+
+server.listen(Number(port), "127.0.0.1", () => {
+  console.log(`listening ${server.address().port}`);
+});
