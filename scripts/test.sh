@@ -5,6 +5,7 @@
 #
 # - localstripe: installed into a venv and started on a free loopback port (stopped at exit),
 #   unless BILLSYNC_TEST_LOCALSTRIPE_URL already points at one that answers.
+# - tests/receiver (the app's side of app-event tests, Node): npm ci from its lockfile.
 # - Postgres: BILLSYNC_TEST_POSTGRES_URL, or the local server at
 #   postgres://postgres@127.0.0.1:5432/postgres when it answers; each test makes its own database.
 # - tests/alone/postgres_restart.rs stops and starts that server. It runs when the cluster is this
@@ -44,6 +45,15 @@ else
   else
     unset BILLSYNC_TEST_LOCALSTRIPE_URL
     echo "== localstripe could not start: its suites will be skipped"
+  fi
+fi
+
+# The app-event tests' receiver verifies deliveries with the official standardwebhooks package.
+if [[ ! -d tests/receiver/node_modules/standardwebhooks ]]; then
+  if command -v npm >/dev/null && npm ci --prefix tests/receiver --no-audit --no-fund --silent; then
+    echo "== tests/receiver installed (npm ci)"
+  else
+    echo "== tests/receiver could not be installed: the app-event suites will be skipped"
   fi
 fi
 

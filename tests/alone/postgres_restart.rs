@@ -56,7 +56,8 @@ async fn a_postgres_restart_mid_burst_loses_no_acknowledged_event() {
         );
         return;
     }
-    let Some(t) = support::postgres_store(test).await else {
+    let Some(t) = support::postgres_store_with(test, &billsync::store::StoreOptions::new(20)).await
+    else {
         return;
     };
     for c in 0..CUSTOMERS {

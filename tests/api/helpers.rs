@@ -6,7 +6,8 @@ use billsync::store::Store;
 use serde_json::Value;
 
 use super::{
-    eventually, localstripe_url, stripe_signature, LocalStripe, TestApp, STRIPE_KEY, WEBHOOK_SECRET,
+    eventually, localstripe_url, stripe_signature, unique, LocalStripe, TestApp, STRIPE_KEY,
+    WEBHOOK_SECRET,
 };
 
 impl TestApp {
@@ -269,4 +270,48 @@ pub async fn private_localstripe(test: &str) -> Option<PrivateLocalStripe> {
 pub async fn link_watermark(store: &dyn Store, customer: &str) -> Option<(i64, Option<String>)> {
     let mut contexts = store.update_contexts(&[customer.to_owned()]).await.unwrap();
     contexts.pop().and_then(|c| c.watermark)
+}
+
+/// The app's endpoint registered with localstripe, which then sends it signed events; `mute`
+/// stops that.
+pub struct Registration {
+    base: String,
+    name: String,
+}
+
+impl Registration {
+    pub async fn new(base: &str, app: &TestApp) -> Self {
+        let name = unique("hook");
+        let response = reqwest::Client::new()
+            .post(format!("{base}/_config/webhooks/{name}"))
+            .form(&[
+                ("url", app.url("/api/webhooks/stripe").as_str()),
+                ("secret", WEBHOOK_SECRET),
+            ])
+            .send()
+            .await
+            .unwrap();
+        assert!(
+            response.status().is_success(),
+            "register webhook: {}",
+            response.status()
+        );
+        Self {
+            base: base.to_owned(),
+            name,
+        }
+    }
+
+    pub async fn mute(self) {
+        // localstripe cannot unregister: subscribe it to nothing.
+        let _ = reqwest::Client::new()
+            .post(format!("{}/_config/webhooks/{}", self.base, self.name))
+            .form(&[
+                ("url", "http://127.0.0.1:9/"),
+                ("secret", "whsec_muted"),
+                ("events[]", "none.none"),
+            ])
+            .send()
+            .await;
+    }
 }

@@ -31,12 +31,15 @@ mod support {
     pub use proxy::*;
     #[path = "../api/helpers.rs"]
     mod helpers;
+    #[path = "receiver.rs"]
+    pub mod receiver;
     #[path = "stripe_standin.rs"]
     pub mod stripe_standin;
     pub use helpers::*;
 }
 
 mod admin_api;
+mod app_events;
 mod auth;
 mod customers_e2e;
 mod http_edges;

@@ -4,50 +4,7 @@ use crate::support;
 
 use reqwest::Method;
 use serde_json::{json, Value};
-use support::{eventually, Backend, LocalStripe, TestApp};
-
-/// Registers the app's endpoint with localstripe; mutes it again on drop.
-struct Registration {
-    base: String,
-    name: String,
-}
-
-impl Registration {
-    async fn new(base: &str, app: &TestApp) -> Self {
-        let name = support::unique("hook");
-        let response = reqwest::Client::new()
-            .post(format!("{base}/_config/webhooks/{name}"))
-            .form(&[
-                ("url", app.url("/api/webhooks/stripe").as_str()),
-                ("secret", support::WEBHOOK_SECRET),
-            ])
-            .send()
-            .await
-            .unwrap();
-        assert!(
-            response.status().is_success(),
-            "register webhook: {}",
-            response.status()
-        );
-        Self {
-            base: base.to_owned(),
-            name,
-        }
-    }
-
-    async fn mute(self) {
-        // localstripe cannot unregister: subscribe it to nothing.
-        let _ = reqwest::Client::new()
-            .post(format!("{}/_config/webhooks/{}", self.base, self.name))
-            .form(&[
-                ("url", "http://127.0.0.1:9/"),
-                ("secret", "whsec_muted"),
-                ("events[]", "none.none"),
-            ])
-            .send()
-            .await;
-    }
-}
+use support::{eventually, Backend, LocalStripe, Registration, TestApp};
 
 async fn user(app: &TestApp, id: &str) -> Value {
     app.admin(Method::GET, &format!("/v1/users/{id}"))

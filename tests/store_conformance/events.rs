@@ -377,8 +377,10 @@ async fn event_states_follow_the_queue(backend: Backend) {
 /// A fresh store whose database has no schema yet (for upgrade tests).
 async fn unmigrated_store(backend: Backend, test: &str) -> Option<support::TestStore> {
     match backend {
-        Backend::Sqlite => Some(support::unmigrated_sqlite_store().await),
-        Backend::Postgres => support::unmigrated_postgres_store(test).await,
+        Backend::Sqlite => Some(support::unmigrated_sqlite_store_with(&StoreOptions::new(8)).await),
+        Backend::Postgres => {
+            support::unmigrated_postgres_store_with(test, &StoreOptions::new(20)).await
+        }
     }
 }
 

@@ -202,7 +202,9 @@ async fn removed_links_are_gone_at_once(backend: Backend) {
 /// Another instance's writes, and an operator's SQL, reach this instance's link cache.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_link_cache_follows_other_instances() {
-    let Some(t) = support::postgres_store("postgres_link_cache_follows_other_instances").await
+    let Some(t) = Backend::Postgres
+        .store("postgres_link_cache_follows_other_instances")
+        .await
     else {
         return;
     };

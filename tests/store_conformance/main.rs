@@ -30,7 +30,7 @@ use billsync::{
     domain::{Email, LinkSource, PersonName, Phone, StripeCustomerId, UnlinkReason, UserId},
     store::{
         Erased, EventToApply, JobKind, JobOutcome, JobState, LinkOutcome, PushedProfile, Store,
-        StoreError, StoreResult, SubscriptionMirror, UserUpsert,
+        StoreError, StoreOptions, StoreResult, SubscriptionMirror, UserUpsert,
     },
 };
 use support::Backend;

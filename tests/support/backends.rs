@@ -1,6 +1,8 @@
 //! Both store backends, and one test per backend from one async test function.
 
-use super::{postgres_store, sqlite_store, TestStore};
+use billsync::store::StoreOptions;
+
+use super::{postgres_store_with, sqlite_store, sqlite_store_with, TestStore};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
@@ -13,7 +15,15 @@ impl Backend {
     pub async fn store(self, test: &str) -> Option<TestStore> {
         match self {
             Self::Sqlite => Some(sqlite_store().await),
-            Self::Postgres => postgres_store(test).await,
+            Self::Postgres => self.store_with(test, &StoreOptions::new(20)).await,
+        }
+    }
+
+    /// [`store`](Self::store), opened with `options` (a plans file, a push debounce).
+    pub async fn store_with(self, test: &str, options: &StoreOptions) -> Option<TestStore> {
+        match self {
+            Self::Sqlite => Some(sqlite_store_with(options).await),
+            Self::Postgres => postgres_store_with(test, options).await,
         }
     }
 }

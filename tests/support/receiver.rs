@@ -32,7 +32,10 @@ impl Receiver {
     /// Starts one on a free port, or reports the test skipped when Node or the package is
     /// missing.
     pub fn start(test: &str) -> Option<Self> {
-        if !receiver_dir().join("node_modules/standardwebhooks").exists() {
+        if !receiver_dir()
+            .join("node_modules/standardwebhooks")
+            .exists()
+        {
             skip(
                 test,
                 "tests/receiver has no node_modules (run npm ci --prefix tests/receiver)",
@@ -135,7 +138,10 @@ impl Receiver {
             assert!(
                 Instant::now() < deadline,
                 "the receiver did not get what was expected in {within:?}; it has: {:#?}",
-                accepted.iter().map(|d| (&d["type"], &d["key"])).collect::<Vec<_>>()
+                accepted
+                    .iter()
+                    .map(|d| (&d["type"], &d["key"]))
+                    .collect::<Vec<_>>()
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }

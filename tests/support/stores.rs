@@ -4,7 +4,7 @@
 
 use std::{io::Write, sync::Arc};
 
-use billsync::store::{self, Store};
+use billsync::store::{self, Store, StoreOptions};
 
 pub const POSTGRES_ENV: &str = "BILLSYNC_TEST_POSTGRES_URL";
 
@@ -26,15 +26,21 @@ pub struct TestStore {
 }
 
 pub async fn sqlite_store() -> TestStore {
-    let t = unmigrated_sqlite_store().await;
+    sqlite_store_with(&StoreOptions::new(8)).await
+}
+
+pub async fn sqlite_store_with(options: &StoreOptions) -> TestStore {
+    let t = unmigrated_sqlite_store_with(options).await;
     t.store.migrate().await.expect("migrate sqlite");
     t
 }
 
-pub async fn unmigrated_sqlite_store() -> TestStore {
+pub async fn unmigrated_sqlite_store_with(options: &StoreOptions) -> TestStore {
     let dir = tempfile::tempdir().expect("temp dir");
     let url = format!("sqlite://{}", dir.path().join("billsync.db").display());
-    let store = store::connect(&url, 8).await.expect("open sqlite");
+    let store = store::connect_with(&url, options)
+        .await
+        .expect("open sqlite");
     TestStore {
         store,
         url,
@@ -42,13 +48,16 @@ pub async fn unmigrated_sqlite_store() -> TestStore {
     }
 }
 
-pub async fn postgres_store(test: &str) -> Option<TestStore> {
-    let t = unmigrated_postgres_store(test).await?;
+pub async fn postgres_store_with(test: &str, options: &StoreOptions) -> Option<TestStore> {
+    let t = unmigrated_postgres_store_with(test, options).await?;
     t.store.migrate().await.expect("migrate postgres");
     Some(t)
 }
 
-pub async fn unmigrated_postgres_store(test: &str) -> Option<TestStore> {
+pub async fn unmigrated_postgres_store_with(
+    test: &str,
+    options: &StoreOptions,
+) -> Option<TestStore> {
     let Ok(admin_url) = std::env::var(POSTGRES_ENV) else {
         skip(
             test,
@@ -66,7 +75,9 @@ pub async fn unmigrated_postgres_store(test: &str) -> Option<TestStore> {
         .expect("create test database");
     admin.close().await;
     let url = database_url(&admin_url, &name);
-    let store = store::connect(&url, 20).await.expect("open postgres");
+    let store = store::connect_with(&url, options)
+        .await
+        .expect("open postgres");
     Some(TestStore {
         store,
         url,

@@ -145,7 +145,9 @@ fn upsert(id: &str, email: &str) -> billsync::store::UserUpsert {
 /// once, round after round: never two jobs of one user in flight.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_concurrent_claimers_never_hold_two_jobs_of_a_user() {
-    let Some(t) = support::postgres_store("postgres_concurrent_claimers_never_hold_two_jobs").await
+    let Some(t) = support::Backend::Postgres
+        .store("postgres_concurrent_claimers_never_hold_two_jobs")
+        .await
     else {
         return;
     };
@@ -229,7 +231,9 @@ async fn postgres_concurrent_claimers_never_hold_two_jobs_of_a_user() {
 /// instance claims it without waiting for the 30 s lease.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_a_killed_holders_job_is_reclaimed_at_once() {
-    let Some(t) = support::postgres_store("postgres_a_killed_holders_job_is_reclaimed").await
+    let Some(t) = support::Backend::Postgres
+        .store("postgres_a_killed_holders_job_is_reclaimed")
+        .await
     else {
         return;
     };

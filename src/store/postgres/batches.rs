@@ -250,7 +250,7 @@ async fn apply_remote_profiles_in(
         announced.extend(NewAppEvent::user_updated(ChangeOrigin::Stripe, was, &after));
         version_of.insert(after.id.to_string(), after.version);
     }
-    append(&mut **tx, &announced, Clock::now()).await?;
+    append(tx, &announced, Clock::now()).await?;
     let mut conflicts = Vec::new();
     let mut pushed = Vec::new();
     for (customer, profile) in &profiles {

@@ -1,0 +1,512 @@
+//! App events end to end: each change billsync makes reaches a receiver that verifies every
+//! delivery with the official Standard Webhooks library (`tests/receiver`), in per-user commit
+//! order, through a receiver that fails, hangs and goes away; and the pull API pages them
+//! without skipping while writers commit.
+
+use std::{collections::HashSet, sync::Arc, time::Duration};
+
+use billsync::{
+    config::{settings::AppEventSettings, Config},
+    plans::Plans,
+    store::StoreOptions,
+};
+use reqwest::Method;
+use serde_json::{json, Value};
+
+use crate::support::{
+    self, eventually, receiver::Receiver, Backend, LocalStripe, Registration, TestApp,
+};
+
+/// The test configuration, delivering to `receiver` with short timeouts and backoffs.
+pub fn with_app_events(
+    mut config: Config,
+    receiver: &Receiver,
+    plans: Option<&std::path::Path>,
+) -> Config {
+    config.app_events = AppEventSettings {
+        app_webhook_url: Some(receiver.url().as_str().into()),
+        app_webhook_secret: Some(support::receiver::APP_WEBHOOK_SECRET.into()),
+        app_webhook_timeout_ms: Some(500),
+        app_webhook_backoff_base_ms: Some(100),
+        app_webhook_backoff_max_secs: Some(1),
+        app_events_poll_ms: Some(20),
+        plans_file: plans.map(std::path::Path::to_path_buf),
+        ..Default::default()
+    }
+    .resolve()
+    .expect("app event settings");
+    config
+}
+
+/// A store whose subscription writes know `plans`.
+async fn store_with_plans(backend: Backend, test: &str, plans: &str) -> Option<support::TestStore> {
+    let mut options = StoreOptions::new(if backend == Backend::Sqlite { 8 } else { 20 });
+    options.plans = Arc::new(Plans::parse(plans).expect("plans"));
+    backend.store_with(test, &options).await
+}
+
+/// The accepted deliveries about `key`, each event once, in the order they arrived.
+fn of_key<'a>(deliveries: &'a [Value], key: &str) -> Vec<&'a Value> {
+    let mut seen = HashSet::new();
+    deliveries
+        .iter()
+        .filter(|d| d["key"] == key && seen.insert(d["id"].as_str().unwrap_or_default().to_owned()))
+        .collect()
+}
+
+fn body(delivery: &Value) -> Value {
+    serde_json::from_str(delivery["body"].as_str().expect("a body")).expect("a JSON body")
+}
+
+fn types(deliveries: &[&Value]) -> Vec<String> {
+    deliveries
+        .iter()
+        .map(|d| d["type"].as_str().unwrap_or_default().to_owned())
+        .collect()
+}
+
+/// Waits until no outbox job is pending or in flight.
+async fn outbox_settled(app: &TestApp) {
+    eventually(20, "the outbox drained", || async {
+        let pending = app.admin_json("/v1/outbox?state=pending").await;
+        let in_flight = app.admin_json("/v1/outbox?state=in_flight").await;
+        (pending["jobs"] == json!([]) && in_flight["jobs"] == json!([])).then_some(())
+    })
+    .await;
+}
+
+/// Every event the pull API holds, paged from the start.
+async fn pull_all(app: &TestApp) -> Vec<Value> {
+    let mut all = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let path = match &cursor {
+            Some(c) => format!("/v1/app-events?limit=500&after={c}"),
+            None => "/v1/app-events?limit=500".to_owned(),
+        };
+        let page = app.admin_json(&path).await;
+        let events = page["events"].as_array().expect("events").clone();
+        if events.is_empty() {
+            return all;
+        }
+        all.extend(events);
+        cursor = page["next_cursor"].as_str().map(str::to_owned);
+    }
+}
+
+const PLANS: &str = r#"
+default_plan = "free"
+
+[[plans]]
+id = "free"
+features = ["projects"]
+limits = { projects = 1 }
+
+[[plans]]
+id = "pro"
+prices = ["price_appevents_pro"]
+features = ["projects", "exports"]
+limits = { projects = 50 }
+"#;
+
+/// The must-show: each event type from its real cause, every delivery verified by the
+/// official library, per-user order as committed, and billsync's own echo announcing nothing.
+async fn every_change_reaches_a_verifying_receiver(backend: Backend) {
+    let test = "every_change_reaches_a_verifying_receiver";
+    let Some(base) = support::localstripe_url(test) else {
+        return;
+    };
+    let Some(receiver) = Receiver::start(test) else {
+        return;
+    };
+    let Some(t) = store_with_plans(backend, test, PLANS).await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let plans_file = dir.path().join("plans.toml");
+    std::fs::write(&plans_file, PLANS).unwrap();
+    let config = with_app_events(support::test_config(&base), &receiver, Some(&plans_file));
+    let app = TestApp::spawn(t.store.clone(), &config).await;
+    let hook = Registration::new(&base, &app).await;
+    let stripe = LocalStripe::new(&base);
+
+    let id = support::unique("announced");
+    let email = format!("{id}@example.com");
+    // Created: nothing to announce (the app made it). Then an operator's change.
+    app.put_user(&id, json!({"email": email, "first_name": "Ada"}))
+        .await;
+    app.put_user(
+        &id,
+        json!({"email": email, "first_name": "Ada", "last_name": "Lovelace"}),
+    )
+    .await;
+    let (status, resolved) = app.resolve(&id).await;
+    assert_eq!(status, 200, "{resolved}");
+    let customer = resolved["customer_id"].as_str().unwrap().to_owned();
+    // The operator's change is pushed first: a Stripe edit racing a push loses to it, as the
+    // echo rules say, and this test wants the edit to stand.
+    outbox_settled(&app).await;
+
+    // A portal edit in Stripe.
+    stripe
+        .update_customer(&customer, &[("name", "Grace Hopper")])
+        .await;
+    receiver
+        .wait_for(Duration::from_secs(20), |d| {
+            of_key(d, &id)
+                .iter()
+                .any(|d| body(d)["data"]["origin"] == "stripe")
+        })
+        .await;
+
+    // The person's own edit, pushed to Stripe; its echo comes back as customer.updated.
+    let token = support::user_token(&id, Some(&email), None);
+    let response = app
+        .as_user(Method::PUT, "/api/user/profile", &token)
+        .json(&json!({"firstName": "Local"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    eventually(20, "the push in Stripe", || async {
+        (stripe.customer(&customer).await["name"] == "Local Hopper").then_some(())
+    })
+    .await;
+
+    // A subscription, then the customer deleted in Stripe.
+    stripe.subscribe(&customer, "price_appevents_pro").await;
+    receiver
+        .wait_for(Duration::from_secs(20), |d| {
+            types(&of_key(d, &id)).contains(&"plan.changed".to_owned())
+        })
+        .await;
+    stripe.delete_customer(&customer).await;
+
+    // A push that Stripe refuses for good is parked: sync.failed.
+    let parked = support::unique("parked");
+    support::seed_linked_user(t.store.as_ref(), &parked, "cus_appeventsmissing").await;
+    app.put_user(
+        &parked,
+        json!({"email": format!("{parked}@example.com"), "first_name": "P"}),
+    )
+    .await;
+
+    let expected = [
+        "user.updated",
+        "customer.linked",
+        "user.updated",
+        "user.updated",
+        "subscription.created",
+        "plan.changed",
+        "customer.unlinked",
+        "subscription.deleted",
+        "plan.changed",
+    ];
+    let delivered = receiver
+        .wait_for(Duration::from_secs(30), |d| {
+            of_key(d, &id).len() >= expected.len()
+                && types(&of_key(d, &parked)).contains(&"sync.failed".to_owned())
+        })
+        .await;
+    // The echo of the person's edit has had time to come back and be applied.
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    app.events_settled().await;
+    let delivered_now = receiver.accepted().await;
+    let mine = of_key(&delivered_now, &id);
+    assert_eq!(types(&mine), expected, "the user's events, in order");
+    assert!(delivered.len() <= delivered_now.len());
+
+    let data: Vec<Value> = mine.iter().map(|d| body(d)["data"].clone()).collect();
+    assert_eq!(data[0]["origin"], "admin");
+    assert_eq!(data[0]["changed"], json!(["last_name"]));
+    assert_eq!(data[0]["user"]["last_name"], "Lovelace");
+    assert_eq!(
+        data[1],
+        json!({"user_id": id, "customer_id": customer, "source": "created"})
+    );
+    assert_eq!(data[2]["origin"], "stripe");
+    assert_eq!(data[2]["changed"], json!(["first_name", "last_name"]));
+    assert_eq!(data[3]["origin"], "app");
+    assert_eq!(data[3]["changed"], json!(["first_name"]));
+    assert_eq!(data[4]["subscription"]["status"], "active");
+    assert_eq!(data[4]["previous"], json!({}));
+    assert_eq!(
+        (
+            &data[5]["plan"],
+            &data[5]["previous_plan"],
+            &data[5]["limits"]
+        ),
+        (&json!("pro"), &json!("free"), &json!({"projects": 50}))
+    );
+    assert_eq!(data[6]["reason"], "deleted_in_stripe");
+    assert_eq!(data[7]["subscription"]["status"], "canceled");
+    assert_eq!(data[7]["previous"]["status"], "active");
+    assert_eq!(
+        (&data[8]["plan"], &data[8]["previous_plan"]),
+        (&json!("free"), &json!("pro"))
+    );
+
+    let failed = of_key(&delivered_now, &parked);
+    let sync_failed = failed
+        .iter()
+        .find(|d| d["type"] == "sync.failed")
+        .expect("sync.failed");
+    let sync_failed = body(sync_failed)["data"].clone();
+    assert_eq!(sync_failed["kind"], "push_profile");
+    assert_eq!(sync_failed["error_code"], "stripe_rejected");
+
+    // The pull API holds the same events, in the same order.
+    let pulled: Vec<String> = pull_all(&app)
+        .await
+        .iter()
+        .filter(|e| e["data"]["user_id"] == id.as_str())
+        .map(|e| e["id"].as_str().unwrap().to_owned())
+        .collect();
+    let received: Vec<String> = mine
+        .iter()
+        .map(|d| d["id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        pulled, received,
+        "the pull API's order is the delivery order"
+    );
+
+    // Erased: the person's events go with them; the app hears a hash.
+    let response = app
+        .as_user(Method::DELETE, "/api/user/delete-account", &token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200, "{:?}", response.text().await);
+    let erased = receiver
+        .wait_for(Duration::from_secs(20), |d| {
+            d.iter().any(|d| d["type"] == "user.erased")
+        })
+        .await;
+    let erased = erased.iter().find(|d| d["type"] == "user.erased").unwrap();
+    let erased = body(erased);
+    assert_eq!(erased["data"].as_object().unwrap().len(), 1, "{erased}");
+    assert!(!erased.to_string().contains(&id), "no user id in {erased}");
+    assert!(!pull_all(&app)
+        .await
+        .iter()
+        .any(|e| e["data"]["user_id"] == id.as_str()));
+
+    // Every delivery verified with the official library, and none carried an id twice
+    // without a reason (the receiver never failed here).
+    let all = receiver.received().await;
+    assert!(
+        all.iter().all(|d| d["verified"] == true),
+        "unverified: {all:#?}"
+    );
+    let ids: HashSet<&str> = all.iter().map(|d| d["id"].as_str().unwrap()).collect();
+    assert_eq!(ids.len(), all.len(), "a delivery repeated");
+    hook.mute().await;
+}
+
+/// A receiver that answers 500s, hangs past the timeout, and is down for 10 s: every event is
+/// delivered in the end, each user's in order, none lost; and a tampered or replayed delivery
+/// fails the library's verification.
+async fn a_failing_receiver_loses_nothing_and_keeps_order(backend: Backend) {
+    let test = "a_failing_receiver_loses_nothing_and_keeps_order";
+    let Some(mut receiver) = Receiver::start(test) else {
+        return;
+    };
+    let Some(t) = backend.store(test).await else {
+        return;
+    };
+    let config = with_app_events(support::test_config("http://127.0.0.1:9"), &receiver, None);
+    let app = TestApp::spawn(t.store.clone(), &config).await;
+    let users: Vec<String> = (0..5)
+        .map(|i| support::unique(&format!("faulty{i}")))
+        .collect();
+    for user in &users {
+        app.put_user(user, json!({"email": format!("{user}@example.com")}))
+            .await;
+    }
+    let mut round = 0;
+    let mut change = || {
+        round += 1;
+        let round = round;
+        let app = &app;
+        let users = &users;
+        async move {
+            for user in users {
+                app.put_user(
+                    user,
+                    json!({"email": format!("{user}@example.com"), "first_name": format!("N{round}")}),
+                )
+                .await;
+            }
+        }
+    };
+    receiver.set_mode("fail").await;
+    change().await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    receiver.set_mode("hang").await;
+    change().await;
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    receiver.stop().await;
+    change().await;
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    change().await;
+    receiver.restart();
+    receiver.set_mode("ok").await;
+    change().await;
+
+    let delivered = receiver
+        .wait_for(Duration::from_secs(30), |d| {
+            users.iter().all(|u| of_key(d, u).len() == 5)
+        })
+        .await;
+    for user in &users {
+        let names: Vec<Value> = of_key(&delivered, user)
+            .iter()
+            .map(|d| body(d)["data"]["user"]["first_name"].clone())
+            .collect();
+        assert_eq!(
+            names,
+            ["N1", "N2", "N3", "N4", "N5"].map(Value::from),
+            "{user}'s order"
+        );
+    }
+    let all = receiver.received().await;
+    assert!(
+        all.iter().any(|d| d["mode"] == "fail"),
+        "the 500s were tried"
+    );
+    assert!(
+        all.iter().any(|d| d["mode"] == "hang"),
+        "the hangs were tried"
+    );
+    assert!(all.iter().all(|d| d["verified"] == true));
+    let failed = app.admin_json("/v1/app-events?state=failed").await;
+    assert_eq!(failed["events"], json!([]));
+
+    // The same delivery, replayed 10 minutes later or tampered with, does not verify.
+    let sample = &delivered[0];
+    let headers = &sample["headers"];
+    let raw = sample["body"].as_str().unwrap();
+    assert_eq!(
+        receiver.verify(raw, headers, 0).await["verified"],
+        true,
+        "as it came"
+    );
+    let replayed = receiver.verify(raw, headers, 600).await;
+    assert_eq!(replayed["verified"], false);
+    let tampered = raw.replacen("N", "M", 1);
+    let tampered = receiver.verify(&tampered, headers, 0).await;
+    assert_eq!(tampered["verified"], false);
+    assert!(
+        tampered["error"].as_str().unwrap().contains("signature"),
+        "{tampered}"
+    );
+}
+
+/// Writers commit while a reader pages the pull API: the reader sees every event exactly once.
+async fn the_pull_api_never_skips_while_writers_commit(backend: Backend) {
+    let test = "the_pull_api_never_skips_while_writers_commit";
+    let Some(t) = backend.store(test).await else {
+        return;
+    };
+    let app = TestApp::spawn(t.store.clone(), &support::test_config("http://127.0.0.1:9")).await;
+    let users: Vec<String> = (0..6)
+        .map(|i| support::unique(&format!("writer{i}")))
+        .collect();
+    for user in &users {
+        app.put_user(user, json!({"email": format!("{user}@example.com")}))
+            .await;
+    }
+    let writers: Vec<_> = users
+        .iter()
+        .map(|user| {
+            let (http, url, user) = (app.http.clone(), app.url(&format!("/v1/users/{user}")), user.clone());
+            tokio::spawn(async move {
+                for round in 0..25 {
+                    let response = http
+                        .put(&url)
+                        .bearer_auth(support::ADMIN_KEY)
+                        .json(&json!({"email": format!("{user}@example.com"), "first_name": format!("R{round}")}))
+                        .send()
+                        .await
+                        .unwrap();
+                    assert_eq!(response.status(), 200);
+                }
+            })
+        })
+        .collect();
+    let mut seen = Vec::new();
+    let mut cursor = "0".to_owned();
+    let mut done = false;
+    loop {
+        let page = app
+            .admin_json(&format!("/v1/app-events?limit=7&after={cursor}"))
+            .await;
+        let events = page["events"].as_array().unwrap();
+        if events.is_empty() {
+            if done {
+                break;
+            }
+            done = writers.iter().all(tokio::task::JoinHandle::is_finished);
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            continue;
+        }
+        seen.extend(events.iter().map(|e| e["id"].as_str().unwrap().to_owned()));
+        cursor = page["next_cursor"].as_str().unwrap().to_owned();
+    }
+    for writer in writers {
+        writer.await.unwrap();
+    }
+    let unique: HashSet<&String> = seen.iter().collect();
+    assert_eq!(unique.len(), seen.len(), "an event seen twice in one pass");
+    assert_eq!(seen.len(), users.len() * 25, "every change seen");
+    let all: Vec<String> = pull_all(&app)
+        .await
+        .iter()
+        .map(|e| e["id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(all, seen, "one pass saw the total order");
+}
+
+on_every_store!(
+    every_change_reaches_a_verifying_receiver,
+    a_failing_receiver_loses_nothing_and_keeps_order,
+    the_pull_api_never_skips_while_writers_commit,
+);
+
+#[tokio::test]
+async fn the_pull_api_refuses_what_it_cannot_page() {
+    let store = support::sqlite_store().await;
+    let app = TestApp::spawn(
+        store.store.clone(),
+        &support::test_config("http://127.0.0.1:9"),
+    )
+    .await;
+    for (query, status) in [
+        ("after=-1", 422),
+        ("after=abc", 422),
+        ("state=lost", 422),
+        ("state=failed&after=3", 422),
+        ("colour=red", 422),
+        ("after=0&limit=5", 200),
+    ] {
+        let response = app
+            .admin(Method::GET, &format!("/v1/app-events?{query}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), status, "{query}");
+        if status != 200 {
+            let body: Value = response.json().await.unwrap();
+            assert_eq!(body["error"]["code"], "invalid_request", "{query}: {body}");
+        }
+    }
+    let missing = app
+        .admin(Method::POST, "/v1/app-events/msg_nope/redeliver")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(missing.status(), 404);
+    let body: Value = missing.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "app_event_not_found");
+}
