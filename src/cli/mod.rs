@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 
 use crate::config::{Config, ConfigArgs};
 
+mod app_events;
 mod customer;
 mod events;
 mod migrate;
@@ -15,6 +16,7 @@ mod reconcile;
 mod serve;
 mod user_data;
 
+pub use app_events::AppEventsCommand;
 pub use customer::CustomerCommand;
 pub use events::EventsCommand;
 pub use portal::PortalCommand;
@@ -57,6 +59,9 @@ pub enum Command {
     /// The billing-portal configuration, kept as code.
     #[command(subcommand)]
     Portal(PortalCommand),
+    /// Events towards the app (Standard Webhooks).
+    #[command(subcommand, name = "app-events")]
+    AppEvents(AppEventsCommand),
     /// Print everything billsync holds about a user as JSON (the GDPR export).
     Export {
         #[arg(long, env = "BILLSYNC_USER_ID")]
@@ -100,6 +105,7 @@ async fn execute(command: Command, config: Config) -> anyhow::Result<()> {
         Command::Events(command) => events::run(command, config).await,
         Command::Reconcile { apply, json } => reconcile::run(config, apply, json).await,
         Command::Portal(command) => portal::run(command, config).await,
+        Command::AppEvents(command) => app_events::run(command, config).await,
         Command::Export { user } => user_data::export(config, &user).await,
         Command::Erase {
             user,

@@ -281,6 +281,10 @@ pub(crate) async fn metrics(State(state): State<AppState>) -> Result<impl IntoRe
     metrics::gauge!("billsync_webhook_oldest_pending_age_seconds")
         .set(age(stats.events_oldest_pending));
     metrics::gauge!("billsync_webhook_events_failed").set(stats.events_failed as f64);
+    let (undelivered, oldest_undelivered) = state.store.app_event_backlog().await?;
+    metrics::gauge!("billsync_app_events_undelivered").set(undelivered as f64);
+    metrics::gauge!("billsync_app_events_oldest_undelivered_age_seconds")
+        .set(age(oldest_undelivered));
     let prometheus = crate::telemetry::prometheus();
     prometheus.run_upkeep();
     Ok((

@@ -472,6 +472,7 @@ on_every_store!(
     every_change_reaches_a_verifying_receiver,
     a_failing_receiver_loses_nothing_and_keeps_order,
     the_pull_api_never_skips_while_writers_commit,
+    plans_follow_the_subscriptions,
 );
 
 #[tokio::test]
@@ -509,4 +510,247 @@ async fn the_pull_api_refuses_what_it_cannot_page() {
     assert_eq!(missing.status(), 404);
     let body: Value = missing.json().await.unwrap();
     assert_eq!(body["error"]["code"], "app_event_not_found");
+}
+
+const TIERS: &str = r#"
+default_plan = "free"
+grace_statuses = ["past_due"]
+
+[[plans]]
+id = "free"
+features = ["projects"]
+limits = { projects = 1 }
+
+[[plans]]
+id = "pro"
+prices = ["price_tier_pro", "lookup:pro_yearly"]
+features = ["projects", "exports"]
+limits = { projects = 50 }
+
+[[plans]]
+id = "team"
+prices = ["price_tier_team"]
+features = ["projects", "exports", "sso"]
+limits = { projects = 500 }
+"#;
+
+/// An event, the plan it leaves the user on, and the `plan.changed` it makes (from, to).
+type Step = (String, &'static str, Option<(&'static str, &'static str)>);
+
+/// A signed `customer.subscription.*` event for one subscription of `customer`.
+fn subscription_event(
+    kind: &str,
+    created: i64,
+    customer: &str,
+    subscription: &str,
+    status: &str,
+    price: &str,
+    cancel_at_period_end: bool,
+) -> String {
+    json!({
+        "id": format!("evt_{}", uuid::Uuid::new_v4().simple()), "object": "event", "type": kind, "created": created,
+        "livemode": false, "api_version": billsync::config::DEFAULT_STRIPE_API_VERSION,
+        "data": {"object": {
+            "id": subscription, "object": "subscription", "customer": customer,
+            "status": status, "cancel_at_period_end": cancel_at_period_end,
+            "items": {"object": "list", "data": [{
+                "id": format!("si_{subscription}"), "quantity": 1,
+                "price": {"id": price, "lookup_key": null},
+                "current_period_end": created + 30 * 86_400,
+            }]},
+        }},
+    })
+    .to_string()
+}
+
+/// The plan across an upgrade, a downgrade, a cancellation at period end, `past_due` with and
+/// without grace, and two live subscriptions: the billing read and `plan.changed`.
+async fn plans_follow_the_subscriptions(backend: Backend) {
+    let test = "plans_follow_the_subscriptions";
+    let dir = tempfile::tempdir().unwrap();
+    for grace in [true, false] {
+        let tiers = if grace {
+            TIERS.to_owned()
+        } else {
+            TIERS.replace(r#"grace_statuses = ["past_due"]"#, "")
+        };
+        let Some(t) = store_with_plans(backend, test, &tiers).await else {
+            return;
+        };
+        let plans_file = dir.path().join(format!("plans-{grace}.toml"));
+        std::fs::write(&plans_file, &tiers).unwrap();
+        let mut config = support::test_config("http://127.0.0.1:9");
+        config.app_events = AppEventSettings {
+            plans_file: Some(plans_file),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap();
+        let app = TestApp::spawn(t.store.clone(), &config).await;
+        let user = support::unique("planned");
+        let customer = format!("cus_{}", user.replace('-', ""));
+        support::seed_linked_user(t.store.as_ref(), &user, &customer).await;
+        let billing = || async { app.admin_json(&format!("/v1/users/{user}/billing")).await };
+        let plan_changes = || async {
+            pull_all(&app)
+                .await
+                .into_iter()
+                .filter(|e| e["type"] == "plan.changed" && e["data"]["user_id"] == user.as_str())
+                .map(|e| {
+                    (
+                        e["data"]["previous_plan"].clone(),
+                        e["data"]["plan"].clone(),
+                    )
+                })
+                .collect::<Vec<_>>()
+        };
+        let mut created = 1_700_000_000;
+        let mut step = |kind: &'static str,
+                        sub: &'static str,
+                        status: &'static str,
+                        price: &'static str,
+                        cancel: bool| {
+            created += 10;
+            subscription_event(kind, created, &customer, sub, status, price, cancel)
+        };
+        let mut expected_changes: Vec<(Value, Value)> = Vec::new();
+        let mut change = |from: &str, to: &str| expected_changes.push((json!(from), json!(to)));
+        let before = billing().await;
+        assert_eq!(before["plan"]["id"], "free", "{before}");
+        assert_eq!(before["customer"]["id"], customer.as_str());
+
+        let scenario: Vec<Step> = vec![
+            (
+                step(
+                    "customer.subscription.created",
+                    "sub_a",
+                    "active",
+                    "price_tier_pro",
+                    false,
+                ),
+                "pro",
+                Some(("free", "pro")),
+            ),
+            (
+                step(
+                    "customer.subscription.updated",
+                    "sub_a",
+                    "active",
+                    "price_tier_team",
+                    false,
+                ),
+                "team",
+                Some(("pro", "team")),
+            ),
+            (
+                step(
+                    "customer.subscription.updated",
+                    "sub_a",
+                    "active",
+                    "price_tier_pro",
+                    false,
+                ),
+                "pro",
+                Some(("team", "pro")),
+            ),
+            // Canceled at period end: still paid for until then.
+            (
+                step(
+                    "customer.subscription.updated",
+                    "sub_a",
+                    "active",
+                    "price_tier_pro",
+                    true,
+                ),
+                "pro",
+                None,
+            ),
+            (
+                step(
+                    "customer.subscription.updated",
+                    "sub_a",
+                    "past_due",
+                    "price_tier_pro",
+                    true,
+                ),
+                if grace { "pro" } else { "free" },
+                if grace { None } else { Some(("pro", "free")) },
+            ),
+            (
+                step(
+                    "customer.subscription.created",
+                    "sub_b",
+                    "active",
+                    "price_tier_team",
+                    false,
+                ),
+                "team",
+                Some((if grace { "pro" } else { "free" }, "team")),
+            ),
+            (
+                step(
+                    "customer.subscription.deleted",
+                    "sub_b",
+                    "canceled",
+                    "price_tier_team",
+                    false,
+                ),
+                if grace { "pro" } else { "free" },
+                Some(("team", if grace { "pro" } else { "free" })),
+            ),
+        ];
+        for (body, plan, expected) in scenario {
+            app.deliver_webhook(&body).await;
+            app.events_settled().await;
+            if let Some((from, to)) = expected {
+                change(from, to);
+            }
+            let read = billing().await;
+            assert_eq!(read["plan"]["id"], plan, "grace {grace}: {body}\n{read}");
+        }
+        assert_eq!(plan_changes().await, expected_changes, "grace {grace}");
+
+        let read = billing().await;
+        let subscriptions = read["subscriptions"].as_array().unwrap();
+        assert_eq!(subscriptions.len(), 2, "{read}");
+        let a = subscriptions.iter().find(|s| s["id"] == "sub_a").unwrap();
+        assert_eq!(a["status"], "past_due");
+        assert_eq!(a["cancel_at_period_end"], true);
+        assert_eq!(a["items"][0]["price_id"], "price_tier_pro");
+        assert_eq!(a["plan"], if grace { json!("pro") } else { Value::Null });
+        let b = subscriptions.iter().find(|s| s["id"] == "sub_b").unwrap();
+        assert_eq!(
+            (&b["status"], &b["plan"]),
+            (&json!("canceled"), &Value::Null)
+        );
+        assert_eq!(
+            read["plan"]["features"],
+            if grace {
+                json!(["projects", "exports"])
+            } else {
+                json!(["projects"])
+            }
+        );
+
+        // The person reads the same document with their token; the admin's user view carries
+        // the subscriptions too.
+        let token = support::user_token(&user, Some(&format!("{user}@example.com")), None);
+        let own: Value = app
+            .as_user(Method::GET, "/api/user/billing", &token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(own, read);
+        let admin_view = app.admin_json(&format!("/v1/users/{user}")).await;
+        assert_eq!(admin_view["subscriptions"], read["subscriptions"]);
+        let unknown = app
+            .admin(Method::GET, "/v1/users/nobody/billing")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(unknown.status(), 404);
+    }
 }

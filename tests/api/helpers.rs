@@ -55,7 +55,9 @@ impl TestApp {
             .send()
             .await
             .expect("POST webhook");
-        assert_eq!(response.status(), 200, "webhook delivery");
+        let status = response.status();
+        let answer = response.text().await.unwrap_or_default();
+        assert_eq!(status, 200, "webhook delivery: {answer}");
     }
 
     /// Waits until no stored event is pending or failed.

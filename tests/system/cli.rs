@@ -62,6 +62,70 @@ fn bad_settings_are_named() {
 }
 
 #[test]
+fn app_event_settings_are_checked_naming_the_setting() {
+    let serve = |settings: &[(&str, &str)]| {
+        let output = billsync()
+            .env("STRIPE_SECRET_KEY", "sk_test_x")
+            .envs(settings.iter().copied())
+            .arg("serve")
+            .output()
+            .unwrap();
+        assert!(!output.status.success(), "{settings:?}");
+        String::from_utf8_lossy(&output.stderr).into_owned()
+    };
+    let url = ("BILLSYNC_APP_WEBHOOK_URL", "https://app.example.com/hooks");
+    let secret = (
+        "BILLSYNC_APP_WEBHOOK_SECRET",
+        "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+    );
+    assert!(serve(&[url]).contains("BILLSYNC_APP_WEBHOOK_SECRET must be set"));
+    let plain = ("BILLSYNC_APP_WEBHOOK_URL", "http://app.example.com/hooks");
+    assert!(serve(&[plain, secret]).contains("BILLSYNC_APP_WEBHOOK_URL must be an https://"));
+    let short = ("BILLSYNC_APP_WEBHOOK_SECRET", "whsec_c2hvcnQ=");
+    let refused = serve(&[url, short]);
+    assert!(
+        refused.contains("BILLSYNC_APP_WEBHOOK_SECRET: a secret holds 5 bytes"),
+        "{refused}"
+    );
+    assert!(
+        !refused.contains("c2hvcnQ"),
+        "the secret is not shown: {refused}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let plans = dir.path().join("plans.toml");
+    std::fs::write(&plans, "[[plans]]\nid = \"pro\"\nprices = [\"prce_1\"]\n").unwrap();
+    let bad_plan = serve(&[("BILLSYNC_PLANS_FILE", plans.to_str().unwrap())]);
+    assert_eq!(
+        bad_plan.trim(),
+        "billsync: BILLSYNC_PLANS_FILE: plans[0].prices[0]: `prce_1` is neither a price id \
+         (price_…) nor lookup:<lookup_key>"
+    );
+}
+
+#[test]
+fn app_events_new_secret_prints_a_standard_webhooks_secret() {
+    use base64::Engine as _;
+    let secrets: Vec<String> = (0..2)
+        .map(|_| {
+            let output = billsync()
+                .args(["app-events", "new-secret"])
+                .output()
+                .unwrap();
+            assert!(output.status.success());
+            String::from_utf8(output.stdout).unwrap().trim().to_owned()
+        })
+        .collect();
+    assert_ne!(secrets[0], secrets[1]);
+    for secret in &secrets {
+        let key = secret.strip_prefix("whsec_").expect("whsec_ prefix");
+        let key = base64::engine::general_purpose::STANDARD
+            .decode(key)
+            .unwrap();
+        assert_eq!(key.len(), 32);
+    }
+}
+
+#[test]
 fn migrate_creates_the_sqlite_default() {
     let dir = tempfile::tempdir().unwrap();
     let status = billsync()
