@@ -21,11 +21,11 @@ fn receiver_dir() -> std::path::PathBuf {
 
 /// A running receiver; killed when dropped.
 pub struct Receiver {
-    child: Option<Child>,
+    pub(super) child: Option<Child>,
     pub port: u16,
-    http: reqwest::Client,
+    pub(super) http: reqwest::Client,
     /// What earlier processes on this port received, kept across a restart.
-    earlier: Vec<Value>,
+    pub(super) earlier: Vec<Value>,
 }
 
 impl Receiver {
@@ -52,7 +52,7 @@ impl Receiver {
         Some(receiver)
     }
 
-    fn spawn(&mut self, port: u16) {
+    pub(super) fn spawn(&mut self, port: u16) {
         let mut child = Command::new("node")
             .arg(receiver_dir().join("receiver.mjs"))
             .arg(port.to_string())
@@ -76,30 +76,6 @@ impl Receiver {
     /// The endpoint billsync delivers to.
     pub fn url(&self) -> String {
         format!("http://127.0.0.1:{}/hook", self.port)
-    }
-
-    /// Stops it: connections to its port are refused until `restart`.
-    pub async fn stop(&mut self) {
-        self.earlier = self.received().await;
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    /// Starts it again on the same port, remembering what it received before.
-    pub fn restart(&mut self) {
-        self.spawn(self.port);
-    }
-
-    /// `ok` (204), `fail` (500) or `hang` (never answers).
-    pub async fn set_mode(&self, mode: &str) {
-        self.http
-            .post(format!("http://127.0.0.1:{}/_mode", self.port))
-            .json(&json!({ "mode": mode }))
-            .send()
-            .await
-            .expect("set the receiver's mode");
     }
 
     /// Every delivery so far, including those before a restart.
@@ -168,4 +144,39 @@ impl Drop for Receiver {
             let _ = child.wait();
         }
     }
+}
+
+/// The accepted deliveries about `key`, each event once, in the order they arrived.
+pub fn of_key<'a>(deliveries: &'a [Value], key: &str) -> Vec<&'a Value> {
+    let mut seen = std::collections::HashSet::new();
+    deliveries
+        .iter()
+        .filter(|d| d["key"] == key && seen.insert(d["id"].as_str().unwrap_or_default().to_owned()))
+        .collect()
+}
+
+/// A delivery's body, parsed.
+pub fn body(delivery: &Value) -> Value {
+    serde_json::from_str(delivery["body"].as_str().expect("a body")).expect("a JSON body")
+}
+
+/// `config`, delivering to `receiver` with short timeouts and backoffs, and `plans`.
+pub fn delivering_to(
+    mut config: billsync::config::Config,
+    receiver: &Receiver,
+    plans: Option<&std::path::Path>,
+) -> billsync::config::Config {
+    config.app_events = billsync::config::settings::AppEventSettings {
+        app_webhook_url: Some(receiver.url().as_str().into()),
+        app_webhook_secret: Some(APP_WEBHOOK_SECRET.into()),
+        app_webhook_timeout_ms: Some(500),
+        app_webhook_backoff_base_ms: Some(100),
+        app_webhook_backoff_max_secs: Some(1),
+        app_events_poll_ms: Some(20),
+        plans_file: plans.map(std::path::Path::to_path_buf),
+        ..Default::default()
+    }
+    .resolve()
+    .expect("app event settings");
+    config
 }

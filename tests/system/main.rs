@@ -23,8 +23,13 @@ mod support {
     pub use localstripe::*;
     #[path = "process.rs"]
     pub mod process;
+    #[path = "receiver.rs"]
+    pub mod receiver;
+    #[path = "receiver_faults.rs"]
+    mod receiver_faults;
 }
 
+mod app_event_faults;
 mod cli;
 mod crash;
 mod erasure_exclusive;
