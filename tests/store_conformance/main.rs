@@ -14,6 +14,7 @@ mod support {
     pub use backends::*;
 }
 
+mod app_events;
 mod erasure;
 mod events;
 mod links;

@@ -1,0 +1,245 @@
+//! The app-event outbox: positions that never let a reader skip, one event per key in flight,
+//! fenced finishes, retries, parking and redelivery.
+
+use billsync::domain::{AppEvent, AppEventOutcome, AppEventState};
+use time::OffsetDateTime;
+
+use super::*;
+
+/// Changes `user`'s first name, which writes one `user.updated`.
+async fn rename(store: &dyn Store, user: &str, name: &str) {
+    let mut change = upsert(user, &format!("{user}@example.com"));
+    change.first_name = PersonName::parse_optional(Some(name), "first_name").unwrap();
+    store.upsert_user(&change).await.unwrap();
+}
+
+async fn sequenced_after(store: &dyn Store, after: i64) -> Vec<AppEvent> {
+    store.sequence_app_events(1_000).await.unwrap();
+    store.app_events_after(after, 1_000).await.unwrap()
+}
+
+fn names(events: &[AppEvent]) -> Vec<String> {
+    events
+        .iter()
+        .map(|e| {
+            format!(
+                "{}:{}",
+                e.key,
+                e.data["user"]["first_name"].as_str().unwrap_or("-")
+            )
+        })
+        .collect()
+}
+
+const LEASE: Duration = Duration::from_secs(30);
+
+async fn each_key_has_one_event_in_flight_and_finishes_are_fenced(backend: Backend) {
+    let Some(t) = backend
+        .store("each_key_has_one_event_in_flight_and_finishes_are_fenced")
+        .await
+    else {
+        return;
+    };
+    let store = t.store.as_ref();
+    for user in ["a", "b"] {
+        store
+            .upsert_user(&upsert(user, &format!("{user}@example.com")))
+            .await
+            .unwrap();
+        rename(store, user, "One").await;
+        rename(store, user, "Two").await;
+    }
+    assert_eq!(
+        names(&sequenced_after(store, 0).await),
+        ["a:One", "a:Two", "b:One", "b:Two"]
+    );
+
+    let first = store.claim_app_events(10, LEASE).await.unwrap();
+    assert_eq!(names(&first), ["a:One", "b:One"], "only each key's first");
+    assert!(first
+        .iter()
+        .all(|e| e.attempts == 1 && e.claim_token.is_some()));
+    assert!(
+        store.claim_app_events(10, LEASE).await.unwrap().is_empty(),
+        "heads are held"
+    );
+
+    let (a_one, b_one) = (&first[0], &first[1]);
+    store
+        .finish_app_events(&[(a_one.clone(), AppEventOutcome::Delivered)])
+        .await
+        .unwrap();
+    assert_eq!(
+        names(&store.claim_app_events(10, LEASE).await.unwrap()),
+        ["a:Two"]
+    );
+
+    // b's claim runs out and is taken again: the first claim's finish changes nothing.
+    let retry_at = OffsetDateTime::now_utc() - time::Duration::seconds(1);
+    store
+        .finish_app_events(&[(
+            b_one.clone(),
+            AppEventOutcome::Retry {
+                at: retry_at,
+                error: "the receiver answered 500".into(),
+            },
+        )])
+        .await
+        .unwrap();
+    let again = store.claim_app_events(10, LEASE).await.unwrap();
+    assert_eq!(names(&again), ["b:One"]);
+    assert_eq!(again[0].attempts, 2);
+    assert_eq!(
+        again[0].last_error.as_deref(),
+        Some("the receiver answered 500")
+    );
+    store
+        .finish_app_events(&[(b_one.clone(), AppEventOutcome::Delivered)])
+        .await
+        .unwrap();
+    let pending = store
+        .list_app_events(AppEventState::Pending, 10)
+        .await
+        .unwrap();
+    assert!(
+        pending.iter().any(|e| e.id == b_one.id),
+        "a stale claim delivered nothing"
+    );
+
+    // Parked: it no longer holds its key's next event back; redelivered, it is first again.
+    store
+        .finish_app_events(&[(
+            again[0].clone(),
+            AppEventOutcome::Failed {
+                error: "gone".into(),
+            },
+        )])
+        .await
+        .unwrap();
+    let failed = store
+        .list_app_events(AppEventState::Failed, 10)
+        .await
+        .unwrap();
+    assert_eq!(names(&failed), ["b:One"]);
+    assert_eq!(
+        names(&store.claim_app_events(10, LEASE).await.unwrap()),
+        ["b:Two"]
+    );
+    let redelivered = store.redeliver_app_event(&b_one.id).await.unwrap().unwrap();
+    assert_eq!(
+        (redelivered.state, redelivered.attempts),
+        (AppEventState::Pending, 0)
+    );
+    assert_eq!(store.redeliver_app_event("msg_none").await.unwrap(), None);
+    assert_eq!(
+        store.app_event_backlog().await.unwrap().0,
+        3,
+        "a:Two, b:One, b:Two"
+    );
+
+    // A retry waits for its time.
+    let later = OffsetDateTime::now_utc() + time::Duration::hours(1);
+    let head = store.claim_app_events(10, LEASE).await.unwrap();
+    assert_eq!(names(&head), ["b:One"], "a:Two and b:Two are held");
+    let wait = AppEventOutcome::Retry {
+        at: later,
+        error: "timed out".into(),
+    };
+    store
+        .finish_app_events(&[(head[0].clone(), wait)])
+        .await
+        .unwrap();
+    assert!(store.claim_app_events(10, LEASE).await.unwrap().is_empty());
+}
+
+async fn old_events_are_pruned_but_undelivered_ones_stay(backend: Backend) {
+    let Some(t) = backend
+        .store("old_events_are_pruned_but_undelivered_ones_stay")
+        .await
+    else {
+        return;
+    };
+    let store = t.store.as_ref();
+    store
+        .upsert_user(&upsert("p", "p@example.com"))
+        .await
+        .unwrap();
+    rename(store, "p", "One").await;
+    rename(store, "p", "Two").await;
+    sequenced_after(store, 0).await;
+    let claimed = store.claim_app_events(10, LEASE).await.unwrap();
+    store
+        .finish_app_events(&[(claimed[0].clone(), AppEventOutcome::Delivered)])
+        .await
+        .unwrap();
+    let future = OffsetDateTime::now_utc() + time::Duration::minutes(1);
+    assert_eq!(
+        store.prune_app_events(future, false).await.unwrap(),
+        1,
+        "the delivered one"
+    );
+    assert_eq!(
+        names(&store.app_events_after(0, 10).await.unwrap()),
+        ["p:Two"]
+    );
+    assert_eq!(
+        store.prune_app_events(future, true).await.unwrap(),
+        1,
+        "nothing delivers it"
+    );
+    // Positions keep rising after everything was pruned: a reader's cursor stays valid.
+    rename(store, "p", "Three").await;
+    let after = sequenced_after(store, 2).await;
+    assert_eq!(names(&after), ["p:Three"]);
+    assert_eq!(after[0].position, 3);
+}
+
+on_every_store!(
+    each_key_has_one_event_in_flight_and_finishes_are_fenced,
+    old_events_are_pruned_but_undelivered_ones_stay,
+);
+
+/// The trap of id cursors: a transaction that took an earlier id commits after a later one.
+/// Its event gets the next position when it commits, so a reader past the later one still
+/// sees it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_late_commit_is_not_skipped() {
+    let Some(t) = Backend::Postgres
+        .store("postgres_a_late_commit_is_not_skipped")
+        .await
+    else {
+        return;
+    };
+    let store = t.store.as_ref();
+    use sqlx::Connection;
+    let mut late = sqlx::PgConnection::connect(&t.url).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut late).await.unwrap();
+    sqlx::query(
+        "INSERT INTO app_events (id, type, event_key, data, created_at, next_attempt_at)
+         VALUES ('msg_late', 'user.updated', 'late', '{}', now(), now())",
+    )
+    .execute(&mut late)
+    .await
+    .unwrap();
+    store
+        .upsert_user(&upsert("early", "early@example.com"))
+        .await
+        .unwrap();
+    rename(store, "early", "One").await;
+    let seen = sequenced_after(store, 0).await;
+    assert_eq!(names(&seen), ["early:One"]);
+    let cursor = seen[0].position;
+
+    sqlx::query("COMMIT").execute(&mut late).await.unwrap();
+    let next = sequenced_after(store, cursor).await;
+    assert_eq!(next.len(), 1, "the late commit is after the cursor");
+    assert_eq!(next[0].id, "msg_late");
+    let seqs: Vec<i64> = sqlx::query_scalar("SELECT seq FROM app_events ORDER BY position")
+        .fetch_all(&mut late)
+        .await
+        .unwrap();
+    assert!(
+        seqs[0] > seqs[1],
+        "it took the earlier id, and still was not skipped: {seqs:?}"
+    );
+}
