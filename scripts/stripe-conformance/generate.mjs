@@ -62,6 +62,8 @@ const OPERATIONS = {
     'list',
     'BillingPortal.ConfigurationListParams',
   ],
+  'prices.retrieve': ['Prices', 'retrieve', 'PriceRetrieveParams'],
+  'prices.list': ['Prices', 'list', 'PriceListParams'],
   'webhook_endpoints.create': ['WebhookEndpoints', 'create', 'WebhookEndpointCreateParams'],
   'webhook_endpoints.update': ['WebhookEndpoints', 'update', 'WebhookEndpointUpdateParams'],
   'webhook_endpoints.list': ['WebhookEndpoints', 'list', 'WebhookEndpointListParams'],

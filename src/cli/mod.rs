@@ -11,6 +11,7 @@ mod app_events;
 mod customer;
 mod events;
 mod migrate;
+pub mod plans;
 mod portal;
 mod reconcile;
 mod serve;
@@ -59,6 +60,9 @@ pub enum Command {
     /// The billing-portal configuration, kept as code.
     #[command(subcommand)]
     Portal(PortalCommand),
+    /// The plans file (BILLSYNC_PLANS_FILE) against Stripe.
+    #[command(subcommand)]
+    Plans(plans::PlansCommand),
     /// Events towards the app (Standard Webhooks).
     #[command(subcommand, name = "app-events")]
     AppEvents(AppEventsCommand),
@@ -106,6 +110,7 @@ async fn execute(command: Command, config: Config) -> anyhow::Result<()> {
         Command::Reconcile { apply, json } => reconcile::run(config, apply, json).await,
         Command::Portal(command) => portal::run(command, config).await,
         Command::AppEvents(command) => app_events::run(command, config).await,
+        Command::Plans(command) => plans::run(command, config).await,
         Command::Export { user } => user_data::export(config, &user).await,
         Command::Erase {
             user,

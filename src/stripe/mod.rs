@@ -22,9 +22,12 @@ use serde_json::Value;
 pub use budget::{current_priority, with_priority, Priority};
 pub use error::{ApiError, StripeError};
 pub use types::{
-    Customer, Deleted, IdOnly, List, PortalConfiguration, PortalSession, Subscription,
+    Customer, Deleted, IdOnly, List, PortalConfiguration, PortalSession, Price, Subscription,
     SubscriptionItem,
 };
+
+/// Lookup keys Stripe takes in one price list.
+pub const MAX_LOOKUP_KEYS: usize = 10;
 
 use crate::config::{Secret, StripeConfig};
 
@@ -416,6 +419,40 @@ impl StripeClient {
                 return Ok(found);
             }
         }
+    }
+
+    pub async fn retrieve_price(&self, id: &str) -> StripeResult<Price> {
+        self.send(Request {
+            operation: "prices.retrieve",
+            method: Method::GET,
+            path: format!("/v1/prices/{}", path_segment(id)),
+            query: vec![],
+            form: None,
+            idempotency_key: None,
+        })
+        .await
+    }
+
+    /// The prices, active or not, with these lookup keys (at most [`MAX_LOOKUP_KEYS`]).
+    pub async fn prices_by_lookup_keys(&self, keys: &[String]) -> StripeResult<Vec<Price>> {
+        let mut query = vec![("limit".to_owned(), MAX_PAGE.to_string())];
+        query.extend(
+            keys.iter()
+                .take(MAX_LOOKUP_KEYS)
+                .enumerate()
+                .map(|(i, key)| (format!("lookup_keys[{i}]"), key.clone())),
+        );
+        let page: List<Price> = self
+            .send(Request {
+                operation: "prices.list",
+                method: Method::GET,
+                path: "/v1/prices".into(),
+                query: query.iter().map(|(k, v)| (k.as_str(), v.clone())).collect(),
+                form: None,
+                idempotency_key: None,
+            })
+            .await?;
+        Ok(page.data)
     }
 
     pub async fn retrieve_subscription(&self, id: &str) -> StripeResult<Subscription> {

@@ -216,3 +216,13 @@ mod tests {
         assert_eq!(customer.user_id_metadata(), None);
     }
 }
+
+/// A price, as `billsync plans check` reads it.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+pub struct Price {
+    pub id: String,
+    #[serde(default)]
+    pub active: bool,
+    #[serde(default)]
+    pub lookup_key: Option<String>,
+}

@@ -328,6 +328,7 @@ struct State {
     customers: BTreeMap<String, Value>,
     subscriptions: BTreeMap<String, Value>,
     portal_configurations: BTreeMap<String, Value>,
+    prices: BTreeMap<String, Value>,
     next_id: u64,
 }
 
@@ -476,6 +477,17 @@ impl StripeStandIn {
         });
         state.subscriptions.insert(id, subscription.clone());
         subscription
+    }
+
+    /// A price, as the Dashboard would have made it.
+    pub fn add_price(&self, id: &str, lookup_key: Option<&str>, active: bool) {
+        let price = json!({"id": id, "object": "price", "active": active, "lookup_key": lookup_key,
+                           "currency": "usd", "unit_amount": 1000, "livemode": false});
+        self.state
+            .lock()
+            .unwrap()
+            .prices
+            .insert(id.to_owned(), price);
     }
 
     fn answer(&self, request: &Request) -> ResponseTemplate {
@@ -668,6 +680,23 @@ impl StripeStandIn {
                     );
                 }
                 ResponseTemplate::new(200).set_body_json(configuration.clone())
+            }
+            "prices.retrieve" => match state.prices.get(&last_segment) {
+                Some(price) => ResponseTemplate::new(200).set_body_json(price.clone()),
+                None => error(404, "resource_missing", "price", "No such price"),
+            },
+            "prices.list" => {
+                let keys: Vec<&str> = params["lookup_keys"]
+                    .as_object()
+                    .map(|keys| keys.values().filter_map(Value::as_str).collect())
+                    .unwrap_or_default();
+                let data = state
+                    .prices
+                    .values()
+                    .filter(|p| keys.is_empty() || keys.iter().any(|k| p["lookup_key"] == *k))
+                    .cloned()
+                    .collect();
+                ResponseTemplate::new(200).set_body_json(page(data, &params, "/v1/prices"))
             }
             other => error(
                 400,

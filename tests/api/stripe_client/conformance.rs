@@ -281,6 +281,49 @@ async fn every_request_billsync_sends_is_one_stripe_accepts() {
         .await
         .unwrap_or_else(|e| panic!("minimal portal: {e}: {:?}", stripe.refused()));
 
+    // The plans file against Stripe: ids retrieved, lookup keys listed ten at a time.
+    stripe.add_price("price_conf_pro", Some("pro_monthly"), true);
+    stripe.add_price("price_conf_old", None, false);
+    for i in 0..11 {
+        stripe.add_price(
+            &format!("price_conf_k{i}"),
+            Some(&format!("key{i}")),
+            i != 3,
+        );
+    }
+    let mut prices = vec![
+        "\"price_conf_pro\"".to_owned(),
+        "\"price_conf_old\"".into(),
+        "\"price_conf_gone\"".into(),
+    ];
+    prices.extend((0..12).map(|i| format!("\"lookup:key{i}\"")));
+    let plans = billsync::plans::Plans::parse(&format!(
+        "[[plans]]\nid = \"pro\"\nprices = [{}]\n",
+        prices.join(", ")
+    ))
+    .unwrap();
+    let findings = billsync::cli::plans::check(&plans, &client)
+        .await
+        .unwrap_or_else(|e| panic!("{e}: {:?}", stripe.refused()));
+    let problems: Vec<(String, String)> =
+        findings.into_iter().map(|f| (f.price, f.problem)).collect();
+    assert_eq!(
+        problems,
+        [
+            ("price_conf_old", "archived in Stripe (active is false)"),
+            ("price_conf_gone", "no such price in Stripe"),
+            ("lookup:key11", "no active price has this lookup key"),
+            ("lookup:key3", "no active price has this lookup key"),
+        ]
+        .map(|(p, m)| (p.to_owned(), m.to_owned()))
+    );
+    let lists = stripe
+        .seen()
+        .into_iter()
+        .filter(|s| s.operation == "prices.list")
+        .count();
+    assert_eq!(lists, 2, "12 lookup keys, 10 per list");
+
     // Paging: more than a page of customers, of search results, of a customer's subscriptions.
     for _ in 0..101 {
         stripe.add_customer("many@example.com", json!({"userId": "many"}));
