@@ -21,6 +21,7 @@ pub mod portal_config;
 pub mod profile;
 pub mod reconcile;
 pub mod retry;
+pub mod standard_webhooks;
 pub mod store;
 pub mod stripe;
 pub mod telemetry;

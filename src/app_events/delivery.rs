@@ -9,46 +9,23 @@
 
 use std::{sync::Arc, time::Duration};
 
-use reqwest::Url;
 use time::OffsetDateTime;
 use tokio::{sync::watch, task::JoinSet};
 
-use super::signing::SigningKeys;
 use crate::{
-    config::AppEventsConfig,
+    config::{AppEventsConfig, DeliveryConfig},
     domain::{AppEvent, AppEventOutcome},
     retry::RetryPolicy,
     store::{Store, StoreError},
 };
 
-/// Where and how app events are delivered.
-#[derive(Debug, Clone)]
-pub struct DeliveryConfig {
-    pub url: Url,
-    pub keys: SigningKeys,
-    /// One attempt's whole exchange, connection to response headers.
-    pub timeout: Duration,
-    /// Deliveries in flight at once.
-    pub concurrency: usize,
-    /// Waits between attempts: exponential with jitter, from `backoff_base` up to `backoff_max`.
-    pub backoff_base: Duration,
-    pub backoff_max: Duration,
-    /// How long after its creation an event is still retried; then it is parked as `failed`.
-    pub retry_window: Duration,
-}
-
-impl DeliveryConfig {
-    /// How long a claim protects an event from other deliverers: past one attempt's timeout.
-    pub fn lease(&self) -> Duration {
-        self.timeout + Duration::from_secs(5)
-    }
-
-    fn policy(&self) -> RetryPolicy {
-        RetryPolicy {
-            max_attempts: u32::MAX,
-            backoff_base: self.backoff_base,
-            backoff_max: self.backoff_max,
-        }
+/// The delivery's retry policy: exponential backoff with jitter, no attempt limit (the retry
+/// window ends it).
+fn policy(config: &DeliveryConfig) -> RetryPolicy {
+    RetryPolicy {
+        max_attempts: u32::MAX,
+        backoff_base: config.backoff_base,
+        backoff_max: config.backoff_max,
     }
 }
 
@@ -114,7 +91,7 @@ impl Sender {
             return AppEventOutcome::Delivered;
         };
         let attempt = u32::try_from(event.attempts).unwrap_or(1).max(1);
-        let delay = self.config.policy().backoff(attempt, None);
+        let delay = policy(&self.config).backoff(attempt, None);
         let at = now + delay;
         if at > event.created_at + self.config.retry_window {
             AppEventOutcome::Failed { error }

@@ -15,7 +15,7 @@ pub enum AppEventsCommand {
 pub async fn run(command: AppEventsCommand, _config: Config) -> anyhow::Result<()> {
     match command {
         AppEventsCommand::NewSecret => {
-            println!("{}", crate::app_events::signing::new_secret());
+            println!("{}", crate::standard_webhooks::new_secret());
             Ok(())
         }
     }

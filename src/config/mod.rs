@@ -11,12 +11,12 @@ pub mod settings;
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 pub use secret::Secret;
-pub use settings::AppEventsConfig;
 use settings::{
     AppEventSettings, AuthSettings, DatabaseSettings, ErasureSettings, FileSection, HttpSettings,
     InstanceSettings, Layer, OutboxSettings, PortalSettings, StripeSettings, UserLimitSettings,
     WebhookSettings,
 };
+pub use settings::{AppEventsConfig, DeliveryConfig};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {

@@ -664,18 +664,41 @@ section! {
     }
 }
 
+/// Where and how app events are delivered.
+#[derive(Debug, Clone)]
+pub struct DeliveryConfig {
+    pub url: reqwest::Url,
+    pub keys: crate::standard_webhooks::SigningKeys,
+    /// One attempt's whole exchange, connection to response headers.
+    pub timeout: Duration,
+    /// Deliveries in flight at once.
+    pub concurrency: usize,
+    /// Waits between attempts: exponential with jitter, from `backoff_base` up to `backoff_max`.
+    pub backoff_base: Duration,
+    pub backoff_max: Duration,
+    /// How long after its creation an event is still retried; then it is parked as `failed`.
+    pub retry_window: Duration,
+}
+
+impl DeliveryConfig {
+    /// How long a claim protects an event from other deliverers: past one attempt's timeout.
+    pub fn lease(&self) -> Duration {
+        self.timeout + Duration::from_secs(5)
+    }
+}
+
 /// App events, validated.
 #[derive(Debug, Clone)]
 pub struct AppEventsConfig {
     /// `None`: nothing is delivered; events wait for the pull API.
-    pub delivery: Option<crate::app_events::delivery::DeliveryConfig>,
+    pub delivery: Option<DeliveryConfig>,
     pub poll_interval: Duration,
     pub plans: std::sync::Arc<crate::plans::Plans>,
 }
 
 impl AppEventSettings {
     pub fn resolve(self) -> Result<AppEventsConfig, ConfigError> {
-        use crate::app_events::{delivery::DeliveryConfig, signing::SigningKeys};
+        use crate::standard_webhooks::SigningKeys;
         let url = non_empty_secret(self.app_webhook_url);
         let secret = non_empty_secret(self.app_webhook_secret);
         let delivery = match (url, secret) {
@@ -701,7 +724,7 @@ impl AppEventSettings {
                         "BILLSYNC_APP_WEBHOOK_URL must be an https:// URL (http:// only on loopback)",
                     ));
                 };
-                let keys = SigningKeys::parse(&secret)
+                let keys = SigningKeys::parse(secret.expose())
                     .map_err(|e| invalid(format!("BILLSYNC_APP_WEBHOOK_SECRET: a secret {e}")))?;
                 let timeout_ms = self.app_webhook_timeout_ms.unwrap_or(10_000);
                 if !(100..=60_000).contains(&timeout_ms) {

@@ -1,4 +1,4 @@
-//! Standard Webhooks signatures (<https://www.standardwebhooks.com>): what the app's official
+//! Standard Webhooks signatures, for the events billsync sends the app (<https://www.standardwebhooks.com>): what the app's official
 //! library verifies. A secret is `whsec_` and the base64 of its key; a delivery carries
 //! `webhook-id`, `webhook-timestamp` and `webhook-signature`, the last one `v1,<base64>` per
 //! secret, space-separated, each an HMAC-SHA256 of `{id}.{timestamp}.{body}`. Signing with every
@@ -7,8 +7,6 @@
 use base64::{engine::general_purpose::STANDARD, Engine as _};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
-
-use crate::config::Secret;
 
 /// The prefix of a Standard Webhooks secret.
 const PREFIX: &str = "whsec_";
@@ -39,9 +37,8 @@ impl std::fmt::Debug for SigningKeys {
 
 impl SigningKeys {
     /// Parses comma-separated `whsec_…` secrets; at least one.
-    pub fn parse(secrets: &Secret) -> Result<Self, SecretError> {
+    pub fn parse(secrets: &str) -> Result<Self, SecretError> {
         let keys = secrets
-            .expose()
             .split(',')
             .map(str::trim)
             .filter(|s| !s.is_empty())
@@ -100,8 +97,7 @@ mod tests {
     /// signs it the same way.
     #[test]
     fn signs_the_reference_vector() {
-        let keys =
-            SigningKeys::parse(&Secret::new("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw")).unwrap();
+        let keys = SigningKeys::parse("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").unwrap();
         assert_eq!(
             keys.sign(
                 "msg_p5jXN8AQM9LWM0D4loKWxJek",
@@ -116,12 +112,8 @@ mod tests {
     fn signs_with_every_secret_during_a_rotation() {
         let old = new_secret();
         let new = new_secret();
-        let both = SigningKeys::parse(&Secret::new(format!("{new}, {old}"))).unwrap();
-        let alone = |s: &str| {
-            SigningKeys::parse(&Secret::new(s))
-                .unwrap()
-                .sign("m", 1, b"{}")
-        };
+        let both = SigningKeys::parse(&format!("{new}, {old}")).unwrap();
+        let alone = |s: &str| SigningKeys::parse(s).unwrap().sign("m", 1, b"{}");
         assert_eq!(
             both.sign("m", 1, b"{}"),
             format!("{} {}", alone(&new), alone(&old))
@@ -130,7 +122,7 @@ mod tests {
 
     #[test]
     fn refuses_what_is_not_a_secret() {
-        let parse = |s: &str| SigningKeys::parse(&Secret::new(s)).map(|_| ());
+        let parse = |s: &str| SigningKeys::parse(s).map(|_| ());
         assert_eq!(parse(""), Err(SecretError::Prefix));
         assert_eq!(
             parse("MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"),
@@ -150,8 +142,7 @@ mod tests {
 
     #[test]
     fn debug_shows_no_key() {
-        let keys =
-            SigningKeys::parse(&Secret::new("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw")).unwrap();
+        let keys = SigningKeys::parse("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").unwrap();
         assert_eq!(format!("{keys:?}"), "SigningKeys(1 [REDACTED])");
     }
 }
