@@ -218,3 +218,10 @@ fn prices_lists_every_price_with_its_plan() {
         ]
     );
 }
+
+#[test]
+fn the_shipped_example_parses() {
+    let plans = Plans::parse(include_str!("../../plans.example.toml")).unwrap();
+    assert_eq!(plans.plan_for(&[]).unwrap().id, "free");
+    assert_eq!(plans.prices().count(), 3);
+}
