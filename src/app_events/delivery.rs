@@ -201,8 +201,6 @@ impl Deliverer {
                     }
                 }
             }
-            // Whatever has finished is recorded in one write; the loop comes back at once
-            // when it did something, so a backlog drains as fast as the receiver takes it.
             while let Some(done) = in_flight.try_join_next() {
                 finished.extend(done.ok());
             }
@@ -210,11 +208,20 @@ impl Deliverer {
                 tokio::select! {
                     Some(done) = in_flight.join_next(), if !in_flight.is_empty() => {
                         finished.extend(done.ok());
+                        // Deliveries end close together: a moment's wait gathers the others,
+                        // so one write records them all (a write per event is what limits a
+                        // SQLite file, one fsync each).
+                        tokio::time::sleep(RECORD_LINGER).await;
+                        while let Some(done) = in_flight.try_join_next() {
+                            finished.extend(done.ok());
+                        }
                     }
                     _ = tokio::time::sleep(self.poll_interval) => {}
                     _ = shutdown.changed() => {}
                 }
             }
+            // Whatever has finished is recorded in one write; the loop comes back at once
+            // when it did something, so a backlog drains as fast as the receiver takes it.
             self.record(&mut finished).await;
         }
         while let Some(done) = in_flight.join_next().await {
@@ -248,6 +255,9 @@ impl Deliverer {
         finished.clear();
     }
 }
+
+/// How long the deliverer waits, after one delivery ended, for others to end with it.
+const RECORD_LINGER: Duration = Duration::from_millis(3);
 
 /// Events given their place per round.
 const SEQUENCE_BATCH: u32 = 2_000;

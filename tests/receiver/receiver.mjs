@@ -8,6 +8,8 @@
 // GET  /_received     every delivery so far: {id, type, key, verified, error, headers, body}
 // POST /_verify       {"body", "headers", "shift_secs"}: verifies a recorded delivery again
 //                     with the clock moved by shift_secs (a replay), or a tampered copy
+// GET  /_stats        {"accepted", "distinct", "unverified", "lag_ms"}: for benchmarks; lag_ms
+//                     is each accepted delivery's arrival minus its event's timestamp
 import http from "node:http";
 import { Webhook } from "standardwebhooks";
 
@@ -57,7 +59,9 @@ const server = http.createServer(async (req, res) => {
       parsed = JSON.parse(body);
     } catch {}
     const data = parsed.data ?? {};
+    const at = Date.now();
     received.push({
+      lag_ms: parsed.timestamp ? at - Date.parse(parsed.timestamp) : null,
       id: parsed.id ?? null,
       type: parsed.type ?? null,
       key: data.user_id ?? (data.subject ? `erased:${data.subject}` : null),
@@ -77,6 +81,14 @@ const server = http.createServer(async (req, res) => {
   }
   if (req.method === "GET" && req.url === "/_received") {
     return json(res, 200, received);
+  }
+  if (req.method === "GET" && req.url.startsWith("/_stats")) {
+    const accepted = received.filter((d) => d.mode === "ok");
+    const distinct = new Set(accepted.map((d) => d.id)).size;
+    const unverified = received.filter((d) => !d.verified).length;
+    const stats = { accepted: accepted.length, distinct, unverified };
+    if (req.url.includes("lag=1")) stats.lag_ms = accepted.map((d) => d.lag_ms);
+    return json(res, 200, stats);
   }
   if (req.method === "POST" && req.url === "/_verify") {
     const { body: payload, headers, shift_secs } = JSON.parse(body);

@@ -121,7 +121,12 @@ impl TestApp {
         Self {
             addr,
             state,
-            http: reqwest::Client::new(),
+            // The server closes a keep-alive connection idle for its header timeout (10 s); a
+            // client that kept it longer could send on it as it closes (IncompleteMessage).
+            http: reqwest::Client::builder()
+                .pool_idle_timeout(std::time::Duration::from_secs(5))
+                .build()
+                .expect("HTTP client"),
             _running: AbortOnDrop(running),
         }
     }

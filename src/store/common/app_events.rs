@@ -126,17 +126,18 @@ impl AppEvents for Backend {
     }
 
     async fn claim_app_events(&self, limit: u32, lease: Duration) -> StoreResult<Vec<AppEvent>> {
-        // Only each key's first pending event; the lease check is repeated on the row itself,
-        // so of two instances claiming at once only one takes it.
+        // Only each key's first pending event (one pass over the pending rows' key index,
+        // however long each key's backlog); the lease check is repeated on the row itself, so
+        // of two instances claiming at once only one takes it.
         let statement = sql(concat!(
-            "WITH due AS (
-                SELECT e.seq FROM app_events e
-                WHERE e.state = 'pending' AND e.position IS NOT NULL
-                  AND e.next_attempt_at <= {now}
+            "WITH heads AS (
+                SELECT event_key, min(position) AS position FROM app_events
+                WHERE state = 'pending' GROUP BY event_key
+             ),
+             due AS (
+                SELECT e.seq FROM heads h JOIN app_events e ON e.position = h.position
+                WHERE e.next_attempt_at <= {now}
                   AND (e.locked_until IS NULL OR e.locked_until < {now})
-                  AND NOT EXISTS (SELECT 1 FROM app_events b
-                                  WHERE b.event_key = e.event_key AND b.state = 'pending'
-                                    AND b.position < e.position)
                 ORDER BY e.position LIMIT $1
              )
              UPDATE app_events SET attempts = attempts + 1, claim_token = {new_token},
