@@ -73,7 +73,7 @@ else
 fi
 [[ "${BILLSYNC_TEST_PG_RESTART:-}" == 1 ]] || unset BILLSYNC_TEST_PG_RESTART
 
-cargo test --no-fail-fast "$@" 2>&1 | tee "$log"
+cargo test --locked --no-fail-fast "$@" 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 
 python3 - "$log" "$status" <<'EOF'
