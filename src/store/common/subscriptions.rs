@@ -69,17 +69,16 @@ async fn subscriptions_where(
 }
 
 /// What a subscription's change tells the app: `subscription.created`, `.updated` or
-/// `.deleted` (nothing when no field the app sees changed), and `plan.changed` when the
-/// user's plan moved.
-async fn announce_subscription_change(
+/// `.deleted` (nothing when no field the app sees changed). Its user, whose plan the caller
+/// then announces.
+async fn announce_subscription_change<'a>(
     db: &mut Connection,
-    plans: &Plans,
     before: Option<&SubscriptionMirror>,
-    after: &SubscriptionMirror,
+    after: &'a SubscriptionMirror,
     now: Clock,
-) -> StoreResult<()> {
+) -> StoreResult<Option<&'a UserId>> {
     let Some(user) = &after.user_id else {
-        return Ok(());
+        return Ok(None);
     };
     let current = after.to_json();
     let kind = match before {
@@ -94,12 +93,12 @@ async fn announce_subscription_change(
         let event = NewAppEvent::subscription(kind, user, &after.customer_id, current, previous);
         append(db, &[event], now).await?;
     }
-    announce_plan(db, plans, user, now).await
+    Ok(Some(user))
 }
 
 /// Writes `plan.changed` if the user's plan, computed from their mirrored subscriptions,
 /// differs from the one last announced (none announced: the default plan).
-pub(crate) async fn announce_plan(
+async fn announce_plan(
     db: &mut Connection,
     plans: &Plans,
     user: &UserId,
@@ -191,7 +190,11 @@ impl Subscriptions for Backend {
         .rows_affected()
             > 0;
         if written {
-            announce_subscription_change(&mut tx, &self.plans, before.as_ref(), sub, now).await?;
+            if let Some(user) =
+                announce_subscription_change(&mut tx, before.as_ref(), sub, now).await?
+            {
+                announce_plan(&mut tx, &self.plans, user, now).await?;
+            }
         }
         tx.commit().await?;
         Ok(written)
@@ -234,9 +237,18 @@ impl Subscriptions for Backend {
         .rows_affected();
         let after =
             subscriptions_where(&mut tx, "stripe_customer_id = $1", customer, false).await?;
+        // One customer's subscriptions belong to one user: their plan is computed once.
+        let mut users = Vec::new();
         for after in &after {
             let before = before.iter().find(|b| b.id == after.id);
-            announce_subscription_change(&mut tx, &self.plans, before, after, now).await?;
+            if let Some(user) = announce_subscription_change(&mut tx, before, after, now).await? {
+                if !users.contains(&user) {
+                    users.push(user);
+                }
+            }
+        }
+        for user in users {
+            announce_plan(&mut tx, &self.plans, user, now).await?;
         }
         tx.commit().await?;
         Ok(canceled)

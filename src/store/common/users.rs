@@ -81,7 +81,7 @@ pub(crate) async fn update_user_in(
 }
 
 /// `user.updated`, when a profile field of an existing user really changed.
-pub(crate) async fn announce_user_change(
+async fn announce_user_change(
     db: &mut Connection,
     origin: ChangeOrigin,
     before: Option<&User>,
@@ -97,7 +97,7 @@ pub(crate) async fn announce_user_change(
     }
 }
 
-pub(crate) async fn get_user_in(db: &mut Connection, id: &UserId) -> StoreResult<Option<User>> {
+async fn get_user_in(db: &mut Connection, id: &UserId) -> StoreResult<Option<User>> {
     let row: Option<UserRow> =
         sqlx::query_as(&sql("SELECT {user_columns} FROM users WHERE id = $1"))
             .bind(id.as_str())
