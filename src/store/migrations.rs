@@ -45,6 +45,7 @@ pub(crate) fn postgres_migrator() -> Migrator {
         "0009_erasure_tombstones.sql",
         "0010_email_as_given.sql",
         "0011_app_events.sql",
+        "0012_app_event_heads.sql",
     )
 }
 
@@ -60,5 +61,6 @@ pub(crate) fn sqlite_migrator() -> Migrator {
         "0008_erasure_tombstones.sql",
         "0009_email_as_given.sql",
         "0010_app_events.sql",
+        "0011_app_event_heads.sql",
     )
 }

@@ -10,6 +10,7 @@
 //! | `{in $N}` | `= ANY($N)` (a text array) | `IN` the elements of `$N` (a JSON array) |
 //! | `{seq}` | `arrival_seq` | `seq` |
 //! | `{greatest}` | `GREATEST` | `MAX` |
+//! | `{least}` | `LEAST` | `MIN` (of two or more arguments) |
 //! | `{for_update}` | `FOR UPDATE OF u` (row lock) | nothing (`BEGIN IMMEDIATE` locks the file) |
 //! | `{new_token}` | a random UUID | 128 random bits in hex |
 //!
@@ -30,6 +31,7 @@ pub(crate) enum Piece<'a> {
     In(&'a str),
     Seq,
     Greatest,
+    Least,
     ForUpdate,
     NewToken,
 }
@@ -48,6 +50,7 @@ impl<'a> Piece<'a> {
             ("in", Some(param)) => Self::In(param),
             ("seq", None) => Self::Seq,
             ("greatest", None) => Self::Greatest,
+            ("least", None) => Self::Least,
             ("for_update", None) => Self::ForUpdate,
             ("new_token", None) => Self::NewToken,
             _ => return None,

@@ -194,10 +194,202 @@ async fn old_events_are_pruned_but_undelivered_ones_stay(backend: Backend) {
     assert_eq!(after[0].position, 3);
 }
 
+/// The heads a claim reads, and what they must be: each key's first pending positioned event.
+async fn heads_and_truth(url: &str) -> (Vec<(String, i64)>, Vec<(String, i64)>) {
+    const HEADS: &str = "SELECT event_key, position FROM app_event_heads ORDER BY event_key";
+    const TRUTH: &str = "SELECT event_key, min(position) FROM app_events
+        WHERE state = 'pending' AND position IS NOT NULL GROUP BY event_key ORDER BY event_key";
+    if url.starts_with("sqlite:") {
+        let pool = sqlx::SqlitePool::connect(url).await.unwrap();
+        let heads = sqlx::query_as(HEADS).fetch_all(&pool).await.unwrap();
+        let truth = sqlx::query_as(TRUTH).fetch_all(&pool).await.unwrap();
+        (heads, truth)
+    } else {
+        let pool = sqlx::PgPool::connect(url).await.unwrap();
+        let heads = sqlx::query_as(HEADS).fetch_all(&pool).await.unwrap();
+        let truth = sqlx::query_as(TRUTH).fetch_all(&pool).await.unwrap();
+        (heads, truth)
+    }
+}
+
+async fn assert_heads_exact(url: &str, after: &str) -> usize {
+    let (heads, truth) = heads_and_truth(url).await;
+    assert_eq!(heads, truth, "heads after {after}");
+    heads.len()
+}
+
+/// Every change to a key's pending events keeps its head on its first pending event: a claim
+/// reads nothing else, so a head left behind would hold that user's events forever.
+async fn each_change_keeps_the_heads_exact(backend: Backend) {
+    let Some(t) = backend.store("each_change_keeps_the_heads_exact").await else {
+        return;
+    };
+    let store = t.store.as_ref();
+    for user in ["a", "b", "c"] {
+        store
+            .upsert_user(&upsert(user, &format!("{user}@example.com")))
+            .await
+            .unwrap();
+        rename(store, user, "One").await;
+    }
+    assert_eq!(
+        assert_heads_exact(&t.url, "writes not yet positioned").await,
+        0
+    );
+    sequenced_after(store, 0).await;
+    assert_eq!(assert_heads_exact(&t.url, "positioning").await, 3);
+    rename(store, "a", "Two").await;
+    sequenced_after(store, 0).await;
+    assert_heads_exact(&t.url, "positioning behind a head").await;
+
+    let claimed = store.claim_app_events(10, LEASE).await.unwrap();
+    assert_eq!(names(&claimed), ["a:One", "b:One", "c:One"]);
+    let retry = AppEventOutcome::Retry {
+        at: OffsetDateTime::now_utc() - time::Duration::seconds(1),
+        error: "timed out".into(),
+    };
+    let parked = AppEventOutcome::Failed {
+        error: "gone".into(),
+    };
+    store
+        .finish_app_events(&[
+            (claimed[0].clone(), AppEventOutcome::Delivered),
+            (claimed[1].clone(), retry),
+            (claimed[2].clone(), parked),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(
+        assert_heads_exact(&t.url, "a delivery, a retry, a parking").await,
+        2
+    );
+
+    // A stale claim's finish (its lease ran out, another took it) moves nothing wrongly.
+    store
+        .finish_app_events(&[(claimed[0].clone(), AppEventOutcome::Delivered)])
+        .await
+        .unwrap();
+    assert_heads_exact(&t.url, "a stale finish").await;
+
+    store.redeliver_app_event(&claimed[2].id).await.unwrap();
+    assert_eq!(assert_heads_exact(&t.url, "a redelivery").await, 3);
+    store.redeliver_app_event(&claimed[0].id).await.unwrap();
+    assert_heads_exact(&t.url, "a redelivery behind a head").await;
+    assert_eq!(
+        names(&store.claim_app_events(10, LEASE).await.unwrap()),
+        ["a:One", "b:One", "c:One"],
+        "a's redelivered first event goes before its later one"
+    );
+
+    store
+        .erase_user(
+            &UserId::parse("b").unwrap(),
+            None,
+            "subject-b",
+            &serde_json::json!({}),
+        )
+        .await
+        .unwrap();
+    sequenced_after(store, 0).await;
+    assert_heads_exact(&t.url, "an erasure").await;
+
+    let future = OffsetDateTime::now_utc() + time::Duration::minutes(1);
+    store.prune_app_events(future, true).await.unwrap();
+    assert_eq!(
+        assert_heads_exact(&t.url, "pruning pending events").await,
+        0
+    );
+}
+
 on_every_store!(
     each_key_has_one_event_in_flight_and_finishes_are_fenced,
     old_events_are_pruned_but_undelivered_ones_stay,
+    each_change_keeps_the_heads_exact,
 );
+
+/// Writers, two sequencers and two deliverers at once on Postgres (READ COMMITTED, row locks):
+/// a finisher moving a key's head while a sequencer positions that key's next events must
+/// never leave the key without a head. Every event is delivered, each key's in order, and
+/// nothing is left pending.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_heads_survive_concurrent_writers_sequencers_and_deliverers() {
+    let Some(t) = Backend::Postgres
+        .store("postgres_heads_survive_concurrent_writers_sequencers_and_deliverers")
+        .await
+    else {
+        return;
+    };
+    const USERS: usize = 8;
+    const RENAMES: usize = 40;
+    for u in 0..USERS {
+        t.store
+            .upsert_user(&upsert(&format!("u{u}"), &format!("u{u}@example.com")))
+            .await
+            .unwrap();
+    }
+    let writing = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let mut writers = tokio::task::JoinSet::new();
+    for u in 0..USERS {
+        let store = t.store.clone();
+        writers.spawn(async move {
+            for n in 0..RENAMES {
+                rename(store.as_ref(), &format!("u{u}"), &format!("N{n:03}")).await;
+            }
+        });
+    }
+    let mut workers = tokio::task::JoinSet::new();
+    for _ in 0..2 {
+        let store = t.store.clone();
+        let writing = writing.clone();
+        workers.spawn(async move {
+            let mut delivered: Vec<AppEvent> = Vec::new();
+            let deadline = std::time::Instant::now() + Duration::from_secs(60);
+            loop {
+                store.sequence_app_events(7).await.unwrap();
+                let claimed = store.claim_app_events(5, LEASE).await.unwrap();
+                let done = claimed.is_empty();
+                let finished: Vec<_> = claimed
+                    .into_iter()
+                    .map(|e| (e, AppEventOutcome::Delivered))
+                    .collect();
+                store.finish_app_events(&finished).await.unwrap();
+                delivered.extend(finished.into_iter().map(|(e, _)| e));
+                if done && !writing.load(std::sync::atomic::Ordering::SeqCst) {
+                    let (pending, _) = store.app_event_backlog().await.unwrap();
+                    if pending == 0 {
+                        return delivered;
+                    }
+                    assert!(
+                        std::time::Instant::now() < deadline,
+                        "{pending} events are pending and none can be claimed: a key lost its head"
+                    );
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        });
+    }
+    while let Some(done) = writers.join_next().await {
+        done.unwrap();
+    }
+    writing.store(false, std::sync::atomic::Ordering::SeqCst);
+    let mut delivered = Vec::new();
+    while let Some(done) = workers.join_next().await {
+        delivered.extend(done.unwrap());
+    }
+    assert_eq!(delivered.len(), USERS * RENAMES, "each event once");
+    delivered.sort_by_key(|e| e.position);
+    for u in 0..USERS {
+        let key = format!("u{u}");
+        let renames: Vec<&str> = delivered
+            .iter()
+            .filter(|e| e.key == key)
+            .filter_map(|e| e.data["user"]["first_name"].as_str())
+            .collect();
+        let expected: Vec<String> = (0..RENAMES).map(|n| format!("N{n:03}")).collect();
+        assert_eq!(renames, expected, "{key}'s events in commit order");
+    }
+    assert_eq!(assert_heads_exact(&t.url, "everything delivered").await, 0);
+}
 
 /// The trap of id cursors: a transaction that took an earlier id commits after a later one.
 /// Its event gets the next position when it commits, so a reader past the later one still

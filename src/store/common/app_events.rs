@@ -85,6 +85,46 @@ pub(crate) async fn append(
     Ok(())
 }
 
+/// Moves each of `keys`' heads to its key's first pending event, or removes it when there is
+/// none, inside the caller's transaction (which has already finished the events that were
+/// heads).
+///
+/// The heads are locked first, in key order, and only then is the next pending event looked
+/// up, by a statement of its own: on Postgres each statement sees what committed before it
+/// began, so a sequencer that was positioning one of these keys' events (and holds its head,
+/// see `sequence_app_events`) has committed by then and its events are seen; one that comes
+/// after waits for this commit and adds its own head.
+pub(crate) async fn advance_heads(db: &mut Connection, mut keys: Vec<String>) -> StoreResult<()> {
+    if keys.is_empty() {
+        return Ok(());
+    }
+    keys.sort_unstable();
+    keys.dedup();
+    sqlx::query(&sql(
+        "SELECT u.event_key FROM app_event_heads u WHERE u.event_key {in $1}
+         ORDER BY u.event_key {for_update}",
+    ))
+    .bind(ids(&keys))
+    .execute(&mut *db)
+    .await?;
+    sqlx::query(&sql("UPDATE app_event_heads SET position = (
+            SELECT min(e.position) FROM app_events e
+            WHERE e.event_key = app_event_heads.event_key AND e.state = 'pending'
+              AND e.position IS NOT NULL
+         )
+         WHERE event_key {in $1}"))
+    .bind(ids(&keys))
+    .execute(&mut *db)
+    .await?;
+    sqlx::query(&sql(
+        "DELETE FROM app_event_heads WHERE event_key {in $1} AND position IS NULL",
+    ))
+    .bind(ids(&keys))
+    .execute(&mut *db)
+    .await?;
+    Ok(())
+}
+
 #[async_trait]
 impl AppEvents for Backend {
     async fn sequence_app_events(&self, limit: u32) -> StoreResult<u64> {
@@ -121,24 +161,35 @@ impl AppEvents for Backend {
             .bind(last + positioned as i64)
             .execute(&mut *tx)
             .await?;
+        // A key that had no pending event gets its first one as head; one that had keeps its
+        // earlier head. The row lock the update takes on an existing head makes a finisher
+        // moving that head wait for this commit, so it sees these events (`advance_heads`).
+        // Keys in order, as `advance_heads` locks them: two writers never wait on each other.
+        sqlx::query(&sql(
+            "INSERT INTO app_event_heads (event_key, position)
+             SELECT event_key, min(position) FROM app_events
+             WHERE position > $1 AND position <= $2
+             GROUP BY event_key ORDER BY event_key
+             ON CONFLICT (event_key) DO UPDATE
+             SET position = {least}(app_event_heads.position, excluded.position)",
+        ))
+        .bind(last)
+        .bind(last + positioned as i64)
+        .execute(&mut *tx)
+        .await?;
         tx.commit().await?;
         Ok(positioned)
     }
 
     async fn claim_app_events(&self, limit: u32, lease: Duration) -> StoreResult<Vec<AppEvent>> {
-        // Only each key's first pending event (one pass over the pending rows' key index,
-        // however long each key's backlog); the lease check is repeated on the row itself, so
-        // of two instances claiming at once only one takes it.
+        // Only each key's first pending event, which its head names; the lease check is
+        // repeated on the row itself, so of two instances claiming at once only one takes it.
         let statement = sql(concat!(
-            "WITH heads AS (
-                SELECT event_key, min(position) AS position FROM app_events
-                WHERE state = 'pending' GROUP BY event_key
-             ),
-             due AS (
-                SELECT e.seq FROM heads h JOIN app_events e ON e.position = h.position
-                WHERE e.next_attempt_at <= {now}
+            "WITH due AS (
+                SELECT e.seq FROM app_event_heads h JOIN app_events e ON e.position = h.position
+                WHERE e.state = 'pending' AND e.next_attempt_at <= {now}
                   AND (e.locked_until IS NULL OR e.locked_until < {now})
-                ORDER BY e.position LIMIT $1
+                ORDER BY h.position LIMIT $1
              )
              UPDATE app_events SET attempts = attempts + 1, claim_token = {new_token},
                     locked_until = {later $2}
@@ -165,19 +216,21 @@ impl AppEvents for Backend {
         let now = Clock::now();
         let mut tx = begin_write(&self.pool).await?;
         // Delivered ones, the usual case, in one statement: a claim token names one claim of
-        // one event.
-        let delivered: Vec<String> = finished
+        // one event (random, so a row whose token is among them is one of these claims); the
+        // ids let the statement find the rows by their index.
+        let (delivered_ids, delivered_tokens): (Vec<String>, Vec<String>) = finished
             .iter()
             .filter(|(_, outcome)| *outcome == AppEventOutcome::Delivered)
-            .filter_map(|(event, _)| event.claim_token.clone())
-            .collect();
-        if !delivered.is_empty() {
+            .filter_map(|(event, _)| Some((event.id.clone(), event.claim_token.clone()?)))
+            .unzip();
+        if !delivered_ids.is_empty() {
             sqlx::query(&sql(
                 "UPDATE app_events SET state = 'delivered', delivered_at = {now},
                         last_error = NULL, claim_token = NULL, locked_until = NULL
-                 WHERE claim_token {in $1}",
+                 WHERE id {in $1} AND claim_token {in $2}",
             ))
-            .bind(ids(&delivered))
+            .bind(ids(&delivered_ids))
+            .bind(ids(&delivered_tokens))
             .clock(now)
             .execute(&mut *tx)
             .await?;
@@ -194,15 +247,25 @@ impl AppEvents for Backend {
             sqlx::query(
                 "UPDATE app_events SET state = $1, last_error = $2, next_attempt_at = $3,
                         claim_token = NULL, locked_until = NULL
-                 WHERE claim_token = $4",
+                 WHERE id = $4 AND claim_token = $5",
             )
             .bind(state)
             .bind(clip_error(error))
             .bind(db_time(at))
+            .bind(&event.id)
             .bind(token)
             .execute(&mut *tx)
             .await?;
         }
+        // A retried event stays its key's head; a delivered or parked one makes way.
+        let done: Vec<String> = finished
+            .iter()
+            .filter(|(event, outcome)| {
+                event.claim_token.is_some() && !matches!(outcome, AppEventOutcome::Retry { .. })
+            })
+            .map(|(event, _)| event.key.clone())
+            .collect();
+        advance_heads(&mut tx, done).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -238,6 +301,7 @@ impl AppEvents for Backend {
     }
 
     async fn redeliver_app_event(&self, id: &str) -> StoreResult<Option<AppEvent>> {
+        let mut tx = begin_write(&self.pool).await?;
         let row: Option<AppEventRow> = sqlx::query_as(&sql(concat!(
             "UPDATE app_events SET state = 'pending', attempts = 0, last_error = NULL,
                     next_attempt_at = {now}, delivered_at = NULL, claim_token = NULL,
@@ -247,9 +311,26 @@ impl AppEvents for Backend {
         )))
         .bind(id)
         .clock(Clock::now())
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *tx)
         .await?;
-        row.map(app_event_from_row).transpose()
+        let Some(event) = row.map(app_event_from_row).transpose()? else {
+            return Ok(None);
+        };
+        // Its key's head, unless that is earlier still (an event not yet positioned gets its
+        // head from the sequencer).
+        if event.position > 0 {
+            sqlx::query(&sql(
+                "INSERT INTO app_event_heads (event_key, position) VALUES ($1, $2)
+                 ON CONFLICT (event_key) DO UPDATE
+                 SET position = {least}(app_event_heads.position, excluded.position)",
+            ))
+            .bind(&event.key)
+            .bind(event.position)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(Some(event))
     }
 
     async fn prune_app_events(
@@ -257,14 +338,25 @@ impl AppEvents for Backend {
         cutoff: OffsetDateTime,
         with_pending: bool,
     ) -> StoreResult<u64> {
+        let mut tx = begin_write(&self.pool).await?;
         let pruned = sqlx::query(
             "DELETE FROM app_events WHERE created_at < $1 AND (state <> 'pending' OR $2)",
         )
         .bind(db_time(cutoff))
         .bind(with_pending)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?
         .rows_affected();
+        if with_pending && pruned > 0 {
+            let orphaned: Vec<String> = sqlx::query_scalar(
+                "SELECT event_key FROM app_event_heads h
+                 WHERE NOT EXISTS (SELECT 1 FROM app_events e WHERE e.position = h.position)",
+            )
+            .fetch_all(&mut *tx)
+            .await?;
+            advance_heads(&mut tx, orphaned).await?;
+        }
+        tx.commit().await?;
         Ok(pruned)
     }
 

@@ -126,6 +126,10 @@ impl Erasure for Backend {
             .bind(user.as_str())
             .execute(&mut *tx)
             .await?;
+        sqlx::query("DELETE FROM app_event_heads WHERE event_key = $1")
+            .bind(user.as_str())
+            .execute(&mut *tx)
+            .await?;
         append(
             &mut tx,
             &[NewAppEvent::user_erased(subject_hash)],

@@ -62,6 +62,7 @@ pub(crate) fn sql(text: &str) -> String {
         Piece::In(ids) => format!("= ANY({ids})"),
         Piece::Seq => "arrival_seq".into(),
         Piece::Greatest => "GREATEST".into(),
+        Piece::Least => "LEAST".into(),
         Piece::ForUpdate => "FOR UPDATE OF u".into(),
         Piece::NewToken => "gen_random_uuid()::text".into(),
     })

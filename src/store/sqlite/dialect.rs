@@ -82,6 +82,7 @@ pub(crate) fn sql(text: &str) -> String {
         Piece::In(ids) => format!("IN (SELECT value FROM json_each({ids}))"),
         Piece::Seq => "seq".into(),
         Piece::Greatest => "MAX".into(),
+        Piece::Least => "MIN".into(),
         Piece::ForUpdate => String::new(),
         Piece::NewToken => "lower(hex(randomblob(16)))".into(),
     })
