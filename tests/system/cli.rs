@@ -212,6 +212,50 @@ fn serve_stops_cleanly_on_sigterm() {
     assert!(exit.success(), "exit {exit:?}: {stderr}");
 }
 
+/// The moment the port answers, SIGTERM is a clean stop: the handlers are in place before
+/// the listener is bound. (They used to be registered when the server loop first polled them,
+/// so a loaded machine could deliver the signal in between and the process died by it.)
+#[test]
+fn sigterm_the_moment_the_port_answers_is_a_clean_stop() {
+    for _ in 0..5 {
+        let dir = tempfile::tempdir().unwrap();
+        let port = {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            listener.local_addr().unwrap().port()
+        };
+        let mut child = billsync()
+            .current_dir(dir.path())
+            .env("STRIPE_SECRET_KEY", "sk_test_x")
+            .env("BILLSYNC_LISTEN", format!("127.0.0.1:{port}"))
+            .arg("serve")
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "server did not start");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        assert!(Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap()
+            .success());
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let exit = loop {
+            if let Some(exit) = child.try_wait().unwrap() {
+                break exit;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "server did not stop after SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert!(exit.success(), "exit {exit:?}");
+    }
+}
+
 #[test]
 fn customer_resolve_prints_one_id_per_user() {
     let Some(stripe) = support::localstripe_url("customer_resolve_prints_one_id_per_user") else {
