@@ -238,6 +238,34 @@ impl Plans {
             .flat_map(|(prices, plan)| prices.iter().map(move |price| (price, plan)))
     }
 
+    /// The plan of a user without a live subscription.
+    pub fn default_plan(&self) -> Option<&Plan> {
+        self.default_plan.map(|i| &self.plans[i])
+    }
+
+    /// The file's content in one stable text: reformatting, comments and key order do not
+    /// change it; any change to what it grants does.
+    pub fn canonical(&self) -> String {
+        let plans: Vec<_> = self
+            .plans
+            .iter()
+            .zip(&self.prices)
+            .map(|(plan, prices)| {
+                let prices: Vec<String> = prices.iter().map(ToString::to_string).collect();
+                serde_json::json!({
+                    "id": plan.id, "prices": prices,
+                    "features": plan.features, "limits": plan.limits,
+                })
+            })
+            .collect();
+        serde_json::json!({
+            "default_plan": self.default_plan().map(|p| &p.id),
+            "grace_statuses": self.grace_statuses,
+            "plans": plans,
+        })
+        .to_string()
+    }
+
     /// Whether a subscription in this status grants its plan.
     pub fn keeps_plan(&self, status: &str) -> bool {
         matches!(status, "active" | "trialing") || self.grace_statuses.iter().any(|s| s == status)
@@ -314,5 +342,8 @@ fn line_of(text: &str, offset: usize) -> usize {
     text[..offset.min(text.len())].matches('\n').count() + 1
 }
 
+mod announce;
 #[cfg(test)]
 mod tests;
+
+pub use announce::announce_changed_plans;

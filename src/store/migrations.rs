@@ -46,6 +46,7 @@ pub(crate) fn postgres_migrator() -> Migrator {
         "0010_email_as_given.sql",
         "0011_app_events.sql",
         "0012_app_event_heads.sql",
+        "0013_plans_announced.sql",
     )
 }
 
@@ -62,5 +63,6 @@ pub(crate) fn sqlite_migrator() -> Migrator {
         "0009_email_as_given.sql",
         "0010_app_events.sql",
         "0011_app_event_heads.sql",
+        "0012_plans_announced.sql",
     )
 }

@@ -21,8 +21,8 @@ pub mod traits;
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 pub use traits::{
-    AppEvents, Erasure, EventInbox, Leases, Links, Operations, OutboxJobs, PortalConfigs,
-    ResolveClaims, Store, Subscriptions, Users,
+    AppEvents, Erasure, EventInbox, Leases, Links, Operations, OutboxJobs, PlanAnnouncements,
+    PortalConfigs, ResolveClaims, Store, Subscriptions, Users,
 };
 // The entities live in `domain`; re-exported here, where their callers have always found them.
 pub use crate::domain::{
@@ -35,8 +35,8 @@ pub use crate::domain::{
 /// Every store trait, for callers of their methods: `use crate::store::prelude::*;`.
 pub mod prelude {
     pub use super::traits::{
-        AppEvents, Erasure, EventInbox, Leases, Links, Operations, OutboxJobs, PortalConfigs,
-        ResolveClaims, Store, Subscriptions, Users,
+        AppEvents, Erasure, EventInbox, Leases, Links, Operations, OutboxJobs, PlanAnnouncements,
+        PortalConfigs, ResolveClaims, Store, Subscriptions, Users,
     };
 }
 

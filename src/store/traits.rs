@@ -33,6 +33,7 @@ store_of!(
     OutboxJobs,
     Erasure,
     Subscriptions,
+    PlanAnnouncements,
     EventInbox,
     Leases,
     PortalConfigs,
@@ -270,6 +271,24 @@ pub trait Subscriptions: Send + Sync + 'static {
         created: i64,
         event_id: &str,
     ) -> StoreResult<u64>;
+}
+
+/// `plan.changed` after the plans file changed: at start-up, a pass over every user tells
+/// each one whose computed plan differs from what they were last told.
+#[async_trait]
+pub trait PlanAnnouncements: Send + Sync + 'static {
+    /// Whether everyone has been told their plan under this store's plans file.
+    async fn plans_file_announced(&self) -> StoreResult<bool>;
+    /// One page of the pass: the users after `after` (by id, at most `limit`) whose plan
+    /// differs from what they were told hear `plan.changed`, each once, however many
+    /// instances run the pass at the same time. The page's last user; `None` past the end.
+    async fn announce_plans_page(
+        &self,
+        after: Option<&UserId>,
+        limit: u32,
+    ) -> StoreResult<Option<UserId>>;
+    /// Records the plans file as announced to everyone (after the last page).
+    async fn record_plans_file_announced(&self) -> StoreResult<()>;
 }
 
 /// Verified Stripe events: stored once, queued per customer, applied in order.

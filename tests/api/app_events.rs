@@ -347,6 +347,7 @@ on_every_store!(
     every_change_reaches_a_verifying_receiver,
     the_pull_api_never_skips_while_writers_commit,
     plans_follow_the_subscriptions,
+    a_changed_plans_file_is_announced_at_start_up,
 );
 
 #[tokio::test]
@@ -627,4 +628,143 @@ async fn plans_follow_the_subscriptions(backend: Backend) {
             .unwrap();
         assert_eq!(unknown.status(), 404);
     }
+}
+
+/// The plans file changed between two starts: each user whose computed plan (or what it
+/// grants) changed hears `plan.changed` once, even with two instances starting together;
+/// those it does not change hear nothing; a third start with the same file tells nobody.
+async fn a_changed_plans_file_is_announced_at_start_up(backend: Backend) {
+    let test = "a_changed_plans_file_is_announced_at_start_up";
+    let dir = tempfile::tempdir().unwrap();
+    let start = |store: Arc<dyn billsync::store::Store>, plans: &str, name: &str| {
+        let plans_file = dir.path().join(name);
+        std::fs::write(&plans_file, plans).unwrap();
+        let mut config = support::test_config("http://127.0.0.1:9");
+        config.app_events = AppEventSettings {
+            plans_file: Some(plans_file),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap();
+        async move { TestApp::spawn(store, &config).await }
+    };
+    let Some(t) = store_with_plans(backend, test, TIERS).await else {
+        return;
+    };
+    let first = start(t.store.clone(), TIERS, "before.toml").await;
+    let users: Vec<String> = ["free", "pro", "team"]
+        .iter()
+        .map(|tier| support::unique(&format!("plan-{tier}")))
+        .collect();
+    for (user, price) in users
+        .iter()
+        .zip([None, Some("price_tier_pro"), Some("price_tier_team")])
+    {
+        let customer = format!("cus_{}", user.replace('-', ""));
+        support::seed_linked_user(t.store.as_ref(), user, &customer).await;
+        if let Some(price) = price {
+            let event = subscription_event(
+                "customer.subscription.created",
+                1_700_000_000,
+                &customer,
+                &format!("sub_{}", user.replace('-', "")),
+                "active",
+                price,
+                false,
+            );
+            first.deliver_webhook(&event).await;
+        }
+    }
+    first.events_settled().await;
+    eventually(15, "the first file recorded", || async {
+        t.store.plans_file_announced().await.unwrap().then_some(())
+    })
+    .await;
+    let told_before = pull_all(&first).await.len();
+    drop(first);
+
+    // The free plan grants more; `team` is gone and its price now grants `pro`.
+    let changed = r#"
+default_plan = "free"
+grace_statuses = ["past_due"]
+
+[[plans]]
+id = "free"
+features = ["projects"]
+limits = { projects = 3 }
+
+[[plans]]
+id = "pro"
+prices = ["price_tier_pro", "lookup:pro_yearly", "price_tier_team"]
+features = ["projects", "exports"]
+limits = { projects = 50 }
+"#;
+    let reopen = || async {
+        let mut options = StoreOptions::new(if backend == Backend::Sqlite { 8 } else { 20 });
+        options.plans = Arc::new(Plans::parse(changed).unwrap());
+        billsync::store::connect_with(&t.url, &options)
+            .await
+            .unwrap()
+    };
+    let store = reopen().await;
+    assert!(!store.plans_file_announced().await.unwrap());
+    let (a, b) = tokio::join!(
+        start(store.clone(), changed, "after-a.toml"),
+        start(reopen().await, changed, "after-b.toml"),
+    );
+    eventually(15, "the changed file announced", || async {
+        store.plans_file_announced().await.unwrap().then_some(())
+    })
+    .await;
+    let announced = |events: Vec<Value>| -> Vec<(String, Value, Value, Value)> {
+        let mut found: Vec<_> = events
+            .into_iter()
+            .filter(|e| e["type"] == "plan.changed")
+            .map(|e| {
+                let d = &e["data"];
+                (
+                    d["user_id"].as_str().unwrap().to_owned(),
+                    d["previous_plan"].clone(),
+                    d["plan"].clone(),
+                    d["limits"].clone(),
+                )
+            })
+            .collect();
+        found.sort_by(|x, y| x.0.cmp(&y.0));
+        found
+    };
+    let all = pull_all(&a).await;
+    let new = announced(all[told_before..].to_vec());
+    let mut expected = vec![
+        (
+            users[0].clone(),
+            json!("free"),
+            json!("free"),
+            json!({"projects": 3}),
+        ),
+        (
+            users[2].clone(),
+            json!("team"),
+            json!("pro"),
+            json!({"projects": 50}),
+        ),
+    ];
+    expected.sort_by(|x, y| x.0.cmp(&y.0));
+    assert_eq!(new, expected, "{:#?}", &all[told_before..]);
+    // The billing read agrees with what was announced.
+    let read = a
+        .admin_json(&format!("/v1/users/{}/billing", users[2]))
+        .await;
+    assert_eq!(read["plan"]["id"], "pro", "{read}");
+    let total = all.len();
+    drop((a, b));
+
+    let again = start(reopen().await, changed, "again.toml").await;
+    // Give a pass, if one wrongly started, the time to tell someone.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        pull_all(&again).await.len(),
+        total,
+        "a second start told someone"
+    );
 }

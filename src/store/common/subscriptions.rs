@@ -1,20 +1,41 @@
 use async_trait::async_trait;
 
-use serde_json::json;
+use std::collections::HashMap;
+
+use serde_json::{json, Value};
 
 use super::{
     app_events::append,
-    dialect::{begin_write, db_time, sql, time, Clock, Clocked, Connection, Time},
+    dialect::{begin_write, db_time, ids, sql, time, Clock, Clocked, Connection, Time},
     Backend,
 };
 use crate::{
     domain::{previous_values, AppEventType, NewAppEvent, SubscriptionMirror, UserId},
-    plans::Plans,
-    store::{items_from_json, items_json, traits::Subscriptions, StoreError, StoreResult},
+    plans::{Plan, Plans},
+    store::{
+        items_from_json, items_json, parse_json,
+        traits::{PlanAnnouncements, Subscriptions},
+        StoreError, StoreResult,
+    },
 };
 
 const SUBSCRIPTION_COLUMNS: &str = "id, user_id, stripe_customer_id, status, price_id, \
      cancel_at_period_end, current_period_end, updated_at, cancel_at, canceled_at, ended_at, items";
+
+type SubscriptionRow = (
+    String,
+    Option<String>,
+    String,
+    String,
+    Option<String>,
+    bool,
+    Option<Time>,
+    Time,
+    Option<Time>,
+    Option<Time>,
+    Option<Time>,
+    String,
+);
 
 /// The mirrored subscriptions that `filter` (a `WHERE` on `$1`) picks, by id; `locked`: row
 /// locks held until the transaction ends (Postgres).
@@ -24,25 +45,30 @@ async fn subscriptions_where(
     value: &str,
     locked: bool,
 ) -> StoreResult<Vec<SubscriptionMirror>> {
-    type Row = (
-        String,
-        Option<String>,
-        String,
-        String,
-        Option<String>,
-        bool,
-        Option<Time>,
-        Time,
-        Option<Time>,
-        Option<Time>,
-        Option<Time>,
-        String,
-    );
     let lock = if locked { " {for_update}" } else { "" };
     let statement = sql(&format!(
         "SELECT {SUBSCRIPTION_COLUMNS} FROM subscriptions u WHERE {filter} ORDER BY id{lock}"
     ));
-    let rows: Vec<Row> = sqlx::query_as(&statement).bind(value).fetch_all(db).await?;
+    let rows = sqlx::query_as(&statement).bind(value).fetch_all(db).await?;
+    mirrors(rows)
+}
+
+/// The mirrored subscriptions of these users.
+async fn subscriptions_of_users(
+    db: &mut Connection,
+    users: &[String],
+) -> StoreResult<Vec<SubscriptionMirror>> {
+    let statement = sql(&format!(
+        "SELECT {SUBSCRIPTION_COLUMNS} FROM subscriptions WHERE user_id {{in $1}} ORDER BY id"
+    ));
+    let rows = sqlx::query_as(&statement)
+        .bind(ids(users))
+        .fetch_all(db)
+        .await?;
+    mirrors(rows)
+}
+
+fn mirrors(rows: Vec<SubscriptionRow>) -> StoreResult<Vec<SubscriptionMirror>> {
     let at = |value: Option<Time>| value.map(time).transpose();
     rows.into_iter()
         .map(|row| {
@@ -96,8 +122,87 @@ async fn announce_subscription_change<'a>(
     Ok(Some(user))
 }
 
+/// What a user was last told about their plan: their `user_plans` row.
+struct Announced {
+    plan_id: Option<String>,
+    /// The plan as announced; `None` on rows written before contents were recorded.
+    plan: Option<Value>,
+}
+
+/// Whether a user last told `announced` (no row: told `unrecorded`, the default plan as last
+/// announced to everyone) must hear `computed`: `Some(previous plan id)` when they must.
+/// A plan whose id is unchanged counts as changed when its features or limits are.
+fn announcement(
+    announced: Option<&Announced>,
+    unrecorded: Option<&Value>,
+    computed: Option<&Value>,
+) -> Option<Option<String>> {
+    let id_of = |plan: Option<&Value>| plan.and_then(|p| p["id"].as_str()).map(str::to_owned);
+    match announced {
+        None => (unrecorded != computed).then(|| id_of(unrecorded)),
+        Some(row) => {
+            let changed = row.plan_id != id_of(computed)
+                || row.plan.as_ref().is_some_and(|told| Some(told) != computed);
+            changed.then(|| row.plan_id.clone())
+        }
+    }
+}
+
+async fn announced_plans(
+    db: &mut Connection,
+    users: &[String],
+) -> StoreResult<HashMap<String, Announced>> {
+    let rows: Vec<(String, Option<String>, Option<String>)> = sqlx::query_as(&sql(
+        "SELECT user_id, plan_id, plan FROM user_plans WHERE user_id {in $1}",
+    ))
+    .bind(ids(users))
+    .fetch_all(&mut *db)
+    .await?;
+    rows.into_iter()
+        .map(|(user, plan_id, plan)| {
+            let plan = plan.as_deref().map(parse_json).transpose()?;
+            Ok((user, Announced { plan_id, plan }))
+        })
+        .collect()
+}
+
+/// Announces `computed` to one user if they were told something else (see [`announcement`]),
+/// recording what they were told; a row from before contents were recorded gets its content.
+async fn settle_plan(
+    db: &mut Connection,
+    user: &UserId,
+    announced: Option<&Announced>,
+    unrecorded: Option<&Value>,
+    computed: Option<&Value>,
+    now: Clock,
+) -> StoreResult<()> {
+    let previous = announcement(announced, unrecorded, computed);
+    let backfill = announced.is_some_and(|row| row.plan.is_none() && computed.is_some());
+    if previous.is_none() && !backfill {
+        return Ok(());
+    }
+    sqlx::query(
+        "INSERT INTO user_plans (user_id, plan_id, plan) VALUES ($1, $2, $3)
+         ON CONFLICT (user_id) DO UPDATE SET plan_id = excluded.plan_id, plan = excluded.plan",
+    )
+    .bind(user.as_str())
+    .bind(computed.and_then(|p| p["id"].as_str()))
+    .bind(computed.map(Value::to_string))
+    .execute(&mut *db)
+    .await?;
+    if let Some(previous) = previous {
+        let event = NewAppEvent::plan_changed(user, computed, previous.as_deref());
+        append(db, &[event], now).await?;
+    }
+    Ok(())
+}
+
+fn plan_json(plan: Option<&Plan>) -> Option<Value> {
+    plan.map(|p| serde_json::to_value(p).expect("a plan serializes"))
+}
+
 /// Writes `plan.changed` if the user's plan, computed from their mirrored subscriptions,
-/// differs from the one last announced (none announced: the default plan).
+/// differs from the one last announced (no row: the default plan).
 async fn announce_plan(
     db: &mut Connection,
     plans: &Plans,
@@ -107,32 +212,108 @@ async fn announce_plan(
     if plans.is_empty() {
         return Ok(());
     }
-    let subscriptions = subscriptions_where(db, "user_id = $1", user.as_str(), false).await?;
-    let plan = plans.plan_for(&subscriptions);
-    let announced: Option<Option<String>> =
-        sqlx::query_scalar("SELECT plan_id FROM user_plans WHERE user_id = $1")
-            .bind(user.as_str())
-            .fetch_optional(&mut *db)
-            .await?;
-    let previous = match announced {
-        Some(announced) => announced,
-        None => plans.plan_for(&[]).map(|p| p.id.clone()),
-    };
-    let id = plan.map(|p| p.id.clone());
-    if id == previous {
-        return Ok(());
-    }
-    sqlx::query(
-        "INSERT INTO user_plans (user_id, plan_id) VALUES ($1, $2)
-         ON CONFLICT (user_id) DO UPDATE SET plan_id = excluded.plan_id",
-    )
+    // The user's row lock orders this against the start-up pass over the same user, so the
+    // last to commit has read what the other wrote.
+    sqlx::query(&sql(
+        "SELECT u.id FROM users u WHERE u.id = $1 {for_update}",
+    ))
     .bind(user.as_str())
-    .bind(&id)
     .execute(&mut *db)
     .await?;
-    let plan = plan.map(|p| serde_json::to_value(p).expect("a plan serializes"));
-    let event = NewAppEvent::plan_changed(user, plan.as_ref(), previous.as_deref());
-    append(db, &[event], now).await
+    let subscriptions = subscriptions_where(db, "user_id = $1", user.as_str(), false).await?;
+    let computed = plan_json(plans.plan_for(&subscriptions));
+    let announced = announced_plans(db, &[user.as_str().to_owned()]).await?;
+    let unrecorded = plan_json(plans.default_plan());
+    settle_plan(
+        db,
+        user,
+        announced.get(user.as_str()),
+        unrecorded.as_ref(),
+        computed.as_ref(),
+        now,
+    )
+    .await
+}
+
+#[async_trait]
+impl PlanAnnouncements for Backend {
+    async fn plans_file_announced(&self) -> StoreResult<bool> {
+        let announced: Option<String> =
+            sqlx::query_scalar("SELECT plans FROM plans_announced WHERE id = 1")
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(match announced {
+            Some(announced) => announced == self.plans.canonical(),
+            // Never recorded: nothing to do until a plans file is given.
+            None => self.plans.is_empty(),
+        })
+    }
+
+    async fn announce_plans_page(
+        &self,
+        after: Option<&UserId>,
+        limit: u32,
+    ) -> StoreResult<Option<UserId>> {
+        let now = Clock::now();
+        let mut tx = begin_write(&self.pool).await?;
+        let users: Vec<String> = sqlx::query_scalar(&sql(
+            "SELECT u.id FROM users u WHERE u.id > $1 ORDER BY u.id LIMIT $2 {for_update}",
+        ))
+        .bind(after.map_or("", UserId::as_str))
+        .bind(i64::from(limit))
+        .fetch_all(&mut *tx)
+        .await?;
+        let Some(last) = users.last() else {
+            return Ok(None);
+        };
+        let last = UserId::parse(last).map_err(|e| StoreError::Corrupt(e.message))?;
+        // Users without a row were told the default of the file last announced to everyone.
+        let recorded: Option<Option<String>> =
+            sqlx::query_scalar("SELECT default_plan FROM plans_announced WHERE id = 1")
+                .fetch_optional(&mut *tx)
+                .await?;
+        let unrecorded = match recorded {
+            Some(default) => default.as_deref().map(parse_json).transpose()?,
+            None => plan_json(self.plans.default_plan()),
+        };
+        let mut subscriptions: HashMap<String, Vec<SubscriptionMirror>> = HashMap::new();
+        for subscription in subscriptions_of_users(&mut tx, &users).await? {
+            if let Some(user) = &subscription.user_id {
+                let user = user.as_str().to_owned();
+                subscriptions.entry(user).or_default().push(subscription);
+            }
+        }
+        let announced = announced_plans(&mut tx, &users).await?;
+        for user in &users {
+            let of_user = subscriptions.get(user).map_or(&[][..], Vec::as_slice);
+            let computed = plan_json(self.plans.plan_for(of_user));
+            let user_id = UserId::parse(user).map_err(|e| StoreError::Corrupt(e.message))?;
+            settle_plan(
+                &mut tx,
+                &user_id,
+                announced.get(user),
+                unrecorded.as_ref(),
+                computed.as_ref(),
+                now,
+            )
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(Some(last))
+    }
+
+    async fn record_plans_file_announced(&self) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO plans_announced (id, plans, default_plan) VALUES (1, $1, $2)
+             ON CONFLICT (id) DO UPDATE SET plans = excluded.plans,
+                                            default_plan = excluded.default_plan",
+        )
+        .bind(self.plans.canonical())
+        .bind(plan_json(self.plans.default_plan()).map(|p| p.to_string()))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
 }
 
 #[async_trait]
