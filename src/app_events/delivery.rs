@@ -2,8 +2,9 @@
 //!
 //! At least once: an event is finished only after its delivery ended, so a process that dies
 //! mid-delivery leaves it claimed until its lease runs out, and then it is sent again under
-//! the same `webhook-id`. Per key (user) in commit order: the store hands out only each key's
-//! first pending event, so the next one waits until this one is delivered or parked.
+//! the same `webhook-id`. Per key (user) in commit order: the store hands out each key's first
+//! pending events as one run, which one task sends one after another, each only once the one
+//! before was delivered or parked; the key's next run is claimed after this one is recorded.
 //! Different users are delivered in parallel, up to `concurrency` at once. A receiver that is
 //! down, slow or failing only delays its own events: this task is all it holds up.
 
@@ -77,6 +78,32 @@ impl Sender {
                 status.as_u16()
             )))
         }
+    }
+
+    /// Sends one key's claimed events in position order, each once the one before got
+    /// through (delivered or parked). After one that will be retried, and once too little of
+    /// the lease (`leased_until`) is left for a send to time out within it, the rest are
+    /// handed back unsent: no other instance can have them while this one might still send.
+    pub async fn send_in_order(
+        &self,
+        events: Vec<AppEvent>,
+        leased_until: tokio::time::Instant,
+    ) -> Vec<(AppEvent, AppEventOutcome)> {
+        let mut outcomes = Vec::with_capacity(events.len());
+        let mut going = true;
+        for (index, event) in events.into_iter().enumerate() {
+            let ends_by = tokio::time::Instant::now() + self.config.timeout + LEASE_MARGIN;
+            if !going || (index > 0 && ends_by > leased_until) {
+                going = false;
+                outcomes.push((event, AppEventOutcome::Released));
+                continue;
+            }
+            let result = self.send(&event).await;
+            let outcome = self.outcome(&event, result, OffsetDateTime::now_utc());
+            going = !matches!(outcome, AppEventOutcome::Retry { .. });
+            outcomes.push((event, outcome));
+        }
+        outcomes
     }
 
     /// What an attempt comes to: delivered, retried after a backoff, or parked once the next
@@ -163,7 +190,7 @@ impl Deliverer {
             delivers = self.sender.is_some(),
             "app event deliverer started"
         );
-        let mut in_flight: JoinSet<(AppEvent, AppEventOutcome)> = JoinSet::new();
+        let mut in_flight: JoinSet<Vec<(AppEvent, AppEventOutcome)>> = JoinSet::new();
         let mut finished = Vec::new();
         let mut next_prune = tokio::time::Instant::now();
         loop {
@@ -184,16 +211,18 @@ impl Deliverer {
             if let Some(sender) = &self.sender {
                 let free = self.concurrency.saturating_sub(in_flight.len());
                 if free > 0 {
-                    match self.store.claim_app_events(free as u32, self.lease).await {
+                    let leased_until = tokio::time::Instant::now() + self.lease;
+                    let claimed = self
+                        .store
+                        .claim_app_events(free as u32, PER_KEY, self.lease)
+                        .await;
+                    match claimed {
                         Ok(claimed) => {
                             worked |= !claimed.is_empty();
-                            for event in claimed {
+                            for events in by_key(claimed) {
                                 let sender = sender.clone();
                                 in_flight.spawn(async move {
-                                    let result = sender.send(&event).await;
-                                    let outcome =
-                                        sender.outcome(&event, result, OffsetDateTime::now_utc());
-                                    (event, outcome)
+                                    sender.send_in_order(events, leased_until).await
                                 });
                             }
                         }
@@ -202,18 +231,18 @@ impl Deliverer {
                 }
             }
             while let Some(done) = in_flight.try_join_next() {
-                finished.extend(done.ok());
+                finished.extend(done.into_iter().flatten());
             }
             if finished.is_empty() && !worked {
                 tokio::select! {
                     Some(done) = in_flight.join_next(), if !in_flight.is_empty() => {
-                        finished.extend(done.ok());
+                        finished.extend(done.into_iter().flatten());
                         // Deliveries end close together: a moment's wait gathers the others,
                         // so one write records them all (a write per event is what limits a
                         // SQLite file, one fsync each).
                         tokio::time::sleep(RECORD_LINGER).await;
                         while let Some(done) = in_flight.try_join_next() {
-                            finished.extend(done.ok());
+                            finished.extend(done.into_iter().flatten());
                         }
                     }
                     _ = tokio::time::sleep(self.poll_interval) => {}
@@ -225,7 +254,7 @@ impl Deliverer {
             self.record(&mut finished).await;
         }
         while let Some(done) = in_flight.join_next().await {
-            finished.extend(done.ok());
+            finished.extend(done.into_iter().flatten());
         }
         self.record(&mut finished).await;
         tracing::info!("app event deliverer stopped");
@@ -237,6 +266,7 @@ impl Deliverer {
         }
         for (event, outcome) in finished.iter() {
             let label = match outcome {
+                AppEventOutcome::Released => continue,
                 AppEventOutcome::Delivered => "delivered",
                 AppEventOutcome::Retry { .. } => "retried",
                 AppEventOutcome::Failed { .. } => "failed",
@@ -254,6 +284,27 @@ impl Deliverer {
         }
         finished.clear();
     }
+}
+
+/// Events of one key claimed together: a backlog of one user's events (after an outage, or a
+/// burst of changes) costs one claim and one record per this many, not per event.
+const PER_KEY: u32 = 32;
+
+/// A send starts only if its timeout falls this long before the lease runs out.
+const LEASE_MARGIN: Duration = Duration::from_secs(1);
+
+/// Claimed events grouped by key, each group in position order (as claimed).
+fn by_key(claimed: Vec<AppEvent>) -> Vec<Vec<AppEvent>> {
+    let mut groups: Vec<Vec<AppEvent>> = Vec::new();
+    let mut index = std::collections::HashMap::new();
+    for event in claimed {
+        let at = *index.entry(event.key.clone()).or_insert_with(|| {
+            groups.push(Vec::new());
+            groups.len() - 1
+        });
+        groups[at].push(event);
+    }
+    groups
 }
 
 /// How long the deliverer waits, after one delivery ended, for others to end with it.

@@ -251,6 +251,9 @@ pub enum AppEventOutcome {
     Failed {
         error: String,
     },
+    /// Claimed behind an earlier event of its key that did not get through (or with too
+    /// little of the lease left), so never sent: handed back, its attempt not counted.
+    Released,
 }
 
 impl AppEvent {

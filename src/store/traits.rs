@@ -375,9 +375,16 @@ pub trait AppEvents: Send + Sync + 'static {
     /// first; one sequencer at a time, so positions become visible in increasing order.
     /// Returns how many it positioned.
     async fn sequence_app_events(&self, limit: u32) -> StoreResult<u64>;
-    /// Claims up to `limit` events to deliver: each key's first pending event, if it is due
-    /// and nobody's lease holds it. Each claim gets a new `claim_token` and counts an attempt.
-    async fn claim_app_events(&self, limit: u32, lease: Duration) -> StoreResult<Vec<AppEvent>>;
+    /// Claims events to deliver for up to `keys` keys: each key's first pending event, if it
+    /// is due and nobody's lease holds it, with the key's next pending events after it, up to
+    /// `per_key` in all (sent one after the other, each once the one before got through).
+    /// Each claim gets a new `claim_token` and counts an attempt. By position.
+    async fn claim_app_events(
+        &self,
+        keys: u32,
+        per_key: u32,
+        lease: Duration,
+    ) -> StoreResult<Vec<AppEvent>>;
     /// Records how claimed deliveries ended, in one transaction; one whose claim was lost
     /// (its lease ran out and another deliverer took it) changes nothing.
     async fn finish_app_events(&self, finished: &[(AppEvent, AppEventOutcome)]) -> StoreResult<()>;

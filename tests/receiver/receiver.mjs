@@ -4,7 +4,9 @@
 //   node receiver.mjs <port> <whsec_secret>     prints "listening <port>" once it listens
 //
 // POST /hook          a delivery: verified, recorded, answered as the mode says
-// POST /_mode         {"mode": "ok" | "fail" | "hang"}: 204, 500, or no answer at all
+// POST /_mode         {"mode": "ok" | "fail" | "hang" | "alternate"}: 204, 500, no answer at
+//                     all, or 500 and 204 in turn (500 first); each delivery is recorded with
+//                     the answer it got as its mode ("ok", "fail" or "hang")
 // GET  /_received     every delivery so far: {id, type, key, verified, error, headers, body}
 // POST /_verify       {"body", "headers", "shift_secs"}: verifies a recorded delivery again
 //                     with the clock moved by shift_secs (a replay), or a tampered copy
@@ -17,6 +19,7 @@ const [port, secret] = process.argv.slice(2);
 const webhook = new Webhook(secret);
 const received = [];
 let mode = "ok";
+let alternated = 0;
 // Kept as deliveries arrive: benchmarks poll /_stats while tens of thousands arrive, and a
 // pass over all of them per poll would cost this process more than the deliveries do.
 const totals = { accepted: 0, unverified: 0, ids: new Set(), lags: [] };
@@ -63,29 +66,31 @@ const server = http.createServer(async (req, res) => {
     } catch {}
     const data = parsed.data ?? {};
     const at = Date.now();
+    const answer = mode === "alternate" ? (alternated++ % 2 === 0 ? "fail" : "ok") : mode;
     received.push({
       lag_ms: parsed.timestamp ? at - Date.parse(parsed.timestamp) : null,
       id: parsed.id ?? null,
       type: parsed.type ?? null,
       key: data.user_id ?? (data.subject ? `erased:${data.subject}` : null),
-      mode,
+      mode: answer,
       ...check,
       headers,
       body,
     });
-    if (mode === "ok") {
+    if (answer === "ok") {
       totals.accepted += 1;
       totals.ids.add(parsed.id);
       totals.lags.push(received.at(-1).lag_ms);
     }
     if (!check.verified) totals.unverified += 1;
-    if (mode === "hang") return; // never answered: the sender's timeout ends it
-    res.writeHead(mode === "fail" ? 500 : 204);
+    if (answer === "hang") return; // never answered: the sender's timeout ends it
+    res.writeHead(answer === "fail" ? 500 : 204);
     res.end();
     return;
   }
   if (req.method === "POST" && req.url === "/_mode") {
     mode = JSON.parse(body).mode;
+    alternated = 0;
     return json(res, 200, { mode });
   }
   if (req.method === "GET" && req.url === "/_received") {

@@ -54,13 +54,17 @@ async fn each_key_has_one_event_in_flight_and_finishes_are_fenced(backend: Backe
         ["a:One", "a:Two", "b:One", "b:Two"]
     );
 
-    let first = store.claim_app_events(10, LEASE).await.unwrap();
+    let first = store.claim_app_events(10, 1, LEASE).await.unwrap();
     assert_eq!(names(&first), ["a:One", "b:One"], "only each key's first");
     assert!(first
         .iter()
         .all(|e| e.attempts == 1 && e.claim_token.is_some()));
     assert!(
-        store.claim_app_events(10, LEASE).await.unwrap().is_empty(),
+        store
+            .claim_app_events(10, 1, LEASE)
+            .await
+            .unwrap()
+            .is_empty(),
         "heads are held"
     );
 
@@ -70,7 +74,7 @@ async fn each_key_has_one_event_in_flight_and_finishes_are_fenced(backend: Backe
         .await
         .unwrap();
     assert_eq!(
-        names(&store.claim_app_events(10, LEASE).await.unwrap()),
+        names(&store.claim_app_events(10, 1, LEASE).await.unwrap()),
         ["a:Two"]
     );
 
@@ -86,7 +90,7 @@ async fn each_key_has_one_event_in_flight_and_finishes_are_fenced(backend: Backe
         )])
         .await
         .unwrap();
-    let again = store.claim_app_events(10, LEASE).await.unwrap();
+    let again = store.claim_app_events(10, 1, LEASE).await.unwrap();
     assert_eq!(names(&again), ["b:One"]);
     assert_eq!(again[0].attempts, 2);
     assert_eq!(
@@ -122,7 +126,7 @@ async fn each_key_has_one_event_in_flight_and_finishes_are_fenced(backend: Backe
         .unwrap();
     assert_eq!(names(&failed), ["b:One"]);
     assert_eq!(
-        names(&store.claim_app_events(10, LEASE).await.unwrap()),
+        names(&store.claim_app_events(10, 1, LEASE).await.unwrap()),
         ["b:Two"]
     );
     let redelivered = store.redeliver_app_event(&b_one.id).await.unwrap().unwrap();
@@ -139,7 +143,7 @@ async fn each_key_has_one_event_in_flight_and_finishes_are_fenced(backend: Backe
 
     // A retry waits for its time.
     let later = OffsetDateTime::now_utc() + time::Duration::hours(1);
-    let head = store.claim_app_events(10, LEASE).await.unwrap();
+    let head = store.claim_app_events(10, 1, LEASE).await.unwrap();
     assert_eq!(names(&head), ["b:One"], "a:Two and b:Two are held");
     let wait = AppEventOutcome::Retry {
         at: later,
@@ -149,7 +153,11 @@ async fn each_key_has_one_event_in_flight_and_finishes_are_fenced(backend: Backe
         .finish_app_events(&[(head[0].clone(), wait)])
         .await
         .unwrap();
-    assert!(store.claim_app_events(10, LEASE).await.unwrap().is_empty());
+    assert!(store
+        .claim_app_events(10, 1, LEASE)
+        .await
+        .unwrap()
+        .is_empty());
 }
 
 async fn old_events_are_pruned_but_undelivered_ones_stay(backend: Backend) {
@@ -167,7 +175,7 @@ async fn old_events_are_pruned_but_undelivered_ones_stay(backend: Backend) {
     rename(store, "p", "One").await;
     rename(store, "p", "Two").await;
     sequenced_after(store, 0).await;
-    let claimed = store.claim_app_events(10, LEASE).await.unwrap();
+    let claimed = store.claim_app_events(10, 1, LEASE).await.unwrap();
     store
         .finish_app_events(&[(claimed[0].clone(), AppEventOutcome::Delivered)])
         .await
@@ -242,7 +250,7 @@ async fn each_change_keeps_the_heads_exact(backend: Backend) {
     sequenced_after(store, 0).await;
     assert_heads_exact(&t.url, "positioning behind a head").await;
 
-    let claimed = store.claim_app_events(10, LEASE).await.unwrap();
+    let claimed = store.claim_app_events(10, 1, LEASE).await.unwrap();
     assert_eq!(names(&claimed), ["a:One", "b:One", "c:One"]);
     let retry = AppEventOutcome::Retry {
         at: OffsetDateTime::now_utc() - time::Duration::seconds(1),
@@ -276,7 +284,7 @@ async fn each_change_keeps_the_heads_exact(backend: Backend) {
     store.redeliver_app_event(&claimed[0].id).await.unwrap();
     assert_heads_exact(&t.url, "a redelivery behind a head").await;
     assert_eq!(
-        names(&store.claim_app_events(10, LEASE).await.unwrap()),
+        names(&store.claim_app_events(10, 1, LEASE).await.unwrap()),
         ["a:One", "b:One", "c:One"],
         "a's redelivered first event goes before its later one"
     );
@@ -301,10 +309,88 @@ async fn each_change_keeps_the_heads_exact(backend: Backend) {
     );
 }
 
+/// A claim takes each key's next events as one run (up to `per_key`); what the deliverer
+/// hands back unsent goes back as it was, attempts uncounted, and a run never starts past a
+/// key's first pending event that is not due.
+async fn a_claim_takes_each_keys_next_events_as_one_run(backend: Backend) {
+    let Some(t) = backend
+        .store("a_claim_takes_each_keys_next_events_as_one_run")
+        .await
+    else {
+        return;
+    };
+    let store = t.store.as_ref();
+    for (user, renames) in [("a", &["One", "Two", "Three"][..]), ("b", &["One"][..])] {
+        store
+            .upsert_user(&upsert(user, &format!("{user}@example.com")))
+            .await
+            .unwrap();
+        for name in renames {
+            rename(store, user, name).await;
+        }
+    }
+    sequenced_after(store, 0).await;
+    let run = store.claim_app_events(10, 2, LEASE).await.unwrap();
+    assert_eq!(
+        names(&run),
+        ["a:One", "a:Two", "b:One"],
+        "two of a's, b's one"
+    );
+    assert!(run
+        .iter()
+        .all(|e| e.attempts == 1 && e.claim_token.is_some()));
+    assert!(
+        store
+            .claim_app_events(10, 5, LEASE)
+            .await
+            .unwrap()
+            .is_empty(),
+        "a:Three waits behind a's claimed run"
+    );
+    store
+        .finish_app_events(&[
+            (run[0].clone(), AppEventOutcome::Delivered),
+            (run[1].clone(), AppEventOutcome::Released),
+            (run[2].clone(), AppEventOutcome::Delivered),
+        ])
+        .await
+        .unwrap();
+    assert_heads_exact(&t.url, "a run with one handed back").await;
+
+    let next = store.claim_app_events(10, 5, LEASE).await.unwrap();
+    assert_eq!(names(&next), ["a:Two", "a:Three"]);
+    assert_eq!(next[0].attempts, 1, "the handed-back claim did not count");
+    let later = OffsetDateTime::now_utc() + time::Duration::hours(1);
+    store
+        .finish_app_events(&[
+            (
+                next[0].clone(),
+                AppEventOutcome::Retry {
+                    at: later,
+                    error: "the receiver answered 500".into(),
+                },
+            ),
+            (next[1].clone(), AppEventOutcome::Released),
+        ])
+        .await
+        .unwrap();
+    assert_heads_exact(&t.url, "a retry with the rest handed back").await;
+    assert!(
+        store
+            .claim_app_events(10, 5, LEASE)
+            .await
+            .unwrap()
+            .is_empty(),
+        "a:Three is not sent while a:Two waits for its retry"
+    );
+    assert_eq!(store.app_event_backlog().await.unwrap().0, 2);
+}
+
 on_every_store!(
     each_key_has_one_event_in_flight_and_finishes_are_fenced,
     old_events_are_pruned_but_undelivered_ones_stay,
     each_change_keeps_the_heads_exact,
+    a_claim_takes_each_keys_next_events_as_one_run,
 );
 
 /// Writers, two sequencers and two deliverers at once on Postgres (READ COMMITTED, row locks):
@@ -346,14 +432,28 @@ async fn postgres_heads_survive_concurrent_writers_sequencers_and_deliverers() {
             let deadline = std::time::Instant::now() + Duration::from_secs(60);
             loop {
                 store.sequence_app_events(7).await.unwrap();
-                let claimed = store.claim_app_events(5, LEASE).await.unwrap();
+                // Runs of up to four per key; of a run longer than two, the last is handed
+                // back unsent, as a deliverer does when its lease runs short.
+                let claimed = store.claim_app_events(5, 4, LEASE).await.unwrap();
                 let done = claimed.is_empty();
-                let finished: Vec<_> = claimed
-                    .into_iter()
-                    .map(|e| (e, AppEventOutcome::Delivered))
-                    .collect();
+                let mut finished = Vec::new();
+                for (i, event) in claimed.iter().enumerate() {
+                    let run = claimed.iter().filter(|e| e.key == event.key).count();
+                    let last = !claimed[i + 1..].iter().any(|e| e.key == event.key);
+                    let outcome = if run > 2 && last {
+                        AppEventOutcome::Released
+                    } else {
+                        AppEventOutcome::Delivered
+                    };
+                    finished.push((event.clone(), outcome));
+                }
                 store.finish_app_events(&finished).await.unwrap();
-                delivered.extend(finished.into_iter().map(|(e, _)| e));
+                delivered.extend(
+                    finished
+                        .into_iter()
+                        .filter(|(_, o)| *o == AppEventOutcome::Delivered)
+                        .map(|(e, _)| e),
+                );
                 if done && !writing.load(std::sync::atomic::Ordering::SeqCst) {
                     let (pending, _) = store.app_event_backlog().await.unwrap();
                     if pending == 0 {

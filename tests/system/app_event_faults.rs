@@ -213,7 +213,57 @@ async fn a_failing_receiver_loses_nothing_and_keeps_order(backend: Backend) {
     );
 }
 
+/// A receiver that fails every other delivery: an event that will be retried holds back the
+/// rest of its user's claimed run, so the app never takes a later event before an earlier one.
+async fn a_retried_event_holds_back_the_rest_of_its_run(backend: Backend) {
+    let test = "a_retried_event_holds_back_the_rest_of_its_run";
+    let Some(receiver) = Receiver::start(test) else {
+        return;
+    };
+    let Some(t) = backend.store(test).await else {
+        return;
+    };
+    let config = delivering_to(support::test_config("http://127.0.0.1:9"), &receiver, None);
+    let app = TestApp::spawn(t.store.clone(), &config).await;
+    let user = support::unique("alternating");
+    let email = format!("{user}@example.com");
+    app.put_user(&user, json!({ "email": email })).await;
+    // The first change fails while the others commit behind it: one run of six to claim.
+    receiver.set_mode("fail").await;
+    for n in 1..=6 {
+        app.put_user(
+            &user,
+            json!({"email": email, "first_name": format!("N{n}")}),
+        )
+        .await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    receiver.set_mode("alternate").await;
+    let delivered = receiver
+        .wait_for(Duration::from_secs(30), |d| of_key(d, &user).len() == 6)
+        .await;
+    let names: Vec<Value> = of_key(&delivered, &user)
+        .iter()
+        .map(|d| body(d)["data"]["user"]["first_name"].clone())
+        .collect();
+    assert_eq!(
+        names,
+        ["N1", "N2", "N3", "N4", "N5", "N6"].map(Value::from),
+        "the order the app took them in"
+    );
+    let all = receiver.received().await;
+    let refused = all
+        .iter()
+        .filter(|d| d["key"] == user.as_str() && d["mode"] == "fail")
+        .count();
+    assert!(
+        refused >= 6,
+        "every event was refused once at least: {refused}"
+    );
+}
+
 on_every_store!(
     a_kill_mid_delivery_loses_no_app_event,
     a_failing_receiver_loses_nothing_and_keeps_order,
+    a_retried_event_holds_back_the_rest_of_its_run,
 );

@@ -181,15 +181,33 @@ impl AppEvents for Backend {
         Ok(positioned)
     }
 
-    async fn claim_app_events(&self, limit: u32, lease: Duration) -> StoreResult<Vec<AppEvent>> {
-        // Only each key's first pending event, which its head names; the lease check is
-        // repeated on the row itself, so of two instances claiming at once only one takes it.
+    async fn claim_app_events(
+        &self,
+        keys: u32,
+        per_key: u32,
+        lease: Duration,
+    ) -> StoreResult<Vec<AppEvent>> {
+        // Each key's first pending event, which its head names, and the pending events that
+        // follow it up to the `per_key`-th (both through the key's index); the lease check is
+        // repeated on the rows themselves, so of two instances claiming at once only one
+        // takes them.
         let statement = sql(concat!(
-            "WITH due AS (
-                SELECT e.seq FROM app_event_heads h JOIN app_events e ON e.position = h.position
+            "WITH heads AS (
+                SELECT h.event_key, h.position FROM app_event_heads h
+                JOIN app_events e ON e.position = h.position
                 WHERE e.state = 'pending' AND e.next_attempt_at <= {now}
                   AND (e.locked_until IS NULL OR e.locked_until < {now})
                 ORDER BY h.position LIMIT $1
+             ),
+             due AS (
+                SELECT x.seq FROM heads h JOIN app_events x ON x.event_key = h.event_key
+                WHERE x.state = 'pending' AND x.position >= h.position
+                  AND x.position < COALESCE((
+                      SELECT y.position FROM app_events y
+                      WHERE y.event_key = h.event_key AND y.state = 'pending'
+                        AND y.position IS NOT NULL
+                      ORDER BY y.position LIMIT 1 OFFSET $3
+                  ), 9223372036854775807)
              )
              UPDATE app_events SET attempts = attempts + 1, claim_token = {new_token},
                     locked_until = {later $2}
@@ -199,8 +217,9 @@ impl AppEvents for Backend {
             app_event_columns!()
         ));
         let rows: Vec<AppEventRow> = sqlx::query_as(&statement)
-            .bind(i64::from(limit))
+            .bind(i64::from(keys))
             .bind(span(lease))
+            .bind(i64::from(per_key.max(1)))
             .clock(Clock::now())
             .fetch_all(&self.pool)
             .await?;
@@ -241,6 +260,18 @@ impl AppEvents for Backend {
             };
             let (state, error, at) = match outcome {
                 AppEventOutcome::Delivered => continue,
+                AppEventOutcome::Released => {
+                    sqlx::query(
+                        "UPDATE app_events SET attempts = attempts - 1, claim_token = NULL,
+                                locked_until = NULL
+                         WHERE id = $1 AND claim_token = $2",
+                    )
+                    .bind(&event.id)
+                    .bind(token)
+                    .execute(&mut *tx)
+                    .await?;
+                    continue;
+                }
                 AppEventOutcome::Retry { at, error } => ("pending", error, *at),
                 AppEventOutcome::Failed { error } => ("failed", error, event.next_attempt_at),
             };
@@ -257,11 +288,16 @@ impl AppEvents for Backend {
             .execute(&mut *tx)
             .await?;
         }
-        // A retried event stays its key's head; a delivered or parked one makes way.
+        // A retried event stays its key's head, and one handed back was never it; a
+        // delivered or parked one makes way.
         let done: Vec<String> = finished
             .iter()
             .filter(|(event, outcome)| {
-                event.claim_token.is_some() && !matches!(outcome, AppEventOutcome::Retry { .. })
+                event.claim_token.is_some()
+                    && matches!(
+                        outcome,
+                        AppEventOutcome::Delivered | AppEventOutcome::Failed { .. }
+                    )
             })
             .map(|(event, _)| event.key.clone())
             .collect();
