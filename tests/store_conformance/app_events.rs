@@ -384,6 +384,33 @@ async fn a_claim_takes_each_keys_next_events_as_one_run(backend: Backend) {
         "a:Three is not sent while a:Two waits for its retry"
     );
     assert_eq!(store.app_event_backlog().await.unwrap().0, 2);
+
+    // A holder that died: once its lease on the head ran out, the next claimer takes the
+    // whole run again, followers included, though their own leases were taken a moment later.
+    let c = "c";
+    store
+        .upsert_user(&upsert(c, "c@example.com"))
+        .await
+        .unwrap();
+    for name in ["One", "Two", "Three"] {
+        rename(store, c, name).await;
+    }
+    sequenced_after(store, 0).await;
+    let of_c = |events: Vec<AppEvent>| -> Vec<AppEvent> {
+        events.into_iter().filter(|e| e.key == c).collect()
+    };
+    let dead = of_c(
+        store
+            .claim_app_events(10, 5, Duration::from_millis(1))
+            .await
+            .unwrap(),
+    );
+    assert_eq!(names(&dead), ["c:One", "c:Two", "c:Three"]);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let taken_over = of_c(store.claim_app_events(10, 5, LEASE).await.unwrap());
+    assert_eq!(names(&taken_over), ["c:One", "c:Two", "c:Three"]);
+    assert!(taken_over.iter().all(|e| e.attempts == 2));
+    assert_heads_exact(&t.url, "a run taken over").await;
 }
 
 on_every_store!(

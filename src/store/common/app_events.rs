@@ -187,27 +187,15 @@ impl AppEvents for Backend {
         per_key: u32,
         lease: Duration,
     ) -> StoreResult<Vec<AppEvent>> {
-        // Each key's first pending event, which its head names, and the pending events that
-        // follow it up to the `per_key`-th (both through the key's index); the lease check is
-        // repeated on the rows themselves, so of two instances claiming at once only one
-        // takes them.
+        let now = Clock::now();
+        // First each key's first pending event, which its head names; the lease check is
+        // repeated on the row itself, so of two instances claiming at once only one takes it.
         let statement = sql(concat!(
-            "WITH heads AS (
-                SELECT h.event_key, h.position FROM app_event_heads h
-                JOIN app_events e ON e.position = h.position
+            "WITH due AS (
+                SELECT e.seq FROM app_event_heads h JOIN app_events e ON e.position = h.position
                 WHERE e.state = 'pending' AND e.next_attempt_at <= {now}
                   AND (e.locked_until IS NULL OR e.locked_until < {now})
                 ORDER BY h.position LIMIT $1
-             ),
-             due AS (
-                SELECT x.seq FROM heads h JOIN app_events x ON x.event_key = h.event_key
-                WHERE x.state = 'pending' AND x.position >= h.position
-                  AND x.position < COALESCE((
-                      SELECT y.position FROM app_events y
-                      WHERE y.event_key = h.event_key AND y.state = 'pending'
-                        AND y.position IS NOT NULL
-                      ORDER BY y.position LIMIT 1 OFFSET $3
-                  ), 9223372036854775807)
              )
              UPDATE app_events SET attempts = attempts + 1, claim_token = {new_token},
                     locked_until = {later $2}
@@ -216,13 +204,49 @@ impl AppEvents for Backend {
              RETURNING ",
             app_event_columns!()
         ));
-        let rows: Vec<AppEventRow> = sqlx::query_as(&statement)
+        let mut rows: Vec<AppEventRow> = sqlx::query_as(&statement)
             .bind(i64::from(keys))
             .bind(span(lease))
-            .bind(i64::from(per_key.max(1)))
-            .clock(Clock::now())
+            .clock(now)
             .fetch_all(&self.pool)
             .await?;
+        // Then, for the keys whose head this claim won, and only those, the pending events
+        // that follow the head (the key's first: row number 1). Whoever holds a key's head
+        // owns the key: no other claimer reaches its events except through the head, so
+        // these need no lease check of their own. (One left locked by an earlier holder is
+        // stale: that holder's head lease ran out, and it starts no send it could not finish
+        // before then.) Row numbers over the keys' index, not a subquery per row: a per-row
+        // subquery let a poor plan (a scan per candidate) stall the deliverer for minutes.
+        if per_key > 1 && !rows.is_empty() {
+            // (A redelivery between the two statements can put an older event first; the
+            // heads claimed above are then not taken a second time.)
+            let won: Vec<String> = rows.iter().map(|row| row.3.clone()).collect();
+            let heads: Vec<String> = rows.iter().map(|row| row.1.clone()).collect();
+            let statement = sql(concat!(
+                "WITH run AS (
+                    SELECT seq, row_number() OVER (
+                        PARTITION BY event_key ORDER BY position
+                    ) AS n
+                    FROM app_events
+                    WHERE event_key {in $1} AND state = 'pending' AND position IS NOT NULL
+                 )
+                 UPDATE app_events SET attempts = attempts + 1, claim_token = {new_token},
+                        locked_until = {later $2}
+                 WHERE seq IN (SELECT seq FROM run WHERE n BETWEEN 2 AND $3)
+                   AND state = 'pending' AND NOT (id {in $4})
+                 RETURNING ",
+                app_event_columns!()
+            ));
+            let followers: Vec<AppEventRow> = sqlx::query_as(&statement)
+                .bind(ids(&won))
+                .bind(span(lease))
+                .bind(i64::from(per_key))
+                .bind(ids(&heads))
+                .clock(now)
+                .fetch_all(&self.pool)
+                .await?;
+            rows.extend(followers);
+        }
         let mut events = rows
             .into_iter()
             .map(app_event_from_row)
