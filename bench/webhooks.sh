@@ -10,6 +10,11 @@
 #   LOADGEN=wrk bench/webhooks.sh        # wrk with bench/webhook_replay.lua instead of the
 #                                        # built-in generator (examples/webhook_load.rs)
 #   BIN_DIR=/tmp/build bench/webhooks.sh # prebuilt billsync and webhook_load, no cargo build
+#   APP_EVENTS=on bench/webhooks.sh      # app events delivered as they are made, to the
+#                                        # local receiver (tests/receiver, which verifies each
+#                                        # with the official standardwebhooks package); off
+#                                        # (the default): stored for the pull API only.
+#                                        # bench/app_events_overhead.sh compares the two.
 #   MODE=split bench/webhooks.sh         # Postgres: ingestion on an HTTP-only instance
 #                                        # (BILLSYNC_RUN_WORKERS=false), then a worker
 #                                        # instance drains everything it stored
@@ -70,8 +75,20 @@ MODE="${MODE:-mixed}"
 if [ "$MODE" = split ] && [ "$BACKEND" != postgres ]; then
   echo "MODE=split needs Postgres (an HTTP-only instance cannot serve SQLite)" >&2; exit 1
 fi
+APP_EVENTS="${APP_EVENTS:-off}"
+RECEIVER=""
+APP_ENV=()
+if [ "$APP_EVENTS" = on ]; then
+  [ -d tests/receiver/node_modules/standardwebhooks ] || npm ci --prefix tests/receiver --silent
+  APP_SECRET="whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSwMfKQ9r8GKYo="
+  node tests/receiver/receiver.mjs 0 "$APP_SECRET" > "$WORK/receiver.out" &
+  RECEIVER=$!
+  for _ in $(seq 1 50); do grep -q listening "$WORK/receiver.out" 2>/dev/null && break; sleep 0.1; done
+  RPORT=$(awk '{print $2}' "$WORK/receiver.out")
+  APP_ENV=(BILLSYNC_APP_WEBHOOK_URL="http://127.0.0.1:$RPORT/hook" BILLSYNC_APP_WEBHOOK_SECRET="$APP_SECRET")
+fi
 start_server() { # $1: whether it runs the applier and the outbox worker
-  STRIPE_SECRET_KEY=sk_test_bench STRIPE_WEBHOOK_SECRET="$SECRET" BILLSYNC_WEBHOOK_TOLERANCE_SECS=86400 \
+  env "${APP_ENV[@]}" STRIPE_SECRET_KEY=sk_test_bench STRIPE_WEBHOOK_SECRET="$SECRET" BILLSYNC_WEBHOOK_TOLERANCE_SECS=86400 \
     BILLSYNC_STRIPE_API_BASE="http://127.0.0.1:9" BILLSYNC_LISTEN="127.0.0.1:$PORT" \
     BILLSYNC_RUN_WORKERS="$1" RUST_LOG=warn "$BIN" serve &
   SERVER=$!
@@ -79,7 +96,7 @@ start_server() { # $1: whether it runs the applier and the outbox worker
 }
 rss_mib() { echo $(($(awk '/VmHWM/ {print $2}' "/proc/$SERVER/status") / 1024)); }
 if [ "$MODE" = split ]; then start_server false; else start_server true; fi
-trap 'kill $SERVER 2>/dev/null || true; rm -rf "$WORK"' EXIT
+trap 'kill $SERVER 2>/dev/null || true; [ -n "$RECEIVER" ] && kill $RECEIVER 2>/dev/null; rm -rf "$WORK"' EXIT
 
 export BENCH_THREADS=2
 field() { sed -n "s/.* $1=\([0-9.]*\).*/\1/p" <<<"$2" | head -n1; }
@@ -136,6 +153,18 @@ while :; do
 done
 END=$(date +%s.%N)
 RSS=$(rss_mib)
+APP_EVENTS_MADE=$(SQL "SELECT count(*) FROM app_events")
+if [ "$APP_EVENTS" = on ]; then
+  # Every event made reaches the receiver (it counts the verified ones).
+  for _ in $(seq 1 600); do
+    DELIVERED=$(curl -sf "http://127.0.0.1:$RPORT/_stats" | python3 -c "import json,sys; print(json.load(sys.stdin)['distinct'])" 2>/dev/null || echo 0)
+    [ "$DELIVERED" -ge "$APP_EVENTS_MADE" ] && break
+    sleep 0.5
+  done
+  APP_LINE="app events: $APP_EVENTS_MADE made, $DELIVERED delivered to the verifying receiver"
+else
+  APP_LINE="app events: $APP_EVENTS_MADE made, stored for the pull API (no receiver)"
+fi
 STORED=$(SQL "SELECT count(*) FROM stripe_events")
 APPLIED=$(SQL "SELECT count(*) FROM stripe_event_states WHERE state = 'applied'")
 kill -TERM $SERVER; wait $SERVER 2>/dev/null || true
@@ -143,7 +172,7 @@ kill -TERM $SERVER; wait $SERVER 2>/dev/null || true
 APPLY_RATE=$(python3 -c "print(round($START_PENDING / max($END - $START, 1e-9)))")
 LIVE_RATE=$(python3 -c "print(round($APPLIED_LIVE / max($START_LIVE - $INGEST_START, 1e-9)))")
 {
-  echo "webhook ingestion, $BACKEND, MODE=$MODE, LOADGEN=$LOADGEN, ${DURATION}s runs, $CUSTOMERS customers (linked users), ~1.5 KB events"
+  echo "webhook ingestion, $BACKEND, MODE=$MODE, APP_EVENTS=$APP_EVENTS, LOADGEN=$LOADGEN, ${DURATION}s runs, $CUSTOMERS customers (linked users), ~1.5 KB events"
   echo "machine: $(nproc) cores; $(date -u +%FT%TZ)"
   echo "64 connections: $(field rps "$BURST") acknowledged events/s, p99 $(field p99_ms "$BURST") ms, non-2xx $(field non2xx "$BURST"), duplicates $(field duplicates "$BURST")"
   echo "$CPU_LINE"
@@ -155,5 +184,6 @@ LIVE_RATE=$(python3 -c "print(round($APPLIED_LIVE / max($START_LIVE - $INGEST_ST
   fi
   echo "applier after ingestion: drained $START_PENDING pending events at $APPLY_RATE events/s"
   echo "stored $STORED, applied $APPLIED; server RSS peak $RSS MiB"
+  echo "$APP_LINE"
   echo; echo "--- $LOADGEN 64"; echo "$BURST"; echo "--- $LOADGEN 16"; echo "$LAT"
 } | tee "$OUT"
