@@ -102,7 +102,7 @@ impl Application {
             Workers(vec![
                 tokio::spawn(state.worker.clone().run(workers_stopping.clone())),
                 tokio::spawn(state.applier.clone().run(workers_stopping.clone())),
-                tokio::spawn(crate::plans::announce_changed_plans(
+                tokio::spawn(crate::jobs::plan_announcements::announce_changed_plans(
                     state.store.clone(),
                     workers_stopping.clone(),
                 )),

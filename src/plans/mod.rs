@@ -342,8 +342,5 @@ fn line_of(text: &str, offset: usize) -> usize {
     text[..offset.min(text.len())].matches('\n').count() + 1
 }
 
-mod announce;
 #[cfg(test)]
 mod tests;
-
-pub use announce::announce_changed_plans;

@@ -1,6 +1,6 @@
 //! The `billsync` binary itself: start-up validation, migrate, resolve, graceful shutdown.
 
-use crate::support;
+use crate::support::{self, process::free_port};
 
 use std::{
     io::Read,
@@ -144,64 +144,68 @@ fn migrate_creates_the_sqlite_default() {
         .success());
 }
 
-#[test]
-fn serve_stops_cleanly_on_sigterm() {
-    let dir = tempfile::tempdir().unwrap();
-    let port = {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.local_addr().unwrap().port()
-    };
-    let mut child = billsync()
-        .current_dir(dir.path())
+/// `billsync serve` on the SQLite default in `dir`, listening on `port`.
+fn serve_in(dir: &std::path::Path, port: u16) -> Command {
+    let mut command = billsync();
+    command
+        .current_dir(dir)
         .env("STRIPE_SECRET_KEY", "sk_test_x")
         .env("BILLSYNC_LISTEN", format!("127.0.0.1:{port}"))
-        .arg("serve")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+        .arg("serve");
+    command
+}
+
+/// Waits until `port` accepts a connection, polling every `poll`.
+fn wait_until_listening(port: u16, poll: Duration) {
     let deadline = Instant::now() + Duration::from_secs(20);
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
         assert!(Instant::now() < deadline, "server did not start");
-        std::thread::sleep(Duration::from_millis(50));
+        std::thread::sleep(poll);
     }
+}
+
+/// Sends SIGTERM and waits for the process to end.
+fn stop_with_sigterm(child: &mut std::process::Child) -> std::process::ExitStatus {
+    assert!(Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(exit) = child.try_wait().unwrap() {
+            return exit;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "server did not stop after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn serve_stops_cleanly_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut child = serve_in(dir.path(), port)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_until_listening(port, Duration::from_millis(50));
     assert!(
         dir.path().join("billsync.db").exists(),
         "the SQLite default is created on start"
     );
     // A second server on the same SQLite file is refused, with one line saying why.
-    let port2 = {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.local_addr().unwrap().port()
-    };
-    let second = billsync()
-        .current_dir(dir.path())
-        .env("STRIPE_SECRET_KEY", "sk_test_x")
-        .env("BILLSYNC_LISTEN", format!("127.0.0.1:{port2}"))
-        .arg("serve")
-        .output()
-        .unwrap();
+    let second = serve_in(dir.path(), free_port()).output().unwrap();
     let said = String::from_utf8_lossy(&second.stderr);
     assert!(!second.status.success(), "a second serve started: {said}");
     assert!(
         said.contains("another billsync process is serving") && said.contains("billsync.db"),
         "{said}"
     );
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let exit = loop {
-        if let Some(exit) = child.try_wait().unwrap() {
-            break exit;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "server did not stop after SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let exit = stop_with_sigterm(&mut child);
     let mut stderr = String::new();
     child
         .stderr
@@ -219,39 +223,13 @@ fn serve_stops_cleanly_on_sigterm() {
 fn sigterm_the_moment_the_port_answers_is_a_clean_stop() {
     for _ in 0..5 {
         let dir = tempfile::tempdir().unwrap();
-        let port = {
-            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            listener.local_addr().unwrap().port()
-        };
-        let mut child = billsync()
-            .current_dir(dir.path())
-            .env("STRIPE_SECRET_KEY", "sk_test_x")
-            .env("BILLSYNC_LISTEN", format!("127.0.0.1:{port}"))
-            .arg("serve")
+        let port = free_port();
+        let mut child = serve_in(dir.path(), port)
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "server did not start");
-            std::thread::sleep(Duration::from_millis(2));
-        }
-        assert!(Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status()
-            .unwrap()
-            .success());
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let exit = loop {
-            if let Some(exit) = child.try_wait().unwrap() {
-                break exit;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "server did not stop after SIGTERM"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        };
+        wait_until_listening(port, Duration::from_millis(2));
+        let exit = stop_with_sigterm(&mut child);
         assert!(exit.success(), "exit {exit:?}");
     }
 }
