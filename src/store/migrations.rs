@@ -47,6 +47,7 @@ pub(crate) fn postgres_migrator() -> Migrator {
         "0011_app_events.sql",
         "0012_app_event_heads.sql",
         "0013_plans_announced.sql",
+        "0014_app_events_fillfactor.sql",
     )
 }
 
