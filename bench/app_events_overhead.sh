@@ -5,6 +5,8 @@
 #
 #   BIN_DIR=$CARGO_TARGET_DIR/release bench/app_events_overhead.sh
 #   RUNS=5 BACKEND=sqlite bench/app_events_overhead.sh
+#   RECEIVER_VERIFY=0 bench/app_events_overhead.sh   # a receiver that only counts: billsync's
+#                                                    # own cost, not the receiver's
 #
 # Needs what bench/webhooks.sh needs, and Node for the receiver.
 set -euo pipefail

@@ -15,6 +15,8 @@
 #                                        # with the official standardwebhooks package); off
 #                                        # (the default): stored for the pull API only.
 #                                        # bench/app_events_overhead.sh compares the two.
+#                                        # RECEIVER_VERIFY=0: the receiver accepts without
+#                                        # verifying (its CPU off the shared cores).
 #   MODE=split bench/webhooks.sh         # Postgres: ingestion on an HTTP-only instance
 #                                        # (BILLSYNC_RUN_WORKERS=false), then a worker
 #                                        # instance drains everything it stored
@@ -81,7 +83,7 @@ APP_ENV=()
 if [ "$APP_EVENTS" = on ]; then
   [ -d tests/receiver/node_modules/standardwebhooks ] || npm ci --prefix tests/receiver --silent
   APP_SECRET="whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSwMfKQ9r8GKYo="
-  node tests/receiver/receiver.mjs 0 "$APP_SECRET" > "$WORK/receiver.out" &
+  RECEIVER_VERIFY="${RECEIVER_VERIFY:-1}" node tests/receiver/receiver.mjs 0 "$APP_SECRET" > "$WORK/receiver.out" &
   RECEIVER=$!
   for _ in $(seq 1 50); do grep -q listening "$WORK/receiver.out" 2>/dev/null && break; sleep 0.1; done
   RPORT=$(awk '{print $2}' "$WORK/receiver.out")
@@ -161,7 +163,7 @@ if [ "$APP_EVENTS" = on ]; then
     [ "$DELIVERED" -ge "$APP_EVENTS_MADE" ] && break
     sleep 0.5
   done
-  APP_LINE="app events: $APP_EVENTS_MADE made, $DELIVERED delivered to the verifying receiver"
+  APP_LINE="app events: $APP_EVENTS_MADE made, $DELIVERED delivered to the receiver (RECEIVER_VERIFY=${RECEIVER_VERIFY:-1})"
 else
   APP_LINE="app events: $APP_EVENTS_MADE made, stored for the pull API (no receiver)"
 fi
