@@ -201,6 +201,34 @@ fn plan_json(plan: Option<&Plan>) -> Option<Value> {
     plan.map(|p| serde_json::to_value(p).expect("a plan serializes"))
 }
 
+/// Tells each of `users` (their rows locked by the caller) whose plan, computed from their
+/// mirrored subscriptions, differs from what they were told; `unrecorded` is what users
+/// without a `user_plans` row were told.
+async fn settle_plans(
+    db: &mut Connection,
+    plans: &Plans,
+    users: &[String],
+    unrecorded: Option<&Value>,
+    now: Clock,
+) -> StoreResult<()> {
+    let mut subscriptions: HashMap<String, Vec<SubscriptionMirror>> = HashMap::new();
+    for subscription in subscriptions_of_users(db, users).await? {
+        if let Some(user) = &subscription.user_id {
+            let user = user.as_str().to_owned();
+            subscriptions.entry(user).or_default().push(subscription);
+        }
+    }
+    let announced = announced_plans(db, users).await?;
+    for user in users {
+        let of_user = subscriptions.get(user).map_or(&[][..], Vec::as_slice);
+        let computed = plan_json(plans.plan_for(of_user));
+        let user_id = UserId::parse(user).map_err(|e| StoreError::Corrupt(e.message))?;
+        let told = announced.get(user);
+        settle_plan(db, &user_id, told, unrecorded, computed.as_ref(), now).await?;
+    }
+    Ok(())
+}
+
 /// Writes `plan.changed` if the user's plan, computed from their mirrored subscriptions,
 /// differs from the one last announced (no row: the default plan).
 async fn announce_plan(
@@ -220,19 +248,9 @@ async fn announce_plan(
     .bind(user.as_str())
     .execute(&mut *db)
     .await?;
-    let subscriptions = subscriptions_where(db, "user_id = $1", user.as_str(), false).await?;
-    let computed = plan_json(plans.plan_for(&subscriptions));
-    let announced = announced_plans(db, &[user.as_str().to_owned()]).await?;
     let unrecorded = plan_json(plans.default_plan());
-    settle_plan(
-        db,
-        user,
-        announced.get(user.as_str()),
-        unrecorded.as_ref(),
-        computed.as_ref(),
-        now,
-    )
-    .await
+    let users = [user.as_str().to_owned()];
+    settle_plans(db, plans, &users, unrecorded.as_ref(), now).await
 }
 
 #[async_trait]
@@ -276,28 +294,7 @@ impl PlanAnnouncements for Backend {
             Some(default) => default.as_deref().map(parse_json).transpose()?,
             None => plan_json(self.plans.default_plan()),
         };
-        let mut subscriptions: HashMap<String, Vec<SubscriptionMirror>> = HashMap::new();
-        for subscription in subscriptions_of_users(&mut tx, &users).await? {
-            if let Some(user) = &subscription.user_id {
-                let user = user.as_str().to_owned();
-                subscriptions.entry(user).or_default().push(subscription);
-            }
-        }
-        let announced = announced_plans(&mut tx, &users).await?;
-        for user in &users {
-            let of_user = subscriptions.get(user).map_or(&[][..], Vec::as_slice);
-            let computed = plan_json(self.plans.plan_for(of_user));
-            let user_id = UserId::parse(user).map_err(|e| StoreError::Corrupt(e.message))?;
-            settle_plan(
-                &mut tx,
-                &user_id,
-                announced.get(user),
-                unrecorded.as_ref(),
-                computed.as_ref(),
-                now,
-            )
-            .await?;
-        }
+        settle_plans(&mut tx, &self.plans, &users, unrecorded.as_ref(), now).await?;
         tx.commit().await?;
         Ok(Some(last))
     }
