@@ -197,17 +197,21 @@ impl Deliverer {
             if *shutdown.borrow() {
                 break;
             }
-            if tokio::time::Instant::now() >= next_prune {
+            let round_started = tokio::time::Instant::now();
+            if round_started >= next_prune {
                 self.prune().await;
                 next_prune += PRUNE_EVERY;
             }
-            let mut worked = match self.store.sequence_app_events(SEQUENCE_BATCH).await {
-                Ok(sequenced) => sequenced > 0,
+            let sequenced = match self.store.sequence_app_events(SEQUENCE_BATCH).await {
+                Ok(sequenced) => sequenced,
                 Err(err) => {
                     warn_unavailable(&err);
-                    false
+                    0
                 }
             };
+            let mut worked = sequenced > 0;
+            // More is due than this round took: the next round starts at once.
+            let mut saturated = sequenced >= u64::from(SEQUENCE_BATCH);
             if let Some(sender) = &self.sender {
                 let free = self.concurrency.saturating_sub(in_flight.len());
                 if free > 0 {
@@ -219,7 +223,9 @@ impl Deliverer {
                     match claimed {
                         Ok(claimed) => {
                             worked |= !claimed.is_empty();
-                            for events in by_key(claimed) {
+                            let runs = by_key(claimed);
+                            saturated |= runs.len() >= free;
+                            for events in runs {
                                 let sender = sender.clone();
                                 in_flight.spawn(async move {
                                     sender.send_in_order(events, leased_until).await
@@ -233,24 +239,40 @@ impl Deliverer {
             while let Some(done) = in_flight.try_join_next() {
                 finished.extend(done.into_iter().flatten());
             }
-            if finished.is_empty() && !worked {
-                tokio::select! {
-                    Some(done) = in_flight.join_next(), if !in_flight.is_empty() => {
-                        finished.extend(done.into_iter().flatten());
-                        // Deliveries end close together: a moment's wait gathers the others,
-                        // so one write records them all (a write per event is what limits a
-                        // SQLite file, one fsync each).
-                        tokio::time::sleep(RECORD_LINGER).await;
-                        while let Some(done) = in_flight.try_join_next() {
+            if !saturated {
+                // Everything due was taken. A round that found work (or has finished
+                // deliveries to record) leaves `ROUND_GAP`
+                // before the next, gathering the deliveries that end meanwhile: the
+                // statements are per round, so under a steady trickle of events each round
+                // claims and records many, not one each. An idle round waits for a delivery
+                // to end, or for the poll interval.
+                let busy = worked || !finished.is_empty();
+                let until = if busy {
+                    round_started + ROUND_GAP
+                } else {
+                    round_started + self.poll_interval
+                };
+                loop {
+                    tokio::select! {
+                        Some(done) = in_flight.join_next(), if !in_flight.is_empty() => {
                             finished.extend(done.into_iter().flatten());
+                            if !busy {
+                                // Deliveries end close together: a moment's wait gathers
+                                // the others, so one write records them all (a write per
+                                // event is what limits a SQLite file, one fsync each).
+                                tokio::time::sleep(RECORD_LINGER).await;
+                                while let Some(done) = in_flight.try_join_next() {
+                                    finished.extend(done.into_iter().flatten());
+                                }
+                                break;
+                            }
                         }
+                        _ = tokio::time::sleep_until(until) => break,
+                        _ = shutdown.changed() => break,
                     }
-                    _ = tokio::time::sleep(self.poll_interval) => {}
-                    _ = shutdown.changed() => {}
                 }
             }
-            // Whatever has finished is recorded in one write; the loop comes back at once
-            // when it did something, so a backlog drains as fast as the receiver takes it.
+            // Whatever has finished is recorded in one write.
             self.record(&mut finished).await;
         }
         while let Some(done) = in_flight.join_next().await {
@@ -309,6 +331,12 @@ fn by_key(claimed: Vec<AppEvent>) -> Vec<Vec<AppEvent>> {
 
 /// How long the deliverer waits, after one delivery ended, for others to end with it.
 const RECORD_LINGER: Duration = Duration::from_millis(3);
+
+/// The least time from one round's start to the next while the deliverer keeps up (adds at
+/// most this to an event's delivery): a round costs a few statements however many events it
+/// moves, and without a gap a trickle of events would cost them per event, on the cores
+/// that ingestion needs.
+const ROUND_GAP: Duration = Duration::from_millis(10);
 
 /// Events given their place per round.
 const SEQUENCE_BATCH: u32 = 2_000;
