@@ -61,14 +61,26 @@ start_server() {
 
 # Events straight into the outbox, as the store's transactions write them.
 python3 bench/app_events_load.py "$DATABASE_URL" insert "$EVENTS" "$USERS"
+# CPU time (clock ticks) of a process, and of every postgres process: where a delivery's cost
+# goes during the throughput phase.
+ticks() { awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
+pg_ticks() { for p in $(pgrep -u postgres); do ticks "$p"; done | awk '{s += $1} END {print s + 0}'; }
+PG0=$(pg_ticks); RECEIVER0=$(ticks "$RECEIVER")
 START=$(date +%s.%N)
 start_server
 python3 bench/app_events_load.py "$DATABASE_URL" wait-for "http://127.0.0.1:$RPORT" "$EVENTS"
 END=$(date +%s.%N)
+CPU_LINE=$(python3 -c '
+import sys
+n, server, pg, receiver, hz = map(int, sys.argv[1:])
+us = lambda t: round(t * 1e6 / hz / n, 1)
+print(f"CPU per delivered event: billsync {us(server)} us, postgres {us(pg)} us, receiver {us(receiver)} us")
+' "$EVENTS" "$(ticks "$SERVER")" "$(($(pg_ticks) - PG0))" "$(($(ticks "$RECEIVER") - RECEIVER0))" "$(getconf CLK_TCK)")
 RSS=$(($(awk '/VmHWM/ {print $2}' "/proc/$SERVER/status") / 1024))
 {
   echo "backend=$BACKEND events=$EVENTS users=$USERS"
   python3 -c "import sys; e=int(sys.argv[1]); t=float(sys.argv[3])-float(sys.argv[2]); print(f'throughput: {e} events in {t:.2f} s = {e/t:,.0f} events/s (from billsync start)')" "$EVENTS" "$START" "$END"
+  echo "$CPU_LINE"
   python3 bench/app_events_load.py "$DATABASE_URL" steady "http://127.0.0.1:$RPORT" "$RATE" "$DURATION" "$USERS" "$EVENTS"
   echo "server peak RSS: $RSS MiB"
 } | tee "$OUT"

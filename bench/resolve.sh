@@ -4,6 +4,7 @@
 #
 #   bench/resolve.sh            # defaults: 32 connections, 20 s, 1000 linked users
 #   CONNS=64 DURATION=30 bench/resolve.sh
+#   BIN_DIR=/tmp/build bench/resolve.sh   # a prebuilt billsync, no cargo build
 #
 # Needs: the local Postgres (127.0.0.1:5432, trust auth), wrk and pgbench (apt-get install wrk
 # postgresql-contrib). Only loopback traffic. Results go to bench/out/.
@@ -25,8 +26,12 @@ mkdir -p bench/out
 command -v wrk >/dev/null || { echo "wrk is missing: apt-get install wrk" >&2; exit 1; }
 command -v pgbench >/dev/null || { echo "pgbench is missing" >&2; exit 1; }
 
-cargo build --release --quiet
-BIN="${CARGO_TARGET_DIR:-target}/release/billsync"
+if [ -n "${BIN_DIR:-}" ]; then
+  BIN="$BIN_DIR/billsync"   # a prebuilt billsync, e.g. two builds compared in alternating runs
+else
+  cargo build --release --quiet
+  BIN="${CARGO_TARGET_DIR:-target}/release/billsync"
+fi
 
 psql -q "$PGURL_BASE/postgres" -c "DROP DATABASE IF EXISTS $DB" -c "CREATE DATABASE $DB"
 export DATABASE_URL="$PGURL_BASE/$DB"

@@ -17,6 +17,8 @@
 #                                        # bench/app_events_overhead.sh compares the two.
 #                                        # RECEIVER_VERIFY=0: the receiver accepts without
 #                                        # verifying (its CPU off the shared cores).
+#                                        # APP_RECEIVER=count: webhook_load's counting
+#                                        # receiver instead of Node (less CPU still).
 #   MODE=split bench/webhooks.sh         # Postgres: ingestion on an HTTP-only instance
 #                                        # (BILLSYNC_RUN_WORKERS=false), then a worker
 #                                        # instance drains everything it stored
@@ -81,9 +83,13 @@ APP_EVENTS="${APP_EVENTS:-off}"
 RECEIVER=""
 APP_ENV=()
 if [ "$APP_EVENTS" = on ]; then
-  [ -d tests/receiver/node_modules/standardwebhooks ] || npm ci --prefix tests/receiver --silent
   APP_SECRET="whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSwMfKQ9r8GKYo="
-  RECEIVER_VERIFY="${RECEIVER_VERIFY:-1}" node tests/receiver/receiver.mjs 0 "$APP_SECRET" > "$WORK/receiver.out" &
+  if [ "${APP_RECEIVER:-node}" = count ]; then
+    "$LOAD" receive 0 > "$WORK/receiver.out" &
+  else
+    [ -d tests/receiver/node_modules/standardwebhooks ] || npm ci --prefix tests/receiver --silent
+    RECEIVER_VERIFY="${RECEIVER_VERIFY:-1}" node tests/receiver/receiver.mjs 0 "$APP_SECRET" > "$WORK/receiver.out" &
+  fi
   RECEIVER=$!
   for _ in $(seq 1 50); do grep -q listening "$WORK/receiver.out" 2>/dev/null && break; sleep 0.1; done
   RPORT=$(awk '{print $2}' "$WORK/receiver.out")
@@ -115,19 +121,21 @@ load() { # $1: events file, $2: connections
 ticks() { awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
 pg_ticks() { for p in $(pgrep -u postgres); do ticks "$p"; done | awk '{s += $1} END {print s + 0}'; }
 burst() {
-  local server0 pg0 server1 pg1
+  local server0 pg0 server1 pg1 receiver0=0 receiver1=0
   server0=$(ticks "$SERVER"); pg0=$(pg_ticks)
+  [ -n "$RECEIVER" ] && receiver0=$(ticks "$RECEIVER")
   BURST="$(load "$WORK/burst.tsv" 64)"
   server1=$(ticks "$SERVER"); pg1=$(pg_ticks)
+  [ -n "$RECEIVER" ] && receiver1=$(ticks "$RECEIVER")
   CPU_LINE=$(python3 - "$(field requests "$BURST")" "$((server1 - server0))" "$((pg1 - pg0))" \
-      "$(getconf CLK_TCK)" "$(field cpu_us_per_request "$BURST")" <<'PY'
+      "$(getconf CLK_TCK)" "$(field cpu_us_per_request "$BURST")" "$((receiver1 - receiver0))" <<'PY'
 import sys
-n, server, pg, hz, generator = sys.argv[1:]
+n, server, pg, hz, generator, receiver = sys.argv[1:]
 n, hz = max(int(n or 0), 1), int(hz)
 us = lambda ticks: round(int(ticks) * 1e6 / hz / n, 1)
-total = us(server) + us(pg) + (float(generator) if generator else 0)
+total = us(server) + us(pg) + us(receiver) + (float(generator) if generator else 0)
 print(f"CPU per acknowledged event at 64 connections: server {us(server)} us, postgres {us(pg)} us, "
-      f"load generator {generator or 'n/a'} us; together {round(total, 1)} us, "
+      f"app-event receiver {us(receiver)} us, load generator {generator or 'n/a'} us; together {round(total, 1)} us, "
       f"so two cores carry at most {round(2e6 / total) if generator else 'n/a'} events/s")
 PY
 )
@@ -155,7 +163,7 @@ while :; do
 done
 END=$(date +%s.%N)
 RSS=$(rss_mib)
-APP_EVENTS_MADE=$(SQL "SELECT count(*) FROM app_events")
+APP_EVENTS_MADE=$(SQL "SELECT count(*) FROM app_events" 2>/dev/null || echo 0)   # none before app events existed
 if [ "$APP_EVENTS" = on ]; then
   # Every event made reaches the receiver (it counts the verified ones).
   for _ in $(seq 1 600); do
@@ -163,7 +171,7 @@ if [ "$APP_EVENTS" = on ]; then
     [ "$DELIVERED" -ge "$APP_EVENTS_MADE" ] && break
     sleep 0.5
   done
-  APP_LINE="app events: $APP_EVENTS_MADE made, $DELIVERED delivered to the receiver (RECEIVER_VERIFY=${RECEIVER_VERIFY:-1})"
+  APP_LINE="app events: $APP_EVENTS_MADE made, $DELIVERED delivered to the receiver (APP_RECEIVER=${APP_RECEIVER:-node}, RECEIVER_VERIFY=${RECEIVER_VERIFY:-1})"
 else
   APP_LINE="app events: $APP_EVENTS_MADE made, stored for the pull API (no receiver)"
 fi

@@ -9,6 +9,14 @@
 //! lines k, k+n, k+2n, …, so no event is sent twice while lines last; after that it resends its
 //! last line (counted as duplicates). Prints one `BENCH …` line with the same fields as
 //! bench/webhook_replay.lua.
+//!
+//!   cargo run --release --example webhook_load -- receive PORT
+//!
+//! The other side, for `bench/webhooks.sh APP_EVENTS=on RECEIVER=count`: an app-event
+//! receiver that answers every `POST /hook` with 204 and counts the distinct `webhook-id`s
+//! (`GET /_stats`: `{"accepted", "distinct"}`), on one thread. It stands for an app on another
+//! machine: it verifies nothing (tests/receiver does, with the official library), so that the
+//! little CPU it takes from the two shared cores is not counted against billsync.
 
 use std::{
     io,
@@ -120,8 +128,61 @@ fn cpu_time() -> Option<Duration> {
     Some(Duration::from_millis(ticks * 10))
 }
 
+/// The counting receiver (see the module's documentation).
+fn receive(port: &str) -> Result<(), Box<dyn std::error::Error>> {
+    use std::{
+        collections::HashSet,
+        sync::{Arc, Mutex},
+    };
+
+    use axum::{
+        http::{HeaderMap, StatusCode},
+        routing::{get, post},
+        Json, Router,
+    };
+
+    #[derive(Default)]
+    struct Counts {
+        accepted: u64,
+        ids: HashSet<String>,
+    }
+    let counts = Arc::new(Mutex::new(Counts::default()));
+    let hook = {
+        let counts = counts.clone();
+        move |headers: HeaderMap, _body: axum::body::Bytes| async move {
+            let mut counts = counts.lock().expect("counts");
+            counts.accepted += 1;
+            if let Some(id) = headers.get("webhook-id").and_then(|v| v.to_str().ok()) {
+                counts.ids.insert(id.to_owned());
+            }
+            StatusCode::NO_CONTENT
+        }
+    };
+    let stats = move || async move {
+        let counts = counts.lock().expect("counts");
+        Json(serde_json::json!({"accepted": counts.accepted, "distinct": counts.ids.len()}))
+    };
+    let app = Router::new()
+        .route("/hook", post(hook))
+        .route("/_stats", get(stats));
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(format!("127.0.0.1:{port}")).await?;
+        println!("listening {}", listener.local_addr()?.port());
+        axum::serve(listener, app).await
+    })?;
+    Ok(())
+}
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
+    if let [_, mode, port] = args.as_slice() {
+        if mode == "receive" {
+            return receive(port);
+        }
+    }
     let [_, addr, events, connections, seconds] = args.as_slice() else {
         return Err("usage: webhook_load ADDR EVENTS_TSV CONNECTIONS SECONDS".into());
     };
