@@ -24,5 +24,6 @@ pub mod retry;
 pub mod standard_webhooks;
 pub mod store;
 pub mod stripe;
+pub mod stripe_setup;
 pub mod telemetry;
 pub mod webhooks;

@@ -15,12 +15,14 @@ pub mod plans;
 mod portal;
 mod reconcile;
 mod serve;
+mod stripe;
 mod user_data;
 
 pub use app_events::AppEventsCommand;
 pub use customer::CustomerCommand;
 pub use events::EventsCommand;
 pub use portal::PortalCommand;
+pub use stripe::StripeCommand;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -63,6 +65,9 @@ pub enum Command {
     /// The plans file (BILLSYNC_PLANS_FILE) against Stripe.
     #[command(subcommand)]
     Plans(plans::PlansCommand),
+    /// The Stripe account's side: the webhook endpoint billsync needs.
+    #[command(subcommand)]
+    Stripe(StripeCommand),
     /// Events towards the app (Standard Webhooks).
     #[command(subcommand, name = "app-events")]
     AppEvents(AppEventsCommand),
@@ -110,6 +115,7 @@ async fn execute(command: Command, config: Config) -> anyhow::Result<()> {
         Command::Reconcile { apply, json } => reconcile::run(config, apply, json).await,
         Command::Portal(command) => portal::run(command, config).await,
         Command::AppEvents(command) => app_events::run(command, config).await,
+        Command::Stripe(command) => stripe::run(command, config).await,
         Command::Plans(command) => plans::run(command, config).await,
         Command::Export { user } => user_data::export(config, &user).await,
         Command::Erase {

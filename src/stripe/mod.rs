@@ -23,7 +23,7 @@ pub use budget::{current_priority, with_priority, Priority};
 pub use error::{ApiError, StripeError};
 pub use types::{
     Customer, Deleted, IdOnly, List, PortalConfiguration, PortalSession, Price, Subscription,
-    SubscriptionItem,
+    SubscriptionItem, WebhookEndpoint,
 };
 
 /// Lookup keys Stripe takes in one price list.
@@ -532,6 +532,62 @@ impl StripeClient {
             path: format!("/v1/billing_portal/configurations/{}", path_segment(id)),
             query: vec![],
             form: Some(form::encode(&form::form_pairs(params))),
+            idempotency_key: None,
+        })
+        .await
+    }
+
+    /// Every webhook endpoint of the account.
+    pub async fn list_webhook_endpoints(&self) -> StripeResult<Vec<WebhookEndpoint>> {
+        self.list_all(
+            "webhook_endpoints.list",
+            "/v1/webhook_endpoints",
+            vec![],
+            |e: &WebhookEndpoint| e.id.clone(),
+        )
+        .await
+    }
+
+    /// Creates an endpoint sending `events` to `url`, generated with `api_version`. The answer
+    /// is the only one that carries the endpoint's signing secret.
+    pub async fn create_webhook_endpoint(
+        &self,
+        url: &str,
+        events: &[&str],
+        api_version: &str,
+        description: &str,
+    ) -> StripeResult<WebhookEndpoint> {
+        let params = serde_json::json!({
+            "url": url,
+            "enabled_events": events,
+            "api_version": api_version,
+            "description": description,
+        });
+        self.send(Request {
+            operation: "webhook_endpoints.create",
+            method: Method::POST,
+            path: "/v1/webhook_endpoints".into(),
+            query: vec![],
+            form: Some(form::encode(&form::form_pairs(&params))),
+            idempotency_key: None,
+        })
+        .await
+    }
+
+    /// Makes the endpoint send exactly `events`, and enables it. (Its API version cannot be
+    /// changed: Stripe takes it at creation only.)
+    pub async fn update_webhook_endpoint(
+        &self,
+        id: &str,
+        events: &[&str],
+    ) -> StripeResult<WebhookEndpoint> {
+        let params = serde_json::json!({"enabled_events": events, "disabled": false});
+        self.send(Request {
+            operation: "webhook_endpoints.update",
+            method: Method::POST,
+            path: format!("/v1/webhook_endpoints/{}", path_segment(id)),
+            query: vec![],
+            form: Some(form::encode(&form::form_pairs(&params))),
             idempotency_key: None,
         })
         .await

@@ -226,3 +226,21 @@ pub struct Price {
     #[serde(default)]
     pub lookup_key: Option<String>,
 }
+
+/// A webhook endpoint (`/v1/webhook_endpoints`).
+#[derive(Debug, Clone, Deserialize)]
+pub struct WebhookEndpoint {
+    pub id: String,
+    pub url: String,
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub enabled_events: Vec<String>,
+    /// The version its events are generated with; `null`: the account's default.
+    #[serde(default)]
+    pub api_version: Option<String>,
+    /// `enabled` or `disabled`.
+    #[serde(default)]
+    pub status: String,
+    /// The signing secret: only in the answer to the create (Stripe shows it then only).
+    #[serde(default)]
+    pub secret: Option<crate::config::Secret>,
+}

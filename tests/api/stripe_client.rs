@@ -4,6 +4,7 @@
 use crate::support;
 
 mod conformance;
+mod webhook_setup;
 
 use std::{collections::BTreeMap, time::Duration};
 

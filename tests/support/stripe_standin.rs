@@ -329,6 +329,7 @@ struct State {
     subscriptions: BTreeMap<String, Value>,
     portal_configurations: BTreeMap<String, Value>,
     prices: BTreeMap<String, Value>,
+    webhook_endpoints: BTreeMap<String, Value>,
     next_id: u64,
 }
 
@@ -488,6 +489,36 @@ impl StripeStandIn {
             .unwrap()
             .prices
             .insert(id.to_owned(), price);
+    }
+
+    /// A webhook endpoint made in the Dashboard (`api_version` `None`: the account's default).
+    pub fn add_webhook_endpoint(
+        &self,
+        url: &str,
+        events: &[&str],
+        api_version: Option<&str>,
+        status: &str,
+    ) -> String {
+        let mut state = self.state.lock().unwrap();
+        state.next_id += 1;
+        let id = format!("we_standin{}", state.next_id);
+        let endpoint = json!({
+            "id": id, "object": "webhook_endpoint", "url": url, "enabled_events": events,
+            "api_version": api_version, "status": status, "description": null,
+            "livemode": false, "metadata": {}, "created": 1_700_000_000 + state.next_id,
+        });
+        state.webhook_endpoints.insert(id.clone(), endpoint);
+        id
+    }
+
+    /// A webhook endpoint as Stripe holds it now.
+    pub fn webhook_endpoint(&self, id: &str) -> Option<Value> {
+        self.state
+            .lock()
+            .unwrap()
+            .webhook_endpoints
+            .get(id)
+            .cloned()
     }
 
     fn answer(&self, request: &Request) -> ResponseTemplate {
@@ -697,6 +728,42 @@ impl StripeStandIn {
                     .cloned()
                     .collect();
                 ResponseTemplate::new(200).set_body_json(page(data, &params, "/v1/prices"))
+            }
+            "webhook_endpoints.create" => {
+                state.next_id += 1;
+                let id = format!("we_standin{}", state.next_id);
+                let endpoint = json!({
+                    "id": id, "object": "webhook_endpoint", "url": params["url"],
+                    "enabled_events": params["enabled_events"],
+                    "api_version": params["api_version"], "status": "enabled",
+                    "description": params["description"], "livemode": false, "metadata": {},
+                    "created": 1_700_000_000 + state.next_id,
+                });
+                state.webhook_endpoints.insert(id, endpoint.clone());
+                // The secret is in this answer only, as Stripe does.
+                let mut answer = endpoint;
+                answer["secret"] = json!(format!("whsec_standin{}", state.next_id));
+                ResponseTemplate::new(200).set_body_json(answer)
+            }
+            "webhook_endpoints.update" => {
+                let Some(endpoint) = state.webhook_endpoints.get_mut(&last_segment) else {
+                    return error(404, "resource_missing", "id", "No such webhook endpoint");
+                };
+                if params.get("enabled_events").is_some() {
+                    endpoint["enabled_events"] = params["enabled_events"].clone();
+                }
+                if let Some(disabled) = params["disabled"].as_bool() {
+                    endpoint["status"] = json!(if disabled { "disabled" } else { "enabled" });
+                }
+                ResponseTemplate::new(200).set_body_json(endpoint.clone())
+            }
+            "webhook_endpoints.list" => {
+                let data = state.webhook_endpoints.values().cloned().collect();
+                ResponseTemplate::new(200).set_body_json(page(
+                    data,
+                    &params,
+                    "/v1/webhook_endpoints",
+                ))
             }
             other => error(
                 400,

@@ -9,6 +9,7 @@ use billsync::{
     config::DEFAULT_STRIPE_API_VERSION,
     portal_config::{self, Applied, PortalSpec},
     stripe::{CustomerList, CustomerParams, StripeClient},
+    stripe_setup,
 };
 use reqwest::Method;
 use serde_json::{json, Value};
@@ -400,6 +401,24 @@ async fn every_request_billsync_sends_is_one_stripe_accepts() {
         .await
         .unwrap();
     assert_eq!(response.status(), 200, "{:?}", stripe.refused());
+
+    // `billsync stripe setup`: an endpoint created, and one drifted in the Dashboard fixed.
+    let url = "https://app.example.com/api/webhooks/stripe";
+    let created = stripe_setup::setup(&client, url, DEFAULT_STRIPE_API_VERSION)
+        .await
+        .unwrap();
+    assert!(matches!(created, stripe_setup::Outcome::Created { .. }));
+    let drifted = "https://app.example.com/old/webhooks";
+    stripe.add_webhook_endpoint(
+        drifted,
+        &["customer.updated"],
+        Some(DEFAULT_STRIPE_API_VERSION),
+        "disabled",
+    );
+    let updated = stripe_setup::setup(&client, drifted, DEFAULT_STRIPE_API_VERSION)
+        .await
+        .unwrap();
+    assert!(matches!(updated, stripe_setup::Outcome::Updated { .. }));
 
     let refused = stripe.refused();
     assert!(

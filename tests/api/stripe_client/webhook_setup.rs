@@ -1,0 +1,235 @@
+//! `billsync stripe setup` against the stand-in, which answers as Stripe documents and refuses
+//! what Stripe would refuse (parameters of the pinned version's published definitions).
+
+use billsync::{
+    config::DEFAULT_STRIPE_API_VERSION,
+    stripe::StripeClient,
+    stripe_setup::{self, Drift, Outcome, SetupError},
+    webhooks::ingest::HANDLED_TYPES,
+};
+use serde_json::{json, Value};
+
+use crate::support::{self, stripe_standin::StripeStandIn};
+
+const URL: &str = "https://app.example.com/api/webhooks/stripe";
+
+async fn standin() -> (wiremock::MockServer, StripeStandIn, StripeClient) {
+    let (server, stripe) = StripeStandIn::start().await;
+    let config = support::test_config(&server.uri());
+    let client = StripeClient::new(&config.stripe, config.stripe_secret_key().unwrap()).unwrap();
+    (server, stripe, client)
+}
+
+/// The operations the stand-in accepted, in order.
+fn operations(stripe: &StripeStandIn) -> Vec<String> {
+    stripe.seen().into_iter().map(|s| s.operation).collect()
+}
+
+/// The form pairs of the one accepted request of `operation`.
+fn params_of(stripe: &StripeStandIn, operation: &str) -> Vec<(String, String)> {
+    let seen: Vec<_> = stripe
+        .seen()
+        .into_iter()
+        .filter(|s| s.operation == operation)
+        .collect();
+    assert_eq!(seen.len(), 1, "one {operation}");
+    seen[0].params.clone()
+}
+
+fn handled_events_as_form() -> Vec<(String, String)> {
+    HANDLED_TYPES
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (format!("enabled_events[{i}]"), (*t).to_owned()))
+        .collect()
+}
+
+#[tokio::test]
+async fn setup_creates_the_endpoint_once_with_the_handled_events_and_the_pinned_version() {
+    let (_server, stripe, client) = standin().await;
+    let outcome = stripe_setup::setup(&client, URL, DEFAULT_STRIPE_API_VERSION)
+        .await
+        .unwrap();
+    let Outcome::Created { id, secret } = outcome else {
+        panic!("created, not {outcome:?}");
+    };
+    assert!(stripe.refused().is_empty(), "{:?}", stripe.refused());
+    assert_eq!(
+        secret
+            .expect("the create's answer carries the secret")
+            .expose(),
+        format!("whsec_{}", id.trim_start_matches("we_"))
+    );
+    let mut expected = vec![("url".to_owned(), URL.to_owned())];
+    expected.extend(handled_events_as_form());
+    expected.push(("api_version".into(), DEFAULT_STRIPE_API_VERSION.into()));
+    expected.push(("description".into(), "billsync".into()));
+    let mut sent = params_of(&stripe, "webhook_endpoints.create");
+    sent.sort();
+    expected.sort();
+    assert_eq!(sent, expected);
+    let held = stripe.webhook_endpoint(&id).unwrap();
+    assert_eq!(held["enabled_events"], json!(HANDLED_TYPES));
+    assert_eq!(held["api_version"], DEFAULT_STRIPE_API_VERSION);
+
+    // Again: found by its URL, in sync, nothing created or changed.
+    let again = stripe_setup::setup(&client, URL, DEFAULT_STRIPE_API_VERSION)
+        .await
+        .unwrap();
+    assert!(
+        matches!(&again, Outcome::InSync { id: found } if *found == id),
+        "{again:?}"
+    );
+    assert_eq!(
+        operations(&stripe),
+        [
+            "webhook_endpoints.list",
+            "webhook_endpoints.create",
+            "webhook_endpoints.list"
+        ]
+    );
+    let checked = stripe_setup::check(&client, URL, DEFAULT_STRIPE_API_VERSION)
+        .await
+        .unwrap();
+    assert_eq!(checked, Some((id, Drift::default())));
+}
+
+#[tokio::test]
+async fn setup_finds_its_url_exactly_among_many_and_fixes_events_and_status() {
+    let (_server, stripe, client) = standin().await;
+    // More than a page of other endpoints, one at the same URL in other case (a different
+    // URL to the receiving app), then the drifted one.
+    for i in 0..105 {
+        stripe.add_webhook_endpoint(
+            &format!("https://other{i}.example.com/hook"),
+            &["invoice.paid"],
+            None,
+            "enabled",
+        );
+    }
+    let other_case = stripe.add_webhook_endpoint(
+        "https://app.example.com/API/webhooks/stripe",
+        &["*"],
+        None,
+        "enabled",
+    );
+    let drifted = stripe.add_webhook_endpoint(
+        URL,
+        &["customer.updated", "invoice.paid"],
+        Some(DEFAULT_STRIPE_API_VERSION),
+        "disabled",
+    );
+    let expected_drift = Drift {
+        missing_events: vec![
+            "customer.created".into(),
+            "customer.deleted".into(),
+            "customer.subscription.created".into(),
+            "customer.subscription.deleted".into(),
+            "customer.subscription.updated".into(),
+        ],
+        extra_events: vec!["invoice.paid".into()],
+        api_version: None,
+        disabled: true,
+    };
+    let checked = stripe_setup::check(&client, URL, DEFAULT_STRIPE_API_VERSION)
+        .await
+        .unwrap();
+    assert_eq!(checked, Some((drifted.clone(), expected_drift.clone())));
+    let lists = stripe
+        .seen()
+        .into_iter()
+        .filter(|s| s.operation == "webhook_endpoints.list")
+        .count();
+    assert_eq!(lists, 2, "107 endpoints are two pages of 100");
+
+    let outcome = stripe_setup::setup(&client, URL, DEFAULT_STRIPE_API_VERSION)
+        .await
+        .unwrap();
+    let Outcome::Updated { id, fixed } = outcome else {
+        panic!("updated, not {outcome:?}");
+    };
+    assert_eq!((id.as_str(), &fixed), (drifted.as_str(), &expected_drift));
+    assert!(stripe.refused().is_empty(), "{:?}", stripe.refused());
+    let mut expected = handled_events_as_form();
+    expected.push(("disabled".into(), "false".into()));
+    let mut sent = params_of(&stripe, "webhook_endpoints.update");
+    sent.sort();
+    expected.sort();
+    assert_eq!(sent, expected);
+    let held = stripe.webhook_endpoint(&drifted).unwrap();
+    assert_eq!(held["enabled_events"], json!(HANDLED_TYPES));
+    assert_eq!(held["status"], "enabled");
+    // Nothing else was touched, nothing created.
+    assert_eq!(
+        stripe.webhook_endpoint(&other_case).unwrap()["enabled_events"],
+        json!(["*"])
+    );
+    assert!(!operations(&stripe).contains(&"webhook_endpoints.create".to_owned()));
+    let checked = stripe_setup::check(&client, URL, DEFAULT_STRIPE_API_VERSION)
+        .await
+        .unwrap();
+    assert_eq!(checked, Some((drifted, Drift::default())));
+}
+
+#[tokio::test]
+async fn an_endpoint_on_another_api_version_is_reported_and_left_alone() {
+    let (_server, stripe, client) = standin().await;
+    let old = stripe.add_webhook_endpoint(URL, &HANDLED_TYPES, Some("2024-06-20"), "enabled");
+    let checked = stripe_setup::check(&client, URL, DEFAULT_STRIPE_API_VERSION)
+        .await
+        .unwrap();
+    assert_eq!(
+        checked,
+        Some((
+            old.clone(),
+            Drift {
+                api_version: Some("2024-06-20".into()),
+                ..Drift::default()
+            }
+        ))
+    );
+    let err = stripe_setup::setup(&client, URL, DEFAULT_STRIPE_API_VERSION)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, SetupError::ApiVersion { id, have, .. }
+        if *id == old && have == "2024-06-20"),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("create a new endpoint"), "{err}");
+    assert_eq!(operations(&stripe), ["webhook_endpoints.list"; 2]);
+    // An endpoint on the account's default version is not billsync's pinned one either.
+    let (_server, stripe, client) = standin().await;
+    stripe.add_webhook_endpoint(URL, &HANDLED_TYPES, None, "enabled");
+    let err = stripe_setup::setup(&client, URL, DEFAULT_STRIPE_API_VERSION)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("account default"), "{err}");
+}
+
+#[tokio::test]
+async fn two_endpoints_at_the_url_or_a_bad_url_stop_setup_before_any_change() {
+    let (_server, stripe, client) = standin().await;
+    let first = stripe.add_webhook_endpoint(URL, &HANDLED_TYPES, None, "enabled");
+    let second = stripe.add_webhook_endpoint(URL, &["*"], None, "enabled");
+    let err = stripe_setup::setup(&client, URL, DEFAULT_STRIPE_API_VERSION)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, SetupError::SeveralEndpoints(ids) if *ids == vec![first.clone(), second.clone()]),
+        "{err:?}"
+    );
+    for bad in [
+        "app.example.com/hook",
+        "ftp://app.example.com/hook",
+        "https://",
+    ] {
+        let err = stripe_setup::setup(&client, bad, DEFAULT_STRIPE_API_VERSION)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, SetupError::BadUrl(_)), "{bad}: {err:?}");
+    }
+    assert_eq!(operations(&stripe), ["webhook_endpoints.list"]);
+    let untouched: Value = stripe.webhook_endpoint(&second).unwrap();
+    assert_eq!(untouched["enabled_events"], json!(["*"]));
+}
