@@ -717,9 +717,10 @@ impl StripeStandIn {
                 None => error(404, "resource_missing", "price", "No such price"),
             },
             "prices.list" => {
+                // `lookup_keys[0]=…` arrives as an array (see `as_json`).
                 let keys: Vec<&str> = params["lookup_keys"]
-                    .as_object()
-                    .map(|keys| keys.values().filter_map(Value::as_str).collect())
+                    .as_array()
+                    .map(|keys| keys.iter().filter_map(Value::as_str).collect())
                     .unwrap_or_default();
                 let data = state
                     .prices
