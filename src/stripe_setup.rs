@@ -107,7 +107,7 @@ pub enum SetupError {
     SeveralEndpoints(Vec<String>),
 }
 
-/// The endpoint whose URL is exactly `url`, if any.
+/// The endpoint whose URL is `url`, if any.
 pub async fn find(stripe: &StripeClient, url: &str) -> Result<Option<WebhookEndpoint>, SetupError> {
     let parsed = reqwest::Url::parse(url).map_err(|_| SetupError::BadUrl(url.to_owned()))?;
     if !matches!(parsed.scheme(), "https" | "http") || parsed.host_str().is_none() {
@@ -117,7 +117,9 @@ pub async fn find(stripe: &StripeClient, url: &str) -> Result<Option<WebhookEndp
         .list_webhook_endpoints()
         .await?
         .into_iter()
-        .filter(|e| e.url == url)
+        // As URLs, not as text: scheme and host are case-insensitive, a default port is no
+        // port; the path stays exact (it is case-sensitive to the app that receives).
+        .filter(|e| reqwest::Url::parse(&e.url).is_ok_and(|theirs| theirs == parsed))
         .collect();
     match found.len() {
         0 | 1 => Ok(found.pop()),

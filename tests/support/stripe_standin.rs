@@ -759,7 +759,9 @@ impl StripeStandIn {
                 ResponseTemplate::new(200).set_body_json(endpoint.clone())
             }
             "webhook_endpoints.list" => {
-                let data = state.webhook_endpoints.values().cloned().collect();
+                // Newest first, as Stripe lists them.
+                let mut data: Vec<Value> = state.webhook_endpoints.values().cloned().collect();
+                data.sort_by_key(|e| std::cmp::Reverse(e["created"].as_i64()));
                 ResponseTemplate::new(200).set_body_json(page(
                     data,
                     &params,

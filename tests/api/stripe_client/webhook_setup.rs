@@ -97,8 +97,20 @@ async fn setup_creates_the_endpoint_once_with_the_handled_events_and_the_pinned_
 #[tokio::test]
 async fn setup_finds_its_url_exactly_among_many_and_fixes_events_and_status() {
     let (_server, stripe, client) = standin().await;
-    // More than a page of other endpoints, one at the same URL in other case (a different
-    // URL to the receiving app), then the drifted one.
+    // The drifted endpoint and one whose path differs in case (another URL to the receiving
+    // app) first, then more than a page of others: newest first, they are on the second page.
+    let other_case = stripe.add_webhook_endpoint(
+        "https://app.example.com/API/webhooks/stripe",
+        &["*"],
+        None,
+        "enabled",
+    );
+    let drifted = stripe.add_webhook_endpoint(
+        "https://APP.Example.com:443/api/webhooks/stripe",
+        &["customer.updated", "invoice.paid"],
+        Some(DEFAULT_STRIPE_API_VERSION),
+        "disabled",
+    );
     for i in 0..105 {
         stripe.add_webhook_endpoint(
             &format!("https://other{i}.example.com/hook"),
@@ -107,18 +119,6 @@ async fn setup_finds_its_url_exactly_among_many_and_fixes_events_and_status() {
             "enabled",
         );
     }
-    let other_case = stripe.add_webhook_endpoint(
-        "https://app.example.com/API/webhooks/stripe",
-        &["*"],
-        None,
-        "enabled",
-    );
-    let drifted = stripe.add_webhook_endpoint(
-        URL,
-        &["customer.updated", "invoice.paid"],
-        Some(DEFAULT_STRIPE_API_VERSION),
-        "disabled",
-    );
     let expected_drift = Drift {
         missing_events: vec![
             "customer.created".into(),
@@ -216,7 +216,7 @@ async fn two_endpoints_at_the_url_or_a_bad_url_stop_setup_before_any_change() {
         .await
         .unwrap_err();
     assert!(
-        matches!(&err, SetupError::SeveralEndpoints(ids) if *ids == vec![first.clone(), second.clone()]),
+        matches!(&err, SetupError::SeveralEndpoints(ids) if *ids == vec![second.clone(), first.clone()]),
         "{err:?}"
     );
     for bad in [
@@ -232,4 +232,83 @@ async fn two_endpoints_at_the_url_or_a_bad_url_stop_setup_before_any_change() {
     assert_eq!(operations(&stripe), ["webhook_endpoints.list"]);
     let untouched: Value = stripe.webhook_endpoint(&second).unwrap();
     assert_eq!(untouched["enabled_events"], json!(["*"]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_command_prints_the_secret_once_and_check_fails_on_drift() {
+    let (server, stripe, _client) = standin().await;
+    let billsync = |args: &[&str]| {
+        let out = tokio::task::block_in_place(|| {
+            std::process::Command::new(env!("CARGO_BIN_EXE_billsync"))
+                .args(args)
+                .env("STRIPE_SECRET_KEY", support::STRIPE_KEY)
+                .env("BILLSYNC_STRIPE_API_BASE", server.uri())
+                .env("RUST_LOG", "debug")
+                .output()
+                .unwrap()
+        });
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, _, stderr) = billsync(&["stripe", "setup", "--check", "--url", URL]);
+    assert!(!ok);
+    assert!(
+        stderr.contains("no webhook endpoint has the URL"),
+        "{stderr}"
+    );
+
+    let (ok, stdout, stderr) = billsync(&["stripe", "setup", "--url", URL]);
+    assert!(ok, "{stderr}");
+    let created = operations(&stripe)
+        .iter()
+        .filter(|o| *o == "webhook_endpoints.create")
+        .count();
+    assert_eq!(created, 1);
+    let secret = stdout
+        .lines()
+        .find(|l| l.starts_with("whsec_"))
+        .unwrap_or_else(|| panic!("the secret on stdout: {stdout}"));
+    assert!(stdout.contains("STRIPE_WEBHOOK_SECRET"), "{stdout}");
+    assert!(
+        !stderr.contains(secret),
+        "the secret reached the logs: {stderr}"
+    );
+
+    let (ok, stdout, _) = billsync(&["stripe", "setup", "--url", URL]);
+    assert!(ok);
+    assert!(stdout.contains("already as billsync needs it"), "{stdout}");
+    assert!(!stdout.contains("whsec_"), "{stdout}");
+    let (ok, stdout, _) = billsync(&["stripe", "setup", "--check", "--url", URL]);
+    assert!(ok, "{stdout}");
+    let report: Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(report["in_sync"], true, "{stdout}");
+    assert!(
+        report["id"].as_str().unwrap().starts_with("we_"),
+        "{stdout}"
+    );
+    stripe.add_webhook_endpoint(
+        "https://app.example.com/other",
+        &["invoice.paid"],
+        Some(DEFAULT_STRIPE_API_VERSION),
+        "disabled",
+    );
+    let (ok, stdout, stderr) = billsync(&[
+        "stripe",
+        "setup",
+        "--check",
+        "--url",
+        "https://app.example.com/other",
+    ]);
+    assert!(!ok, "{stdout}");
+    let report: Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(report["in_sync"], false, "{stdout}");
+    assert!(
+        stderr.contains("missing events customer.created")
+            && stderr.contains("extra events invoice.paid")
+            && stderr.contains("disabled"),
+        "{stderr}"
+    );
 }
