@@ -241,36 +241,18 @@ impl Deliverer {
             }
             if !saturated {
                 // Everything due was taken. A round that found work (or has finished
-                // deliveries to record) leaves `ROUND_GAP`
-                // before the next, gathering the deliveries that end meanwhile: the
-                // statements are per round, so under a steady trickle of events each round
-                // claims and records many, not one each. An idle round waits for a delivery
-                // to end, or for the poll interval.
+                // deliveries to record) leaves `ROUND_GAP` before the next, gathering the
+                // deliveries that end meanwhile: the statements are per round, so under a
+                // steady trickle of events each round claims and records many, not one each.
+                // An idle round waits for a delivery to end, or for the poll interval.
                 let busy = worked || !finished.is_empty();
-                let until = if busy {
-                    round_started + ROUND_GAP
+                let (until, gather) = if busy {
+                    (round_started + ROUND_GAP, Gather::UntilDeadline)
                 } else {
-                    round_started + self.poll_interval
+                    (round_started + self.poll_interval, Gather::FirstAndItsPeers)
                 };
-                loop {
-                    tokio::select! {
-                        Some(done) = in_flight.join_next(), if !in_flight.is_empty() => {
-                            finished.extend(done.into_iter().flatten());
-                            if !busy {
-                                // Deliveries end close together: a moment's wait gathers
-                                // the others, so one write records them all (a write per
-                                // event is what limits a SQLite file, one fsync each).
-                                tokio::time::sleep(RECORD_LINGER).await;
-                                while let Some(done) = in_flight.try_join_next() {
-                                    finished.extend(done.into_iter().flatten());
-                                }
-                                break;
-                            }
-                        }
-                        _ = tokio::time::sleep_until(until) => break,
-                        _ = shutdown.changed() => break,
-                    }
-                }
+                wait_for_deliveries(&mut in_flight, &mut finished, until, gather, &mut shutdown)
+                    .await;
             }
             // Whatever has finished is recorded in one write.
             self.record(&mut finished).await;
@@ -305,6 +287,44 @@ impl Deliverer {
             warn_unavailable(&err);
         }
         finished.clear();
+    }
+}
+
+/// What a wait between rounds gathers.
+#[derive(Clone, Copy, PartialEq)]
+enum Gather {
+    /// Every delivery that ends before the deadline.
+    UntilDeadline,
+    /// The first delivery to end and those ending within `RECORD_LINGER` of it.
+    FirstAndItsPeers,
+}
+
+/// Moves the deliveries that end into `finished`, as `gather` says, until `until` or shutdown.
+async fn wait_for_deliveries(
+    in_flight: &mut JoinSet<Vec<(AppEvent, AppEventOutcome)>>,
+    finished: &mut Vec<(AppEvent, AppEventOutcome)>,
+    until: tokio::time::Instant,
+    gather: Gather,
+    shutdown: &mut watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            Some(done) = in_flight.join_next(), if !in_flight.is_empty() => {
+                finished.extend(done.into_iter().flatten());
+                if gather == Gather::FirstAndItsPeers {
+                    // Deliveries end close together: a moment's wait gathers the others, so
+                    // one write records them all (a write per event is what limits a SQLite
+                    // file, one fsync each).
+                    tokio::time::sleep(RECORD_LINGER).await;
+                    while let Some(done) = in_flight.try_join_next() {
+                        finished.extend(done.into_iter().flatten());
+                    }
+                    return;
+                }
+            }
+            _ = tokio::time::sleep_until(until) => return,
+            _ = shutdown.changed() => return,
+        }
     }
 }
 
