@@ -20,6 +20,26 @@ async fn standin() -> (wiremock::MockServer, StripeStandIn, StripeClient) {
     (server, stripe, client)
 }
 
+/// `stripe setup` for `url`, at billsync's pinned version.
+async fn setup_at(client: &StripeClient, url: &str) -> Result<Outcome, SetupError> {
+    stripe_setup::setup(client, url, DEFAULT_STRIPE_API_VERSION).await
+}
+
+/// `stripe setup --check` for [`URL`], at billsync's pinned version.
+async fn check(client: &StripeClient) -> Option<(String, Drift)> {
+    stripe_setup::check(client, URL, DEFAULT_STRIPE_API_VERSION)
+        .await
+        .unwrap()
+}
+
+/// How many requests of `operation` the stand-in accepted.
+fn count_of(stripe: &StripeStandIn, operation: &str) -> usize {
+    operations(stripe)
+        .iter()
+        .filter(|o| *o == operation)
+        .count()
+}
+
 /// The operations the stand-in accepted, in order.
 fn operations(stripe: &StripeStandIn) -> Vec<String> {
     stripe.seen().into_iter().map(|s| s.operation).collect()
@@ -47,9 +67,7 @@ fn handled_events_as_form() -> Vec<(String, String)> {
 #[tokio::test]
 async fn setup_creates_the_endpoint_once_with_the_handled_events_and_the_pinned_version() {
     let (_server, stripe, client) = standin().await;
-    let outcome = stripe_setup::setup(&client, URL, DEFAULT_STRIPE_API_VERSION)
-        .await
-        .unwrap();
+    let outcome = setup_at(&client, URL).await.unwrap();
     let Outcome::Created { id, secret } = outcome else {
         panic!("created, not {outcome:?}");
     };
@@ -73,9 +91,7 @@ async fn setup_creates_the_endpoint_once_with_the_handled_events_and_the_pinned_
     assert_eq!(held["api_version"], DEFAULT_STRIPE_API_VERSION);
 
     // Again: found by its URL, in sync, nothing created or changed.
-    let again = stripe_setup::setup(&client, URL, DEFAULT_STRIPE_API_VERSION)
-        .await
-        .unwrap();
+    let again = setup_at(&client, URL).await.unwrap();
     assert!(
         matches!(&again, Outcome::InSync { id: found } if *found == id),
         "{again:?}"
@@ -88,9 +104,7 @@ async fn setup_creates_the_endpoint_once_with_the_handled_events_and_the_pinned_
             "webhook_endpoints.list"
         ]
     );
-    let checked = stripe_setup::check(&client, URL, DEFAULT_STRIPE_API_VERSION)
-        .await
-        .unwrap();
+    let checked = check(&client).await;
     assert_eq!(checked, Some((id, Drift::default())));
 }
 
@@ -131,20 +145,15 @@ async fn setup_finds_its_url_exactly_among_many_and_fixes_events_and_status() {
         api_version: None,
         disabled: true,
     };
-    let checked = stripe_setup::check(&client, URL, DEFAULT_STRIPE_API_VERSION)
-        .await
-        .unwrap();
+    let checked = check(&client).await;
     assert_eq!(checked, Some((drifted.clone(), expected_drift.clone())));
-    let lists = stripe
-        .seen()
-        .into_iter()
-        .filter(|s| s.operation == "webhook_endpoints.list")
-        .count();
-    assert_eq!(lists, 2, "107 endpoints are two pages of 100");
+    assert_eq!(
+        count_of(&stripe, "webhook_endpoints.list"),
+        2,
+        "107 endpoints are two pages of 100"
+    );
 
-    let outcome = stripe_setup::setup(&client, URL, DEFAULT_STRIPE_API_VERSION)
-        .await
-        .unwrap();
+    let outcome = setup_at(&client, URL).await.unwrap();
     let Outcome::Updated { id, fixed } = outcome else {
         panic!("updated, not {outcome:?}");
     };
@@ -164,10 +173,8 @@ async fn setup_finds_its_url_exactly_among_many_and_fixes_events_and_status() {
         stripe.webhook_endpoint(&other_case).unwrap()["enabled_events"],
         json!(["*"])
     );
-    assert!(!operations(&stripe).contains(&"webhook_endpoints.create".to_owned()));
-    let checked = stripe_setup::check(&client, URL, DEFAULT_STRIPE_API_VERSION)
-        .await
-        .unwrap();
+    assert_eq!(count_of(&stripe, "webhook_endpoints.create"), 0);
+    let checked = check(&client).await;
     assert_eq!(checked, Some((drifted, Drift::default())));
 }
 
@@ -175,9 +182,7 @@ async fn setup_finds_its_url_exactly_among_many_and_fixes_events_and_status() {
 async fn an_endpoint_on_another_api_version_is_reported_and_left_alone() {
     let (_server, stripe, client) = standin().await;
     let old = stripe.add_webhook_endpoint(URL, &HANDLED_TYPES, Some("2024-06-20"), "enabled");
-    let checked = stripe_setup::check(&client, URL, DEFAULT_STRIPE_API_VERSION)
-        .await
-        .unwrap();
+    let checked = check(&client).await;
     assert_eq!(
         checked,
         Some((
@@ -188,9 +193,7 @@ async fn an_endpoint_on_another_api_version_is_reported_and_left_alone() {
             }
         ))
     );
-    let err = stripe_setup::setup(&client, URL, DEFAULT_STRIPE_API_VERSION)
-        .await
-        .unwrap_err();
+    let err = setup_at(&client, URL).await.unwrap_err();
     assert!(
         matches!(&err, SetupError::ApiVersion { id, have, .. }
         if *id == old && have == "2024-06-20"),
@@ -201,9 +204,7 @@ async fn an_endpoint_on_another_api_version_is_reported_and_left_alone() {
     // An endpoint on the account's default version is not billsync's pinned one either.
     let (_server, stripe, client) = standin().await;
     stripe.add_webhook_endpoint(URL, &HANDLED_TYPES, None, "enabled");
-    let err = stripe_setup::setup(&client, URL, DEFAULT_STRIPE_API_VERSION)
-        .await
-        .unwrap_err();
+    let err = setup_at(&client, URL).await.unwrap_err();
     assert!(err.to_string().contains("account default"), "{err}");
 }
 
@@ -212,9 +213,7 @@ async fn two_endpoints_at_the_url_or_a_bad_url_stop_setup_before_any_change() {
     let (_server, stripe, client) = standin().await;
     let first = stripe.add_webhook_endpoint(URL, &HANDLED_TYPES, None, "enabled");
     let second = stripe.add_webhook_endpoint(URL, &["*"], None, "enabled");
-    let err = stripe_setup::setup(&client, URL, DEFAULT_STRIPE_API_VERSION)
-        .await
-        .unwrap_err();
+    let err = setup_at(&client, URL).await.unwrap_err();
     assert!(
         matches!(&err, SetupError::SeveralEndpoints(ids) if *ids == vec![second.clone(), first.clone()]),
         "{err:?}"
@@ -224,9 +223,7 @@ async fn two_endpoints_at_the_url_or_a_bad_url_stop_setup_before_any_change() {
         "ftp://app.example.com/hook",
         "https://",
     ] {
-        let err = stripe_setup::setup(&client, bad, DEFAULT_STRIPE_API_VERSION)
-            .await
-            .unwrap_err();
+        let err = setup_at(&client, bad).await.unwrap_err();
         assert!(matches!(err, SetupError::BadUrl(_)), "{bad}: {err:?}");
     }
     assert_eq!(operations(&stripe), ["webhook_endpoints.list"]);
@@ -262,11 +259,7 @@ async fn the_command_prints_the_secret_once_and_check_fails_on_drift() {
 
     let (ok, stdout, stderr) = billsync(&["stripe", "setup", "--url", URL]);
     assert!(ok, "{stderr}");
-    let created = operations(&stripe)
-        .iter()
-        .filter(|o| *o == "webhook_endpoints.create")
-        .count();
-    assert_eq!(created, 1);
+    assert_eq!(count_of(&stripe, "webhook_endpoints.create"), 1);
     let secret = stdout
         .lines()
         .find(|l| l.starts_with("whsec_"))
