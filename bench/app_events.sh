@@ -61,10 +61,8 @@ start_server() {
 
 # Events straight into the outbox, as the store's transactions write them.
 python3 bench/app_events_load.py "$DATABASE_URL" insert "$EVENTS" "$USERS"
-# CPU time (clock ticks) of a process, and of every postgres process: where a delivery's cost
-# goes during the throughput phase.
-ticks() { awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
-pg_ticks() { for p in $(pgrep -u postgres); do ticks "$p"; done | awk '{s += $1} END {print s + 0}'; }
+# Where a delivery's cost goes during the throughput phase.
+. bench/cpu.sh
 PG0=$(pg_ticks); RECEIVER0=$(ticks "$RECEIVER")
 START=$(date +%s.%N)
 start_server

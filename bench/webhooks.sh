@@ -116,10 +116,9 @@ load() { # $1: events file, $2: connections
     "$LOAD" "127.0.0.1:$PORT" "$1" "$2" "$DURATION"
   fi
 }
-# CPU time (clock ticks) of the server and of every postgres process, for the per-event
-# accounting of the 64-connection phase; the built-in generator reports its own.
-ticks() { awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
-pg_ticks() { for p in $(pgrep -u postgres); do ticks "$p"; done | awk '{s += $1} END {print s + 0}'; }
+# CPU of the server, the receiver and Postgres in the 64-connection phase, per event; the
+# built-in generator reports its own.
+. bench/cpu.sh
 burst() {
   local server0 pg0 server1 pg1 receiver0=0 receiver1=0
   server0=$(ticks "$SERVER"); pg0=$(pg_ticks)
