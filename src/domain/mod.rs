@@ -25,7 +25,9 @@ pub use event::{
 };
 pub use job::{failure_code, AuditEntry, Erased, JobKind, JobOutcome, JobState, OutboxJob};
 pub use link::{CustomerLink, LinkOutcome, ResolveClaim};
-pub use user::{PushedProfile, RemoteProfile, UsageRecord, User, UserUpsert};
+pub use user::{
+    ImportOutcome, PushedProfile, RemoteProfile, UsageRecord, User, UserImport, UserUpsert,
+};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{message}")]

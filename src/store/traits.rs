@@ -10,10 +10,10 @@ use time::OffsetDateTime;
 use super::{QueueStats, StoreResult};
 use crate::domain::{
     AppEvent, AppEventOutcome, AppEventState, AuditEntry, ChangeOrigin, CustomerLink,
-    CustomerUpdate, Erased, EventOutcome, EventState, EventToApply, JobOutcome, JobState,
-    LinkOutcome, LinkSource, NewEvent, OutboxJob, PortalConfigRecord, PushedProfile, ResolveClaim,
-    StoredEvent, StripeCustomerId, SubscriptionMirror, UnlinkReason, UpdateContext, UsageRecord,
-    User, UserId, UserUpsert,
+    CustomerUpdate, Erased, EventOutcome, EventState, EventToApply, ImportOutcome, JobOutcome,
+    JobState, LinkOutcome, LinkSource, NewEvent, OutboxJob, PortalConfigRecord, PushedProfile,
+    ResolveClaim, StoredEvent, StripeCustomerId, SubscriptionMirror, UnlinkReason, UpdateContext,
+    UsageRecord, User, UserId, UserImport, UserUpsert,
 };
 
 /// `Store` is every aggregate's trait, and everything that implements them all is one.
@@ -80,6 +80,10 @@ pub trait Users: Send + Sync + 'static {
         expected: i64,
         pushed: &PushedProfile,
     ) -> StoreResult<Option<User>>;
+    /// Bulk import: each user as [`upsert_user`](Self::upsert_user) writes them, except that
+    /// an erased person is never created; one transaction per run of distinct ids (a repeated
+    /// id is written after the rows before it). The outcomes are in the order of `users`.
+    async fn import_users(&self, users: &[UserImport]) -> StoreResult<Vec<ImportOutcome>>;
     async fn get_user(&self, id: &UserId) -> StoreResult<Option<User>>;
     /// Users with `id > after`, by id, at most `limit`: pages for a full scan (reconcile).
     async fn users_page(&self, after: Option<&UserId>, limit: u32) -> StoreResult<Vec<User>>;

@@ -17,6 +17,7 @@ mod support {
 mod app_events;
 mod erasure;
 mod events;
+mod import;
 mod links;
 mod operations;
 mod outbox;

@@ -1,17 +1,20 @@
-use std::time::Duration;
+use std::{collections::HashSet, time::Duration};
 
 use async_trait::async_trait;
 use time::OffsetDateTime;
 
 use super::{
     app_events::append,
-    dialect::{begin_write, db_time, span, sql, time, Clock, Clocked, Connection, Db, Time},
+    dialect::{begin_write, db_time, ids, span, sql, time, Clock, Clocked, Connection, Db, Time},
     links::record_pushed,
     rows::{user_from_row, UserRow},
     Backend,
 };
 use crate::{
-    domain::{ChangeOrigin, NewAppEvent, PushedProfile, UsageRecord, User, UserId, UserUpsert},
+    domain::{
+        ChangeOrigin, ImportOutcome, NewAppEvent, PushedProfile, UsageRecord, User, UserId,
+        UserImport, UserUpsert,
+    },
     store::{opt_str, traits::Users, StoreError, StoreResult},
 };
 
@@ -97,7 +100,7 @@ async fn announce_user_change(
     }
 }
 
-async fn get_user_in(db: &mut Connection, id: &UserId) -> StoreResult<Option<User>> {
+pub(crate) async fn get_user_in(db: &mut Connection, id: &UserId) -> StoreResult<Option<User>> {
     let row: Option<UserRow> =
         sqlx::query_as(&sql("SELECT {user_columns} FROM users WHERE id = $1"))
             .bind(id.as_str())
@@ -106,53 +109,105 @@ async fn get_user_in(db: &mut Connection, id: &UserId) -> StoreResult<Option<Use
     row.map(user_from_row).transpose()
 }
 
+/// Creates the user or replaces their profile inside the caller's transaction (see
+/// `Users::upsert_user_from`); the row as it was, if it was, and as it is.
+pub(crate) async fn upsert_user_in(
+    db: &mut Connection,
+    user: &UserUpsert,
+    origin: ChangeOrigin,
+    push_debounce: Duration,
+    now: Clock,
+) -> StoreResult<(Option<User>, User)> {
+    // Locked, so that what `user.updated` says changed is what this write changed.
+    let before: Option<UserRow> = sqlx::query_as(&sql(
+        "SELECT {user_columns} FROM users u WHERE id = $1 {for_update}",
+    ))
+    .bind(user.id.as_str())
+    .fetch_optional(&mut *db)
+    .await?;
+    let before = before.map(user_from_row).transpose()?;
+    let statement = sql(
+        "INSERT INTO users (id, email, email_verified, first_name, last_name, phone, version,
+                            created_at, updated_at, email_as_given)
+         VALUES ($1, $2, $3, $4, $5, $6, 1, {now_ms}, {now_ms}, $7)
+         ON CONFLICT (id) DO UPDATE SET
+            email = excluded.email, email_as_given = excluded.email_as_given,
+            email_verified = excluded.email_verified,
+            first_name = excluded.first_name, last_name = excluded.last_name,
+            phone = excluded.phone, version = users.version + 1,
+            updated_at = excluded.updated_at
+         WHERE {user_changed}
+         RETURNING {user_columns}",
+    );
+    let written: Option<UserRow> = bind_profile(sqlx::query_as(&statement), user)
+        .bind(user.email.as_given())
+        .clock(now)
+        .fetch_optional(&mut *db)
+        .await?;
+    let saved = match written {
+        Some(row) => {
+            let saved = user_from_row(row)?;
+            if saved.version > 1 {
+                enqueue_push(db, &saved.id, push_debounce, now).await?;
+            }
+            announce_user_change(db, origin, before.as_ref(), &saved, now).await?;
+            saved
+        }
+        // Nothing changed: the row is as requested already (read again if it was not there
+        // to lock: another writer inserted it meanwhile).
+        None => match &before {
+            Some(row) => row.clone(),
+            None => get_user_in(db, &user.id)
+                .await?
+                .ok_or_else(|| StoreError::Corrupt("user vanished during upsert".into()))?,
+        },
+    };
+    Ok((before, saved))
+}
+
+/// Which of these tombstone subjects were erased.
+pub(crate) async fn erased_among(
+    db: &mut Connection,
+    subjects: &[String],
+) -> StoreResult<HashSet<String>> {
+    if subjects.is_empty() {
+        return Ok(HashSet::new());
+    }
+    let found: Vec<String> = sqlx::query_scalar(&sql(
+        "SELECT subject FROM erasure_tombstones WHERE subject {in $1}",
+    ))
+    .bind(ids(subjects))
+    .fetch_all(db)
+    .await?;
+    Ok(found.into_iter().collect())
+}
+
 #[async_trait]
 impl Users for Backend {
     async fn upsert_user_from(&self, user: &UserUpsert, origin: ChangeOrigin) -> StoreResult<User> {
         let now = Clock::now();
         let mut tx = begin_write(&self.pool).await?;
-        // Locked, so that what `user.updated` says changed is what this write changed.
-        let before: Option<UserRow> = sqlx::query_as(&sql(
-            "SELECT {user_columns} FROM users u WHERE id = $1 {for_update}",
-        ))
-        .bind(user.id.as_str())
-        .fetch_optional(&mut *tx)
-        .await?;
-        let before = before.map(user_from_row).transpose()?;
-        let statement = sql(
-            "INSERT INTO users (id, email, email_verified, first_name, last_name, phone, version,
-                                created_at, updated_at, email_as_given)
-             VALUES ($1, $2, $3, $4, $5, $6, 1, {now_ms}, {now_ms}, $7)
-             ON CONFLICT (id) DO UPDATE SET
-                email = excluded.email, email_as_given = excluded.email_as_given,
-                email_verified = excluded.email_verified,
-                first_name = excluded.first_name, last_name = excluded.last_name,
-                phone = excluded.phone, version = users.version + 1,
-                updated_at = excluded.updated_at
-             WHERE {user_changed}
-             RETURNING {user_columns}",
-        );
-        let written: Option<UserRow> = bind_profile(sqlx::query_as(&statement), user)
-            .bind(user.email.as_given())
-            .clock(now)
-            .fetch_optional(&mut *tx)
-            .await?;
-        let saved = match written {
-            Some(row) => {
-                let saved = user_from_row(row)?;
-                if saved.version > 1 {
-                    enqueue_push(&mut tx, &saved.id, self.push_debounce, now).await?;
-                }
-                announce_user_change(&mut tx, origin, before.as_ref(), &saved, now).await?;
-                saved
-            }
-            // Nothing changed: the row is as requested already.
-            None => get_user_in(&mut tx, &user.id)
-                .await?
-                .ok_or_else(|| StoreError::Corrupt("user vanished during upsert".into()))?,
-        };
+        let (_, saved) = upsert_user_in(&mut tx, user, origin, self.push_debounce, now).await?;
         tx.commit().await?;
         Ok(saved)
+    }
+
+    async fn import_users(&self, users: &[UserImport]) -> StoreResult<Vec<ImportOutcome>> {
+        // A batch writes each id once (a statement may not touch a row twice); an id that
+        // comes again starts the next batch, so the later row wins, as in a file read in order.
+        let mut outcomes = Vec::with_capacity(users.len());
+        let mut rest = users;
+        while !rest.is_empty() {
+            let mut seen = std::collections::HashSet::new();
+            let distinct = rest
+                .iter()
+                .take_while(|u| seen.insert(u.user.id.as_str()))
+                .count();
+            let (batch, after) = rest.split_at(distinct);
+            outcomes.extend(self.import_batch(batch).await?);
+            rest = after;
+        }
+        Ok(outcomes)
     }
 
     async fn update_user_if_version(

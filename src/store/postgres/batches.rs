@@ -8,16 +8,17 @@ use super::{
     common::{
         app_events::append,
         rows::{event_from_row, user_from_row, EventRow, UserRow},
+        users::erased_among,
     },
-    dialect::{sql, Clock},
+    dialect::{span, sql, Clock},
     PgStore,
 };
 use crate::{
     domain::{
-        ChangeOrigin, CustomerUpdate, EventToApply, NewAppEvent, NewEvent, PushedProfile,
-        RemoteProfile,
+        ChangeOrigin, CustomerUpdate, EventToApply, ImportOutcome, NewAppEvent, NewEvent,
+        PushedProfile, RemoteProfile, User, UserImport, UserUpsert,
     },
-    store::{first_inserted, opt_str, StoreResult},
+    store::{first_inserted, opt_str, StoreError, StoreResult},
 };
 
 impl PgStore {
@@ -183,6 +184,142 @@ impl PgStore {
     }
 }
 
+impl PgStore {
+    /// `Users::import_users` in five statements, however many users: lock the existing rows,
+    /// find the erased, write what differs, queue the pushes and announce the changes.
+    pub(super) async fn import_batch(
+        &self,
+        users: &[UserImport],
+    ) -> StoreResult<Vec<ImportOutcome>> {
+        let mut tx = self.pool.begin().await?;
+        let ids = users.iter().map(|u| u.user.id.as_str()).collect::<Vec<_>>();
+        // Locked in id order, as every batch locks them, so two imports never deadlock; what
+        // `user.updated` says changed is then what this write changed.
+        let before: Vec<UserRow> = sqlx::query_as(&sql(
+            "SELECT {user_columns} FROM users u WHERE id = ANY($1) ORDER BY id {for_update}",
+        ))
+        .bind(&ids)
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut before = users_by_id(before)?;
+        // After the lock, so an erasure that deleted a row meanwhile (its tombstone is written
+        // before its rows go) is seen here.
+        let absent = users
+            .iter()
+            .filter(|u| !before.contains_key(u.user.id.as_str()))
+            .map(|u| u.subject.clone())
+            .collect::<Vec<_>>();
+        let erased = erased_among(&mut tx, &absent).await?;
+        let mut wanted = users
+            .iter()
+            .filter(|u| !erased.contains(&u.subject))
+            .map(|u| &u.user)
+            .collect::<Vec<_>>();
+        // New rows are inserted in id order too: two batches creating the same users then
+        // wait for each other instead of deadlocking.
+        wanted.sort_by(|a, b| a.id.cmp(&b.id));
+        let column =
+            |f: fn(&UserUpsert) -> Option<&str>| wanted.iter().map(|u| f(u)).collect::<Vec<_>>();
+        let written: Vec<UserRow> = sqlx::query_as(&sql(
+            "INSERT INTO users (id, email, email_verified, first_name, last_name, phone, version,
+                                created_at, updated_at, email_as_given)
+             SELECT x.id, x.email, x.email_verified, x.first_name, x.last_name, x.phone, 1,
+                    {now_ms}, {now_ms}, x.email_as_given
+             FROM unnest($1::text[], $2::text[], $3::boolean[], $4::text[], $5::text[],
+                         $6::text[], $7::text[])
+                  AS x(id, email, email_verified, first_name, last_name, phone, email_as_given)
+             ON CONFLICT (id) DO UPDATE SET
+                email = excluded.email, email_as_given = excluded.email_as_given,
+                email_verified = excluded.email_verified,
+                first_name = excluded.first_name, last_name = excluded.last_name,
+                phone = excluded.phone, version = users.version + 1,
+                updated_at = excluded.updated_at
+             WHERE (users.email, users.email_verified, users.first_name, users.last_name,
+                    users.phone) IS DISTINCT FROM (excluded.email, excluded.email_verified,
+                    excluded.first_name, excluded.last_name, excluded.phone)
+             RETURNING {user_columns}",
+        ))
+        .bind(column(|u| Some(u.id.as_str())))
+        .bind(column(|u| Some(u.email.as_str())))
+        .bind(wanted.iter().map(|u| u.email_verified).collect::<Vec<_>>())
+        .bind(column(|u| opt_str(&u.first_name)))
+        .bind(column(|u| opt_str(&u.last_name)))
+        .bind(column(|u| opt_str(&u.phone)))
+        .bind(column(|u| u.email.as_given()))
+        .fetch_all(&mut *tx)
+        .await?;
+        let written = users_by_id(written)?;
+        // A row inserted meanwhile by another writer, exactly as this import has it, was
+        // neither locked nor written here: read it, so it counts as unchanged.
+        let raced = users
+            .iter()
+            .filter(|u| !erased.contains(&u.subject))
+            .map(|u| u.user.id.as_str())
+            .filter(|id| !before.contains_key(*id) && !written.contains_key(*id))
+            .collect::<Vec<_>>();
+        if !raced.is_empty() {
+            let rows: Vec<UserRow> =
+                sqlx::query_as(&sql("SELECT {user_columns} FROM users WHERE id = ANY($1)"))
+                    .bind(&raced)
+                    .fetch_all(&mut *tx)
+                    .await?;
+            before.extend(users_by_id(rows)?);
+        }
+        // A new row has version 1; any other existed (locked above, or inserted meanwhile by
+        // another writer) and changed: a push is queued as for an admin `PUT`.
+        let updated = written
+            .values()
+            .filter(|u| u.version > 1)
+            .collect::<Vec<_>>();
+        if !updated.is_empty() {
+            sqlx::query(&sql(
+                "INSERT INTO outbox (kind, user_id, payload, state, attempts, next_attempt_at,
+                                     created_at, updated_at)
+                 SELECT 'push_profile', u, '{}', 'pending', 0, {later $2}, {now}, {now}
+                 FROM unnest($1::text[]) AS u
+                 ON CONFLICT (user_id) WHERE kind = 'push_profile' AND state = 'pending'
+                 DO NOTHING",
+            ))
+            .bind(updated.iter().map(|u| u.id.as_str()).collect::<Vec<_>>())
+            .bind(span(self.push_debounce))
+            .execute(&mut *tx)
+            .await?;
+            // As `upsert_user` announces: a change of a user this write saw before.
+            let announced = updated
+                .iter()
+                .filter_map(|after| {
+                    let was = before.get(after.id.as_str())?;
+                    NewAppEvent::user_updated(ChangeOrigin::Admin, Some(was), after)
+                })
+                .collect::<Vec<_>>();
+            append(&mut tx, &announced, Clock::now()).await?;
+        }
+        let outcomes = users
+            .iter()
+            .map(|u| {
+                let id = u.user.id.as_str();
+                match (written.get(id), before.get(id)) {
+                    (Some(saved), _) if saved.version == 1 => {
+                        Ok(ImportOutcome::Created(saved.clone()))
+                    }
+                    (Some(saved), _) => Ok(ImportOutcome::Updated(saved.clone())),
+                    (None, Some(kept)) => Ok(ImportOutcome::Unchanged(kept.clone())),
+                    (None, None) if erased.contains(&u.subject) => Ok(ImportOutcome::Erased),
+                    (None, None) => Err(StoreError::Corrupt("user vanished during import".into())),
+                }
+            })
+            .collect::<StoreResult<Vec<_>>>()?;
+        tx.commit().await?;
+        Ok(outcomes)
+    }
+}
+
+fn users_by_id(rows: Vec<UserRow>) -> StoreResult<HashMap<String, User>> {
+    rows.into_iter()
+        .map(|row| user_from_row(row).map(|u| (u.id.to_string(), u)))
+        .collect()
+}
+
 /// Writes a batch's Stripe-side profile changes, each only if its user is still at the
 /// expected version, and records their values as what Stripe holds; returns the customers
 /// whose user changed meanwhile.
@@ -207,11 +344,7 @@ async fn apply_remote_profiles_in(
             .bind(column(|p| Some(p.user.id.as_str())))
             .fetch_all(&mut **tx)
             .await?;
-    let before = before
-        .into_iter()
-        .map(user_from_row)
-        .map(|user| user.map(|u| (u.id.to_string(), u)))
-        .collect::<StoreResult<HashMap<_, _>>>()?;
+    let before = users_by_id(before)?;
     let written: Vec<UserRow> = sqlx::query_as(&sql(
         "UPDATE users SET email = excluded.email, email_verified = excluded.email_verified,
                 first_name = excluded.first_name, last_name = excluded.last_name,

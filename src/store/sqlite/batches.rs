@@ -8,13 +8,15 @@ use super::{
     common::{
         links::{raise_watermark, record_pushed},
         rows::{event_from_row, EventRow},
-        users::update_user_in,
+        users::{erased_among, get_user_in, update_user_in, upsert_user_in},
     },
     dialect::{begin_write, ids, sql, time, Clock, Clocked, Time},
     SqliteStore,
 };
 use crate::{
-    domain::{ChangeOrigin, CustomerUpdate, EventState, EventToApply, NewEvent},
+    domain::{
+        ChangeOrigin, CustomerUpdate, EventState, EventToApply, ImportOutcome, NewEvent, UserImport,
+    },
     store::{first_inserted, StoreResult},
 };
 
@@ -148,6 +150,41 @@ impl SqliteStore {
             found.push((customer.clone(), events));
         }
         Ok(found)
+    }
+
+    /// `Users::import_users`: each user as `upsert_user` writes them, in one transaction.
+    pub(super) async fn import_batch(
+        &self,
+        users: &[UserImport],
+    ) -> StoreResult<Vec<ImportOutcome>> {
+        let now = Clock::now();
+        let mut tx = begin_write(&self.pool).await?;
+        let subjects = users.iter().map(|u| u.subject.clone()).collect::<Vec<_>>();
+        let erased = erased_among(&mut tx, &subjects).await?;
+        let mut outcomes = Vec::with_capacity(users.len());
+        for import in users {
+            if erased.contains(&import.subject)
+                && get_user_in(&mut tx, &import.user.id).await?.is_none()
+            {
+                outcomes.push(ImportOutcome::Erased);
+                continue;
+            }
+            let (before, saved) = upsert_user_in(
+                &mut tx,
+                &import.user,
+                ChangeOrigin::Admin,
+                self.push_debounce,
+                now,
+            )
+            .await?;
+            outcomes.push(match before {
+                None => ImportOutcome::Created(saved),
+                Some(before) if before.version == saved.version => ImportOutcome::Unchanged(saved),
+                Some(_) => ImportOutcome::Updated(saved),
+            });
+        }
+        tx.commit().await?;
+        Ok(outcomes)
     }
 
     pub(super) async fn commit_updates(
