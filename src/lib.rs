@@ -26,4 +26,5 @@ pub mod store;
 pub mod stripe;
 pub mod stripe_setup;
 pub mod telemetry;
+pub mod users_import;
 pub mod webhooks;

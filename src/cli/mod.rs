@@ -17,12 +17,14 @@ mod reconcile;
 mod serve;
 mod stripe;
 mod user_data;
+mod users;
 
 pub use app_events::AppEventsCommand;
 pub use customer::CustomerCommand;
 pub use events::EventsCommand;
 pub use portal::PortalCommand;
 pub use stripe::StripeCommand;
+pub use users::UsersCommand;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -43,6 +45,9 @@ pub enum Command {
     Serve,
     /// Apply database migrations and exit.
     Migrate,
+    /// Users: bulk import.
+    #[command(subcommand)]
+    Users(UsersCommand),
     /// Customer operations.
     #[command(subcommand)]
     Customer(CustomerCommand),
@@ -110,6 +115,7 @@ async fn execute(command: Command, config: Config) -> anyhow::Result<()> {
     match command {
         Command::Serve => serve::run(config).await,
         Command::Migrate => migrate::run(config).await,
+        Command::Users(command) => users::run(command, config).await,
         Command::Customer(command) => customer::run(command, config).await,
         Command::Events(command) => events::run(command, config).await,
         Command::Reconcile { apply, json } => reconcile::run(config, apply, json).await,

@@ -36,3 +36,4 @@ mod erasure_exclusive;
 mod faults;
 mod outbox_fencing;
 mod two_instances;
+mod users_import;
