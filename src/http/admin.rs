@@ -17,7 +17,7 @@ use super::{
     AppState,
 };
 use crate::{
-    domain::{Email, LinkSource, PersonName, Phone, UserId},
+    domain::{LinkSource, UserId},
     error::ApiError,
     store::{
         CustomerLink, EventState, JobKind, JobState, OutboxJob, StoredEvent, User, UserUpsert,
@@ -63,19 +63,14 @@ pub struct UserBody {
 
 impl UserBody {
     pub fn into_upsert(self, id: UserId) -> Result<UserUpsert, ApiError> {
-        Ok(UserUpsert {
+        Ok(UserUpsert::parse(
             id,
-            email: Email::parse(&self.email)?,
-            email_verified: self.email_verified,
-            first_name: PersonName::parse_optional(self.first_name.as_deref(), "first_name")?,
-            last_name: PersonName::parse_optional(self.last_name.as_deref(), "last_name")?,
-            phone: self
-                .phone
-                .as_deref()
-                .filter(|p| !p.trim().is_empty())
-                .map(Phone::parse)
-                .transpose()?,
-        })
+            &self.email,
+            self.email_verified,
+            self.first_name.as_deref(),
+            self.last_name.as_deref(),
+            self.phone.as_deref(),
+        )?)
     }
 }
 
@@ -162,6 +157,14 @@ pub async fn put_user(
     UserIdPath(user_id): UserIdPath,
     JsonBody(body): JsonBody<UserBody>,
 ) -> Result<Json<UserResponse>, ApiError> {
+    write_user(&state, user_id, body).await
+}
+
+pub(super) async fn write_user(
+    state: &AppState,
+    user_id: UserId,
+    body: UserBody,
+) -> Result<Json<UserResponse>, ApiError> {
     let upsert = body.into_upsert(user_id)?;
     let user = state.store.upsert_user(&upsert).await?;
     Ok(Json(UserResponse { user: user.into() }))
@@ -176,6 +179,13 @@ pub async fn put_user(
 pub async fn get_user(
     State(state): State<AppState>,
     UserIdPath(user_id): UserIdPath,
+) -> Result<Json<UserWithCustomerResponse>, ApiError> {
+    read_user(&state, user_id).await
+}
+
+pub(super) async fn read_user(
+    state: &AppState,
+    user_id: UserId,
 ) -> Result<Json<UserWithCustomerResponse>, ApiError> {
     let user = state
         .store

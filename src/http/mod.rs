@@ -9,6 +9,7 @@ mod openapi;
 mod reconcile;
 pub mod server;
 mod user;
+mod users_batch;
 mod webhooks;
 
 use std::{future::Future, sync::Arc, time::Duration};
@@ -147,6 +148,12 @@ pub fn app(state: AppState) -> Router {
         .route(
             "/v1/users/{user_id}",
             get(admin::get_user).put(admin::put_user),
+        )
+        .route(
+            "/v1/users/batch",
+            post(users_batch::import_users)
+                .get(users_batch::get_user_named_batch)
+                .put(users_batch::put_user_named_batch),
         )
         .route(
             "/v1/users/{user_id}/customer",

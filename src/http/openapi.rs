@@ -13,6 +13,7 @@ use utoipa::{
         super::healthz,
         super::readyz,
         super::admin::put_user,
+        super::users_batch::import_users,
         super::admin::get_user,
         super::admin::get_user_billing,
         super::app_events::list,

@@ -49,6 +49,7 @@ mod reconcile;
 mod stripe_client;
 mod stripe_flows;
 mod user_routes_e2e;
+mod users_batch;
 mod webhooks;
 mod webhooks_apply;
 mod webhooks_e2e;

@@ -873,6 +873,7 @@ async fn openapi_describes_every_route() {
         ("/readyz", "get"),
         ("/v1/users/{user_id}", "put"),
         ("/v1/users/{user_id}", "get"),
+        ("/v1/users/batch", "post"),
         ("/v1/users/{user_id}/customer", "post"),
         ("/v1/outbox", "get"),
         ("/v1/outbox/{id}/retry", "post"),
