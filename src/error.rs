@@ -75,9 +75,9 @@ pub enum ApiError {
     AppEventNotFound,
     #[error("the request body did not arrive in time")]
     RequestTimeout,
-    #[error("no such reconciliation run (runs are kept in the memory of the instance that started them)")]
+    #[error("no such reconciliation run (the newest 20 finished runs are kept)")]
     ReconcileNotFound,
-    #[error("a reconciliation is already running on this instance")]
+    #[error("a reconciliation is already running (here, on another instance, or a `billsync reconcile`)")]
     ReconcileRunning,
     /// The signed-in user's bucket for this route is empty (see `http::limits`).
     #[error("too many requests of this kind; try again in {retry_after_secs} s")]

@@ -26,6 +26,23 @@ pub enum ReconcileError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Stripe(#[from] StripeError),
+    /// The run's lease ran out (it could not renew it in time) and it was marked interrupted.
+    #[error("the run's lease ran out and it was marked interrupted")]
+    Interrupted,
+}
+
+impl ReconcileError {
+    /// Why a run failed, for whoever asks for it (no internals).
+    pub fn public_reason(&self) -> &'static str {
+        match self {
+            Self::Stripe(e) if e.is_unavailable() => {
+                "Stripe was unavailable; start the run again later"
+            }
+            Self::Stripe(_) => "Stripe refused a request",
+            Self::Store(_) => "the database was unavailable; start the run again later",
+            Self::Interrupted => "the run could not renew its lease and was interrupted",
+        }
+    }
 }
 
 /// Spaces request starts `1/rps` apart (a request's own latency overlaps the wait).
@@ -424,6 +441,74 @@ async fn fix(
     };
     tracing::info!(category = ?f.category, %user_id, %customer_id, %action, "reconcile fix");
     Ok(Some(action))
+}
+
+/// How long a recorded run's lease lasts. It is renewed every [`RENEW_EVERY`] while the run
+/// works, so a run whose process stopped reads as `interrupted` within this.
+pub const RUN_LEASE: Duration = Duration::from_secs(30);
+const RENEW_EVERY: Duration = Duration::from_secs(5);
+/// Finished runs kept for `GET /v1/reconcile/{id}`.
+const KEPT_RUNS: u32 = 20;
+
+/// Records a new live run, unless one is live already (on any instance, or a CLI's): its id,
+/// or `None`.
+pub async fn start_recorded(store: &dyn Store, apply: bool) -> Result<Option<String>, StoreError> {
+    let id = format!("rec_{}", uuid::Uuid::new_v4().simple());
+    let started = store
+        .start_reconcile_run(&id, apply, RUN_LEASE, KEPT_RUNS)
+        .await?;
+    Ok(started.then_some(id))
+}
+
+/// [`run`] as the recorded run `id` (see [`start_recorded`]): its progress saved and its lease
+/// renewed while it works, its report, or why it failed, saved when it ends.
+pub async fn run_recorded(
+    store: &dyn Store,
+    stripe: &StripeClient,
+    limiter: &RateLimiter,
+    apply: bool,
+    id: &str,
+    observe: &(dyn Fn(&Progress) + Send + Sync),
+) -> Result<Report, ReconcileError> {
+    let latest = std::sync::Mutex::new(Progress::default());
+    let saved =
+        || serde_json::to_value(&*latest.lock().expect("progress lock")).unwrap_or_default();
+    let keep = |p: &Progress| {
+        *latest.lock().expect("progress lock") = p.clone();
+        observe(p);
+    };
+    let work = run(store, stripe, limiter, apply, &keep);
+    tokio::pin!(work);
+    let mut renew = tokio::time::interval_at(Instant::now() + RENEW_EVERY, RENEW_EVERY);
+    let result = loop {
+        tokio::select! {
+            result = &mut work => break result,
+            _ = renew.tick() => match store.renew_reconcile_run(id, &saved(), RUN_LEASE).await {
+                Ok(true) => {}
+                Ok(false) => break Err(ReconcileError::Interrupted),
+                // The database may be back by the next renewal; the run's own queries fail
+                // the run if it is not.
+                Err(err) => tracing::warn!(run = %id, error = %err, "cannot renew the run's lease"),
+            },
+        }
+    };
+    match &result {
+        Ok(report) => {
+            // Serialised here, once, holding no lock.
+            let report = serde_json::to_value(report).unwrap_or_default();
+            store
+                .finish_reconcile_run(id, &saved(), Ok(&report))
+                .await?;
+        }
+        Err(err) => {
+            tracing::warn!(run = %id, error = %err, "reconciliation failed");
+            let reason = err.public_reason();
+            store
+                .finish_reconcile_run(id, &saved(), Err(reason))
+                .await?;
+        }
+    }
+    result
 }
 
 /// The users `--apply` queued a push for (the CLI delivers them before it exits).

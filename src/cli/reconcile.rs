@@ -41,7 +41,18 @@ pub async fn run(
             }
         }
     };
-    let report = reconcile::run(store.as_ref(), &stripe, &limiter, apply, &observe).await?;
+    // Recorded like a run started over HTTP: one at a time across instances and commands.
+    let id = reconcile::start_recorded(store.as_ref(), apply)
+        .await?
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "a reconciliation is already running (POST /v1/reconcile or another `billsync \
+                 reconcile`); start this one when it has ended"
+            )
+        })?;
+    eprintln!("run {id}");
+    let report =
+        reconcile::run_recorded(store.as_ref(), &stripe, &limiter, apply, &id, &observe).await?;
     if let Some(bar) = &bar {
         bar.finish_and_clear();
     }

@@ -11,6 +11,7 @@ mod billing;
 mod event;
 mod job;
 mod link;
+mod reconcile_run;
 mod user;
 
 pub use app_event::{
@@ -25,6 +26,7 @@ pub use event::{
 };
 pub use job::{failure_code, AuditEntry, Erased, JobKind, JobOutcome, JobState, OutboxJob};
 pub use link::{CustomerLink, LinkOutcome, ResolveClaim};
+pub use reconcile_run::ReconcileRunRecord;
 pub use user::{
     ImportOutcome, PushedProfile, RemoteProfile, UsageRecord, User, UserImport, UserUpsert,
 };

@@ -83,7 +83,6 @@ pub struct AppStateInner {
     pub expected_events: crate::webhooks::ingest::Expected,
     pub cors_origins: Vec<HeaderValue>,
     pub stripe_rps: u32,
-    pub reconcile_runs: reconcile::SharedRuns,
     pub body_read_timeout: Duration,
     /// Per-user buckets of the user routes that call Stripe.
     pub user_limits: limits::UserLimits,
@@ -99,7 +98,6 @@ impl AppState {
             body_read_timeout: config.body_read_timeout,
             user_limits: limits::UserLimits::new(&config.user_limits),
             plans: config.app_events.plans.clone(),
-            reconcile_runs: Default::default(),
             cors_origins: config
                 .cors_origins
                 .iter()

@@ -1,11 +1,7 @@
 //! `POST /v1/reconcile` starts a reconciliation in the background; `GET /v1/reconcile/{id}`
-//! follows its progress and, once done, returns its report. Runs live in the memory of the
-//! instance that started them (the last few are kept).
-
-use std::{
-    collections::VecDeque,
-    sync::{Arc, Mutex},
-};
+//! follows its progress and, once done, returns its report. Runs are recorded in the
+//! database: any instance answers for any run, one runs at a time across instances (and
+//! `billsync reconcile`), and a run whose process stopped reads as `interrupted`.
 
 use axum::{
     extract::{Path, State},
@@ -16,28 +12,39 @@ use serde::{Deserialize, Serialize};
 
 use super::{extract::OptionalJsonBody, AppState};
 use crate::{
+    domain::ReconcileRunRecord,
     error::ApiError,
-    reconcile::{self, Progress, RateLimiter, Report},
+    reconcile::{self, Progress, RateLimiter},
 };
-
-/// Finished runs kept for `GET` (besides a running one).
-const KEPT_RUNS: usize = 20;
 
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct ReconcileRun {
     pub id: String,
-    /// `running`, `done` or `failed`.
-    pub status: &'static str,
+    /// `running`, `done`, `failed` or `interrupted` (the process running it stopped).
+    pub status: String,
     pub apply: bool,
     #[schema(value_type = Object)]
-    pub progress: Progress,
+    pub progress: serde_json::Value,
     /// The full report, once done.
     #[schema(value_type = Option<Object>)]
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub report: Option<Report>,
-    /// Why a failed run failed (Stripe or the database was unavailable).
+    pub report: Option<serde_json::Value>,
+    /// Why a failed or interrupted run ended (Stripe or the database was unavailable).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+}
+
+impl From<ReconcileRunRecord> for ReconcileRun {
+    fn from(run: ReconcileRunRecord) -> Self {
+        Self {
+            id: run.id,
+            status: run.status,
+            apply: run.apply,
+            progress: run.progress,
+            report: run.report,
+            error: run.error,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
@@ -53,19 +60,7 @@ pub struct StartRequest {
     pub apply: bool,
 }
 
-#[derive(Default)]
-pub struct Runs(VecDeque<ReconcileRun>);
-
-pub type SharedRuns = Arc<Mutex<Runs>>;
-
-fn update(runs: &SharedRuns, id: &str, change: impl FnOnce(&mut ReconcileRun)) {
-    let mut runs = runs.lock().expect("reconcile runs lock");
-    if let Some(run) = runs.0.iter_mut().find(|r| r.id == id) {
-        change(run);
-    }
-}
-
-/// Starts a reconciliation in the background; 409 while one runs on this instance.
+/// Starts a reconciliation in the background; 409 while one runs (on any instance).
 #[utoipa::path(post, path = "/v1/reconcile", tag = "admin", security(("admin_key" = [])),
     request_body(content = Option<StartRequest>),
     responses((status = 202, body = RunResponse), (status = 409, body = crate::http::ErrorBody)))]
@@ -74,56 +69,29 @@ pub async fn start(
     OptionalJsonBody(body): OptionalJsonBody<StartRequest>,
 ) -> Result<(StatusCode, Json<RunResponse>), ApiError> {
     let apply = body.unwrap_or_default().apply;
+    let id = reconcile::start_recorded(state.store.as_ref(), apply)
+        .await?
+        .ok_or(ApiError::ReconcileRunning)?;
     let run = ReconcileRun {
-        id: format!("rec_{}", uuid::Uuid::new_v4().simple()),
-        status: "running",
+        id: id.clone(),
+        status: "running".into(),
         apply,
-        progress: Progress::default(),
+        progress: serde_json::to_value(Progress::default()).unwrap_or_default(),
         report: None,
         error: None,
     };
-    {
-        let mut runs = state.reconcile_runs.lock().expect("reconcile runs lock");
-        if runs.0.iter().any(|r| r.status == "running") {
-            return Err(ApiError::ReconcileRunning);
-        }
-        runs.0.push_back(run.clone());
-        while runs.0.len() > KEPT_RUNS {
-            runs.0.pop_front();
-        }
-    }
-    let id = run.id.clone();
-    let runs = state.reconcile_runs.clone();
     tokio::spawn(async move {
         let limiter = RateLimiter::per_second(state.stripe_rps);
-        let observe = |p: &Progress| update(&runs, &id, |run| run.progress = p.clone());
-        let result = reconcile::run(
+        // A failure is recorded with the run (and logged there).
+        let _ = reconcile::run_recorded(
             state.store.as_ref(),
             &state.stripe,
             &limiter,
             apply,
-            &observe,
+            &id,
+            &|_| {},
         )
         .await;
-        update(&runs, &id, |run| match result {
-            Ok(report) => {
-                run.status = "done";
-                run.report = Some(report);
-            }
-            Err(err) => {
-                tracing::warn!(run = %run.id, error = %err, "reconciliation failed");
-                run.status = "failed";
-                run.error = Some(match err {
-                    reconcile::ReconcileError::Stripe(e) if e.is_unavailable() => {
-                        "Stripe was unavailable; start the run again later".into()
-                    }
-                    reconcile::ReconcileError::Store(_) => {
-                        "the database was unavailable; start the run again later".into()
-                    }
-                    reconcile::ReconcileError::Stripe(_) => "Stripe refused a request".into(),
-                });
-            }
-        });
     });
     Ok((StatusCode::ACCEPTED, Json(RunResponse { run })))
 }
@@ -136,12 +104,10 @@ pub async fn get(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<RunResponse>, ApiError> {
-    let runs = state.reconcile_runs.lock().expect("reconcile runs lock");
-    let run = runs
-        .0
-        .iter()
-        .find(|r| r.id == id)
-        .cloned()
+    let run = state
+        .store
+        .reconcile_run(&id)
+        .await?
         .ok_or(ApiError::ReconcileNotFound)?;
-    Ok(Json(RunResponse { run }))
+    Ok(Json(RunResponse { run: run.into() }))
 }

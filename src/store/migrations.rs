@@ -48,6 +48,7 @@ pub(crate) fn postgres_migrator() -> Migrator {
         "0012_app_event_heads.sql",
         "0013_plans_announced.sql",
         "0014_app_events_fillfactor.sql",
+        "0015_reconcile_runs.sql",
     )
 }
 
@@ -65,5 +66,6 @@ pub(crate) fn sqlite_migrator() -> Migrator {
         "0010_app_events.sql",
         "0011_app_event_heads.sql",
         "0012_plans_announced.sql",
+        "0013_reconcile_runs.sql",
     )
 }

@@ -12,8 +12,8 @@ use crate::domain::{
     AppEvent, AppEventOutcome, AppEventState, AuditEntry, ChangeOrigin, CustomerLink,
     CustomerUpdate, Erased, EventOutcome, EventState, EventToApply, ImportOutcome, JobOutcome,
     JobState, LinkOutcome, LinkSource, NewEvent, OutboxJob, PortalConfigRecord, PushedProfile,
-    ResolveClaim, StoredEvent, StripeCustomerId, SubscriptionMirror, UnlinkReason, UpdateContext,
-    UsageRecord, User, UserId, UserImport, UserUpsert,
+    ReconcileRunRecord, ResolveClaim, StoredEvent, StripeCustomerId, SubscriptionMirror,
+    UnlinkReason, UpdateContext, UsageRecord, User, UserId, UserImport, UserUpsert,
 };
 
 /// `Store` is every aggregate's trait, and everything that implements them all is one.
@@ -37,7 +37,8 @@ store_of!(
     EventInbox,
     Leases,
     PortalConfigs,
-    AppEvents
+    AppEvents,
+    ReconcileRuns
 );
 
 /// The database itself: its schema, its health, its settings.
@@ -408,4 +409,38 @@ pub trait AppEvents: Send + Sync + 'static {
     ) -> StoreResult<u64>;
     /// How many events wait for delivery, and when the oldest of them was made.
     async fn app_event_backlog(&self) -> StoreResult<(i64, Option<OffsetDateTime>)>;
+}
+
+/// Reconciliation runs: one live at a time across instances, each holding a lease it renews;
+/// their reports kept for any instance to serve.
+#[async_trait]
+pub trait ReconcileRuns: Send + Sync + 'static {
+    /// Records a new live run holding a lease of `lease`, unless another one is live: `false`
+    /// then. A live run whose lease ran out is marked `interrupted` first. Only the newest
+    /// `keep` finished runs are kept.
+    async fn start_reconcile_run(
+        &self,
+        id: &str,
+        apply: bool,
+        lease: Duration,
+        keep: u32,
+    ) -> StoreResult<bool>;
+    /// Saves the run's progress and renews its lease; `false` when it is no longer live
+    /// (its lease ran out and another start marked it interrupted).
+    async fn renew_reconcile_run(
+        &self,
+        id: &str,
+        progress: &serde_json::Value,
+        lease: Duration,
+    ) -> StoreResult<bool>;
+    /// Ends a live run as `done` (with its report) or `failed` (with why); `false` when it was
+    /// no longer live.
+    async fn finish_reconcile_run(
+        &self,
+        id: &str,
+        progress: &serde_json::Value,
+        outcome: Result<&serde_json::Value, &str>,
+    ) -> StoreResult<bool>;
+    /// The run; a live one whose lease ran out reads as `interrupted`.
+    async fn reconcile_run(&self, id: &str) -> StoreResult<Option<ReconcileRunRecord>>;
 }

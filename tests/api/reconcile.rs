@@ -332,7 +332,19 @@ async fn every_category_is_counted_fixed_and_stays_fixed(backend: Backend) {
         .await
         .unwrap();
     assert_eq!(busy.status(), 409, "one run at a time");
-    let done = app.reconcile_finished(&id).await;
+    // Runs live in the database: another instance on it sees this one, and waits for it.
+    let other = TestApp::spawn(store.store.clone(), &config).await;
+    let elsewhere = other
+        .admin(Method::POST, "/v1/reconcile")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        elsewhere.status(),
+        409,
+        "one run at a time across instances"
+    );
+    let done = other.reconcile_finished(&id).await;
     assert_eq!(done["run"]["status"], "done", "{done}");
     assert_eq!(
         done["run"]["report"]["summary"]["orphan"]["found"],

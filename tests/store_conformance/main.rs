@@ -21,6 +21,7 @@ mod import;
 mod links;
 mod operations;
 mod outbox;
+mod reconcile_runs;
 mod resolve_claims;
 mod subscriptions;
 mod users;

@@ -11,6 +11,7 @@ pub(crate) mod jobs;
 pub(crate) mod links;
 mod operations;
 mod portal;
+mod reconcile_runs;
 mod resolve_claims;
 pub(crate) mod rows;
 mod subscriptions;

@@ -1,0 +1,18 @@
+-- Reconciliation runs and their reports, kept in the database so that any instance answers
+-- GET /v1/reconcile/{id}. A live run holds a lease it renews while it works; one whose lease
+-- ran out (its process stopped) reads as interrupted, and at most one run is live at a time
+-- across instances (the partial unique index).
+CREATE TABLE reconcile_runs (
+    id          TEXT PRIMARY KEY,
+    apply       INTEGER NOT NULL,
+    status      TEXT NOT NULL CHECK (status IN ('running', 'done', 'failed', 'interrupted')),
+    progress    TEXT NOT NULL,
+    report      TEXT,
+    error       TEXT,
+    started_at  INTEGER NOT NULL,
+    lease_until INTEGER NOT NULL,
+    finished_at INTEGER
+);
+
+CREATE UNIQUE INDEX reconcile_runs_one_running ON reconcile_runs (status) WHERE status = 'running';
+CREATE INDEX reconcile_runs_by_start ON reconcile_runs (started_at);
