@@ -7,6 +7,10 @@ use super::*;
 
 const LEASE: Duration = Duration::from_secs(30);
 
+async fn status_of(store: &dyn Store, id: &str) -> String {
+    store.reconcile_run(id).await.unwrap().unwrap().status
+}
+
 async fn one_run_is_live_at_a_time_and_its_report_is_kept(backend: Backend) {
     let Some(t) = backend.store("one_reconcile_run_is_live_at_a_time").await else {
         return;
@@ -89,15 +93,7 @@ async fn a_run_whose_lease_ran_out_reads_interrupted_and_frees_its_place(backend
         .start_reconcile_run("rec_dead", false, short, 20)
         .await
         .unwrap());
-    assert_eq!(
-        store
-            .reconcile_run("rec_dead")
-            .await
-            .unwrap()
-            .unwrap()
-            .status,
-        "running"
-    );
+    assert_eq!(status_of(store.as_ref(), "rec_dead").await, "running");
     tokio::time::sleep(Duration::from_millis(400)).await;
     let dead = store.reconcile_run("rec_dead").await.unwrap().unwrap();
     assert_eq!(dead.status, "interrupted");
@@ -111,15 +107,7 @@ async fn a_run_whose_lease_ran_out_reads_interrupted_and_frees_its_place(backend
         .renew_reconcile_run("rec_dead", &json!({}), LEASE)
         .await
         .unwrap());
-    assert_eq!(
-        store
-            .reconcile_run("rec_dead")
-            .await
-            .unwrap()
-            .unwrap()
-            .status,
-        "interrupted"
-    );
+    assert_eq!(status_of(store.as_ref(), "rec_dead").await, "interrupted");
 }
 
 async fn only_the_newest_finished_runs_are_kept(backend: Backend) {

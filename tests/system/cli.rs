@@ -8,7 +8,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-fn billsync() -> Command {
+/// The binary with no configuration from the environment running the tests.
+pub(crate) fn billsync() -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_billsync"));
     // Start from nothing: no configuration leaks in from the environment running the tests.
     for (key, _) in std::env::vars() {

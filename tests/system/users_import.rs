@@ -9,15 +9,8 @@ use billsync::{domain::UserId, store::Store};
 use crate::support::{Backend, TestStore};
 
 fn billsync(database_url: &str) -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_billsync"));
-    for (key, _) in std::env::vars() {
-        if key.starts_with("BILLSYNC_") || key.starts_with("STRIPE_") || key == "DATABASE_URL" {
-            command.env_remove(key);
-        }
-    }
-    command
-        .env("DATABASE_URL", database_url)
-        .env("RUST_LOG", "warn");
+    let mut command = crate::cli::billsync();
+    command.env("DATABASE_URL", database_url);
     command
 }
 
