@@ -16,7 +16,8 @@
 //!
 //! A few pieces read the same on both and only keep repeated text short: `{user_columns}`
 //! (and `_qualified`), `{link_columns}`, `{job_columns}`, `{event_columns}`, `{user_changed}` (the stored profile
-//! differs from `$2`..`$6`) and `{superseded}` (another job makes this one redundant).
+//! differs from `$2`..`$6`), `{user_replaced}` (an upsert's `SET`: the profile from `excluded`, the version
+//! one up) and `{superseded}` (another job makes this one redundant).
 //!
 //! SQLite's clock parameter is numbered one past the statement's last placeholder, and bound
 //! last (`Clocked::clock`); on Postgres binding it does nothing. Anything else in braces (a
@@ -77,6 +78,12 @@ fn common(name: &str) -> Option<&'static str> {
         "event_columns" => {
             "id, type, created, livemode, stripe_customer_id, state, attempts, last_error, \
              received_at"
+        }
+        "user_replaced" => {
+            "email = excluded.email, email_as_given = excluded.email_as_given, \
+             email_verified = excluded.email_verified, first_name = excluded.first_name, \
+             last_name = excluded.last_name, phone = excluded.phone, \
+             version = users.version + 1, updated_at = excluded.updated_at"
         }
         "user_changed" => {
             "(users.email IS DISTINCT FROM $2 OR users.email_verified IS DISTINCT FROM $3 \

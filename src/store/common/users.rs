@@ -130,12 +130,7 @@ pub(crate) async fn upsert_user_in(
         "INSERT INTO users (id, email, email_verified, first_name, last_name, phone, version,
                             created_at, updated_at, email_as_given)
          VALUES ($1, $2, $3, $4, $5, $6, 1, {now_ms}, {now_ms}, $7)
-         ON CONFLICT (id) DO UPDATE SET
-            email = excluded.email, email_as_given = excluded.email_as_given,
-            email_verified = excluded.email_verified,
-            first_name = excluded.first_name, last_name = excluded.last_name,
-            phone = excluded.phone, version = users.version + 1,
-            updated_at = excluded.updated_at
+         ON CONFLICT (id) DO UPDATE SET {user_replaced}
          WHERE {user_changed}
          RETURNING {user_columns}",
     );

@@ -228,12 +228,7 @@ impl PgStore {
              FROM unnest($1::text[], $2::text[], $3::boolean[], $4::text[], $5::text[],
                          $6::text[], $7::text[])
                   AS x(id, email, email_verified, first_name, last_name, phone, email_as_given)
-             ON CONFLICT (id) DO UPDATE SET
-                email = excluded.email, email_as_given = excluded.email_as_given,
-                email_verified = excluded.email_verified,
-                first_name = excluded.first_name, last_name = excluded.last_name,
-                phone = excluded.phone, version = users.version + 1,
-                updated_at = excluded.updated_at
+             ON CONFLICT (id) DO UPDATE SET {user_replaced}
              WHERE (users.email, users.email_verified, users.first_name, users.last_name,
                     users.phone) IS DISTINCT FROM (excluded.email, excluded.email_verified,
                     excluded.first_name, excluded.last_name, excluded.phone)
