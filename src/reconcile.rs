@@ -478,19 +478,25 @@ pub async fn run_recorded(
         observe(p);
     };
     let work = run(store, stripe, limiter, apply, &keep);
-    tokio::pin!(work);
-    let mut renew = tokio::time::interval_at(Instant::now() + RENEW_EVERY, RENEW_EVERY);
-    let result = loop {
-        tokio::select! {
-            result = &mut work => break result,
-            _ = renew.tick() => match store.renew_reconcile_run(id, &saved(), RUN_LEASE).await {
+    // The renewals are a future of their own, polled beside the work (never instead of it): a
+    // renewal waiting for the database does not stall the run, nor the run a renewal. The
+    // first one, at once, saves the starting progress.
+    let renewals = async {
+        let mut every = tokio::time::interval(RENEW_EVERY);
+        loop {
+            every.tick().await;
+            match store.renew_reconcile_run(id, &saved(), RUN_LEASE).await {
                 Ok(true) => {}
-                Ok(false) => break Err(ReconcileError::Interrupted),
+                Ok(false) => return,
                 // The database may be back by the next renewal; the run's own queries fail
                 // the run if it is not.
                 Err(err) => tracing::warn!(run = %id, error = %err, "cannot renew the run's lease"),
-            },
+            }
         }
+    };
+    let result = tokio::select! {
+        result = work => result,
+        () = renewals => Err(ReconcileError::Interrupted),
     };
     match &result {
         Ok(report) => {
