@@ -255,7 +255,11 @@ impl<R: BufRead> Rows<R> {
                         ))),
                     }));
                 }
-                let text = buffer.trim_ascii();
+                // A byte-order mark (a spreadsheet's export) is not part of the first row.
+                let text = buffer
+                    .strip_prefix(b"\xef\xbb\xbf")
+                    .unwrap_or(buffer)
+                    .trim_ascii();
                 if text.is_empty() {
                     continue;
                 }
@@ -337,9 +341,21 @@ fn csv_columns(header: &csv::StringRecord) -> Result<Vec<&'static str>, FileErro
     for name in header {
         let name = name.trim().trim_start_matches('\u{feff}');
         let field = FIELDS.iter().find(|f| **f == name).ok_or_else(|| {
+            // A file without a header would have its first row here: a name is shown only
+            // when it looks like one (letters and underscores), never an address or an id.
+            let looks_like_a_name = !name.is_empty()
+                && name.len() <= 40
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphabetic() || c == '_' || c == ' ');
+            let column = if looks_like_a_name {
+                format!("`{name}`")
+            } else {
+                format!("number {}", columns.len() + 1)
+            };
             FileError::Header(format!(
-                "names a column `{}` that a user does not have; the columns are {}",
-                printable(name),
+                "names a column {column} that a user does not have (is the first line a \
+                 header?); the columns are {}",
                 FIELDS.join(", ")
             ))
         })?;
@@ -593,6 +609,13 @@ mod tests {
             Ok(_) => panic!("accepted {text:?}"),
         };
         assert!(header("id,email,plan\n").contains("`plan`"));
+        // No header: the first row's values are not repeated.
+        let headless = header("u1,ada@example.com,Ada\n");
+        assert!(headless.contains("column number 1"), "{headless}");
+        assert!(
+            !headless.contains("u1") && !headless.contains("ada@"),
+            "{headless}"
+        );
         assert!(header("id,first_name\n").contains("no `email`"));
         assert!(header("id,email,id\n").contains("`id` twice"));
         // A spreadsheet's byte-order mark is not part of the first column's name.

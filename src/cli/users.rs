@@ -69,6 +69,7 @@ async fn import(config: Config, file: PathBuf, format: Option<Format>) -> anyhow
     let progress = Progress::new(size);
     let mut summary = Summary::default();
     let mut failure = None;
+    let mut store_failure = None;
     while let Some(chunk) = receiver.recv().await {
         let (batch, bytes) = match chunk {
             Ok(chunk) => chunk,
@@ -87,15 +88,28 @@ async fn import(config: Config, file: PathBuf, format: Option<Format>) -> anyhow
                 }
             }
         }
-        for outcome in users_import::import(store.as_ref(), &tombstones, users).await? {
-            summary.count(&outcome);
+        match users_import::import(store.as_ref(), &tombstones, users).await {
+            Ok(outcomes) => outcomes.iter().for_each(|o| summary.count(o)),
+            Err(err) => {
+                // What was committed before stays; say how far the import got.
+                store_failure = Some(err);
+                break;
+            }
         }
         progress.update(&summary, bytes);
     }
     drop(receiver);
-    reader.await?;
+    if store_failure.is_none() {
+        reader.await?;
+    }
     progress.finish();
     print!("{}", summary_table(&summary));
+    if let Some(err) = store_failure {
+        anyhow::bail!(
+            "cannot write users: {err}; the rows counted above are done: run the import again \
+             to finish it (what is there already counts as unchanged)"
+        );
+    }
     if let Some(err) = failure {
         anyhow::bail!("{err}: the import stopped there (the rows before it were imported)");
     }
