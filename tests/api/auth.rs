@@ -68,14 +68,11 @@ async fn serve_jwks(server: &MockServer, names: &[&str]) {
 
 /// `PUT /api/user/profile` with this token: the status and error code, if any.
 async fn try_token(app: &TestApp, token: &str) -> (u16, Option<String>) {
-    let response = app
-        .as_user(Method::PUT, "/api/user/profile", token)
-        .json(&json!({"firstName": "Token"}))
-        .send()
-        .await
-        .unwrap();
-    let status = response.status().as_u16();
-    let body: Value = response.json().await.unwrap();
+    let (status, body) = support::status_and_json(
+        app.as_user(Method::PUT, "/api/user/profile", token)
+            .json(&json!({"firstName": "Token"})),
+    )
+    .await;
     (status, body["error"]["code"].as_str().map(str::to_owned))
 }
 

@@ -271,11 +271,7 @@ async fn race(apps: &[&TestApp], user: &str, count: usize) -> Vec<(u16, Value)> 
                 reqwest::Method::POST,
                 &format!("/v1/users/{}/customer", support::encode(user)),
             );
-            tokio::spawn(async move {
-                let response = request.send().await.expect("resolve request");
-                let status = response.status().as_u16();
-                (status, response.json::<Value>().await.expect("json"))
-            })
+            tokio::spawn(support::status_and_json(request))
         })
         .collect();
     let mut answers = Vec::with_capacity(count);

@@ -10,6 +10,13 @@ use super::{
     WEBHOOK_SECRET,
 };
 
+/// Sends the request: the answer's status and its JSON body.
+pub async fn status_and_json(request: reqwest::RequestBuilder) -> (u16, Value) {
+    let response = request.send().await.expect("request sent");
+    let status = response.status().as_u16();
+    (status, response.json().await.expect("a JSON body"))
+}
+
 impl TestApp {
     /// An admin `GET`'s text body (`/metrics`), whatever its status.
     pub async fn admin_text(&self, path: &str) -> String {

@@ -578,15 +578,13 @@ fn as_strs(form: &[(String, String)]) -> Vec<(&str, &str)> {
 
 /// Posts a raw form to the stand-in: its status and Stripe's `error` (or the object).
 async fn post(server: &MockServer, path: &str, form: &[(&str, &str)]) -> (u16, Value) {
-    let response = reqwest::Client::new()
-        .post(format!("{}{path}", server.uri()))
-        .header("content-type", "application/x-www-form-urlencoded")
-        .body(serde_urlencoded::to_string(form).unwrap())
-        .send()
-        .await
-        .unwrap();
-    let status = response.status().as_u16();
-    let body: Value = response.json().await.unwrap();
+    let (status, body) = support::status_and_json(
+        reqwest::Client::new()
+            .post(format!("{}{path}", server.uri()))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(serde_urlencoded::to_string(form).unwrap()),
+    )
+    .await;
     (status, body.get("error").cloned().unwrap_or(body))
 }
 

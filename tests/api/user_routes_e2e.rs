@@ -53,15 +53,12 @@ async fn linked_user(w: &World, prefix: &str) -> (String, String, String) {
 }
 
 async fn put_profile(w: &World, token: &str, body: Value) -> (u16, Value) {
-    let response = w
-        .app
-        .as_user(Method::PUT, "/api/user/profile", token)
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    let status = response.status().as_u16();
-    (status, response.json().await.unwrap())
+    support::status_and_json(
+        w.app
+            .as_user(Method::PUT, "/api/user/profile", token)
+            .json(&body),
+    )
+    .await
 }
 
 async fn profile_update_reaches_stripe(backend: Backend) {
@@ -714,13 +711,12 @@ async fn an_erased_person_stays_erased(backend: Backend) {
     let delete = |token: String| {
         let app = &w.app;
         async move {
-            let response = app
-                .as_user(Method::DELETE, "/api/user/delete-account", &token)
-                .send()
-                .await
-                .unwrap();
-            let status = response.status().as_u16();
-            (status, response.json::<Value>().await.unwrap())
+            support::status_and_json(app.as_user(
+                Method::DELETE,
+                "/api/user/delete-account",
+                &token,
+            ))
+            .await
         }
     };
     assert_eq!(delete(token.clone()).await.0, 200);

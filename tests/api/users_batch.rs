@@ -16,14 +16,7 @@ async fn app(backend: Backend, test: &str) -> Option<(TestApp, support::TestStor
 }
 
 async fn batch(app: &TestApp, body: Value) -> (u16, Value) {
-    let response = app
-        .admin(Method::POST, "/v1/users/batch")
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    let status = response.status().as_u16();
-    (status, response.json().await.unwrap())
+    support::status_and_json(app.admin(Method::POST, "/v1/users/batch").json(&body)).await
 }
 
 /// Each result as (id, status, error code).
