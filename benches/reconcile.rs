@@ -1,7 +1,10 @@
 //! Reconciliation benchmark: `billsync reconcile` (release binary) against a wiremock Stripe
-//! that lists 10,000 customers at 50 ms per page, with 10,000 linked users in SQLite. Shows
-//! whether the run is bound by the rate limit (pages/s against the allowed requests/s) and
-//! the process's peak RSS. Run: `cargo bench --bench reconcile` (RPS=… to change the limit).
+//! that lists CUSTOMERS customers (default 10,000) at LATENCY_MS per page (default 50), with a
+//! linked user for each in SQLite, but every 100th customer, which names a user that does not
+//! exist (an orphan: the report keeps those). Shows whether the run is bound by the rate limit
+//! (pages/s against the allowed requests/s) and the process's peak RSS. Run:
+//! `cargo bench --bench reconcile`; `RPS=200 LATENCY_MS=0 CUSTOMERS=1000000 cargo bench --bench
+//! reconcile` for an account of a million customers.
 
 use std::{
     process::{Command, Stdio},
@@ -14,13 +17,19 @@ use wiremock::{
     Mock, MockServer, Request, Respond, ResponseTemplate,
 };
 
-const CUSTOMERS: usize = 10_000;
 const PAGE: usize = 100;
-const LATENCY: Duration = Duration::from_millis(50);
+
+fn setting(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
 
 /// Pages of `GET /v1/customers?limit=100&starting_after=cus_…`, in id order.
 struct Pages {
     ids: Vec<String>,
+    latency: Duration,
 }
 
 impl Respond for Pages {
@@ -39,14 +48,21 @@ impl Respond for Pages {
             .iter()
             .map(|id| {
                 let n = &id["cus_bench".len()..];
+                let user = if n.ends_with("00") {
+                    format!("gone-{n}")
+                } else {
+                    format!("user-{n}")
+                };
                 json!({"id": id, "object": "customer", "email": format!("user-{n}@example.com"),
                        "name": null, "phone": null, "livemode": false, "created": 1_700_000_000,
-                       "metadata": {"userId": format!("user-{n}")}})
+                       "metadata": {"userId": user}})
             })
             .collect();
-        ResponseTemplate::new(200).set_delay(LATENCY).set_body_json(
-            json!({"object": "list", "data": data, "has_more": end < self.ids.len()}),
-        )
+        ResponseTemplate::new(200)
+            .set_delay(self.latency)
+            .set_body_json(
+                json!({"object": "list", "data": data, "has_more": end < self.ids.len()}),
+            )
     }
 }
 
@@ -63,16 +79,15 @@ fn peak_rss_kib(pid: u32) -> Option<u64> {
 
 #[tokio::main]
 async fn main() {
-    let rps: u32 = std::env::var("RPS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(20);
-    let mut ids: Vec<String> = (0..CUSTOMERS).map(|i| format!("cus_bench{i:05}")).collect();
+    let rps = setting("RPS", 20) as u32;
+    let customers = setting("CUSTOMERS", 10_000) as usize;
+    let latency = Duration::from_millis(setting("LATENCY_MS", 50));
+    let mut ids: Vec<String> = (0..customers).map(|i| format!("cus_bench{i:07}")).collect();
     ids.sort();
     let stripe = MockServer::start().await;
     Mock::given(method("GET"))
         .and(path("/v1/customers"))
-        .respond_with(Pages { ids })
+        .respond_with(Pages { ids, latency })
         .mount(&stripe)
         .await;
 
@@ -84,17 +99,19 @@ async fn main() {
     let pool = sqlx::SqlitePool::connect(&database).await.unwrap();
     let now = time::OffsetDateTime::now_utc().unix_timestamp() * 1000;
     sqlx::query(&format!(
-        "WITH RECURSIVE s(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM s WHERE i < {CUSTOMERS} - 1)
+        "WITH RECURSIVE s(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM s WHERE i < {customers} - 1)
          INSERT INTO users (id, email, email_verified, version, created_at, updated_at)
-         SELECT printf('user-%05d', i), printf('user-%05d@example.com', i), 1, 1, {now}, {now} FROM s"
+         SELECT printf('user-%07d', i), printf('user-%07d@example.com', i), 1, 1, {now}, {now}
+         FROM s WHERE i % 100 <> 0"
     ))
     .execute(&pool)
     .await
     .unwrap();
     sqlx::query(&format!(
-        "WITH RECURSIVE s(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM s WHERE i < {CUSTOMERS} - 1)
+        "WITH RECURSIVE s(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM s WHERE i < {customers} - 1)
          INSERT INTO customer_links (user_id, stripe_customer_id, livemode, linked_via, linked_at)
-         SELECT printf('user-%05d', i), printf('cus_bench%05d', i), 0, 'created', {now} FROM s"
+         SELECT printf('user-%07d', i), printf('cus_bench%07d', i), 0, 'created', {now}
+         FROM s WHERE i % 100 <> 0"
     ))
     .execute(&pool)
     .await
@@ -134,12 +151,15 @@ async fn main() {
     let pages = stripe.received_requests().await.unwrap().len();
     let written: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
-    assert_eq!(written["summary"]["ok"]["found"], CUSTOMERS);
+    let orphans = customers.div_ceil(100);
+    assert_eq!(written["summary"]["ok"]["found"], customers - orphans);
+    assert_eq!(written["summary"]["orphan"]["found"], orphans);
+    assert_eq!(written["findings"].as_array().unwrap().len(), orphans);
     let pages_per_sec = pages as f64 / elapsed;
     println!("{table}");
     println!(
-        "reconcile: {CUSTOMERS} customers, {pages} pages of {PAGE} at {} ms each, limit {rps} req/s",
-        LATENCY.as_millis()
+        "reconcile: {customers} customers, {pages} pages of {PAGE} at {} ms each, limit {rps} req/s",
+        latency.as_millis()
     );
     println!(
         "elapsed {elapsed:.2} s (process start to exit), {pages_per_sec:.1} pages/s = {:.0} % of the limit; peak RSS {} MiB",

@@ -107,6 +107,9 @@ pub struct Finding {
     /// What `--apply` did: `linked`, `unlinked`, `push_queued`, or why it did nothing.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub action: Option<String>,
+    /// For `unlinked_match`: the customer's mode, for the link `--apply` makes.
+    #[serde(skip)]
+    pub livemode: bool,
 }
 
 #[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
@@ -117,7 +120,7 @@ pub struct Tally {
 
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Progress {
-    /// `stripe`, `database`, `checking_links`, `applying`, `done`.
+    /// `stripe`, `checking_links`, `applying`, `done`.
     pub phase: &'static str,
     pub stripe_pages: u64,
     pub stripe_customers: u64,
@@ -134,6 +137,7 @@ pub struct Report {
     pub users: u64,
     pub links: u64,
     pub summary: BTreeMap<Category, Tally>,
+    /// Every finding that is not `ok` (those are only counted), by category.
     pub findings: Vec<Finding>,
 }
 
@@ -221,6 +225,7 @@ fn finding(category: Category, user: Option<&str>, customer: Option<&str>) -> Fi
         fields: Vec::new(),
         canonical_customer_id: None,
         action: None,
+        livemode: false,
     }
 }
 
@@ -230,12 +235,32 @@ fn rfc3339(at: time::OffsetDateTime) -> String {
 }
 
 /// Runs one reconciliation; `observe` hears the progress (a progress bar, or an admin run).
+/// Memory is bounded by a page, not by the account: each page of Stripe's list is classified
+/// against the links and users it names (looked up for that page), the linked customers it
+/// met are noted in the database as `run_id`'s, and only findings that are not `ok` are kept.
 #[tracing::instrument(skip_all, fields(apply))]
 pub async fn run(
     store: &dyn Store,
     stripe: &StripeClient,
     limiter: &RateLimiter,
     apply: bool,
+    run_id: &str,
+    observe: &(dyn Fn(&Progress) + Send + Sync),
+) -> Result<Report, ReconcileError> {
+    let result = classify_and_fix(store, stripe, limiter, apply, run_id, observe).await;
+    // What the run met is scratch: forgotten however it ended.
+    if let Err(err) = store.forget_seen(run_id).await {
+        tracing::warn!(error = %err, "cannot forget what the run met in Stripe's list");
+    }
+    result
+}
+
+async fn classify_and_fix(
+    store: &dyn Store,
+    stripe: &StripeClient,
+    limiter: &RateLimiter,
+    apply: bool,
+    run_id: &str,
     observe: &(dyn Fn(&Progress) + Send + Sync),
 ) -> Result<Report, ReconcileError> {
     let started_at = time::OffsetDateTime::now_utc();
@@ -244,9 +269,14 @@ pub async fn run(
         ..Progress::default()
     };
     observe(&progress);
+    let (users, links) = store.user_and_link_counts().await?;
+    progress.users = users;
 
-    // Every live customer Stripe lists (deleted ones are not listed).
-    let mut customers: BTreeMap<String, Snapshot> = BTreeMap::new();
+    let mut tally = Tallies::default();
+    let mut findings: Vec<Finding> = Vec::new();
+    // Customers naming an existing user who has no link, by user: the oldest becomes the
+    // match and the others its duplicates, once every page is read.
+    let mut candidates: HashMap<String, Vec<Candidate>> = HashMap::new();
     let mut cursor: Option<String> = None;
     loop {
         limiter.acquire().await;
@@ -254,139 +284,103 @@ pub async fn run(
         progress.stripe_pages += 1;
         let more = page.has_more && !page.data.is_empty();
         cursor = page.data.last().map(|c| c.id.clone());
-        for customer in page.data.into_iter().filter(|c| !c.deleted) {
-            customers.insert(customer.id.clone(), customer.into());
-        }
-        progress.stripe_customers = customers.len() as u64;
+        // Deleted customers are not listed; a stand-in that lists them is not followed.
+        let customers: Vec<(String, Snapshot)> = page
+            .data
+            .into_iter()
+            .filter(|c| !c.deleted)
+            .map(|c| (c.id.clone(), Snapshot::from(c)))
+            .collect();
+        progress.stripe_customers += customers.len() as u64;
+        classify_page(
+            store,
+            run_id,
+            customers,
+            &mut tally,
+            &mut findings,
+            &mut candidates,
+        )
+        .await?;
         observe(&progress);
         if !more {
             break;
         }
     }
-
-    progress.phase = "database";
-    observe(&progress);
-    let mut users: HashMap<String, User> = HashMap::new();
-    let mut after: Option<UserId> = None;
-    loop {
-        let page = store.users_page(after.as_ref(), DB_PAGE).await?;
-        let full = page.len() == DB_PAGE as usize;
-        after = page.last().map(|u| u.id.clone());
-        users.extend(page.into_iter().map(|u| (u.id.to_string(), u)));
-        progress.users = users.len() as u64;
-        if !full {
-            break;
-        }
-    }
-    observe(&progress);
-    // user → customer, and back.
-    let mut links: BTreeMap<String, String> = BTreeMap::new();
-    let mut after: Option<UserId> = None;
-    loop {
-        let page = store.links_page(after.as_ref(), DB_PAGE).await?;
-        let full = page.len() == DB_PAGE as usize;
-        after = page.last().map(|l| l.user_id.clone());
-        links.extend(
-            page.into_iter()
-                .map(|l| (l.user_id.to_string(), l.customer_id.to_string())),
-        );
-        if !full {
-            break;
-        }
-    }
-    let linked_customers: HashMap<&str, &str> = links
-        .iter()
-        .map(|(user, customer)| (customer.as_str(), user.as_str()))
-        .collect();
-
-    let mut findings: Vec<Finding> = Vec::new();
-    // Oldest first, so that of several unlinked customers naming one user the oldest is the
-    // match and the rest are its duplicates.
-    let mut by_age: Vec<(&String, &Snapshot)> = customers.iter().collect();
-    by_age.sort_by_key(|(id, c)| (c.created, id.as_str()));
-    let mut matched: HashMap<&str, &str> = HashMap::new();
-    for (customer_id, snapshot) in by_age {
-        if let Some(user_id) = linked_customers.get(customer_id.as_str()) {
-            let mut f = finding(Category::Ok, Some(user_id), Some(customer_id));
-            if let Some(user) = users.get(*user_id) {
-                f.fields = drifted(user, snapshot);
-                if !f.fields.is_empty() {
-                    f.category = Category::Drift;
-                }
-            }
-            findings.push(f);
-            continue;
-        }
-        let named = snapshot.user_id.as_deref();
-        let category = match named {
-            None => Category::Unmanaged,
-            Some(u) if u.starts_with("erased:") => Category::Erased,
-            Some(u) if !users.contains_key(u) => Category::Orphan,
-            Some(u) if links.contains_key(u) || matched.contains_key(u) => Category::Duplicate,
-            Some(u) => {
-                matched.insert(u, customer_id);
+    for (user_id, mut found) in candidates {
+        found.sort_by(|a, b| (a.created, &a.customer_id).cmp(&(b.created, &b.customer_id)));
+        let canonical = found[0].customer_id.clone();
+        for (n, candidate) in found.into_iter().enumerate() {
+            let category = if n == 0 {
                 Category::UnlinkedMatch
+            } else {
+                Category::Duplicate
+            };
+            let mut f = finding(category, Some(&user_id), Some(&candidate.customer_id));
+            f.livemode = candidate.livemode;
+            if n > 0 {
+                f.canonical_customer_id = Some(canonical.clone());
             }
-        };
-        let mut f = finding(category, named, Some(customer_id));
-        if category == Category::Duplicate {
-            f.canonical_customer_id = named
-                .and_then(|u| links.get(u).map(String::as_str).or(matched.get(u).copied()))
-                .map(str::to_owned);
+            tally.count(category);
+            findings.push(f);
         }
-        if matches!(category, Category::Unmanaged | Category::Erased) {
-            f.user_id = None;
-        }
-        findings.push(f);
     }
 
     // Links to customers Stripe did not list: confirm each one before calling it dangling (it
     // may have been created after its page was read).
     progress.phase = "checking_links";
     observe(&progress);
-    for (user_id, customer_id) in &links {
-        if customers.contains_key(customer_id) {
-            continue;
-        }
-        limiter.acquire().await;
-        let mut f = finding(Category::DanglingLink, Some(user_id), Some(customer_id));
-        match stripe.retrieve_customer(customer_id).await {
-            Ok(customer) if !customer.deleted => {
-                let snapshot = Snapshot::from(customer);
-                f.category = Category::Ok;
-                if let Some(user) = users.get(user_id) {
-                    f.fields = drifted(user, &snapshot);
-                    if !f.fields.is_empty() {
-                        f.category = Category::Drift;
+    let mut after: Option<UserId> = None;
+    loop {
+        let unmet = store
+            .links_not_seen(run_id, after.as_ref(), DB_PAGE)
+            .await?;
+        let full = unmet.len() == DB_PAGE as usize;
+        after = unmet.last().map(|l| l.user_id.clone());
+        for link in unmet {
+            let (user_id, customer_id) = (link.user_id.to_string(), link.customer_id.to_string());
+            limiter.acquire().await;
+            let mut f = finding(Category::DanglingLink, Some(&user_id), Some(&customer_id));
+            match stripe.retrieve_customer(&customer_id).await {
+                Ok(customer) if !customer.deleted => {
+                    let snapshot = Snapshot::from(customer);
+                    f.category = Category::Ok;
+                    if let Some(user) = store.get_user(&link.user_id).await? {
+                        f.fields = drifted(&user, &snapshot);
+                        if !f.fields.is_empty() {
+                            f.category = Category::Drift;
+                        }
                     }
                 }
+                Ok(_) => {}
+                Err(err) if err.is_not_found() => {}
+                Err(err) => return Err(err.into()),
             }
-            Ok(_) => {}
-            Err(err) if err.is_not_found() => {}
-            Err(err) => return Err(err.into()),
+            tally.count(f.category);
+            if f.category != Category::Ok {
+                findings.push(f);
+            }
         }
-        findings.push(f);
+        if !full {
+            break;
+        }
     }
 
     if apply {
         progress.phase = "applying";
         observe(&progress);
         for f in &mut findings {
-            f.action = fix(store, f, &customers).await?;
+            f.action = fix(store, f).await?;
+            if matches!(
+                f.action.as_deref(),
+                Some("linked" | "unlinked" | "push_queued")
+            ) {
+                tally.0.entry(f.category).or_default().fixed += 1;
+            }
         }
     }
-
-    let mut summary: BTreeMap<Category, Tally> = BTreeMap::new();
-    for f in &findings {
-        let tally = summary.entry(f.category).or_default();
-        tally.found += 1;
-        if matches!(
-            f.action.as_deref(),
-            Some("linked" | "unlinked" | "push_queued")
-        ) {
-            tally.fixed += 1;
-        }
-    }
+    findings.sort_by(|a, b| {
+        (a.category, &a.customer_id, &a.user_id).cmp(&(b.category, &b.customer_id, &b.user_id))
+    });
     progress.phase = "done";
     observe(&progress);
     Ok(Report {
@@ -395,19 +389,117 @@ pub async fn run(
         finished_at: rfc3339(time::OffsetDateTime::now_utc()),
         stripe_pages: progress.stripe_pages,
         stripe_customers: progress.stripe_customers,
-        users: users.len() as u64,
-        links: links.len() as u64,
-        summary,
+        users,
+        links,
+        summary: tally.0,
         findings,
     })
 }
 
-/// The safe fix of one finding, re-checked against the database at the moment of fixing.
-async fn fix(
+/// How many of each category were found, and fixed.
+#[derive(Default)]
+struct Tallies(BTreeMap<Category, Tally>);
+
+impl Tallies {
+    fn count(&mut self, category: Category) {
+        self.0.entry(category).or_default().found += 1;
+    }
+}
+
+/// A customer naming an existing user who has no link.
+struct Candidate {
+    customer_id: String,
+    created: i64,
+    livemode: bool,
+}
+
+/// Classifies one page of Stripe's list against the links and users it names.
+async fn classify_page(
     store: &dyn Store,
-    f: &Finding,
-    customers: &BTreeMap<String, Snapshot>,
-) -> Result<Option<String>, ReconcileError> {
+    run_id: &str,
+    customers: Vec<(String, Snapshot)>,
+    tally: &mut Tallies,
+    findings: &mut Vec<Finding>,
+    candidates: &mut HashMap<String, Vec<Candidate>>,
+) -> Result<(), ReconcileError> {
+    if customers.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<String> = customers.iter().map(|(id, _)| id.clone()).collect();
+    let named: Vec<String> = customers
+        .iter()
+        .filter_map(|(_, c)| c.user_id.clone())
+        .filter(|u| !u.starts_with("erased:"))
+        .collect();
+    let links = store.links_of(&ids, &named).await?;
+    let user_of: HashMap<&str, &str> = links
+        .iter()
+        .map(|l| (l.customer_id.as_str(), l.user_id.as_str()))
+        .collect();
+    let customer_of: HashMap<&str, &str> = links
+        .iter()
+        .map(|l| (l.user_id.as_str(), l.customer_id.as_str()))
+        .collect();
+    let wanted: Vec<String> = named
+        .iter()
+        .cloned()
+        .chain(links.iter().map(|l| l.user_id.to_string()))
+        .collect();
+    let users: HashMap<String, User> = store
+        .users_by_ids(&wanted)
+        .await?
+        .into_iter()
+        .map(|u| (u.id.to_string(), u))
+        .collect();
+    store.mark_linked_seen(run_id, &ids).await?;
+
+    for (customer_id, snapshot) in customers {
+        if let Some(user_id) = user_of.get(customer_id.as_str()) {
+            let mut f = finding(Category::Ok, Some(user_id), Some(&customer_id));
+            if let Some(user) = users.get(*user_id) {
+                f.fields = drifted(user, &snapshot);
+                if !f.fields.is_empty() {
+                    f.category = Category::Drift;
+                }
+            }
+            tally.count(f.category);
+            if f.category != Category::Ok {
+                findings.push(f);
+            }
+            continue;
+        }
+        let named = snapshot.user_id.as_deref();
+        let category = match named {
+            None => Category::Unmanaged,
+            Some(u) if u.starts_with("erased:") => Category::Erased,
+            Some(u) if !users.contains_key(u) => Category::Orphan,
+            Some(u) if customer_of.contains_key(u) => Category::Duplicate,
+            Some(u) => {
+                candidates.entry(u.to_owned()).or_default().push(Candidate {
+                    customer_id,
+                    created: snapshot.created,
+                    livemode: snapshot.livemode,
+                });
+                continue; // settled once every page is read
+            }
+        };
+        let mut f = finding(category, named, Some(&customer_id));
+        if category == Category::Duplicate {
+            f.canonical_customer_id = named
+                .and_then(|u| customer_of.get(u))
+                .map(|c| (*c).to_owned());
+        }
+        if matches!(category, Category::Unmanaged | Category::Erased) {
+            f.user_id = None;
+        }
+        tally.count(category);
+        findings.push(f);
+    }
+    Ok(())
+}
+
+/// The safe fix of one finding, re-checked against the database at the moment of fixing.
+async fn fix(store: &dyn Store, f: &Finding) -> Result<Option<String>, ReconcileError> {
     let (Some(user), Some(customer)) = (f.user_id.as_deref(), f.customer_id.as_deref()) else {
         return Ok(None);
     };
@@ -417,9 +509,13 @@ async fn fix(
     };
     let action = match f.category {
         Category::UnlinkedMatch => {
-            let livemode = customers.get(customer).is_some_and(|c| c.livemode);
             match store
-                .insert_link(&user_id, &customer_id, livemode, LinkSource::StripeMetadata)
+                .insert_link(
+                    &user_id,
+                    &customer_id,
+                    f.livemode,
+                    LinkSource::StripeMetadata,
+                )
                 .await?
             {
                 LinkOutcome::Linked(_) => "linked".to_owned(),
@@ -477,7 +573,7 @@ pub async fn run_recorded(
         *latest.lock().expect("progress lock") = p.clone();
         observe(p);
     };
-    let work = run(store, stripe, limiter, apply, &keep);
+    let work = run(store, stripe, limiter, apply, id, &keep);
     // The renewals are a future of their own, polled beside the work (never instead of it): a
     // renewal waiting for the database does not stall the run, nor the run a renewal. The
     // first one, at once, saves the starting progress.

@@ -16,3 +16,11 @@ CREATE TABLE reconcile_runs (
 
 CREATE UNIQUE INDEX reconcile_runs_one_running ON reconcile_runs (status) WHERE status = 'running';
 CREATE INDEX reconcile_runs_by_start ON reconcile_runs (started_at);
+
+-- The linked customers a run has met in Stripe's list: the links it did not meet (customers
+-- Stripe may no longer have) are found by a join, not by holding every id in memory.
+CREATE TABLE reconcile_seen (
+    run_id      TEXT NOT NULL,
+    customer_id TEXT NOT NULL,
+    PRIMARY KEY (run_id, customer_id)
+);

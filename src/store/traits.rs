@@ -86,8 +86,8 @@ pub trait Users: Send + Sync + 'static {
     /// id is written after the rows before it). The outcomes are in the order of `users`.
     async fn import_users(&self, users: &[UserImport]) -> StoreResult<Vec<ImportOutcome>>;
     async fn get_user(&self, id: &UserId) -> StoreResult<Option<User>>;
-    /// Users with `id > after`, by id, at most `limit`: pages for a full scan (reconcile).
-    async fn users_page(&self, after: Option<&UserId>, limit: u32) -> StoreResult<Vec<User>>;
+    /// Those of these users that exist (a reconciliation's page at a time).
+    async fn users_by_ids(&self, ids: &[String]) -> StoreResult<Vec<User>>;
     /// Queues a push of the user's current profile to Stripe (none if one is pending).
     async fn queue_profile_push(&self, user: &UserId) -> StoreResult<()>;
     async fn insert_usage_record(
@@ -113,11 +113,11 @@ pub trait Links: Send + Sync + 'static {
         &self,
         customer: &StripeCustomerId,
     ) -> StoreResult<Option<CustomerLink>>;
-    /// Links with `user_id > after`, by user id, at most `limit`.
-    async fn links_page(
+    /// The links of these customers, and of these users (a reconciliation's page at a time).
+    async fn links_of(
         &self,
-        after: Option<&UserId>,
-        limit: u32,
+        customers: &[String],
+        users: &[String],
     ) -> StoreResult<Vec<CustomerLink>>;
     /// Links a user to a customer unless either side is already linked or the customer is
     /// known deleted in Stripe.
@@ -443,4 +443,18 @@ pub trait ReconcileRuns: Send + Sync + 'static {
     ) -> StoreResult<bool>;
     /// The run; a live one whose lease ran out reads as `interrupted`.
     async fn reconcile_run(&self, id: &str) -> StoreResult<Option<ReconcileRunRecord>>;
+    /// Notes which of these customers (a page of Stripe's list) are linked, as met by `run`.
+    async fn mark_linked_seen(&self, run: &str, customers: &[String]) -> StoreResult<()>;
+    /// Links whose customer `run` did not meet, with `user_id > after`, by user id, at most
+    /// `limit`.
+    async fn links_not_seen(
+        &self,
+        run: &str,
+        after: Option<&UserId>,
+        limit: u32,
+    ) -> StoreResult<Vec<CustomerLink>>;
+    /// Forgets what `run` met, and what runs no longer live met.
+    async fn forget_seen(&self, run: &str) -> StoreResult<()>;
+    /// How many users and links there are.
+    async fn user_and_link_counts(&self) -> StoreResult<(u64, u64)>;
 }

@@ -195,9 +195,16 @@ async fn every_category_is_counted_fixed_and_stays_fixed(backend: Backend) {
     let limiter = RateLimiter::per_second(100);
     let quiet = |_: &reconcile::Progress| {};
 
-    let report = reconcile::run(store.store.as_ref(), &stripe, &limiter, false, &quiet)
-        .await
-        .unwrap();
+    let report = reconcile::run(
+        store.store.as_ref(),
+        &stripe,
+        &limiter,
+        false,
+        "rec_test",
+        &quiet,
+    )
+    .await
+    .unwrap();
     assert_eq!(
         counts(&report),
         [
@@ -233,9 +240,16 @@ async fn every_category_is_counted_fixed_and_stays_fixed(backend: Backend) {
         .unwrap()
         .is_none());
 
-    let applied = reconcile::run(store.store.as_ref(), &stripe, &limiter, true, &quiet)
-        .await
-        .unwrap();
+    let applied = reconcile::run(
+        store.store.as_ref(),
+        &stripe,
+        &limiter,
+        true,
+        "rec_test",
+        &quiet,
+    )
+    .await
+    .unwrap();
     for (category, fixed) in [
         (Category::UnlinkedMatch, EACH as u64),
         (Category::DanglingLink, EACH as u64),
@@ -268,9 +282,16 @@ async fn every_category_is_counted_fixed_and_stays_fixed(backend: Backend) {
         assert_eq!(pushed["name"], "Local Name", "local profile pushed");
     }
 
-    let again = reconcile::run(store.store.as_ref(), &stripe, &limiter, true, &quiet)
-        .await
-        .unwrap();
+    let again = reconcile::run(
+        store.store.as_ref(),
+        &stripe,
+        &limiter,
+        true,
+        "rec_test",
+        &quiet,
+    )
+    .await
+    .unwrap();
     assert_eq!(
         counts(&again),
         [
@@ -313,10 +334,13 @@ async fn every_category_is_counted_fixed_and_stays_fixed(backend: Backend) {
     );
     let written: Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
     assert_eq!(written["summary"]["ok"]["found"], (OK + 2 * EACH) as u64);
-    assert_eq!(
-        written["findings"].as_array().unwrap().len(),
-        OK + 2 * EACH + 2 * EACH
-    );
+    // Healthy customers are counted, not listed (issue 16 §3): the orphans and duplicates.
+    assert_eq!(written["findings"].as_array().unwrap().len(), 2 * EACH);
+    assert!(written["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|f| f["category"] != "ok"));
     let text = String::from_utf8_lossy(&std::fs::read(&json).unwrap()).into_owned();
     assert!(
         !text.contains("@example.com"),

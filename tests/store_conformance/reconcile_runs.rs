@@ -144,7 +144,98 @@ async fn only_the_newest_finished_runs_are_kept(backend: Backend) {
     assert_eq!(kept, [2, 3, 4]);
 }
 
+async fn a_run_notes_the_linked_customers_it_met_and_finds_the_others(backend: Backend) {
+    let Some(t) = backend
+        .store("a_run_notes_the_linked_customers_it_met")
+        .await
+    else {
+        return;
+    };
+    let store = &t.store;
+    for n in 0..4 {
+        let user = format!("u{n}");
+        store
+            .upsert_user(&upsert(&user, &format!("{user}@example.com")))
+            .await
+            .unwrap();
+        if n < 3 {
+            store
+                .insert_link(
+                    &UserId::parse(&user).unwrap(),
+                    &cus(&format!("cus_{n}")),
+                    false,
+                    LinkSource::Created,
+                )
+                .await
+                .unwrap();
+        }
+    }
+    assert_eq!(store.user_and_link_counts().await.unwrap(), (4, 3));
+    let ids = |v: &[&str]| v.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+    let mut found = store
+        .users_by_ids(&ids(&["u1", "u3", "nobody"]))
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|u| u.id.to_string())
+        .collect::<Vec<_>>();
+    found.sort();
+    assert_eq!(found, ["u1", "u3"]);
+    // By customer or by user, in one lookup.
+    let mut links = store
+        .links_of(&ids(&["cus_0", "cus_unknown"]), &ids(&["u2", "u3"]))
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|l| (l.user_id.to_string(), l.customer_id.to_string()))
+        .collect::<Vec<_>>();
+    links.sort();
+    assert_eq!(
+        links,
+        [("u0".into(), "cus_0".into()), ("u2".into(), "cus_2".into())]
+    );
+    assert!(store.links_of(&[], &[]).await.unwrap().is_empty());
+
+    // A page met cus_0 (and a customer nobody links); another run met cus_2.
+    store
+        .mark_linked_seen("rec_x", &ids(&["cus_0", "cus_unlinked"]))
+        .await
+        .unwrap();
+    store
+        .mark_linked_seen("rec_x", &ids(&["cus_0"]))
+        .await
+        .unwrap();
+    store
+        .mark_linked_seen("rec_y", &ids(&["cus_2"]))
+        .await
+        .unwrap();
+    let unmet = |after: Option<&'static str>, limit| {
+        let store = store.clone();
+        async move {
+            let after = after.map(|a| UserId::parse(a).unwrap());
+            store
+                .links_not_seen("rec_x", after.as_ref(), limit)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|l| l.user_id.to_string())
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(unmet(None, 10).await, ["u1", "u2"]);
+    assert_eq!(unmet(None, 1).await, ["u1"]);
+    assert_eq!(unmet(Some("u1"), 10).await, ["u2"]);
+    store.forget_seen("rec_x").await.unwrap();
+    assert_eq!(unmet(None, 10).await, ["u0", "u1", "u2"]);
+    assert_eq!(
+        store.links_not_seen("rec_y", None, 10).await.unwrap().len(),
+        2,
+        "another run's notes are its own"
+    );
+}
+
 on_every_store!(
+    a_run_notes_the_linked_customers_it_met_and_finds_the_others,
     one_run_is_live_at_a_time_and_its_report_is_kept,
     a_run_whose_lease_ran_out_reads_interrupted_and_frees_its_place,
     only_the_newest_finished_runs_are_kept,

@@ -2,7 +2,7 @@ use async_trait::async_trait;
 
 use super::{
     app_events::append,
-    dialect::{begin_write, sql, Clock, Clocked, Connection},
+    dialect::{begin_write, ids, sql, Clock, Clocked, Connection},
     rows::{link_from_row, LinkRow},
     Backend,
 };
@@ -95,17 +95,15 @@ impl Links for Backend {
         row.map(link_from_row).transpose()
     }
 
-    async fn links_page(
+    async fn links_of(
         &self,
-        after: Option<&UserId>,
-        limit: u32,
+        customers: &[String],
+        users: &[String],
     ) -> StoreResult<Vec<CustomerLink>> {
-        let rows: Vec<LinkRow> = sqlx::query_as(&sql(
-            "SELECT {link_columns} FROM customer_links WHERE ($1 IS NULL OR user_id > $1)
-             ORDER BY user_id LIMIT $2",
-        ))
-        .bind(after.map(UserId::as_str))
-        .bind(i64::from(limit))
+        let rows: Vec<LinkRow> = sqlx::query_as(&sql("SELECT {link_columns} FROM customer_links
+             WHERE stripe_customer_id {in $1} OR user_id {in $2}"))
+        .bind(ids(customers))
+        .bind(ids(users))
         .fetch_all(&self.pool)
         .await?;
         rows.into_iter().map(link_from_row).collect()

@@ -3,11 +3,12 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use super::{
-    dialect::{begin_write, span, sql, time, Clock, Clocked, Time},
+    dialect::{begin_write, ids, span, sql, time, Clock, Clocked, Time},
+    rows::{link_from_row, LinkRow},
     Backend,
 };
 use crate::{
-    domain::ReconcileRunRecord,
+    domain::{CustomerLink, ReconcileRunRecord, UserId},
     store::{parse_json, traits::ReconcileRuns, StoreResult},
 };
 
@@ -146,5 +147,55 @@ impl ReconcileRuns for Backend {
             started_at: time(started)?,
             finished_at: finished.map(time).transpose()?,
         }))
+    }
+
+    async fn mark_linked_seen(&self, run: &str, customers: &[String]) -> StoreResult<()> {
+        sqlx::query(&sql("INSERT INTO reconcile_seen (run_id, customer_id)
+             SELECT $1, stripe_customer_id FROM customer_links WHERE stripe_customer_id {in $2}
+             ON CONFLICT DO NOTHING"))
+        .bind(run)
+        .bind(ids(customers))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn links_not_seen(
+        &self,
+        run: &str,
+        after: Option<&UserId>,
+        limit: u32,
+    ) -> StoreResult<Vec<CustomerLink>> {
+        let rows: Vec<LinkRow> = sqlx::query_as(&sql("SELECT {link_columns} FROM customer_links l
+             WHERE ($2 IS NULL OR l.user_id > $2)
+               AND NOT EXISTS (SELECT 1 FROM reconcile_seen s
+                               WHERE s.run_id = $1 AND s.customer_id = l.stripe_customer_id)
+             ORDER BY l.user_id LIMIT $3"))
+        .bind(run)
+        .bind(after.map(UserId::as_str))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter().map(link_from_row).collect()
+    }
+
+    async fn forget_seen(&self, run: &str) -> StoreResult<()> {
+        sqlx::query(
+            "DELETE FROM reconcile_seen WHERE run_id = $1 OR run_id IN
+                (SELECT id FROM reconcile_runs WHERE status <> 'running')",
+        )
+        .bind(run)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn user_and_link_counts(&self) -> StoreResult<(u64, u64)> {
+        let (users, links): (i64, i64) = sqlx::query_as(
+            "SELECT (SELECT count(*) FROM users), (SELECT count(*) FROM customer_links)",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        Ok((users.max(0) as u64, links.max(0) as u64))
     }
 }

@@ -248,14 +248,15 @@ impl Users for Backend {
         get_user_in(&mut *self.pool.acquire().await?, id).await
     }
 
-    async fn users_page(&self, after: Option<&UserId>, limit: u32) -> StoreResult<Vec<User>> {
-        let rows: Vec<UserRow> = sqlx::query_as(&sql(
-            "SELECT {user_columns} FROM users WHERE ($1 IS NULL OR id > $1) ORDER BY id LIMIT $2",
-        ))
-        .bind(after.map(UserId::as_str))
-        .bind(i64::from(limit))
-        .fetch_all(&self.pool)
-        .await?;
+    async fn users_by_ids(&self, wanted: &[String]) -> StoreResult<Vec<User>> {
+        if wanted.is_empty() {
+            return Ok(Vec::new());
+        }
+        let rows: Vec<UserRow> =
+            sqlx::query_as(&sql("SELECT {user_columns} FROM users WHERE id {in $1}"))
+                .bind(ids(wanted))
+                .fetch_all(&self.pool)
+                .await?;
         rows.into_iter().map(user_from_row).collect()
     }
 
