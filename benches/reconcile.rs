@@ -90,6 +90,15 @@ async fn main() {
         .respond_with(Pages { ids, latency })
         .mount(&stripe)
         .await;
+    // The subscriptions phase: none in this account (one page).
+    Mock::given(method("GET"))
+        .and(path("/v1/subscriptions"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(json!({"object": "list", "data": [], "has_more": false})),
+        )
+        .mount(&stripe)
+        .await;
 
     let dir = tempfile::tempdir().unwrap();
     let database = format!("sqlite://{}", dir.path().join("bench.db").display());

@@ -13,8 +13,8 @@ use tokio::time::Instant;
 
 use crate::{
     domain::{full_name, LinkSource, StripeCustomerId, UnlinkReason, UserId},
-    store::{LinkOutcome, Store, StoreError, User},
-    stripe::{Customer, StripeClient, StripeError},
+    store::{LinkOutcome, Store, StoreError, SubscriptionMirror, User},
+    stripe::{Customer, StripeClient, StripeError, Subscription},
 };
 
 const PAGE: u32 = 100;
@@ -89,6 +89,14 @@ pub enum Category {
     Unmanaged,
     /// Kept after an erasure (`metadata.userId = erased:…`): left alone.
     Erased,
+    /// A subscription of a linked customer, mirrored as Stripe has it.
+    SubscriptionOk,
+    /// A subscription of a linked customer that the mirror lacks.
+    SubscriptionMissing,
+    /// A subscription the mirror holds otherwise than Stripe (`fields` says where).
+    SubscriptionDrift,
+    /// A subscription whose customer is linked to no user: left alone.
+    SubscriptionOrphan,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -101,6 +109,9 @@ pub struct Finding {
     /// For `drift`: which fields differ (never their values: the report is a file).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub fields: Vec<&'static str>,
+    /// For the `subscription_*` categories: the subscription.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub subscription_id: Option<String>,
     /// For `duplicate`: the linked customer.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub canonical_customer_id: Option<String>,
@@ -120,10 +131,13 @@ pub struct Tally {
 
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Progress {
-    /// `stripe`, `checking_links`, `applying`, `done`.
+    /// `stripe`, `checking_links`, `applying`, `subscriptions`, `done`.
     pub phase: &'static str,
+    /// Pages of customers.
     pub stripe_pages: u64,
     pub stripe_customers: u64,
+    pub subscription_pages: u64,
+    pub stripe_subscriptions: u64,
     pub users: u64,
 }
 
@@ -134,6 +148,8 @@ pub struct Report {
     pub finished_at: String,
     pub stripe_pages: u64,
     pub stripe_customers: u64,
+    pub subscription_pages: u64,
+    pub stripe_subscriptions: u64,
     pub users: u64,
     pub links: u64,
     pub summary: BTreeMap<Category, Tally>,
@@ -148,7 +164,7 @@ impl Report {
 
     /// A fixed-width table of the summary, for a terminal.
     pub fn table(&self) -> String {
-        let mut out = format!("{:<16} {:>8} {:>8}\n", "category", "found", "fixed");
+        let mut out = format!("{:<22} {:>8} {:>8}\n", "category", "found", "fixed");
         for (category, tally) in &self.summary {
             let name = serde_json::to_value(category)
                 .ok()
@@ -159,11 +175,16 @@ impl Report {
             } else {
                 "-".into()
             };
-            out.push_str(&format!("{name:<16} {:>8} {fixed:>8}\n", tally.found));
+            out.push_str(&format!("{name:<22} {:>8} {fixed:>8}\n", tally.found));
         }
         out.push_str(&format!(
-            "{} Stripe customers in {} pages; {} users, {} links\n",
-            self.stripe_customers, self.stripe_pages, self.users, self.links
+            "{} Stripe customers in {} pages, {} subscriptions in {}; {} users, {} links\n",
+            self.stripe_customers,
+            self.stripe_pages,
+            self.stripe_subscriptions,
+            self.subscription_pages,
+            self.users,
+            self.links
         ));
         out
     }
@@ -224,6 +245,7 @@ fn finding(category: Category, user: Option<&str>, customer: Option<&str>) -> Fi
         customer_id: customer.map(str::to_owned),
         fields: Vec::new(),
         canonical_customer_id: None,
+        subscription_id: None,
         action: None,
         livemode: false,
     }
@@ -247,12 +269,10 @@ pub async fn run(
     run_id: &str,
     observe: &(dyn Fn(&Progress) + Send + Sync),
 ) -> Result<Report, ReconcileError> {
-    let result = classify_and_fix(store, stripe, limiter, apply, run_id, observe).await;
-    // What the run met is scratch: forgotten however it ended.
-    if let Err(err) = store.forget_seen(run_id).await {
-        tracing::warn!(error = %err, "cannot forget what the run met in Stripe's list");
-    }
-    result
+    // What earlier runs met is scratch; this run's own notes stay until the next run starts,
+    // so that deleting them (a row per linked customer) is not part of this one.
+    store.forget_seen(run_id).await?;
+    classify_and_fix(store, stripe, limiter, apply, run_id, observe).await
 }
 
 async fn classify_and_fix(
@@ -378,6 +398,19 @@ async fn classify_and_fix(
             }
         }
     }
+    // After the customers' fixes, so that a customer linked by this run has its
+    // subscriptions mirrored by it too.
+    reconcile_subscriptions(
+        store,
+        stripe,
+        limiter,
+        apply,
+        &mut progress,
+        observe,
+        &mut tally,
+        &mut findings,
+    )
+    .await?;
     findings.sort_by(|a, b| {
         (a.category, &a.customer_id, &a.user_id).cmp(&(b.category, &b.customer_id, &b.user_id))
     });
@@ -389,11 +422,147 @@ async fn classify_and_fix(
         finished_at: rfc3339(time::OffsetDateTime::now_utc()),
         stripe_pages: progress.stripe_pages,
         stripe_customers: progress.stripe_customers,
+        subscription_pages: progress.subscription_pages,
+        stripe_subscriptions: progress.stripe_subscriptions,
         users,
         links,
         summary: tally.0,
         findings,
     })
+}
+
+/// How long before a page of subscriptions was asked for its snapshots count as taken: the
+/// watermark a backfill writes them under. A snapshot a webhook applied later than that (an
+/// event Stripe created since) is never overwritten; the margin covers clock skew between
+/// billsync and Stripe, and a snapshot it leaves alone is fixed by the next run.
+const BACKFILL_MARGIN_SECS: i64 = 60;
+/// The event id a backfilled snapshot's watermark carries.
+const BACKFILL_EVENT_ID: &str = "reconcile";
+
+/// Every subscription of the account (`status=all`, paged, under the rate limit) against the
+/// mirror; with `apply`, a missing or drifted one of a linked customer is mirrored under the
+/// webhooks' watermark rule, announcing what a webhook would.
+#[allow(clippy::too_many_arguments)]
+async fn reconcile_subscriptions(
+    store: &dyn Store,
+    stripe: &StripeClient,
+    limiter: &RateLimiter,
+    apply: bool,
+    progress: &mut Progress,
+    observe: &(dyn Fn(&Progress) + Send + Sync),
+    tally: &mut Tallies,
+    findings: &mut Vec<Finding>,
+) -> Result<(), ReconcileError> {
+    progress.phase = "subscriptions";
+    observe(progress);
+    let mut cursor: Option<String> = None;
+    loop {
+        limiter.acquire().await;
+        let taken = time::OffsetDateTime::now_utc().unix_timestamp() - BACKFILL_MARGIN_SECS;
+        let page = stripe
+            .list_subscriptions_page(PAGE, cursor.as_deref())
+            .await?;
+        progress.subscription_pages += 1;
+        let more = page.has_more && !page.data.is_empty();
+        cursor = page.data.last().map(|s| s.id.clone());
+        progress.stripe_subscriptions += page.data.len() as u64;
+        classify_subscriptions(store, apply, taken, page.data, tally, findings).await?;
+        observe(progress);
+        if !more {
+            return Ok(());
+        }
+    }
+}
+
+async fn classify_subscriptions(
+    store: &dyn Store,
+    apply: bool,
+    taken: i64,
+    subscriptions: Vec<Subscription>,
+    tally: &mut Tallies,
+    findings: &mut Vec<Finding>,
+) -> Result<(), ReconcileError> {
+    if subscriptions.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<String> = subscriptions.iter().map(|s| s.id.clone()).collect();
+    let customers: Vec<String> = subscriptions.iter().map(|s| s.customer.clone()).collect();
+    let owners: HashMap<String, UserId> = store
+        .links_of(&customers, &[])
+        .await?
+        .into_iter()
+        .map(|l| (l.customer_id.to_string(), l.user_id))
+        .collect();
+    let mirrored: HashMap<String, SubscriptionMirror> = store
+        .subscriptions_by_ids(&ids)
+        .await?
+        .into_iter()
+        .map(|m| (m.id.clone(), m))
+        .collect();
+    for subscription in subscriptions {
+        let customer = subscription.customer.clone();
+        let Some(owner) = owners.get(&customer) else {
+            let mut f = finding(Category::SubscriptionOrphan, None, Some(&customer));
+            f.subscription_id = Some(subscription.id);
+            tally.count(Category::SubscriptionOrphan);
+            findings.push(f);
+            continue;
+        };
+        let wanted = subscription.into_mirror(Some(owner.clone()));
+        let (category, fields) = match mirrored.get(&wanted.id) {
+            None => (Category::SubscriptionMissing, Vec::new()),
+            Some(have) => match subscription_drift(have, &wanted) {
+                fields if fields.is_empty() => (Category::SubscriptionOk, fields),
+                fields => (Category::SubscriptionDrift, fields),
+            },
+        };
+        tally.count(category);
+        if category == Category::SubscriptionOk {
+            continue;
+        }
+        let mut f = finding(category, Some(owner.as_str()), Some(&customer));
+        f.subscription_id = Some(wanted.id.clone());
+        f.fields = fields;
+        if apply {
+            let written = store
+                .upsert_subscription_if_newer(&wanted, taken, BACKFILL_EVENT_ID)
+                .await?;
+            f.action = Some(if written {
+                tally.0.entry(category).or_default().fixed += 1;
+                "mirrored".to_owned()
+            } else {
+                "skipped: a newer snapshot from a webhook is mirrored".to_owned()
+            });
+        }
+        findings.push(f);
+    }
+    Ok(())
+}
+
+/// The fields on which the mirror and Stripe's subscription disagree.
+fn subscription_drift(have: &SubscriptionMirror, want: &SubscriptionMirror) -> Vec<&'static str> {
+    let checks = [
+        ("user_id", have.user_id == want.user_id),
+        ("status", have.status == want.status),
+        ("price_id", have.price_id == want.price_id),
+        (
+            "cancel_at_period_end",
+            have.cancel_at_period_end == want.cancel_at_period_end,
+        ),
+        (
+            "current_period_end",
+            have.current_period_end == want.current_period_end,
+        ),
+        ("cancel_at", have.cancel_at == want.cancel_at),
+        ("canceled_at", have.canceled_at == want.canceled_at),
+        ("ended_at", have.ended_at == want.ended_at),
+        ("items", have.items == want.items),
+    ];
+    checks
+        .into_iter()
+        .filter(|(_, same)| !same)
+        .map(|(field, _)| field)
+        .collect()
 }
 
 /// How many of each category were found, and fixed.

@@ -257,6 +257,8 @@ pub trait Erasure: Send + Sync + 'static {
 #[async_trait]
 pub trait Subscriptions: Send + Sync + 'static {
     async fn list_subscriptions(&self, user: &UserId) -> StoreResult<Vec<SubscriptionMirror>>;
+    /// Those of these subscriptions that are mirrored (a reconciliation's page at a time).
+    async fn subscriptions_by_ids(&self, ids: &[String]) -> StoreResult<Vec<SubscriptionMirror>>;
     /// Upserts the mirror unless it already holds a newer snapshot (`created` below its
     /// watermark); returns whether it wrote.
     async fn upsert_subscription_if_newer(
@@ -453,7 +455,7 @@ pub trait ReconcileRuns: Send + Sync + 'static {
         after: Option<&UserId>,
         limit: u32,
     ) -> StoreResult<Vec<CustomerLink>>;
-    /// Forgets what `run` met, and what runs no longer live met.
+    /// Forgets what `run` met, and what runs no longer live met (a run starts with this).
     async fn forget_seen(&self, run: &str) -> StoreResult<()>;
     /// How many users and links there are.
     async fn user_and_link_counts(&self) -> StoreResult<(u64, u64)>;

@@ -345,6 +345,30 @@ impl StripeClient {
         .await
     }
 
+    /// One page of the account's subscriptions, whatever their status (a reconciliation).
+    pub async fn list_subscriptions_page(
+        &self,
+        limit: u32,
+        starting_after: Option<&str>,
+    ) -> StripeResult<List<Subscription>> {
+        let mut query = vec![
+            ("status", "all".to_owned()),
+            ("limit", limit.clamp(1, MAX_PAGE).to_string()),
+        ];
+        if let Some(cursor) = starting_after {
+            query.push(("starting_after", cursor.to_owned()));
+        }
+        self.send(Request {
+            operation: "subscriptions.list",
+            method: Method::GET,
+            path: "/v1/subscriptions".into(),
+            query,
+            form: None,
+            idempotency_key: None,
+        })
+        .await
+    }
+
     /// The customer exactly as Stripe returns it, every field (the GDPR export).
     pub async fn customer_as_stripe_has_it(&self, id: &str) -> StripeResult<Value> {
         self.send(Request {

@@ -4,6 +4,9 @@
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Deserializer, Serialize};
+use time::OffsetDateTime;
+
+use crate::domain::{SubscriptionItemMirror, SubscriptionMirror, UserId};
 
 fn null_as_default<'de, D, T>(d: D) -> Result<T, D::Error>
 where
@@ -167,6 +170,38 @@ impl Subscription {
     pub fn current_period_end(&self) -> Option<i64> {
         self.current_period_end
             .or_else(|| self.first_item().and_then(|item| item.current_period_end))
+    }
+
+    /// The subscription as billsync mirrors it, for `user` (the owner of its customer's link,
+    /// if linked); a webhook and a reconciliation write the same mirror of the same object.
+    pub fn into_mirror(self, user: Option<UserId>) -> SubscriptionMirror {
+        let unix = |seconds: Option<i64>| {
+            seconds.and_then(|t| OffsetDateTime::from_unix_timestamp(t).ok())
+        };
+        SubscriptionMirror {
+            user_id: user,
+            customer_id: self.customer.clone(),
+            status: self.status.clone(),
+            price_id: self.price_id().map(str::to_owned),
+            cancel_at_period_end: self.cancel_at_period_end,
+            current_period_end: unix(self.current_period_end()),
+            updated_at: crate::store::now(),
+            cancel_at: unix(self.cancel_at),
+            canceled_at: unix(self.canceled_at),
+            ended_at: unix(self.ended_at),
+            items: self
+                .all_items()
+                .iter()
+                .map(|item| SubscriptionItemMirror {
+                    id: item.id.clone(),
+                    price_id: item.price_id().map(str::to_owned),
+                    lookup_key: item.lookup_key().map(str::to_owned),
+                    quantity: item.quantity,
+                    current_period_end: item.current_period_end,
+                })
+                .collect(),
+            id: self.id,
+        }
     }
 }
 

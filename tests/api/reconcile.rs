@@ -385,4 +385,184 @@ async fn every_category_is_counted_fixed_and_stays_fixed(backend: Backend) {
     assert_eq!(body["error"]["code"], "reconcile_not_found");
 }
 
-on_every_store!(every_category_is_counted_fixed_and_stays_fixed);
+/// A subscription finding as (user, subscription, fields, action).
+type SubscriptionFinding = (Option<String>, String, Vec<&'static str>, Option<String>);
+
+/// The findings of one category.
+fn subscription_findings(report: &Report, category: Category) -> Vec<SubscriptionFinding> {
+    let mut found: Vec<_> = report
+        .findings
+        .iter()
+        .filter(|f| f.category == category)
+        .map(|f| {
+            (
+                f.user_id.clone(),
+                f.subscription_id.clone().unwrap(),
+                f.fields.clone(),
+                f.action.clone(),
+            )
+        })
+        .collect();
+    found.sort();
+    found
+}
+
+/// Subscriptions Stripe has and the mirror lacks, holds otherwise, or whose customer nobody
+/// links: reported, and with `--apply` mirrored (announced as a webhook would), except where
+/// a webhook mirrored a newer snapshot since: that one is never overwritten.
+async fn subscriptions_are_backfilled_and_a_newer_webhook_snapshot_wins(backend: Backend) {
+    let test = "subscriptions_are_backfilled";
+    let Some(store) = backend.store(test).await else {
+        return;
+    };
+    let Some(private) = support::private_localstripe(test).await else {
+        return;
+    };
+    let stripe_fake = LocalStripe::new(&private.base);
+    let store = store.store.clone();
+    let names = ["missing", "drifted", "raced", "orphaned"];
+    let customers = create_customers(
+        &stripe_fake,
+        names
+            .iter()
+            .map(|n| {
+                (
+                    format!("{n}@example.com"),
+                    format!("{n} User"),
+                    (*n).to_owned(),
+                )
+            })
+            .collect(),
+    )
+    .await;
+    let mut subscription = std::collections::HashMap::new();
+    for (name, customer) in names.iter().zip(&customers) {
+        if *name != "orphaned" {
+            store.upsert_user(&user(name, name, "User")).await.unwrap();
+            link(store.as_ref(), name, customer).await;
+        }
+        let created = stripe_fake.subscribe(customer, "pro-monthly").await;
+        subscription.insert(*name, created["id"].as_str().unwrap().to_owned());
+    }
+    let config = support::test_config(&private.base);
+    let stripe = StripeClient::new(&config.stripe, config.stripe_secret_key().unwrap()).unwrap();
+    let limiter = RateLimiter::per_second(100);
+    let quiet = |_: &reconcile::Progress| {};
+    let run = |apply| reconcile::run(store.as_ref(), &stripe, &limiter, apply, "rec_subs", &quiet);
+
+    // "drifted" and "raced" were mirrored once, then the mirror moved away from Stripe: one by
+    // an old snapshot, one by a webhook newer than anything a backfill may write.
+    let fetch = |name: &str| stripe.retrieve_subscription(&subscription[name]);
+    for name in ["drifted", "raced"] {
+        let user_id = UserId::parse(name).unwrap();
+        let mut mirror = fetch(name).await.unwrap().into_mirror(Some(user_id));
+        mirror.status = "past_due".into();
+        let created = if name == "raced" { i64::MAX / 2 } else { 1 };
+        assert!(store
+            .upsert_subscription_if_newer(&mirror, created, "evt_test")
+            .await
+            .unwrap());
+    }
+
+    let report = run(false).await.unwrap();
+    assert_eq!(report.stripe_subscriptions, 4);
+    assert_eq!(
+        subscription_findings(&report, Category::SubscriptionMissing),
+        [(
+            Some("missing".into()),
+            subscription["missing"].clone(),
+            vec![],
+            None
+        )]
+    );
+    assert_eq!(
+        subscription_findings(&report, Category::SubscriptionDrift),
+        [
+            (
+                Some("drifted".into()),
+                subscription["drifted"].clone(),
+                vec!["status"],
+                None
+            ),
+            (
+                Some("raced".into()),
+                subscription["raced"].clone(),
+                vec!["status"],
+                None
+            ),
+        ]
+    );
+    assert_eq!(
+        subscription_findings(&report, Category::SubscriptionOrphan),
+        [(None, subscription["orphaned"].clone(), vec![], None)]
+    );
+    assert!(store
+        .list_subscriptions(&UserId::parse("missing").unwrap())
+        .await
+        .unwrap()
+        .is_empty());
+
+    let applied = run(true).await.unwrap();
+    assert_eq!(applied.summary[&Category::SubscriptionMissing].fixed, 1);
+    assert_eq!(applied.summary[&Category::SubscriptionDrift].fixed, 1);
+    assert_eq!(
+        subscription_findings(&applied, Category::SubscriptionDrift)[1]
+            .3
+            .as_deref(),
+        Some("skipped: a newer snapshot from a webhook is mirrored")
+    );
+    let status = |name: &'static str| {
+        let store = store.clone();
+        async move {
+            store
+                .list_subscriptions(&UserId::parse(name).unwrap())
+                .await
+                .unwrap()
+                .pop()
+                .map(|s| s.status)
+        }
+    };
+    assert_eq!(status("missing").await.as_deref(), Some("active"));
+    assert_eq!(status("drifted").await.as_deref(), Some("active"));
+    assert_eq!(
+        status("raced").await.as_deref(),
+        Some("past_due"),
+        "the newer one stays"
+    );
+    // Announced as a webhook would have: the new one created, the drifted one updated.
+    let announced: Vec<(String, String)> = store
+        .list_app_events(billsync::domain::AppEventState::Pending, 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.kind.as_str().starts_with("subscription."))
+        .map(|e| (e.key, e.kind.as_str().to_owned()))
+        .collect();
+    for expected in [
+        ("missing", "subscription.created"),
+        ("drifted", "subscription.updated"),
+    ] {
+        assert!(
+            announced.contains(&(expected.0.to_owned(), expected.1.to_owned())),
+            "{expected:?} in {announced:?}"
+        );
+    }
+
+    let again = run(true).await.unwrap();
+    assert_eq!(
+        counts(&again)
+            .into_iter()
+            .filter(|(c, _)| format!("{c:?}").starts_with("Subscription"))
+            .collect::<Vec<_>>(),
+        [
+            (Category::SubscriptionOk, 2),
+            (Category::SubscriptionDrift, 1),
+            (Category::SubscriptionOrphan, 1),
+        ]
+    );
+}
+
+on_every_store!(
+    every_category_is_counted_fixed_and_stays_fixed,
+    subscriptions_are_backfilled_and_a_newer_webhook_snapshot_wins,
+);

@@ -320,6 +320,20 @@ impl Subscriptions for Backend {
         subscriptions_where(&mut db, "user_id = $1", user.as_str(), false).await
     }
 
+    async fn subscriptions_by_ids(
+        &self,
+        wanted: &[String],
+    ) -> StoreResult<Vec<SubscriptionMirror>> {
+        let statement = sql(&format!(
+            "SELECT {SUBSCRIPTION_COLUMNS} FROM subscriptions WHERE id {{in $1}} ORDER BY id"
+        ));
+        let rows = sqlx::query_as(&statement)
+            .bind(ids(wanted))
+            .fetch_all(&self.pool)
+            .await?;
+        mirrors(rows)
+    }
+
     async fn upsert_subscription_if_newer(
         &self,
         sub: &SubscriptionMirror,

@@ -8,7 +8,7 @@ use super::rules::{order, profile_write, Order, Verdict};
 use crate::{
     domain::{LinkSource, StripeCustomerId, UnlinkReason, UserId},
     retry::JobFailure,
-    store::{EventToApply, Store, SubscriptionItemMirror, SubscriptionMirror},
+    store::{EventToApply, Store},
     stripe::{Customer, StripeClient, Subscription},
 };
 
@@ -215,42 +215,12 @@ impl Handlers<'_> {
                 .map(|l| l.user_id),
             Err(_) => None,
         };
-        let mirror = SubscriptionMirror {
-            user_id: user,
-            customer_id: sub.customer.clone(),
-            status: sub.status.clone(),
-            price_id: sub.price_id().map(str::to_owned),
-            cancel_at_period_end: sub.cancel_at_period_end,
-            current_period_end: sub
-                .current_period_end()
-                .and_then(|t| time::OffsetDateTime::from_unix_timestamp(t).ok()),
-            updated_at: crate::store::now(),
-            cancel_at: unix(sub.cancel_at),
-            canceled_at: unix(sub.canceled_at),
-            ended_at: unix(sub.ended_at),
-            items: sub
-                .all_items()
-                .iter()
-                .map(|item| SubscriptionItemMirror {
-                    id: item.id.clone(),
-                    price_id: item.price_id().map(str::to_owned),
-                    lookup_key: item.lookup_key().map(str::to_owned),
-                    quantity: item.quantity,
-                    current_period_end: item.current_period_end,
-                })
-                .collect(),
-            id: sub.id,
-        };
+        let mirror = sub.into_mirror(user);
         self.store
             .upsert_subscription_if_newer(&mirror, created, event_id)
             .await?;
         Ok(())
     }
-}
-
-/// A Stripe timestamp as a time, if it is one.
-fn unix(seconds: Option<i64>) -> Option<time::OffsetDateTime> {
-    seconds.and_then(|t| time::OffsetDateTime::from_unix_timestamp(t).ok())
 }
 
 /// The event's `data.object`, from its stored payload.
