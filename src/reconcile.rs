@@ -150,6 +150,8 @@ pub struct Report {
     pub stripe_customers: u64,
     pub subscription_pages: u64,
     pub stripe_subscriptions: u64,
+    /// Every request the run sent to Stripe, retries included.
+    pub stripe_requests: u64,
     pub users: u64,
     pub links: u64,
     pub summary: BTreeMap<Category, Tally>,
@@ -284,6 +286,7 @@ async fn classify_and_fix(
     observe: &(dyn Fn(&Progress) + Send + Sync),
 ) -> Result<Report, ReconcileError> {
     let started_at = time::OffsetDateTime::now_utc();
+    let sent_before = stripe.attempts_sent();
     let mut progress = Progress {
         phase: "stripe",
         ..Progress::default()
@@ -424,6 +427,7 @@ async fn classify_and_fix(
         stripe_customers: progress.stripe_customers,
         subscription_pages: progress.subscription_pages,
         stripe_subscriptions: progress.stripe_subscriptions,
+        stripe_requests: stripe.attempts_sent() - sent_before,
         users,
         links,
         summary: tally.0,

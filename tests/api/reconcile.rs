@@ -218,6 +218,8 @@ async fn every_category_is_counted_fixed_and_stays_fixed(backend: Backend) {
     );
     assert_eq!(report.stripe_customers, listed as u64);
     assert_eq!(report.stripe_pages, 5);
+    // Five pages of customers, one of (no) subscriptions, a retrieve per unmet link.
+    assert_eq!(report.stripe_requests, 5 + 1 + EACH as u64);
     let drift = report
         .findings
         .iter()
