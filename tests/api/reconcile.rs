@@ -194,17 +194,18 @@ async fn every_category_is_counted_fixed_and_stays_fixed(backend: Backend) {
     let stripe = StripeClient::new(&config.stripe, config.stripe_secret_key().unwrap()).unwrap();
     let limiter = RateLimiter::per_second(100);
     let quiet = |_: &reconcile::Progress| {};
+    let run = |apply| {
+        reconcile::run(
+            store.store.as_ref(),
+            &stripe,
+            &limiter,
+            apply,
+            "rec_test",
+            &quiet,
+        )
+    };
 
-    let report = reconcile::run(
-        store.store.as_ref(),
-        &stripe,
-        &limiter,
-        false,
-        "rec_test",
-        &quiet,
-    )
-    .await
-    .unwrap();
+    let report = run(false).await.unwrap();
     assert_eq!(
         counts(&report),
         [
@@ -242,16 +243,7 @@ async fn every_category_is_counted_fixed_and_stays_fixed(backend: Backend) {
         .unwrap()
         .is_none());
 
-    let applied = reconcile::run(
-        store.store.as_ref(),
-        &stripe,
-        &limiter,
-        true,
-        "rec_test",
-        &quiet,
-    )
-    .await
-    .unwrap();
+    let applied = run(true).await.unwrap();
     for (category, fixed) in [
         (Category::UnlinkedMatch, EACH as u64),
         (Category::DanglingLink, EACH as u64),
@@ -284,16 +276,7 @@ async fn every_category_is_counted_fixed_and_stays_fixed(backend: Backend) {
         assert_eq!(pushed["name"], "Local Name", "local profile pushed");
     }
 
-    let again = reconcile::run(
-        store.store.as_ref(),
-        &stripe,
-        &limiter,
-        true,
-        "rec_test",
-        &quiet,
-    )
-    .await
-    .unwrap();
+    let again = run(true).await.unwrap();
     assert_eq!(
         counts(&again),
         [

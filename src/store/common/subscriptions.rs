@@ -53,16 +53,17 @@ async fn subscriptions_where(
     mirrors(rows)
 }
 
-/// The mirrored subscriptions of these users.
-async fn subscriptions_of_users(
+/// The mirrored subscriptions whose `column` (`id`, `user_id`) is one of `values`.
+async fn subscriptions_with(
     db: &mut Connection,
-    users: &[String],
+    column: &str,
+    values: &[String],
 ) -> StoreResult<Vec<SubscriptionMirror>> {
     let statement = sql(&format!(
-        "SELECT {SUBSCRIPTION_COLUMNS} FROM subscriptions WHERE user_id {{in $1}} ORDER BY id"
+        "SELECT {SUBSCRIPTION_COLUMNS} FROM subscriptions WHERE {column} {{in $1}} ORDER BY id"
     ));
     let rows = sqlx::query_as(&statement)
-        .bind(ids(users))
+        .bind(ids(values))
         .fetch_all(db)
         .await?;
     mirrors(rows)
@@ -212,7 +213,7 @@ async fn settle_plans(
     now: Clock,
 ) -> StoreResult<()> {
     let mut subscriptions: HashMap<String, Vec<SubscriptionMirror>> = HashMap::new();
-    for subscription in subscriptions_of_users(db, users).await? {
+    for subscription in subscriptions_with(db, "user_id", users).await? {
         if let Some(user) = &subscription.user_id {
             let user = user.as_str().to_owned();
             subscriptions.entry(user).or_default().push(subscription);
@@ -324,14 +325,8 @@ impl Subscriptions for Backend {
         &self,
         wanted: &[String],
     ) -> StoreResult<Vec<SubscriptionMirror>> {
-        let statement = sql(&format!(
-            "SELECT {SUBSCRIPTION_COLUMNS} FROM subscriptions WHERE id {{in $1}} ORDER BY id"
-        ));
-        let rows = sqlx::query_as(&statement)
-            .bind(ids(wanted))
-            .fetch_all(&self.pool)
-            .await?;
-        mirrors(rows)
+        let mut db = self.pool.acquire().await?;
+        subscriptions_with(&mut db, "id", wanted).await
     }
 
     async fn upsert_subscription_if_newer(
