@@ -150,7 +150,8 @@ pub struct Report {
     pub stripe_customers: u64,
     pub subscription_pages: u64,
     pub stripe_subscriptions: u64,
-    /// Every request the run sent to Stripe, retries included.
+    /// Requests the process sent to Stripe while the run went, retries included: the run's
+    /// own from the CLI; a server's other work (pushes, the applier) counts too.
     pub stripe_requests: u64,
     pub users: u64,
     pub links: u64,

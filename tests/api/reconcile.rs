@@ -442,7 +442,10 @@ async fn subscriptions_are_backfilled_and_a_newer_webhook_snapshot_wins(backend:
         let user_id = UserId::parse(name).unwrap();
         let mut mirror = fetch(name).await.unwrap().into_mirror(Some(user_id));
         mirror.status = "past_due".into();
-        let created = if name == "raced" { i64::MAX / 2 } else { 1 };
+        // "raced": a webhook for an event Stripe created 10 s before the run reads its page,
+        // inside the margin a backfill leaves to webhooks.
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        let created = if name == "raced" { now - 10 } else { 1 };
         assert!(store
             .upsert_subscription_if_newer(&mirror, created, "evt_test")
             .await
@@ -545,6 +548,19 @@ async fn subscriptions_are_backfilled_and_a_newer_webhook_snapshot_wins(backend:
             (Category::SubscriptionOrphan, 1),
         ]
     );
+    // The backfill's watermark does not hold back what Stripe sends from now on.
+    let user_id = UserId::parse("missing").unwrap();
+    let mut later = fetch("missing").await.unwrap().into_mirror(Some(user_id));
+    later.status = "canceled".into();
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    assert!(
+        store
+            .upsert_subscription_if_newer(&later, now, "evt_later")
+            .await
+            .unwrap(),
+        "a webhook after the backfill is applied"
+    );
+    assert_eq!(status("missing").await.as_deref(), Some("canceled"));
 }
 
 on_every_store!(
