@@ -240,9 +240,9 @@ async fn an_import_racing_an_erasure_never_brings_the_person_back(backend: Backe
     }
 }
 
-/// The erasure's steps, held apart: the import is waiting for the user's row (an erasing
-/// transaction holds it) when the tombstone commits and the row goes. It must look for the
-/// tombstone after it got past the lock, not before.
+/// The erasure's last step, held open: its tombstone is written (before the rows go, as the
+/// saga does), and its transaction holds the user's row when an import of them starts. The
+/// import waits for the row, finds it gone, and the person erased.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_an_import_waiting_on_an_erasing_transaction_finds_the_person_erased() {
     use sqlx::Connection;
@@ -257,6 +257,7 @@ async fn postgres_an_import_waiting_on_an_erasing_transaction_finds_the_person_e
         .upsert_user(&upsert("held", "held@example.com"))
         .await
         .unwrap();
+    store.record_tombstone("subject-of-held").await.unwrap();
     let mut eraser = sqlx::PgConnection::connect(&t.url).await.unwrap();
     sqlx::query("BEGIN").execute(&mut eraser).await.unwrap();
     sqlx::query("SELECT 1 FROM users WHERE id = 'held' FOR UPDATE")
@@ -274,7 +275,6 @@ async fn postgres_an_import_waiting_on_an_erasing_transaction_finds_the_person_e
     };
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!importing.is_finished(), "the import waits for the row");
-    store.record_tombstone("subject-of-held").await.unwrap();
     sqlx::query("DELETE FROM users WHERE id = 'held'")
         .execute(&mut eraser)
         .await
@@ -288,6 +288,78 @@ async fn postgres_an_import_waiting_on_an_erasing_transaction_finds_the_person_e
             .unwrap(),
         None
     );
+}
+
+/// A person billsync never held: their account is deleted (the tombstone is being written)
+/// while an import creates them. The import waits for the tombstone's transaction and then
+/// finds them erased; it must not read "no tombstone" and create them meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_an_import_of_a_new_user_waits_for_a_tombstone_being_written() {
+    use sqlx::Connection;
+    let Some(t) = Backend::Postgres
+        .store("an_import_of_a_new_user_waits_for_a_tombstone")
+        .await
+    else {
+        return;
+    };
+    let store: Arc<dyn Store> = t.store.clone();
+    // The tombstone's transaction, as `record_tombstone` runs it, held open before its commit.
+    let mut eraser = sqlx::PgConnection::connect(&t.url).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut eraser).await.unwrap();
+    sqlx::query("SELECT pg_advisory_xact_lock($1, 0)")
+        .bind(0x6572_6173_i32)
+        .execute(&mut eraser)
+        .await
+        .unwrap();
+    sqlx::query(
+        "INSERT INTO erasure_tombstones (subject, erased_at) VALUES ('subject-of-newcomer', now())",
+    )
+    .execute(&mut eraser)
+    .await
+    .unwrap();
+    let importing = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            store
+                .import_users(&[import("newcomer", "newcomer@example.com")])
+                .await
+                .unwrap()
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !importing.is_finished(),
+        "the import waits for the tombstone"
+    );
+    sqlx::query("COMMIT").execute(&mut eraser).await.unwrap();
+    assert_eq!(outcomes(&importing.await.unwrap()), [("erased", 0)]);
+    assert_eq!(
+        store
+            .get_user(&UserId::parse("newcomer").unwrap())
+            .await
+            .unwrap(),
+        None
+    );
+
+    // And a tombstone waits for an import batch in flight (held here as the batch holds it).
+    let mut batch = sqlx::PgConnection::connect(&t.url).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut batch).await.unwrap();
+    sqlx::query("SELECT pg_advisory_xact_lock_shared($1, 0)")
+        .bind(0x6572_6173_i32)
+        .execute(&mut batch)
+        .await
+        .unwrap();
+    let recording = {
+        let store = store.clone();
+        tokio::spawn(async move { store.record_tombstone("subject-of-later").await.unwrap() })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !recording.is_finished(),
+        "the tombstone waits for the batch"
+    );
+    sqlx::query("COMMIT").execute(&mut batch).await.unwrap();
+    recording.await.unwrap();
 }
 
 on_every_store!(

@@ -5,7 +5,7 @@ use time::OffsetDateTime;
 
 use super::{
     app_events::append,
-    dialect::{begin_write, span, sql, time, Clock, Clocked, Time},
+    dialect::{begin_write, erasure_gate, span, sql, time, Clock, Clocked, Time},
     rows::{job_from_row, JobRow},
     Backend,
 };
@@ -182,14 +182,18 @@ impl Erasure for Backend {
     }
 
     async fn record_tombstone(&self, subject: &str) -> StoreResult<()> {
+        let mut tx = begin_write(&self.pool).await?;
+        // Not while an import batch that could not see this tombstone is writing users.
+        erasure_gate(&mut tx, true).await?;
         sqlx::query(&sql(
             "INSERT INTO erasure_tombstones (subject, erased_at) VALUES ($1, {now})
              ON CONFLICT (subject) DO UPDATE SET erased_at = excluded.erased_at",
         ))
         .bind(subject)
         .clock(Clock::now())
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
+        tx.commit().await?;
         Ok(())
     }
 

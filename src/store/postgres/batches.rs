@@ -10,7 +10,7 @@ use super::{
         rows::{event_from_row, user_from_row, EventRow, UserRow},
         users::erased_among,
     },
-    dialect::{span, sql, Clock},
+    dialect::{erasure_gate, span, sql, Clock},
     PgStore,
 };
 use crate::{
@@ -192,6 +192,8 @@ impl PgStore {
         users: &[UserImport],
     ) -> StoreResult<Vec<ImportOutcome>> {
         let mut tx = self.pool.begin().await?;
+        // Shared with other imports, exclusive of a tombstone being written: see the gate.
+        erasure_gate(&mut tx, false).await?;
         let ids = users.iter().map(|u| u.user.id.as_str()).collect::<Vec<_>>();
         // Locked in id order, as every batch locks them, so two imports never deadlock; what
         // `user.updated` says changed is then what this write changed.

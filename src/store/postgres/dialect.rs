@@ -68,6 +68,26 @@ pub(crate) fn sql(text: &str) -> String {
     })
 }
 
+/// The key of the erasure gate (`pg_advisory_xact_lock(int4, int4)`, second key 0): "eras".
+const ERASURE_GATE: i32 = 0x6572_6173;
+
+/// The erasure gate, held until the transaction ends: an import batch holds it shared, the
+/// writing of a tombstone exclusively. So no tombstone commits while a batch that may not see
+/// it is creating users (the batch finishes first, and the erasure then deletes what it
+/// wrote), and a batch that starts after one reads it. Imports do not wait for each other.
+pub(crate) async fn erasure_gate(db: &mut Connection, exclusive: bool) -> StoreResult<()> {
+    let statement = if exclusive {
+        "SELECT pg_advisory_xact_lock($1, 0)"
+    } else {
+        "SELECT pg_advisory_xact_lock_shared($1, 0)"
+    };
+    sqlx::query(statement)
+        .bind(ERASURE_GATE)
+        .execute(db)
+        .await?;
+    Ok(())
+}
+
 /// A transaction for a read-modify-write; row locks (`{for_update}`) do the rest.
 pub(crate) async fn begin_write(pool: &PgPool) -> sqlx::Result<Transaction<'static, Postgres>> {
     pool.begin().await

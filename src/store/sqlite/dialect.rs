@@ -88,6 +88,12 @@ pub(crate) fn sql(text: &str) -> String {
     })
 }
 
+/// The erasure gate (see Postgres's): nothing to take here, as `BEGIN IMMEDIATE` already
+/// serialises every writing transaction.
+pub(crate) async fn erasure_gate(_: &mut Connection, _exclusive: bool) -> StoreResult<()> {
+    Ok(())
+}
+
 /// `BEGIN IMMEDIATE`: the write lock from the start, so no transaction ever upgrades a read
 /// lock (which SQLite answers with SQLITE_BUSY at once, busy timeout or not).
 pub(crate) async fn begin_write(pool: &SqlitePool) -> sqlx::Result<Transaction<'static, Sqlite>> {
