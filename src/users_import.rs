@@ -443,6 +443,12 @@ impl Summary {
     }
 }
 
+/// Attempts of one batch. A deadlock with another writer (the webhook applier's batch locks
+/// users too, in its own order) or a lost connection is worth another try: the attempt's
+/// transaction wrote nothing. (A batch with a repeated id is several transactions; a retry
+/// then finds the first ones' rows as written, unchanged.)
+const BATCH_ATTEMPTS: u32 = 3;
+
 /// Writes valid users, in order (a repeated id: the later row wins); the outcomes in the
 /// order of `users`.
 pub async fn import(
@@ -455,7 +461,17 @@ pub async fn import(
         let subject = tombstones.subject(store, &user.id).await?;
         imports.push(UserImport { user, subject });
     }
-    store.import_users(&imports).await
+    let mut attempt = 1;
+    loop {
+        match store.import_users(&imports).await {
+            Err(StoreError::Unavailable(err)) if attempt < BATCH_ATTEMPTS => {
+                tracing::warn!(attempt, error = %err, "an import batch failed; trying it again");
+                tokio::time::sleep(std::time::Duration::from_millis(100 << (2 * attempt))).await;
+                attempt += 1;
+            }
+            outcome => return outcome,
+        }
+    }
 }
 
 #[cfg(test)]

@@ -242,3 +242,79 @@ on_every_store!(
     an_erased_person_in_an_old_export_stays_erased,
     a_file_the_command_cannot_read_changes_nothing,
 );
+
+/// An import batch that deadlocks with another writer (here a transaction that holds one of
+/// its users and then wants another it holds) is the one Postgres aborts, having waited the
+/// longest; the batch is tried again and every user is written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_batch_that_deadlocks_is_tried_again() {
+    use sqlx::Connection;
+    let Some(t) = Backend::Postgres.store("users_import_deadlock").await else {
+        return;
+    };
+    let store = t.store.clone();
+    for id in ["a-first", "b-second"] {
+        store
+            .upsert_user(
+                &billsync::domain::UserUpsert::parse(
+                    UserId::parse(id).unwrap(),
+                    &format!("{id}@example.com"),
+                    false,
+                    None,
+                    None,
+                    None,
+                )
+                .unwrap(),
+            )
+            .await
+            .unwrap();
+    }
+    let mut other = sqlx::PgConnection::connect(&t.url).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut other).await.unwrap();
+    sqlx::query("SELECT 1 FROM users WHERE id = 'b-second' FOR UPDATE")
+        .execute(&mut other)
+        .await
+        .unwrap();
+    let importing = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            let tombstones = billsync::gdpr::Tombstones::new(Some(billsync::config::Secret::new(
+                "a-pepper-of-at-least-32-characters!",
+            )));
+            let rows = ["a-first", "b-second"]
+                .map(|id| {
+                    billsync::domain::UserUpsert::parse(
+                        UserId::parse(id).unwrap(),
+                        &format!("{id}@example.com"),
+                        true,
+                        Some("Renamed"),
+                        None,
+                        None,
+                    )
+                    .unwrap()
+                })
+                .to_vec();
+            billsync::users_import::import(store.as_ref(), &tombstones, rows).await
+        })
+    };
+    // The batch holds a-first and waits for b-second; now this transaction wants a-first.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let crossing = sqlx::query("SELECT 1 FROM users WHERE id = 'a-first' FOR UPDATE")
+        .execute(&mut other)
+        .await;
+    assert!(
+        crossing.is_ok(),
+        "the batch, not this transaction, was aborted"
+    );
+    sqlx::query("COMMIT").execute(&mut other).await.unwrap();
+    let outcomes = importing.await.unwrap().expect("the batch is tried again");
+    assert_eq!(outcomes.len(), 2);
+    for id in ["a-first", "b-second"] {
+        let user = store
+            .get_user(&UserId::parse(id).unwrap())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(user.first_name.unwrap().as_str(), "Renamed");
+    }
+}
