@@ -76,6 +76,9 @@ pub enum Command {
     /// Events towards the app (Standard Webhooks).
     #[command(subcommand, name = "app-events")]
     AppEvents(AppEventsCommand),
+    /// Print the HTTP API's OpenAPI document (what `GET /openapi.json` serves), for
+    /// generating clients.
+    Openapi,
     /// Print everything billsync holds about a user as JSON (the GDPR export).
     Export {
         #[arg(long, env = "BILLSYNC_USER_ID")]
@@ -114,6 +117,10 @@ pub async fn run() -> ExitCode {
 async fn execute(command: Command, config: Config) -> anyhow::Result<()> {
     match command {
         Command::Serve => serve::run(config).await,
+        Command::Openapi => {
+            println!("{}", crate::http::openapi_document());
+            Ok(())
+        }
         Command::Migrate => migrate::run(config).await,
         Command::Users(command) => users::run(command, config).await,
         Command::Customer(command) => customer::run(command, config).await,

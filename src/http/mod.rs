@@ -30,6 +30,7 @@ use tower_http::{
 };
 
 pub use admin::{UserBody, UserView};
+pub use openapi::document as openapi_document;
 
 use crate::{
     auth::JwtVerifier,

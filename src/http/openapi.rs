@@ -117,3 +117,11 @@ impl Modify for CommonErrors {
 pub async fn serve() -> Json<utoipa::openapi::OpenApi> {
     Json(ApiDoc::openapi())
 }
+
+/// The document `GET /openapi.json` serves, pretty-printed (`billsync openapi`: clients are
+/// generated from it without a running server).
+pub fn document() -> String {
+    ApiDoc::openapi()
+        .to_pretty_json()
+        .expect("the OpenAPI document serialises")
+}

@@ -127,6 +127,24 @@ fn app_events_new_secret_prints_a_standard_webhooks_secret() {
 }
 
 #[test]
+fn openapi_prints_the_document_the_server_serves() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = billsync()
+        .current_dir(dir.path())
+        .arg("openapi")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON document");
+    assert!(doc["paths"]["/v1/users/batch"]["post"].is_object());
+    assert!(doc["components"]["schemas"]["ErrorBody"].is_object());
+    assert!(
+        !dir.path().join("billsync.db").exists(),
+        "no database is opened"
+    );
+}
+
+#[test]
 fn migrate_creates_the_sqlite_default() {
     let dir = tempfile::tempdir().unwrap();
     let status = billsync()
