@@ -6,8 +6,11 @@ use time::OffsetDateTime;
 
 use super::{LinkSource, User, UserId};
 
+// `$text` is a `tt`, not a `literal`: a `literal` fragment reaches utoipa's derive wrapped in
+// an invisible group it does not read, and the OpenAPI document then named the variants
+// (`Pending`) instead of their serialized names (`pending`).
 macro_rules! names {
-    ($(#[$meta:meta])* pub enum $name:ident { $($(#[$vmeta:meta])* $variant:ident = $text:literal,)* }) => {
+    ($(#[$meta:meta])* pub enum $name:ident { $($(#[$vmeta:meta])* $variant:ident = $text:tt,)* }) => {
         $(#[$meta])*
         #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, utoipa::ToSchema)]
         pub enum $name { $($(#[$vmeta])* #[serde(rename = $text)] $variant,)* }
@@ -256,14 +259,31 @@ pub enum AppEventOutcome {
     Released,
 }
 
+/// An app event as it is delivered and pulled: `{"id", "type", "timestamp", "data"}`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, utoipa::ToSchema)]
+pub struct AppEventBody {
+    /// The `webhook-id`: the same on every delivery of this event; dedup on it.
+    pub id: String,
+    #[serde(rename = "type")]
+    pub kind: AppEventType,
+    /// When the change committed.
+    #[serde(with = "time::serde::rfc3339")]
+    #[schema(value_type = String, format = DateTime)]
+    pub timestamp: OffsetDateTime,
+    /// What changed; its fields depend on `type` (README, "App events").
+    #[schema(value_type = HashMap<String, Value>)]
+    pub data: Value,
+}
+
 impl AppEvent {
-    /// What is delivered and pulled: `{"id", "type", "timestamp", "data"}`.
-    pub fn body(&self) -> Value {
-        let timestamp = self
-            .created_at
-            .format(&time::format_description::well_known::Rfc3339)
-            .expect("a stored time formats");
-        json!({"id": self.id, "type": self.kind, "timestamp": timestamp, "data": self.data})
+    /// What is delivered and pulled.
+    pub fn body(&self) -> AppEventBody {
+        AppEventBody {
+            id: self.id.clone(),
+            kind: self.kind,
+            timestamp: self.created_at,
+            data: self.data.clone(),
+        }
     }
 }
 
@@ -276,6 +296,26 @@ pub fn new_app_event_id() -> String {
 mod tests {
     use super::*;
     use crate::domain::{Email, PersonName};
+
+    /// The OpenAPI document (and the TypeScript client generated from it) names each value as
+    /// it is serialized: `pending`, not the variant's name.
+    #[test]
+    fn documented_names_are_the_serialized_names() {
+        fn documented<T: utoipa::PartialSchema>() -> Value {
+            serde_json::to_value(T::schema()).unwrap()["enum"].clone()
+        }
+        fn serialized<T: serde::Serialize>(all: &[T]) -> Value {
+            serde_json::to_value(all).unwrap()
+        }
+        assert_eq!(
+            documented::<AppEventState>(),
+            serialized(AppEventState::ALL)
+        );
+        assert_eq!(documented::<AppEventType>(), serialized(AppEventType::ALL));
+        assert_eq!(documented::<ChangeOrigin>(), serialized(ChangeOrigin::ALL));
+        assert_eq!(documented::<UnlinkReason>(), serialized(UnlinkReason::ALL));
+        assert_eq!(documented::<AppEventState>()[0], "pending");
+    }
 
     fn user(first: Option<&str>, version: i64) -> User {
         User {
@@ -344,7 +384,7 @@ mod tests {
             claim_token: None,
         };
         assert_eq!(
-            event.body(),
+            serde_json::to_value(event.body()).unwrap(),
             json!({"id": "msg_1", "type": "customer.linked",
                    "timestamp": "2023-11-14T22:13:20Z", "data": {"user_id": "u1"}})
         );

@@ -15,8 +15,8 @@ mod reconcile_run;
 mod user;
 
 pub use app_event::{
-    changed_fields, new_app_event_id, AppEvent, AppEventOutcome, AppEventState, AppEventType,
-    ChangeOrigin, NewAppEvent, UnlinkReason, PROFILE_FIELDS,
+    changed_fields, new_app_event_id, AppEvent, AppEventBody, AppEventOutcome, AppEventState,
+    AppEventType, ChangeOrigin, NewAppEvent, UnlinkReason, PROFILE_FIELDS,
 };
 pub use billing::{
     previous_values, PortalConfigRecord, SubscriptionItemMirror, SubscriptionMirror,

@@ -10,7 +10,7 @@ use time::OffsetDateTime;
 
 use super::AppState;
 use crate::{
-    domain::{AppEvent, AppEventState},
+    domain::{AppEvent, AppEventBody, AppEventState},
     error::ApiError,
 };
 
@@ -41,8 +41,7 @@ pub struct DeliveryView {
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct AppEventView {
     #[serde(flatten)]
-    #[schema(value_type = Object)]
-    pub event: serde_json::Value,
+    pub event: AppEventBody,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub delivery: Option<DeliveryView>,
 }

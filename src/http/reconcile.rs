@@ -23,10 +23,10 @@ pub struct ReconcileRun {
     /// `running`, `done`, `failed` or `interrupted` (the process running it stopped).
     pub status: String,
     pub apply: bool,
-    #[schema(value_type = Object)]
+    #[schema(value_type = HashMap<String, serde_json::Value>)]
     pub progress: serde_json::Value,
     /// The full report, once done.
-    #[schema(value_type = Option<Object>)]
+    #[schema(value_type = Option<HashMap<String, serde_json::Value>>)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub report: Option<serde_json::Value>,
     /// Why a failed or interrupted run ended (Stripe or the database was unavailable).

@@ -308,10 +308,27 @@ pub struct DeleteBody {
     pub delete_from_stripe: bool,
 }
 
+/// The account is deleted: the seed app's answer.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct AccountDeleted {
+    pub success: bool,
+    /// `Account deleted successfully`
+    pub message: &'static str,
+}
+
+/// The account's local rows are gone; a Stripe step failed and its job retries it.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct AccountDeletionPending {
+    pub success: bool,
+    /// `pending`
+    pub status: &'static str,
+}
+
 /// Deletes the caller's account (GDPR erasure): 200 when done, 202 when a Stripe step is queued.
 #[utoipa::path(delete, path = "/api/user/delete-account", tag = "user",
     request_body(content = Option<DeleteBody>), security(("user_jwt" = [])),
-    responses((status = 200, description = "Deleted"), (status = 202, description = "Queued"),
+    responses((status = 200, body = AccountDeleted, description = "Deleted"),
+              (status = 202, body = AccountDeletionPending, description = "Queued: a Stripe step failed and is retried"),
               (status = 401, body = crate::http::ErrorBody), (status = 410, body = crate::http::ErrorBody),
               (status = 429, body = crate::http::ErrorBody, description = "The user's limit for this route is spent (`rate_limited`)",
                headers(("Retry-After" = u64, description = "Whole seconds until the next request is allowed")))))]
@@ -339,12 +356,18 @@ pub async fn delete_account(
     Ok(match status {
         ErasureStatus::Completed => (
             StatusCode::OK,
-            Json(serde_json::json!({"success": true, "message": "Account deleted successfully"})),
+            Json(AccountDeleted {
+                success: true,
+                message: "Account deleted successfully",
+            }),
         )
             .into_response(),
         ErasureStatus::Pending => (
             StatusCode::ACCEPTED,
-            Json(serde_json::json!({"success": true, "status": "pending"})),
+            Json(AccountDeletionPending {
+                success: true,
+                status: "pending",
+            }),
         )
             .into_response(),
     })

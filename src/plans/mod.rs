@@ -43,7 +43,7 @@ pub struct Plan {
     pub id: String,
     pub features: Vec<String>,
     /// Numbers by name (`projects = 10`).
-    #[schema(value_type = Object)]
+    #[schema(value_type = BTreeMap<String, f64>)]
     pub limits: BTreeMap<String, serde_json::Number>,
 }
 

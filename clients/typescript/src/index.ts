@@ -1,4 +1,4 @@
-// billsync's HTTP API, typed. `schema.d.ts` is generated from the server's own OpenAPI
+// billsync's HTTP API, typed. `schema.ts` is generated from the server's own OpenAPI
 // document (`scripts/client-types.sh`); CI regenerates it and fails on a difference.
 export type { paths, components, operations } from "./schema.js";
 import type { components } from "./schema.js";

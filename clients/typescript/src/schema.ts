@@ -390,6 +390,33 @@ export interface paths {
 export type webhooks = Record<string, never>;
 export interface components {
     schemas: {
+        /** @description The account is deleted: the seed app's answer. */
+        AccountDeleted: {
+            /** @description `Account deleted successfully` */
+            message: string;
+            success: boolean;
+        };
+        /** @description The account's local rows are gone; a Stripe step failed and its job retries it. */
+        AccountDeletionPending: {
+            /** @description `pending` */
+            status: string;
+            success: boolean;
+        };
+        /** @description An app event as it is delivered and pulled: `{"id", "type", "timestamp", "data"}`. */
+        AppEventBody: {
+            /** @description What changed; its fields depend on `type` (README, "App events"). */
+            data: {
+                [key: string]: unknown;
+            };
+            /** @description The `webhook-id`: the same on every delivery of this event; dedup on it. */
+            id: string;
+            /**
+             * Format: date-time
+             * @description When the change committed.
+             */
+            timestamp: string;
+            type: components["schemas"]["AppEventType"];
+        };
         AppEventResponse: {
             event: components["schemas"]["AppEventView"];
         };
@@ -397,12 +424,17 @@ export interface components {
          * @description How far an app event got.
          * @enum {string}
          */
-        AppEventState: "Pending" | "Delivered" | "Failed";
+        AppEventState: "pending" | "delivered" | "failed";
+        /**
+         * @description What happened.
+         * @enum {string}
+         */
+        AppEventType: "customer.linked" | "customer.unlinked" | "user.updated" | "subscription.created" | "subscription.updated" | "subscription.deleted" | "plan.changed" | "user.erased" | "sync.failed";
         /**
          * @description An app event as it is delivered (`id`, `type`, `timestamp`, `data`), with its delivery
          *     when listed by state.
          */
-        AppEventView: Record<string, never> & {
+        AppEventView: components["schemas"]["AppEventBody"] & {
             delivery?: null | components["schemas"]["DeliveryView"];
         };
         AppEventsResponse: {
@@ -519,7 +551,9 @@ export interface components {
             features: string[];
             id: string;
             /** @description Numbers by name (`projects = 10`). */
-            limits: Record<string, never>;
+            limits: {
+                [key: string]: number;
+            };
         };
         PortalBody: {
             flow?: null | components["schemas"]["PortalFlow"];
@@ -559,9 +593,13 @@ export interface components {
             /** @description Why a failed or interrupted run ended (Stripe or the database was unavailable). */
             error?: string | null;
             id: string;
-            progress: Record<string, never>;
+            progress: {
+                [key: string]: unknown;
+            };
             /** @description The full report, once done. */
-            report?: Record<string, never> | null;
+            report?: {
+                [key: string]: unknown;
+            } | null;
             /** @description `running`, `done`, `failed` or `interrupted` (the process running it stopped). */
             status: string;
         };
@@ -900,14 +938,18 @@ export interface operations {
                 headers: {
                     [name: string]: unknown;
                 };
-                content?: never;
+                content: {
+                    "application/json": components["schemas"]["AccountDeleted"];
+                };
             };
-            /** @description Queued */
+            /** @description Queued: a Stripe step failed and is retried */
             202: {
                 headers: {
                     [name: string]: unknown;
                 };
-                content?: never;
+                content: {
+                    "application/json": components["schemas"]["AccountDeletionPending"];
+                };
             };
             /** @description Malformed JSON (`invalid_json`) or an invalid webhook */
             400: {
