@@ -6,6 +6,9 @@
 # - localstripe: installed into a venv and started on a free loopback port (stopped at exit),
 #   unless BILLSYNC_TEST_LOCALSTRIPE_URL already points at one that answers.
 # - tests/receiver (the app's side of app-event tests, Node): npm ci from its lockfile.
+# - Then the TypeScript client and the example app (scripts/test-typescript.sh) against the
+#   billsync binary cargo built: npm ci from their lockfiles, types checked against the
+#   server's OpenAPI document, Node's test runner. Only on an unfiltered run.
 # - Postgres: BILLSYNC_TEST_POSTGRES_URL, or the local server at
 #   postgres://postgres@127.0.0.1:5432/postgres when it answers; each test makes its own database.
 # - tests/alone/postgres_restart.rs stops and starts that server. It runs when the cluster is this
@@ -76,6 +79,26 @@ fi
 cargo test --locked --no-fail-fast "$@" 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 
+# The TypeScript client and the example app, against the billsync binary cargo just built.
+billsync_bin="${CARGO_TARGET_DIR:-target}/debug/billsync"
+if [[ $# -gt 0 ]]; then
+  echo "SKIPPED typescript: a filtered run (arguments were given)" | tee -a "$log"
+elif ! command -v npm >/dev/null; then
+  echo "SKIPPED typescript: npm is not installed" | tee -a "$log"
+elif [[ -z "${BILLSYNC_TEST_LOCALSTRIPE_URL:-}" ]]; then
+  echo "SKIPPED typescript: no localstripe" | tee -a "$log"
+elif [[ ! -x "$billsync_bin" ]]; then
+  echo "SKIPPED typescript: no billsync binary at $billsync_bin" | tee -a "$log"
+else
+  scripts/test-typescript.sh "$billsync_bin" 2>&1 | tee -a "$log"
+  typescript_status=${PIPESTATUS[0]}
+  [[ $typescript_status -eq 0 ]] || status=$typescript_status
+fi
+if grep -q "^SKIPPED typescript:" "$log" && [[ "${BILLSYNC_REQUIRE_SUITES:-}" == 1 ]]; then
+  echo "== the TypeScript suites did not run (BILLSYNC_REQUIRE_SUITES=1)"
+  status=1
+fi
+
 python3 - "$log" "$status" <<'EOF'
 import collections, re, sys
 text = open(sys.argv[1], errors="replace").read()
@@ -84,13 +107,20 @@ for m in re.finditer(r"test result: \w+\. (\d+) passed; (\d+) failed; (\d+) igno
     passed += int(m[1]); failed += int(m[2]); ignored += int(m[3])
 # Unanchored: libtest may have written half a line ("test x ... ") just before.
 skips = re.findall(r"SKIPPED (\S+): (.*)$", text, re.M)
+# A skipped Rust test returned early and counts as passed; the TypeScript suites never started.
+returned_early = [s for s in skips if s[0] != "typescript"]
 reasons = collections.Counter(reason for _, reason in skips)
+# Node's test runner (TAP): "# pass N", "# fail N", once per suite.
+node_passed = sum(int(n) for n in re.findall(r"^# pass (\d+)$", text, re.M))
+node_failed = sum(int(n) for n in re.findall(r"^# fail (\d+)$", text, re.M))
 print()
-print(f"== {passed + failed + ignored} tests: {passed - len(skips)} ran and passed, "
-      f"{failed} failed, {ignored} ignored, {len(skips)} skipped (returned early)")
+print(f"== {passed + failed + ignored} Rust tests: {passed - len(returned_early)} ran and passed, "
+      f"{failed} failed, {ignored} ignored, {len(returned_early)} skipped (returned early)")
+print(f"== {node_passed + node_failed} TypeScript tests: {node_passed} passed, {node_failed} failed"
+      + (", skipped (see below)" if len(skips) > len(returned_early) else ""))
 for reason, count in reasons.most_common():
     print(f"   skipped {count}: {reason}")
-if int(sys.argv[2]) != 0 and failed == 0:
-    print("== cargo test failed before or outside the tests (see above)")
+if int(sys.argv[2]) != 0 and failed == 0 and node_failed == 0:
+    print("== the run failed before or outside the tests (see above)")
 EOF
 exit "$status"

@@ -1,0 +1,300 @@
+// The calls an app makes to billsync, over the platform's `fetch` (Node 20, edge runtimes,
+// browsers). Request and answer types come from the generated `schema.ts`; every failure is
+// one `BillsyncError`.
+import { BillsyncError, parseRetryAfter } from "./errors.js";
+import type { AppEvent } from "./events.js";
+import type { components, operations } from "./schema.js";
+
+type Schemas = components["schemas"];
+type Json<Op extends keyof operations, Status extends number> = operations[Op]["responses"] extends {
+  [S in Status]: { content: { "application/json": infer Body } };
+}
+  ? Body
+  : never;
+
+export type UserBody = Schemas["UserBody"];
+export type User = Schemas["UserView"];
+export type UserWithCustomer = Json<"get_user", 200>;
+export type ResolvedCustomer = Json<"resolve_customer", 200>;
+export type Billing = Schemas["BillingView"];
+export type UserBatchRow = Schemas["UserBatchRow"];
+export type UserBatchResponse = Schemas["UserBatchResponse"];
+export type ProfileUpdate = Schemas["ProfileBody"];
+export type Profile = Schemas["ProfileView"];
+export type PortalFlow = Schemas["PortalFlow"];
+
+/** A page of app events in their total order. */
+export interface AppEventsPage {
+  events: AppEvent[];
+  /** Pass as `after` for the next page; `null` when this page is empty (ask again later with the same cursor). */
+  nextCursor: string | null;
+}
+
+/** What `deleteAccount` did. */
+export type AccountDeletion =
+  /** Everything is done, in billsync and in Stripe. */
+  | { status: "deleted" }
+  /** The person's data is gone from billsync; a Stripe step failed and is retried by its queue. */
+  | { status: "pending" };
+
+export interface BillsyncOptions {
+  /** Where billsync listens, e.g. `http://127.0.0.1:8080`. */
+  baseUrl: string;
+  /** `BILLSYNC_ADMIN_API_KEY`: needed for every call except those of `asUser`. Keep it on the server. */
+  adminKey?: string;
+  /** Per call, including reading the answer (default 30 s). */
+  timeoutMs?: number;
+  /** Another `fetch` (a test double, an instrumented one); the platform's by default. */
+  fetch?: typeof globalThis.fetch;
+}
+
+interface Call {
+  method: "GET" | "PUT" | "POST" | "DELETE";
+  path: string;
+  token: string | undefined;
+  body?: unknown;
+  query?: Record<string, string | number | undefined>;
+  signal?: AbortSignal;
+}
+
+/** Per-call options. */
+export interface CallOptions {
+  /** Abandons the call (in addition to `timeoutMs`). */
+  signal?: AbortSignal;
+}
+
+class Transport {
+  readonly baseUrl: string;
+  readonly timeoutMs: number;
+  readonly fetch: typeof globalThis.fetch;
+
+  constructor(options: BillsyncOptions) {
+    this.baseUrl = options.baseUrl.replace(/\/+$/, "");
+    this.timeoutMs = options.timeoutMs ?? 30_000;
+    this.fetch = options.fetch ?? globalThis.fetch.bind(globalThis);
+  }
+
+  /** Sends a call and returns billsync's 2xx answer, or throws `BillsyncError`. */
+  async send(call: Call): Promise<Response> {
+    const url = new URL(this.baseUrl + call.path);
+    for (const [name, value] of Object.entries(call.query ?? {})) {
+      if (value !== undefined) url.searchParams.set(name, String(value));
+    }
+    // Our own id, so that even a call that never got an answer can be found in billsync's logs.
+    const requestId = crypto.randomUUID();
+    const headers: Record<string, string> = { accept: "application/json", "x-request-id": requestId };
+    if (call.token !== undefined) headers.authorization = `Bearer ${call.token}`;
+    if (call.body !== undefined) headers["content-type"] = "application/json";
+    const timeout = AbortSignal.timeout(this.timeoutMs);
+    const signal = call.signal ? AbortSignal.any([call.signal, timeout]) : timeout;
+
+    let response: Response;
+    try {
+      response = await this.fetch(url, {
+        method: call.method,
+        headers,
+        body: call.body === undefined ? undefined : JSON.stringify(call.body),
+        signal,
+      });
+    } catch (err) {
+      throw transportError(err, timeout, requestId, `${call.method} ${call.path}`);
+    }
+    if (response.ok) return response;
+    throw await errorOf(response, requestId);
+  }
+
+  async json<T>(call: Call): Promise<T> {
+    const response = await this.send(call);
+    const requestId = response.headers.get("x-request-id");
+    try {
+      return (await response.json()) as T;
+    } catch (err) {
+      throw new BillsyncError({
+        code: "unexpected_response",
+        status: response.status,
+        message: `billsync's answer to ${call.method} ${call.path} is not JSON`,
+        requestId,
+        cause: err,
+      });
+    }
+  }
+}
+
+function transportError(err: unknown, timeout: AbortSignal, requestId: string, what: string): BillsyncError {
+  if (timeout.aborted) {
+    return new BillsyncError({ code: "timeout", status: 0, message: `${what}: no answer in time`, requestId, cause: err });
+  }
+  if (err instanceof Error && err.name === "AbortError") {
+    return new BillsyncError({ code: "aborted", status: 0, message: `${what}: abandoned by the caller`, requestId, cause: err });
+  }
+  return new BillsyncError({ code: "network_error", status: 0, message: `${what}: billsync could not be reached`, requestId, cause: err });
+}
+
+async function errorOf(response: Response, sentRequestId: string): Promise<BillsyncError> {
+  const requestId = response.headers.get("x-request-id") ?? sentRequestId;
+  const retryAfter =
+    response.status === 429 || response.status === 503 ? parseRetryAfter(response.headers.get("retry-after")) : null;
+  let text = "";
+  try {
+    text = await response.text();
+  } catch {
+    // A body cut off: what is known is the status.
+  }
+  try {
+    const body = JSON.parse(text) as Partial<Schemas["ErrorBody"]>;
+    const error = body.error;
+    if (error && typeof error.code === "string" && typeof error.message === "string") {
+      return new BillsyncError({ code: error.code, status: response.status, message: error.message, requestId, retryAfter });
+    }
+  } catch {
+    // Not billsync's error document: below.
+  }
+  return new BillsyncError({
+    code: "unexpected_response",
+    status: response.status,
+    message: `HTTP ${response.status} without billsync's error document`,
+    requestId,
+    retryAfter,
+  });
+}
+
+const userPath = (id: string) => `/v1/users/${encodeURIComponent(id)}`;
+
+/**
+ * billsync for the app's server, with the admin key: users, their Stripe customer, their
+ * billing, and the app events. `asUser(token)` gives the calls a person makes with their own
+ * token.
+ */
+export class Billsync {
+  readonly #transport: Transport;
+  readonly #adminKey: string | undefined;
+
+  constructor(options: BillsyncOptions) {
+    this.#transport = new Transport(options);
+    this.#adminKey = options.adminKey;
+  }
+
+  #admin<T>(call: Omit<Call, "token">): Promise<T> {
+    return this.#transport.json<T>({ ...call, token: this.#adminKey });
+  }
+
+  /** Creates or replaces a user (`PUT /v1/users/{id}`); omitted fields are cleared. */
+  async upsertUser(userId: string, body: UserBody, options: CallOptions = {}): Promise<User> {
+    const answer = await this.#admin<Schemas["UserResponse"]>({ method: "PUT", path: userPath(userId), body, ...options });
+    return answer.user;
+  }
+
+  /** A user with their customer link and mirrored subscriptions; `user_not_found` if billsync has no such user. */
+  getUser(userId: string, options: CallOptions = {}): Promise<UserWithCustomer> {
+    return this.#admin({ method: "GET", path: userPath(userId), ...options });
+  }
+
+  /** Up to 1,000 users at once, one result per row in order (`POST /v1/users/batch`). */
+  importUsers(users: UserBatchRow[], options: CallOptions = {}): Promise<UserBatchResponse> {
+    return this.#admin({ method: "POST", path: "/v1/users/batch", body: { users }, ...options });
+  }
+
+  /**
+   * The user's Stripe customer, found or created exactly once however many calls race
+   * (the spec's `getOrCreateStripeCustomer`). With `user`, the user is upserted first.
+   */
+  resolveCustomer(userId: string, user?: UserBody, options: CallOptions = {}): Promise<ResolvedCustomer> {
+    return this.#admin({ method: "POST", path: `${userPath(userId)}/customer`, body: user, ...options });
+  }
+
+  /** The billing read: customer, plan and subscriptions, from billsync's mirror (no Stripe call). */
+  getBilling(userId: string, options: CallOptions = {}): Promise<Billing> {
+    return this.#admin({ method: "GET", path: `${userPath(userId)}/billing`, ...options });
+  }
+
+  /**
+   * App events after `after` (a `nextCursor`; from the oldest kept when absent), in their
+   * total order: a reader that follows `nextCursor` sees every event once.
+   */
+  async listAppEvents(
+    page: { after?: string | null; limit?: number } = {},
+    options: CallOptions = {},
+  ): Promise<AppEventsPage> {
+    const answer = await this.#admin<{ events: AppEvent[]; next_cursor?: string | null }>({
+      method: "GET",
+      path: "/v1/app-events",
+      query: { after: page.after ?? undefined, limit: page.limit },
+      ...options,
+    });
+    return { events: answer.events, nextCursor: answer.next_cursor ?? null };
+  }
+
+  /** The calls a signed-in person makes, with their own token (Supabase's access token). */
+  asUser(token: string): BillsyncUser {
+    return new BillsyncUser(this.#transport, token);
+  }
+}
+
+/** The user routes, as the person whose token this is. */
+export class BillsyncUser {
+  readonly #transport: Transport;
+  readonly #token: string;
+
+  /** @internal use `Billsync.asUser` */
+  constructor(transport: Transport, token: string) {
+    this.#transport = transport;
+    this.#token = token;
+  }
+
+  /** Absent fields are kept; `null` or `""` clears. The push to Stripe is billsync's, durable. */
+  async updateProfile(update: ProfileUpdate, options: CallOptions = {}): Promise<Profile> {
+    const answer = await this.#transport.json<Schemas["ProfileResponse"]>({
+      method: "PUT",
+      path: "/api/user/profile",
+      token: this.#token,
+      body: update,
+      ...options,
+    });
+    return answer.data;
+  }
+
+  /** The person's billing read. */
+  getBilling(options: CallOptions = {}): Promise<Billing> {
+    return this.#transport.json({ method: "GET", path: "/api/user/billing", token: this.#token, ...options });
+  }
+
+  /** A billing-portal session's URL, optionally deep-linked into one flow. */
+  async createPortalSession(flow?: PortalFlow, options: CallOptions = {}): Promise<string> {
+    const answer = await this.#transport.json<Schemas["UrlResponse"]>({
+      method: "POST",
+      path: "/api/billing/create-portal-session",
+      token: this.#token,
+      body: flow === undefined ? {} : { flow },
+      ...options,
+    });
+    return answer.url;
+  }
+
+  /**
+   * The person's data export, as billsync's streaming answer (`Content-Disposition`
+   * included): return it from a route handler as it is, or read it with `.json()`.
+   */
+  exportData(options: CallOptions = {}): Promise<Response> {
+    return this.#transport.send({ method: "GET", path: "/api/user/export-data", token: this.#token, ...options });
+  }
+
+  /**
+   * Erases the person (GDPR). By default the Stripe customer is kept, scrubbed; with
+   * `deleteFromStripe` it is deleted. Subscriptions are cancelled either way. Safe to repeat.
+   */
+  async deleteAccount(
+    request: { deleteFromStripe?: boolean } = {},
+    options: CallOptions = {},
+  ): Promise<AccountDeletion> {
+    const response = await this.#transport.send({
+      method: "DELETE",
+      path: "/api/user/delete-account",
+      token: this.#token,
+      body: request,
+      ...options,
+    });
+    // The body says the same as the status; it is drained so the connection can be reused.
+    await response.arrayBuffer().catch(() => undefined);
+    return { status: response.status === 202 ? "pending" : "deleted" };
+  }
+}

@@ -1,0 +1,428 @@
+// The client against a real billsync (and localstripe): every wrapped route, every error
+// mapping, and verifyAppEvent on genuine, tampered and stale deliveries.
+import assert from "node:assert/strict";
+import http from "node:http";
+import type { AddressInfo } from "node:net";
+import { after, before, describe, it } from "node:test";
+
+import {
+  AppEventVerificationError,
+  Billsync,
+  BillsyncError,
+  receiveAppEvent,
+  verifyAppEvent,
+  type AppEvent,
+} from "../src/index.js";
+import { parseRetryAfter } from "../src/errors.js";
+import {
+  ADMIN_KEY,
+  APP_URL,
+  APP_WEBHOOK_SECRET,
+  eventually,
+  serveHandler,
+  startBillsync,
+  unique,
+  userToken,
+  type BillsyncProcess,
+} from "./support/world.js";
+
+/** What billsync delivered to the app: raw body and headers, as the app's route gets them. */
+interface Delivery {
+  body: Uint8Array<ArrayBuffer>;
+  headers: Headers;
+}
+
+let server: BillsyncProcess;
+let receiver: { url: string; stop(): Promise<void> };
+const deliveries: Delivery[] = [];
+let billsync: Billsync;
+
+before(async () => {
+  receiver = await serveHandler(async (request) => {
+    deliveries.push({ body: new Uint8Array(await request.arrayBuffer()), headers: request.headers });
+    return new Response(null, { status: 204 });
+  });
+  server = await startBillsync({
+    BILLSYNC_APP_WEBHOOK_URL: `${receiver.url}/billsync`,
+    BILLSYNC_APP_WEBHOOK_SECRET: APP_WEBHOOK_SECRET,
+    BILLSYNC_STRIPE_MAX_RETRIES: "0",
+  });
+  billsync = new Billsync({ baseUrl: server.url, adminKey: ADMIN_KEY });
+});
+
+after(async () => {
+  await server?.stop();
+  await receiver?.stop();
+});
+
+/** Asserts `promise` rejects with a `BillsyncError` of this code and status, and returns it. */
+async function rejectsWith(promise: Promise<unknown>, code: string, status: number): Promise<BillsyncError> {
+  try {
+    await promise;
+  } catch (err) {
+    assert.ok(err instanceof BillsyncError, `expected a BillsyncError, got ${String(err)}`);
+    assert.equal(err.code, code, err.message);
+    assert.equal(err.status, status);
+    assert.ok(err.requestId, "every error carries the request id");
+    return err;
+  }
+  assert.fail(`expected ${code}, but the call succeeded`);
+}
+
+function person() {
+  const id = unique("user");
+  const email = `${id}@example.com`;
+  return { id, email, token: userToken(id, email) };
+}
+
+describe("admin calls", () => {
+  it("upserts and reads a user", async () => {
+    const { id, email } = person();
+    const user = await billsync.upsertUser(id, { email, first_name: "Ada", last_name: "Lovelace" });
+    assert.equal(user.id, id);
+    assert.equal(user.first_name, "Ada");
+    assert.equal(user.version, 1);
+
+    const read = await billsync.getUser(id);
+    assert.equal(read.user.email, email);
+    assert.equal(read.customer, null);
+    assert.deepEqual(read.subscriptions, []);
+  });
+
+  it("maps billsync's validation errors, with the request id billsync logged", async () => {
+    const { id } = person();
+    const err = await rejectsWith(billsync.upsertUser(id, { email: "not an email" }), "invalid_email", 422);
+    assert.match(err.requestId ?? "", /^[0-9a-f-]{36}$/);
+    assert.equal(err.retryAfter, null);
+    assert.deepEqual(err.toJSON().error.code, "invalid_email");
+  });
+
+  it("says user_not_found for a user billsync does not hold", async () => {
+    await rejectsWith(billsync.getUser(unique("nobody")), "user_not_found", 404);
+    await rejectsWith(billsync.getBilling(unique("nobody")), "user_not_found", 404);
+  });
+
+  it("resolves a new user's customer once, then finds it again", async () => {
+    const { id, email } = person();
+    const first = await billsync.resolveCustomer(id, { email, first_name: "Grace" });
+    assert.equal(first.source, "created");
+    assert.match(first.customer_id, /^cus_/);
+    const again = await billsync.resolveCustomer(id);
+    assert.deepEqual(again, { customer_id: first.customer_id, source: "existing" });
+
+    const customer = await server.stripe.stripe("GET", `/v1/customers/${first.customer_id}`);
+    assert.equal(customer.email, email);
+    assert.equal(customer.name, "Grace");
+
+    const billing = await billsync.getBilling(id);
+    assert.equal(billing.user_id, id);
+    assert.equal(billing.customer?.id, first.customer_id);
+  });
+
+  it("links a customer that already exists in Stripe by its email", async () => {
+    const { id, email } = person();
+    const existing = await server.stripe.stripe("POST", "/v1/customers", { email });
+    // Only a verified address links: anyone can sign up with someone else's.
+    const resolved = await billsync.resolveCustomer(id, { email, email_verified: true });
+    assert.deepEqual(resolved, { customer_id: existing.id, source: "stripe_email" });
+  });
+
+  it("answers 503 stripe_unavailable with Retry-After while Stripe is down, and nothing is linked", async () => {
+    const { id, email } = person();
+    server.stripe.outage = /^\/v1\/customers/;
+    try {
+      const err = await rejectsWith(billsync.resolveCustomer(id, { email }), "stripe_unavailable", 503);
+      assert.equal(err.retryAfter, 1);
+      assert.equal(err.retryable, true);
+    } finally {
+      server.stripe.outage = null;
+    }
+    assert.equal((await billsync.getUser(id)).customer, null);
+    assert.equal((await billsync.resolveCustomer(id)).source, "created");
+  });
+
+  it("imports a batch, one result per row", async () => {
+    const a = person();
+    const b = person();
+    const answer = await billsync.importUsers([
+      { id: a.id, email: a.email },
+      { id: b.id, email: "nope" },
+    ]);
+    assert.deepEqual(
+      answer.results.map((r) => [r.id, r.status, r.error?.code ?? null]),
+      [
+        [a.id, "created", null],
+        [b.id, "invalid", "invalid_email"],
+      ],
+    );
+    assert.equal(answer.summary.created, 1);
+    assert.equal(answer.summary.invalid, 1);
+
+    const tooMany = Array.from({ length: 1001 }, (_, i) => ({ id: `${a.id}-${i}`, email: a.email }));
+    await rejectsWith(billsync.importUsers(tooMany), "invalid_request", 422);
+  });
+
+  it("pages app events in order and follows the cursor", async () => {
+    const { id, email } = person();
+    const { customer_id } = await billsync.resolveCustomer(id, { email });
+    let cursor: string | null = null;
+    const seen: AppEvent[] = [];
+    await eventually("the customer.linked event", async () => {
+      for (;;) {
+        const page = await billsync.listAppEvents({ after: cursor, limit: 50 });
+        if (page.events.length === 0) {
+          assert.equal(page.nextCursor, null);
+          break;
+        }
+        assert.ok(page.nextCursor);
+        cursor = page.nextCursor;
+        seen.push(...page.events);
+      }
+      return seen.find((e) => e.type === "customer.linked" && e.data.user_id === id);
+    });
+    const linked = seen.find((e) => e.type === "customer.linked" && e.data.user_id === id);
+    assert.ok(linked && linked.type === "customer.linked");
+    assert.equal(linked.data.customer_id, customer_id);
+    assert.equal(linked.data.source, "created");
+    assert.equal(new Set(seen.map((e) => e.id)).size, seen.length, "no event twice");
+
+    await rejectsWith(billsync.listAppEvents({ after: "not-a-cursor" }), "invalid_request", 422);
+  });
+
+  it("says unauthorized for a wrong admin key, and for user calls without one", async () => {
+    const wrong = new Billsync({ baseUrl: server.url, adminKey: "wrong-admin-key-0123456789" });
+    await rejectsWith(wrong.getUser("anyone"), "unauthorized", 401);
+    const none = new Billsync({ baseUrl: server.url });
+    await rejectsWith(none.listAppEvents(), "unauthorized", 401);
+  });
+});
+
+describe("user calls", () => {
+  it("updates the profile, and billsync pushes it to the customer", async () => {
+    const { id, email, token } = person();
+    const { customer_id } = await billsync.resolveCustomer(id, { email });
+    const me = billsync.asUser(token);
+    const profile = await me.updateProfile({ firstName: "Katherine", lastName: "Johnson", phone: "+14155550100" });
+    assert.equal(profile.id, id);
+    assert.equal(profile.first_name, "Katherine");
+    assert.equal(profile.phone, "+14155550100");
+    await eventually("the push to Stripe", async () => {
+      const customer = await server.stripe.stripe("GET", `/v1/customers/${customer_id}`);
+      return customer.name === "Katherine Johnson" && customer.phone === "+14155550100";
+    });
+
+    const err = await rejectsWith(me.updateProfile({ phone: "12345" }), "invalid_profile", 422);
+    assert.match(err.message, /phone/);
+  });
+
+  it("reads the person's billing", async () => {
+    const { id, email, token } = person();
+    const { customer_id } = await billsync.resolveCustomer(id, { email });
+    const billing = await billsync.asUser(token).getBilling();
+    assert.equal(billing.user_id, id);
+    assert.equal(billing.customer?.id, customer_id);
+    assert.deepEqual(billing.subscriptions, []);
+  });
+
+  it("opens a portal session, deep-linked into a flow", async () => {
+    const { id, email, token } = person();
+    const me = billsync.asUser(token);
+    await rejectsWith(me.createPortalSession(), "no_customer", 404);
+
+    const { customer_id } = await billsync.resolveCustomer(id, { email });
+    const url = await me.createPortalSession("payment_method_update");
+    assert.match(url, /^https:\/\/billing\.stripe\.com\/p\/session\//);
+    const sent = server.stripe.requests.filter((r) => r.path === "/v1/billing_portal/sessions").at(-1);
+    assert.ok(sent);
+    assert.equal(sent.form.get("customer"), customer_id);
+    assert.equal(sent.form.get("return_url"), `${APP_URL}/billing`);
+    assert.equal(sent.form.get("flow_data[type]"), "payment_method_update");
+
+    // Cancelling needs a subscription to cancel.
+    await rejectsWith(me.createPortalSession("subscription_cancel"), "no_subscription", 409);
+  });
+
+  it("exports the person's data as a download, then rate limits with Retry-After", async () => {
+    const { id, email, token } = person();
+    await billsync.resolveCustomer(id, { email });
+    const me = billsync.asUser(token);
+    const response = await me.exportData();
+    assert.equal(response.headers.get("content-disposition"), `attachment; filename="customer-data-${id}.json"`);
+    const document = (await response.json()) as { export_version: string; user_profile: { id: string } };
+    assert.equal(document.export_version, "3.0");
+    assert.equal(document.user_profile.id, id);
+
+    const err = await rejectsWith(me.exportData(), "rate_limited", 429);
+    assert.ok(err.retryAfter !== null && err.retryAfter > 0 && err.retryAfter <= 300, `retryAfter ${err.retryAfter}`);
+    assert.equal(err.retryable, true);
+  });
+
+  it("deletes the account; the old token then answers account_erased", async () => {
+    const { id, email, token } = person();
+    const { customer_id } = await billsync.resolveCustomer(id, { email });
+    const me = billsync.asUser(token);
+    assert.deepEqual(await me.deleteAccount({ deleteFromStripe: true }), { status: "deleted" });
+    const customer = await server.stripe.stripe("GET", `/v1/customers/${customer_id}`).catch((e: Error) => e);
+    assert.ok(customer instanceof Error || customer.deleted === true, "the customer is deleted in Stripe");
+    await rejectsWith(me.getBilling(), "account_erased", 410);
+    await rejectsWith(billsync.getUser(id), "user_not_found", 404);
+  });
+
+  it("keeps a scrubbed customer when the person does not ask for Stripe deletion", async () => {
+    const { id, email, token } = person();
+    const { customer_id } = await billsync.resolveCustomer(id, { email, first_name: "Mary" });
+    assert.deepEqual(await billsync.asUser(token).deleteAccount(), { status: "deleted" });
+    const customer = await server.stripe.stripe("GET", `/v1/customers/${customer_id}`);
+    assert.notEqual(customer.deleted, true);
+    // Cleared with "": Stripe then answers null, localstripe keeps "".
+    assert.ok(!customer.email, `email ${customer.email}`);
+    assert.ok(!customer.name, `name ${customer.name}`);
+  });
+
+  it("says unauthorized for a token billsync did not sign for", async () => {
+    const forged = `${userToken("mallory", "m@example.com").slice(0, -4)}AAAA`;
+    await rejectsWith(billsync.asUser(forged).getBilling(), "unauthorized", 401);
+  });
+});
+
+describe("transport failures", () => {
+  async function rawServer(answer: (res: http.ServerResponse) => void) {
+    const sockets = new Set<import("node:net").Socket>();
+    const s = http.createServer((_req, res) => answer(res));
+    s.on("connection", (socket) => sockets.add(socket));
+    await new Promise<void>((resolve) => s.listen(0, "127.0.0.1", resolve));
+    return {
+      url: `http://127.0.0.1:${(s.address() as AddressInfo).port}`,
+      stop: () => {
+        for (const socket of sockets) socket.destroy();
+        return new Promise((resolve) => s.close(resolve));
+      },
+    };
+  }
+
+  it("network_error when billsync cannot be reached", async () => {
+    const closed = await rawServer(() => undefined);
+    await closed.stop();
+    const client = new Billsync({ baseUrl: closed.url, adminKey: ADMIN_KEY });
+    const err = await rejectsWith(client.getUser("u"), "network_error", 0);
+    assert.equal(err.retryable, true);
+  });
+
+  it("timeout when billsync does not answer in time", async () => {
+    const silent = await rawServer(() => undefined);
+    try {
+      const client = new Billsync({ baseUrl: silent.url, adminKey: ADMIN_KEY, timeoutMs: 200 });
+      await rejectsWith(client.getUser("u"), "timeout", 0);
+    } finally {
+      await silent.stop();
+    }
+  });
+
+  it("aborted when the caller gives up", async () => {
+    const silent = await rawServer(() => undefined);
+    try {
+      const client = new Billsync({ baseUrl: silent.url, adminKey: ADMIN_KEY });
+      const controller = new AbortController();
+      const call = client.getUser("u", { signal: controller.signal });
+      controller.abort();
+      await rejectsWith(call, "aborted", 0);
+    } finally {
+      await silent.stop();
+    }
+  });
+
+  it("unexpected_response for an answer that is not billsync's, keeping status and Retry-After", async () => {
+    const proxy = await rawServer((res) => {
+      res.writeHead(503, { "content-type": "text/html", "retry-after": "7", "x-request-id": "proxy-req-1" });
+      res.end("<html>Service Unavailable</html>");
+    });
+    try {
+      const client = new Billsync({ baseUrl: proxy.url, adminKey: ADMIN_KEY });
+      const err = await rejectsWith(client.getUser("u"), "unexpected_response", 503);
+      assert.equal(err.retryAfter, 7);
+      assert.equal(err.requestId, "proxy-req-1");
+    } finally {
+      await proxy.stop();
+    }
+  });
+
+  it("reads Retry-After as seconds or as an HTTP date", () => {
+    assert.equal(parseRetryAfter("120"), 120);
+    assert.equal(parseRetryAfter(null), null);
+    assert.equal(parseRetryAfter("soon"), null);
+    const now = Date.parse("2026-12-06T12:00:00Z");
+    assert.equal(parseRetryAfter("Sun, 06 Dec 2026 12:00:30 GMT", now), 30);
+    assert.equal(parseRetryAfter("Sun, 06 Dec 2026 11:00:00 GMT", now), 0);
+  });
+});
+
+describe("verifyAppEvent", () => {
+  /** A genuine delivery of `customer.linked` for a new user, as billsync sent it. */
+  async function genuineDelivery(): Promise<{ delivery: Delivery; userId: string }> {
+    const { id, email } = person();
+    await billsync.resolveCustomer(id, { email });
+    const delivery = await eventually("the delivery", async () =>
+      deliveries.find((d) => new TextDecoder().decode(d.body).includes(`"user_id":"${id}"`)),
+    );
+    return { delivery, userId: id };
+  }
+
+  it("accepts a genuine delivery and types it", async () => {
+    const { delivery, userId } = await genuineDelivery();
+    const event = verifyAppEvent(delivery.body, delivery.headers, APP_WEBHOOK_SECRET);
+    assert.equal(event.type, "customer.linked");
+    if (event.type !== "customer.linked") return;
+    assert.equal(event.data.user_id, userId);
+    assert.equal(event.data.source, "created");
+    assert.equal(event.id, delivery.headers.get("webhook-id"));
+
+    // Node's header object and a request object work the same; so does a list of secrets.
+    const nodeHeaders = Object.fromEntries(delivery.headers);
+    assert.equal(verifyAppEvent(new TextDecoder().decode(delivery.body), nodeHeaders, APP_WEBHOOK_SECRET).id, event.id);
+    const other = "whsec_" + Buffer.from("another secret of 32 bytes long!").toString("base64");
+    assert.equal(verifyAppEvent(delivery.body, delivery.headers, [other, APP_WEBHOOK_SECRET]).id, event.id);
+    const request = new Request("http://app.example.com/api/billsync", {
+      method: "POST",
+      headers: delivery.headers,
+      body: delivery.body,
+    });
+    assert.equal((await receiveAppEvent(request, APP_WEBHOOK_SECRET)).id, event.id);
+  });
+
+  it("refuses a tampered delivery", async () => {
+    const { delivery, userId } = await genuineDelivery();
+    const tampered = new TextDecoder().decode(delivery.body).replace(userId, "someone-else");
+    assert.throws(
+      () => verifyAppEvent(tampered, delivery.headers, APP_WEBHOOK_SECRET),
+      (err: unknown) => err instanceof AppEventVerificationError && err.reason === "signature",
+    );
+  });
+
+  it("refuses a delivery signed with another secret", async () => {
+    const { delivery } = await genuineDelivery();
+    const other = "whsec_" + Buffer.from("another secret of 32 bytes long!").toString("base64");
+    assert.throws(
+      () => verifyAppEvent(delivery.body, delivery.headers, other),
+      (err: unknown) => err instanceof AppEventVerificationError && err.reason === "signature",
+    );
+  });
+
+  it("refuses a stale delivery replayed after the tolerance", async (t) => {
+    const { delivery } = await genuineDelivery();
+    t.mock.timers.enable({ apis: ["Date"], now: Date.now() + 6 * 60 * 1000 });
+    assert.throws(
+      () => verifyAppEvent(delivery.body, delivery.headers, APP_WEBHOOK_SECRET),
+      (err: unknown) => err instanceof AppEventVerificationError && err.reason === "timestamp",
+    );
+  });
+
+  it("refuses a delivery without its headers", async () => {
+    const { delivery } = await genuineDelivery();
+    const headers = new Headers(delivery.headers);
+    headers.delete("webhook-signature");
+    assert.throws(
+      () => verifyAppEvent(delivery.body, headers, APP_WEBHOOK_SECRET),
+      (err: unknown) => err instanceof AppEventVerificationError && err.reason === "headers",
+    );
+  });
+});
