@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# The TypeScript client (clients/typescript), against a real billsync and localstripe:
+# The TypeScript client (clients/typescript) and the example app (examples/nextjs-supabase),
+# against a real billsync and localstripe:
 #
 #   scripts/test-typescript.sh BILLSYNC_BINARY
 #
-# Installs it from its committed lockfile, checks the client's generated types against the
+# Installs both from their committed lockfiles, checks the client's generated types against the
 # binary's OpenAPI document, type-checks, builds the client, checks what `npm pack` would
-# publish, and runs its tests (Node's test runner). Needs BILLSYNC_TEST_LOCALSTRIPE_URL.
+# publish, and runs both test suites (Node's test runner). Needs BILLSYNC_TEST_LOCALSTRIPE_URL.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN="$(realpath "$1")"
@@ -13,6 +14,7 @@ BIN="$(realpath "$1")"
 export BILLSYNC_BIN="$BIN"
 
 client=clients/typescript
+example=examples/nextjs-supabase
 
 echo "== typescript: client"
 npm ci --prefix "$client" --no-audit --no-fund --silent
@@ -55,3 +57,9 @@ npm install --prefix "$work/consumer" --no-audit --no-fund --silent "$work/$tarb
 echo "npm pack: installs, type-checks and imports in an empty project"
 
 npm test --prefix "$client" --silent
+
+echo "== typescript: example"
+npm ci --prefix "$example" --no-audit --no-fund --silent
+npm run --prefix "$example" --silent typecheck
+rm -rf "$example/build"
+npm test --prefix "$example" --silent

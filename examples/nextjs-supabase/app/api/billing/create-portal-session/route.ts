@@ -1,0 +1,16 @@
+// POST /api/billing/create-portal-session: a Stripe billing-portal session for the person,
+// returning to ${APP_URL}/billing (billsync's setting), optionally straight into one flow.
+import type { PortalFlow } from "@billsync/client";
+import { billsync } from "../../../../lib/billsync.js";
+import { accessToken, errorResponse, json, unauthorized } from "../../../../lib/http.js";
+
+export async function POST(request: Request): Promise<Response> {
+  const token = accessToken(request);
+  if (!token) return unauthorized();
+  const { flow } = (await request.json().catch(() => ({}))) as { flow?: PortalFlow };
+  try {
+    return json({ url: await billsync().asUser(token).createPortalSession(flow) });
+  } catch (err) {
+    return errorResponse(err);
+  }
+}
