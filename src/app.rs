@@ -58,8 +58,10 @@ impl Application {
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
         warn_about_disabled_routes(config);
+        // The bound address, so that `--listen 127.0.0.1:0` tells its port.
+        let bound = listener.local_addr().unwrap_or(config.listen);
         tracing::info!(
-            listen = %config.listen,
+            listen = %bound,
             database = store.backend(),
             stripe_api = %config.stripe.api_base,
             "billsync serving"
