@@ -9,7 +9,7 @@
 # publish, and runs both test suites (Node's test runner). Needs BILLSYNC_TEST_LOCALSTRIPE_URL.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-BIN="$(realpath "$1")"
+BIN="$(realpath "${1:?usage: scripts/test-typescript.sh BILLSYNC_BINARY}")"
 : "${BILLSYNC_TEST_LOCALSTRIPE_URL:?the TypeScript tests need localstripe (scripts/test.sh starts one)}"
 export BILLSYNC_BIN="$BIN"
 
@@ -49,7 +49,9 @@ export const limits = (event: AppEvent) => (event.type === "plan.changed" ? even
 export const code = (err: unknown) => (err instanceof BillsyncError ? err.code : null);
 export const billing = () => billsync.asUser("token").getBilling();
 TS
-npm install --prefix "$work/consumer" --no-audit --no-fund --silent "$work/$tarball"
+# --prefer-offline: standardwebhooks' own dependencies come from the cache the lockfile's
+# npm ci filled, at the lockfile's versions.
+npm install --prefix "$work/consumer" --prefer-offline --no-audit --no-fund --silent "$work/$tarball"
 "$client/node_modules/.bin/tsc" --noEmit --strict --target es2022 --module nodenext \
   --moduleResolution nodenext --lib es2022,dom "$work/consumer/use.ts"
 (cd "$work/consumer" && node --input-type=module -e \

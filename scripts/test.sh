@@ -94,9 +94,14 @@ else
   typescript_status=${PIPESTATUS[0]}
   [[ $typescript_status -eq 0 ]] || status=$typescript_status
 fi
-if grep -q "^SKIPPED typescript:" "$log" && [[ "${BILLSYNC_REQUIRE_SUITES:-}" == 1 ]]; then
-  echo "== the TypeScript suites did not run (BILLSYNC_REQUIRE_SUITES=1)"
-  status=1
+if [[ "${BILLSYNC_REQUIRE_SUITES:-}" == 1 ]]; then
+  if grep -q "^SKIPPED typescript:" "$log"; then
+    echo "== the TypeScript suites did not run (BILLSYNC_REQUIRE_SUITES=1)"
+    status=1
+  elif grep -qE "^# (skipped|todo|cancelled) [1-9]" "$log"; then
+    echo "== a TypeScript test was skipped, left to do or cancelled (BILLSYNC_REQUIRE_SUITES=1)"
+    status=1
+  fi
 fi
 
 python3 - "$log" "$status" <<'EOF'
@@ -113,11 +118,13 @@ reasons = collections.Counter(reason for _, reason in skips)
 # Node's test runner (TAP): "# pass N", "# fail N", once per suite.
 node_passed = sum(int(n) for n in re.findall(r"^# pass (\d+)$", text, re.M))
 node_failed = sum(int(n) for n in re.findall(r"^# fail (\d+)$", text, re.M))
+node_unrun = sum(int(n) for n in re.findall(r"^# (?:skipped|todo|cancelled) (\d+)$", text, re.M))
 print()
 print(f"== {passed + failed + ignored} Rust tests: {passed - len(returned_early)} ran and passed, "
       f"{failed} failed, {ignored} ignored, {len(returned_early)} skipped (returned early)")
-print(f"== {node_passed + node_failed} TypeScript tests: {node_passed} passed, {node_failed} failed"
-      + (", skipped (see below)" if len(skips) > len(returned_early) else ""))
+print(f"== {node_passed + node_failed + node_unrun} TypeScript tests: {node_passed} passed, "
+      f"{node_failed} failed, {node_unrun} skipped, left to do or cancelled"
+      + ("; the suites did not run (see below)" if len(skips) > len(returned_early) else ""))
 for reason, count in reasons.most_common():
     print(f"   skipped {count}: {reason}")
 if int(sys.argv[2]) != 0 and failed == 0 and node_failed == 0:

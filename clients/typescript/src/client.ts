@@ -26,7 +26,11 @@ export type PortalFlow = Schemas["PortalFlow"];
 /** A page of app events in their total order. */
 export interface AppEventsPage {
   events: AppEvent[];
-  /** Pass as `after` for the next page; `null` when this page is empty (ask again later with the same cursor). */
+  /**
+   * Pass as `after` for the next page: the last event's place, or, when the page is empty,
+   * the `after` you passed (nothing newer yet: ask again later). `null` only when there has
+   * never been an event.
+   */
   nextCursor: string | null;
 }
 
@@ -63,6 +67,56 @@ export interface CallOptions {
   signal?: AbortSignal;
 }
 
+/**
+ * One call's bounds: `timeoutMs` from the start until the answer is read (or, for a streamed
+ * answer, until its headers arrive), and the caller's signal throughout.
+ */
+class Exchange {
+  readonly requestId = crypto.randomUUID();
+  readonly #controller = new AbortController();
+  readonly #timeout: AbortSignal;
+  readonly #caller: AbortSignal | undefined;
+  #bounded = true;
+
+  constructor(
+    readonly what: string,
+    timeoutMs: number,
+    caller: AbortSignal | undefined,
+  ) {
+    this.#timeout = AbortSignal.timeout(timeoutMs);
+    this.#caller = caller;
+    const abort = (reason: unknown) => this.#controller.abort(reason);
+    this.#timeout.addEventListener("abort", () => this.#bounded && abort(this.#timeout.reason), { once: true });
+    if (caller?.aborted) abort(caller.reason);
+    else caller?.addEventListener("abort", () => abort(caller.reason), { once: true });
+  }
+
+  get signal(): AbortSignal {
+    return this.#controller.signal;
+  }
+
+  /** From now on only the caller's signal bounds the call: its body is streamed to the caller. */
+  unbound(): void {
+    this.#bounded = false;
+  }
+
+  /** The error for a call that was cut short: by the caller, by the timeout, or by the network. */
+  failure(err: unknown, requestId: string | null = this.requestId): BillsyncError {
+    if (this.#caller?.aborted) {
+      return new BillsyncError({ code: "aborted", status: 0, message: `${this.what}: abandoned by the caller`, requestId, cause: err });
+    }
+    if (this.#bounded && this.#timeout.aborted) {
+      return new BillsyncError({ code: "timeout", status: 0, message: `${this.what}: no answer in time`, requestId, cause: err });
+    }
+    return new BillsyncError({ code: "network_error", status: 0, message: `${this.what}: billsync could not be reached`, requestId, cause: err });
+  }
+
+  /** Whether the call was cut short (so a failed read says that, not "not JSON"). */
+  get interrupted(): boolean {
+    return this.#controller.signal.aborted;
+  }
+}
+
 class Transport {
   readonly baseUrl: string;
   readonly timeoutMs: number;
@@ -74,19 +128,20 @@ class Transport {
     this.fetch = options.fetch ?? globalThis.fetch.bind(globalThis);
   }
 
-  /** Sends a call and returns billsync's 2xx answer, or throws `BillsyncError`. */
-  async send(call: Call): Promise<Response> {
+  /**
+   * Sends a call and returns billsync's 2xx answer with its exchange, or throws
+   * `BillsyncError`. With `stream`, the answer's body is no longer bounded by `timeoutMs`.
+   */
+  async send(call: Call, stream = false): Promise<{ response: Response; exchange: Exchange }> {
     const url = new URL(this.baseUrl + call.path);
     for (const [name, value] of Object.entries(call.query ?? {})) {
       if (value !== undefined) url.searchParams.set(name, String(value));
     }
+    const exchange = new Exchange(`${call.method} ${call.path}`, this.timeoutMs, call.signal);
     // Our own id, so that even a call that never got an answer can be found in billsync's logs.
-    const requestId = crypto.randomUUID();
-    const headers: Record<string, string> = { accept: "application/json", "x-request-id": requestId };
+    const headers: Record<string, string> = { accept: "application/json", "x-request-id": exchange.requestId };
     if (call.token !== undefined) headers.authorization = `Bearer ${call.token}`;
     if (call.body !== undefined) headers["content-type"] = "application/json";
-    const timeout = AbortSignal.timeout(this.timeoutMs);
-    const signal = call.signal ? AbortSignal.any([call.signal, timeout]) : timeout;
 
     let response: Response;
     try {
@@ -94,25 +149,27 @@ class Transport {
         method: call.method,
         headers,
         body: call.body === undefined ? undefined : JSON.stringify(call.body),
-        signal,
+        signal: exchange.signal,
       });
     } catch (err) {
-      throw transportError(err, timeout, requestId, `${call.method} ${call.path}`);
+      throw exchange.failure(err);
     }
-    if (response.ok) return response;
-    throw await errorOf(response, requestId);
+    if (!response.ok) throw await errorOf(response, exchange);
+    if (stream) exchange.unbound();
+    return { response, exchange };
   }
 
   async json<T>(call: Call): Promise<T> {
-    const response = await this.send(call);
-    const requestId = response.headers.get("x-request-id");
+    const { response, exchange } = await this.send(call);
+    const requestId = response.headers.get("x-request-id") ?? exchange.requestId;
     try {
       return (await response.json()) as T;
     } catch (err) {
+      if (exchange.interrupted) throw exchange.failure(err, requestId);
       throw new BillsyncError({
         code: "unexpected_response",
         status: response.status,
-        message: `billsync's answer to ${call.method} ${call.path} is not JSON`,
+        message: `billsync's answer to ${exchange.what} is not JSON`,
         requestId,
         cause: err,
       });
@@ -120,25 +177,16 @@ class Transport {
   }
 }
 
-function transportError(err: unknown, timeout: AbortSignal, requestId: string, what: string): BillsyncError {
-  if (timeout.aborted) {
-    return new BillsyncError({ code: "timeout", status: 0, message: `${what}: no answer in time`, requestId, cause: err });
-  }
-  if (err instanceof Error && err.name === "AbortError") {
-    return new BillsyncError({ code: "aborted", status: 0, message: `${what}: abandoned by the caller`, requestId, cause: err });
-  }
-  return new BillsyncError({ code: "network_error", status: 0, message: `${what}: billsync could not be reached`, requestId, cause: err });
-}
-
-async function errorOf(response: Response, sentRequestId: string): Promise<BillsyncError> {
-  const requestId = response.headers.get("x-request-id") ?? sentRequestId;
-  const retryAfter =
-    response.status === 429 || response.status === 503 ? parseRetryAfter(response.headers.get("retry-after")) : null;
-  let text = "";
+async function errorOf(response: Response, exchange: Exchange): Promise<BillsyncError> {
+  const requestId = response.headers.get("x-request-id") ?? exchange.requestId;
+  // billsync sends it with 429, 503 and 409 resolve_in_progress; honoured wherever it comes.
+  const retryAfter = parseRetryAfter(response.headers.get("retry-after"));
+  let text: string;
   try {
     text = await response.text();
-  } catch {
-    // A body cut off: what is known is the status.
+  } catch (err) {
+    if (exchange.interrupted) throw exchange.failure(err, requestId);
+    text = ""; // A body cut off: what is known is the status.
   }
   try {
     const body = JSON.parse(text) as Partial<Schemas["ErrorBody"]>;
@@ -221,7 +269,7 @@ export class Billsync {
       query: { after: page.after ?? undefined, limit: page.limit },
       ...options,
     });
-    return { events: answer.events, nextCursor: answer.next_cursor ?? null };
+    return { events: answer.events, nextCursor: answer.next_cursor ?? page.after ?? null };
   }
 
   /** The calls a signed-in person makes, with their own token (Supabase's access token). */
@@ -273,9 +321,12 @@ export class BillsyncUser {
   /**
    * The person's data export, as billsync's streaming answer (`Content-Disposition`
    * included): return it from a route handler as it is, or read it with `.json()`.
+   * `timeoutMs` bounds the wait for the answer to start, not the download (an export with
+   * years of invoices takes a while): pass a `signal` to bound that.
    */
-  exportData(options: CallOptions = {}): Promise<Response> {
-    return this.#transport.send({ method: "GET", path: "/api/user/export-data", token: this.#token, ...options });
+  async exportData(options: CallOptions = {}): Promise<Response> {
+    const call = { method: "GET", path: "/api/user/export-data", token: this.#token, ...options } as const;
+    return (await this.#transport.send(call, true)).response;
   }
 
   /**
@@ -286,7 +337,7 @@ export class BillsyncUser {
     request: { deleteFromStripe?: boolean } = {},
     options: CallOptions = {},
   ): Promise<AccountDeletion> {
-    const response = await this.#transport.send({
+    const { response } = await this.#transport.send({
       method: "DELETE",
       path: "/api/user/delete-account",
       token: this.#token,

@@ -9,7 +9,8 @@
  *   `unexpected_response` with the status it had.
  *
  * `requestId` is the `x-request-id` of the call, the one billsync logs it under: quote it when
- * asking an operator. `retryAfter` is set on 429 and 503 when billsync says how long to wait.
+ * asking an operator. `retryAfter` is set when billsync says how long to wait (`Retry-After` on
+ * 429 `rate_limited`, 503 and 409 `resolve_in_progress`).
  */
 export class BillsyncError extends Error {
   override readonly name = "BillsyncError";
@@ -34,9 +35,13 @@ export class BillsyncError extends Error {
     this.retryAfter = init.retryAfter ?? null;
   }
 
-  /** Worth trying again later: rate limited, unavailable, or billsync not reached. */
+  /**
+   * Worth trying again later: billsync said when (`Retry-After`), was rate limiting or
+   * unavailable, or was not reached. An abort is the caller's own and is not retryable.
+   */
   get retryable(): boolean {
-    return this.status === 0 || this.status === 429 || this.status === 503;
+    if (this.code === "aborted") return false;
+    return this.retryAfter !== null || this.status === 0 || this.status === 429 || this.status === 503;
   }
 
   /** The error document billsync itself answers with, for passing an error on unchanged. */

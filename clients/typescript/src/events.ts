@@ -69,6 +69,10 @@ export interface AppEventData {
   "user.erased": { subject: string };
   /** A job towards Stripe was parked after its last attempt; an operator can retry it. */
   "sync.failed": {
+    /**
+     * The job's user. An erasure's job no longer names the person once their rows are gone:
+     * it is then `erased:` and the keyed hash `user.erased` gave (`unknown` if unreadable).
+     */
     user_id: string;
     job_id: number;
     kind: Schemas["JobKind"];
@@ -131,17 +135,20 @@ export type HeadersLike = Headers | Record<string, string | string[] | undefined
 const SIGNED_HEADERS = ["webhook-id", "webhook-timestamp", "webhook-signature"] as const;
 
 function signedHeaders(headers: HeadersLike): Record<string, string> {
-  const out: Record<string, string> = {};
+  // Duck-typed: a `Headers` from another realm or a polyfill is not `instanceof Headers`.
   const get =
-    headers instanceof Headers
-      ? (name: string) => headers.get(name)
+    typeof headers.get === "function"
+      ? (name: string) => (headers as Headers).get(name)
       : (name: string) => {
-          for (const [key, value] of Object.entries(headers)) {
+          for (const [key, value] of Object.entries(headers as Record<string, string | string[] | undefined>)) {
             if (key.toLowerCase() !== name) continue;
-            return Array.isArray(value) ? value.join(" ") : (value ?? null);
+            // A repeated signature header carries more signatures; an id or timestamp has one.
+            if (Array.isArray(value)) return name === "webhook-signature" ? value.join(" ") : (value[0] ?? null);
+            return value ?? null;
           }
           return null;
         };
+  const out: Record<string, string> = {};
   for (const name of SIGNED_HEADERS) {
     const value = get(name);
     if (value !== null) out[name] = value;
@@ -171,12 +178,20 @@ export function verifyAppEvent(
 ): AppEvent {
   const secrets = typeof secret === "string" ? [secret] : secret;
   if (secrets.length === 0) throw new TypeError("verifyAppEvent needs at least one secret");
+  // A secret that is not one is the app's configuration error: said loudly, whatever the delivery.
+  const webhooks = secrets.map((key, i) => {
+    try {
+      return new Webhook(key);
+    } catch (err) {
+      throw new TypeError(`verifyAppEvent: secret ${i + 1} is not a Standard Webhooks secret (whsec_ and base64)`, { cause: err });
+    }
+  });
   const signed = signedHeaders(headers);
   let failure: unknown;
-  for (const key of secrets) {
+  for (const webhook of webhooks) {
     let parsed: unknown;
     try {
-      parsed = new Webhook(key).verify(payload, signed);
+      parsed = webhook.verify(payload, signed);
     } catch (err) {
       if (!(err instanceof WebhookVerificationError)) {
         if (err instanceof SyntaxError) {

@@ -1,9 +1,13 @@
 // The client against a real billsync (and localstripe): every wrapped route, every error
 // mapping, and verifyAppEvent on genuine, tampered and stale deliveries.
 import assert from "node:assert/strict";
+import { mkdtempSync, writeFileSync } from "node:fs";
 import http from "node:http";
 import type { AddressInfo } from "node:net";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
 import { after, before, describe, it } from "node:test";
+import { Webhook } from "standardwebhooks";
 
 import {
   AppEventVerificationError,
@@ -12,6 +16,10 @@ import {
   receiveAppEvent,
   verifyAppEvent,
   type AppEvent,
+  type AppEventData,
+  type AppEventType,
+  type SubscriptionSnapshot,
+  type UserSnapshot,
 } from "../src/index.js";
 import { parseRetryAfter } from "../src/errors.js";
 import {
@@ -19,6 +27,7 @@ import {
   APP_URL,
   APP_WEBHOOK_SECRET,
   eventually,
+  nextSecond,
   serveHandler,
   startBillsync,
   unique,
@@ -36,21 +45,34 @@ let server: BillsyncProcess;
 let receiver: { url: string; stop(): Promise<void> };
 const deliveries: Delivery[] = [];
 let billsync: Billsync;
+let muteStripe: () => Promise<void>;
+const PRO_PRICE = unique("price_pro");
 
 before(async () => {
   receiver = await serveHandler(async (request) => {
     deliveries.push({ body: new Uint8Array(await request.arrayBuffer()), headers: request.headers });
     return new Response(null, { status: 204 });
   });
+  const plans = join(mkdtempSync(join(tmpdir(), "client-plans-")), "plans.toml");
+  writeFileSync(
+    plans,
+    `default_plan = "free"\n[[plans]]\nid = "free"\nfeatures = ["projects"]\nlimits = { projects = 1 }\n` +
+      `[[plans]]\nid = "pro"\nprices = ["${PRO_PRICE}"]\nfeatures = ["projects", "exports"]\nlimits = { projects = 50 }\n`,
+  );
   server = await startBillsync({
     BILLSYNC_APP_WEBHOOK_URL: `${receiver.url}/billsync`,
     BILLSYNC_APP_WEBHOOK_SECRET: APP_WEBHOOK_SECRET,
     BILLSYNC_STRIPE_MAX_RETRIES: "0",
+    // A failed push is parked at once, so that sync.failed can be seen.
+    BILLSYNC_OUTBOX_MAX_ATTEMPTS: "1",
+    BILLSYNC_PLANS_FILE: plans,
   });
+  muteStripe = await server.stripe.sendEventsTo(`${server.url}/api/webhooks/stripe`);
   billsync = new Billsync({ baseUrl: server.url, adminKey: ADMIN_KEY });
 });
 
 after(async () => {
+  await muteStripe?.();
   await server?.stop();
   await receiver?.stop();
 });
@@ -89,11 +111,11 @@ describe("admin calls", () => {
     assert.deepEqual(read.subscriptions, []);
   });
 
-  it("maps billsync's validation errors, with the request id billsync logged", async () => {
+  it("maps billsync's validation errors", async () => {
     const { id } = person();
     const err = await rejectsWith(billsync.upsertUser(id, { email: "not an email" }), "invalid_email", 422);
-    assert.match(err.requestId ?? "", /^[0-9a-f-]{36}$/);
     assert.equal(err.retryAfter, null);
+    assert.equal(err.retryable, false);
     assert.deepEqual(err.toJSON().error.code, "invalid_email");
   });
 
@@ -167,26 +189,42 @@ describe("admin calls", () => {
     const { customer_id } = await billsync.resolveCustomer(id, { email });
     let cursor: string | null = null;
     const seen: AppEvent[] = [];
-    await eventually("the customer.linked event", async () => {
+    const linked = await eventually("the customer.linked event", async () => {
       for (;;) {
         const page = await billsync.listAppEvents({ after: cursor, limit: 50 });
+        seen.push(...page.events);
         if (page.events.length === 0) {
-          assert.equal(page.nextCursor, null);
+          // Nothing newer: the cursor to ask with again is the one just used.
+          assert.equal(page.nextCursor, cursor);
           break;
         }
-        assert.ok(page.nextCursor);
+        assert.ok(page.nextCursor && page.nextCursor !== cursor);
         cursor = page.nextCursor;
-        seen.push(...page.events);
       }
       return seen.find((e) => e.type === "customer.linked" && e.data.user_id === id);
     });
-    const linked = seen.find((e) => e.type === "customer.linked" && e.data.user_id === id);
-    assert.ok(linked && linked.type === "customer.linked");
+    assert.ok(linked.type === "customer.linked");
     assert.equal(linked.data.customer_id, customer_id);
     assert.equal(linked.data.source, "created");
     assert.equal(new Set(seen.map((e) => e.id)).size, seen.length, "no event twice");
 
     await rejectsWith(billsync.listAppEvents({ after: "not-a-cursor" }), "invalid_request", 422);
+  });
+
+  it("sends its own request id, which billsync keeps and the error carries", async () => {
+    const sent: string[] = [];
+    const recording = new Billsync({
+      baseUrl: server.url,
+      adminKey: ADMIN_KEY,
+      fetch: (input, init) => {
+        sent.push(new Headers(init?.headers).get("x-request-id") ?? "");
+        return fetch(input, init);
+      },
+    });
+    const err = await rejectsWith(recording.getUser(unique("nobody")), "user_not_found", 404);
+    assert.equal(sent.length, 1);
+    assert.match(sent[0] ?? "", /^[0-9a-f-]{36}$/);
+    assert.equal(err.requestId, sent[0]);
   });
 
   it("says unauthorized for a wrong admin key, and for user calls without one", async () => {
@@ -346,6 +384,85 @@ describe("transport failures", () => {
     }
   });
 
+  it("aborted when the caller gives up with a reason of its own", async () => {
+    const silent = await rawServer(() => undefined);
+    try {
+      const client = new Billsync({ baseUrl: silent.url, adminKey: ADMIN_KEY });
+      const controller = new AbortController();
+      const call = client.getUser("u", { signal: controller.signal });
+      controller.abort(new Error("the page was closed"));
+      const err = await rejectsWith(call, "aborted", 0);
+      assert.equal(err.retryable, false);
+    } finally {
+      await silent.stop();
+    }
+  });
+
+  it("timeout when the answer's body stops arriving", async () => {
+    const stalling = await rawServer((res) => {
+      res.writeHead(200, { "content-type": "application/json" });
+      res.write('{"user": {"id": "u"');
+    });
+    try {
+      const client = new Billsync({ baseUrl: stalling.url, adminKey: ADMIN_KEY, timeoutMs: 300 });
+      await rejectsWith(client.getUser("u"), "timeout", 0);
+    } finally {
+      await stalling.stop();
+    }
+  });
+
+  it("unexpected_response for a 2xx that is not JSON", async () => {
+    const html = await rawServer((res) => {
+      res.writeHead(200, { "content-type": "text/html" });
+      res.end("<html>hello</html>");
+    });
+    try {
+      const client = new Billsync({ baseUrl: html.url, adminKey: ADMIN_KEY });
+      await rejectsWith(client.getUser("u"), "unexpected_response", 200);
+    } finally {
+      await html.stop();
+    }
+  });
+
+  it("exposes Retry-After wherever billsync sends it (409 resolve_in_progress)", async () => {
+    const busy = await rawServer((res) => {
+      res.writeHead(409, { "content-type": "application/json", "retry-after": "1" });
+      res.end(JSON.stringify({ error: { code: "resolve_in_progress", message: "another instance is resolving this user" } }));
+    });
+    try {
+      const client = new Billsync({ baseUrl: busy.url, adminKey: ADMIN_KEY });
+      const err = await rejectsWith(client.resolveCustomer("u"), "resolve_in_progress", 409);
+      assert.equal(err.retryAfter, 1);
+      assert.equal(err.retryable, true);
+    } finally {
+      await busy.stop();
+    }
+  });
+
+  it("does not cut off an export's download at timeoutMs", async () => {
+    const slow = await rawServer((res) => {
+      res.writeHead(200, { "content-type": "application/json", "content-disposition": 'attachment; filename="x.json"' });
+      res.write('{"export_version": "3.0", "rows": [');
+      let sent = 0;
+      const more = setInterval(() => {
+        res.write(sent++ === 0 ? "1" : ",1");
+        if (sent === 5) {
+          clearInterval(more);
+          res.end("]}");
+        }
+      }, 100);
+    });
+    try {
+      const client = new Billsync({ baseUrl: slow.url, adminKey: ADMIN_KEY, timeoutMs: 200 });
+      const response = await client.asUser("token").exportData();
+      assert.deepEqual(await response.json(), { export_version: "3.0", rows: [1, 1, 1, 1, 1] });
+      // The same slow body on an ordinary call is bounded.
+      await rejectsWith(client.getUser("u"), "timeout", 0);
+    } finally {
+      await slow.stop();
+    }
+  });
+
   it("reads Retry-After as seconds or as an HTTP date", () => {
     assert.equal(parseRetryAfter("120"), 120);
     assert.equal(parseRetryAfter(null), null);
@@ -389,6 +506,27 @@ describe("verifyAppEvent", () => {
     assert.equal((await receiveAppEvent(request, APP_WEBHOOK_SECRET)).id, event.id);
   });
 
+  it("reads Node's header shapes: repeated signature headers as a list", async () => {
+    const { delivery } = await genuineDelivery();
+    const other = "whsec_" + Buffer.from("another secret of 32 bytes long!").toString("base64");
+    const foreign = new Webhook(other).sign(delivery.headers.get("webhook-id") ?? "", new Date(), delivery.body);
+    const nodeHeaders: Record<string, string | string[] | undefined> = {
+      "webhook-id": delivery.headers.get("webhook-id") ?? "",
+      "webhook-timestamp": [delivery.headers.get("webhook-timestamp") ?? ""],
+      "webhook-signature": [foreign, delivery.headers.get("webhook-signature") ?? ""],
+      "content-type": "application/json",
+    };
+    assert.equal(verifyAppEvent(delivery.body, nodeHeaders, APP_WEBHOOK_SECRET).type, "customer.linked");
+  });
+
+  it("says so when a configured secret is not one, rather than refusing every delivery", async () => {
+    const { delivery } = await genuineDelivery();
+    assert.throws(
+      () => verifyAppEvent(delivery.body, delivery.headers, [APP_WEBHOOK_SECRET, "whsec_!!!"]),
+      (err: unknown) => err instanceof TypeError && /secret 2/.test(err.message),
+    );
+  });
+
   it("refuses a tampered delivery", async () => {
     const { delivery, userId } = await genuineDelivery();
     const tampered = new TextDecoder().decode(delivery.body).replace(userId, "someone-else");
@@ -424,5 +562,129 @@ describe("verifyAppEvent", () => {
       () => verifyAppEvent(delivery.body, headers, APP_WEBHOOK_SECRET),
       (err: unknown) => err instanceof AppEventVerificationError && err.reason === "headers",
     );
+  });
+});
+
+describe("app event types", () => {
+  // Every field each type's `data` declares, and no other: TypeScript refuses a missing or an
+  // extra key here, and the test below compares them with what billsync sends.
+  const fields: { [T in AppEventType]: Record<keyof AppEventData[T], true> } = {
+    "customer.linked": { user_id: true, customer_id: true, source: true },
+    "customer.unlinked": { user_id: true, customer_id: true, reason: true },
+    "user.updated": { user_id: true, origin: true, changed: true, user: true },
+    "subscription.created": { user_id: true, customer_id: true, subscription: true, previous: true },
+    "subscription.updated": { user_id: true, customer_id: true, subscription: true, previous: true },
+    "subscription.deleted": { user_id: true, customer_id: true, subscription: true, previous: true },
+    "plan.changed": { user_id: true, plan: true, previous_plan: true, features: true, limits: true },
+    "user.erased": { subject: true },
+    "sync.failed": { user_id: true, job_id: true, kind: true, attempts: true, error_code: true },
+  };
+  const subscriptionFields: Record<keyof SubscriptionSnapshot, true> = {
+    id: true,
+    customer_id: true,
+    status: true,
+    items: true,
+    cancel_at_period_end: true,
+    cancel_at: true,
+    canceled_at: true,
+    ended_at: true,
+    current_period_end: true,
+  };
+  const userFields: Record<keyof UserSnapshot, true> = {
+    id: true,
+    email: true,
+    email_verified: true,
+    first_name: true,
+    last_name: true,
+    phone: true,
+    version: true,
+  };
+  const keys = (value: unknown) => Object.keys(value as object).sort();
+
+  it("billsync sends every type with exactly the fields the union declares", async () => {
+    // Each type from its real cause.
+    const { id, email, token } = person();
+    await billsync.upsertUser(id, { email, first_name: "Ada" });
+    const { customer_id } = await billsync.resolveCustomer(id); // customer.linked
+    await billsync.upsertUser(id, { email, first_name: "Augusta" }); // user.updated
+    await eventually("the push of the new name", async () => {
+      return (await server.stripe.stripe("GET", `/v1/customers/${customer_id}`)).name === "Augusta";
+    });
+    await server.stripe.stripe("POST", "/v1/plans", {
+      id: PRO_PRICE,
+      amount: "1000",
+      currency: "usd",
+      interval: "month",
+      "product[name]": "Pro",
+    });
+    const card = await server.stripe.stripe("POST", "/v1/tokens", {
+      "card[number]": "4242424242424242",
+      "card[exp_month]": "12",
+      "card[exp_year]": "2030",
+      "card[cvc]": "123",
+    });
+    await server.stripe.stripe("POST", `/v1/customers/${customer_id}/sources`, { source: card.id });
+    const subscription = await server.stripe.stripe("POST", "/v1/subscriptions", {
+      customer: customer_id,
+      "items[0][plan]": PRO_PRICE,
+    }); // subscription.created, plan.changed
+    await eventually("the subscription in billsync", async () => (await billsync.getBilling(id)).subscriptions.length === 1);
+    await nextSecond();
+    const updated = await server.stripe.stripe("POST", `/v1/subscriptions/${subscription.id}`, { cancel_at_period_end: "true" });
+    // localstripe sends no customer.subscription.updated: Stripe would.
+    await server.stripe.deliverEvent(server.url, "customer.subscription.updated", updated); // .updated
+    await eventually("the update in billsync", async () => (await billsync.getBilling(id)).subscriptions[0]?.cancel_at_period_end);
+    await nextSecond();
+    await server.stripe.stripe("DELETE", `/v1/subscriptions/${subscription.id}`); // .deleted
+    await eventually("the plan back to free", async () => (await billsync.getBilling(id)).plan?.id === "free");
+
+    // A push that Stripe refuses to take is parked at once here: sync.failed.
+    server.stripe.outage = /^\/v1\/customers\//;
+    try {
+      await billsync.asUser(token).updateProfile({ lastName: "King" });
+      await eventually("the parked push", async () => {
+        const page = await billsync.listAppEvents({ limit: 1000 });
+        return page.events.some((e) => e.type === "sync.failed" && e.data.user_id === id);
+      });
+    } finally {
+      server.stripe.outage = null;
+    }
+
+    const seen = new Map<AppEventType, AppEvent>();
+    let cursor: string | null = null;
+    const other = person();
+    const collect = async () => {
+      for (;;) {
+        const page = await billsync.listAppEvents({ after: cursor, limit: 1000 });
+        for (const event of page.events) {
+          const about = "user_id" in event.data ? event.data.user_id : null;
+          if (about === id || about === other.id || event.type === "user.erased") seen.set(event.type, event);
+        }
+        cursor = page.nextCursor;
+        if (page.events.length === 0) return;
+      }
+    };
+
+    // customer.unlinked: a second person's customer is deleted in Stripe. Read before they
+    // are erased below: an erasure deletes the person's own events.
+    const linked = await billsync.resolveCustomer(other.id, { email: other.email });
+    await server.stripe.stripe("DELETE", `/v1/customers/${linked.customer_id}`);
+    await eventually("customer.unlinked", async () => {
+      await collect();
+      return seen.has("customer.unlinked");
+    });
+    // user.erased: the second person deletes their account.
+    await billsync.asUser(other.token).deleteAccount();
+    await eventually("one event of every type", async () => {
+      await collect();
+      return seen.size === Object.keys(fields).length;
+    });
+    assert.deepEqual([...seen.keys()].sort(), Object.keys(fields).sort());
+    for (const [type, event] of seen) {
+      assert.deepEqual(keys(event.data), keys(fields[type]), type);
+      assert.match(event.timestamp, /^\d{4}-\d\d-\d\dT/);
+      if ("subscription" in event.data) assert.deepEqual(keys(event.data.subscription), keys(subscriptionFields), type);
+      if (event.type === "user.updated") assert.deepEqual(keys(event.data.user), keys(userFields));
+    }
   });
 });

@@ -33,6 +33,14 @@ export function unique(prefix: string): string {
   return `${prefix}-${Date.now().toString(36)}-${randomBytes(4).toString("hex")}`;
 }
 
+/**
+ * Waits into the next whole second: Stripe's `created` has a resolution of one second, and
+ * billsync orders a subscription's events by it, so a test's next change is made after it.
+ */
+export async function nextSecond(): Promise<void> {
+  await new Promise((resolve) => setTimeout(resolve, 1000 - (Date.now() % 1000) + 10));
+}
+
 export async function eventually<T>(what: string, check: () => Promise<T | undefined | null | false>, timeoutMs = 20_000): Promise<T> {
   const deadline = Date.now() + timeoutMs;
   let last: unknown;
@@ -56,14 +64,6 @@ export function userToken(sub: string, email: string, claims: Record<string, unk
   const body = encode({ sub, email, email_verified: true, aud: "authenticated", role: "authenticated", iat: now, exp: now + 3600, ...claims });
   const signature = createHmac("sha256", JWT_SECRET).update(`${head}.${body}`).digest("base64url");
   return `${head}.${body}.${signature}`;
-}
-
-async function freePort(): Promise<number> {
-  const server = http.createServer();
-  await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
-  const { port } = server.address() as AddressInfo;
-  await new Promise((resolve) => server.close(resolve));
-  return port;
 }
 
 async function listen(server: http.Server): Promise<string> {
@@ -174,6 +174,31 @@ export class StripeStandIn {
     return () => register({ url: "http://127.0.0.1:9/", secret: "whsec_muted", "events[]": "none.none" });
   }
 
+  /**
+   * Delivers a Stripe event of `type` about `object` to billsync, signed as Stripe signs: for
+   * what localstripe never sends (it has no `customer.subscription.updated`).
+   */
+  async deliverEvent(billsyncUrl: string, type: string, object: unknown): Promise<void> {
+    const created = Math.floor(Date.now() / 1000);
+    const body = JSON.stringify({
+      id: `evt_${randomBytes(12).toString("hex")}`,
+      object: "event",
+      type,
+      created,
+      livemode: false,
+      api_version: "2025-08-27.basil",
+      data: { object },
+    });
+    const t = Math.floor(Date.now() / 1000);
+    const v1 = createHmac("sha256", STRIPE_WEBHOOK_SECRET).update(`${t}.${body}`).digest("hex");
+    const response = await fetch(`${billsyncUrl}/api/webhooks/stripe`, {
+      method: "POST",
+      headers: { "content-type": "application/json", "stripe-signature": `t=${t},v1=${v1}` },
+      body,
+    });
+    if (!response.ok) throw new Error(`billsync refused the ${type} event: ${response.status} ${await response.text()}`);
+  }
+
   stop(): Promise<void> {
     return new Promise((resolve) => this.server.close(() => resolve()));
   }
@@ -192,14 +217,13 @@ export async function startBillsync(env: Record<string, string> = {}): Promise<B
   const binary = required("BILLSYNC_BIN");
   const stripe = await StripeStandIn.start(required("BILLSYNC_TEST_LOCALSTRIPE_URL"));
   const dir = mkdtempSync(join(tmpdir(), "billsync-node-"));
-  const port = await freePort();
-  const url = `http://127.0.0.1:${port}`;
   const child: ChildProcess = spawn(binary, ["serve"], {
     env: {
       PATH: process.env.PATH ?? "",
       RUST_LOG: "info",
       DATABASE_URL: `sqlite://${join(dir, "billsync.db")}`,
-      BILLSYNC_LISTEN: `127.0.0.1:${port}`,
+      // Port 0: billsync binds a free port and logs it (no race for a port picked beforehand).
+      BILLSYNC_LISTEN: "127.0.0.1:0",
       STRIPE_SECRET_KEY: STRIPE_KEY,
       BILLSYNC_STRIPE_API_BASE: stripe.url,
       BILLSYNC_STRIPE_TIMEOUT_MS: "5000",
@@ -224,11 +248,14 @@ export async function startBillsync(env: Record<string, string> = {}): Promise<B
     await stripe.stop();
     rmSync(dir, { recursive: true, force: true });
   };
+  let url: string;
   try {
-    await eventually("billsync to be ready", async () => {
+    url = await eventually("billsync to be ready", async () => {
       if (child.exitCode !== null) throw new Error(`billsync exited (${child.exitCode}):\n${output}`);
-      const response = await fetch(`${url}/readyz`).catch(() => undefined);
-      return response?.ok;
+      const port = /billsync serving listen=127\.0\.0\.1:(\d+)/.exec(output)?.[1];
+      if (!port) return undefined;
+      const response = await fetch(`http://127.0.0.1:${port}/readyz`).catch(() => undefined);
+      return response?.ok ? `http://127.0.0.1:${port}` : undefined;
     });
   } catch (err) {
     await stop();
