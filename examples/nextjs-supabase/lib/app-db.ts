@@ -30,4 +30,11 @@ export const appDb = {
   plans: new Map<string, AppPlan>(),
   /** App events already handled: deliveries are at least once. */
   handledEvents: new Set<string>(),
+  /** People who deleted their account: an event about them still in flight changes nothing. */
+  erased: new Set<string>(),
+  forget(userId: string): void {
+    this.erased.add(userId);
+    this.users.delete(userId);
+    this.plans.delete(userId);
+  },
 };

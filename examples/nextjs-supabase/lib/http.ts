@@ -17,9 +17,25 @@ export function accessToken(request: Request): string | null {
  * billsync call has verified already (with @supabase/ssr, use `supabase.auth.getUser()`).
  */
 export function subjectOf(acceptedToken: string): string {
-  const payload = acceptedToken.split(".")[1] ?? "";
-  return (JSON.parse(Buffer.from(payload, "base64url").toString("utf8")) as { sub: string }).sub;
+  const payload = (acceptedToken.split(".")[1] ?? "").replace(/-/g, "+").replace(/_/g, "/");
+  const bytes = Uint8Array.from(atob(payload), (c) => c.charCodeAt(0));
+  return (JSON.parse(new TextDecoder().decode(bytes)) as { sub: string }).sub;
 }
+
+/** The request's JSON object body; `{}` when it has none, `null` when it is not an object. */
+export async function jsonObject(request: Request): Promise<Record<string, unknown> | null> {
+  const text = await request.text();
+  if (text.trim() === "") return {};
+  try {
+    const value: unknown = JSON.parse(text);
+    return typeof value === "object" && value !== null && !Array.isArray(value) ? (value as Record<string, unknown>) : null;
+  } catch {
+    return null;
+  }
+}
+
+export const invalidBody = (): Response =>
+  json({ error: { code: "invalid_request", message: "the body must be a JSON object" } }, 422);
 
 export function json(body: unknown, status = 200): Response {
   return Response.json(body, { status });

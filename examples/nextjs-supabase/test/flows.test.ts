@@ -6,6 +6,7 @@ import { mkdtempSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, describe, it } from "node:test";
+import { Webhook } from "standardwebhooks";
 
 import {
   ADMIN_KEY,
@@ -32,6 +33,8 @@ const PRO_PRICE = unique("price_pro");
 let server: BillsyncProcess;
 let events: { url: string; stop(): Promise<void> };
 let muteStripe: () => Promise<void>;
+/** Every delivery billsync made to the events route, as it arrived. */
+const deliveries: Request[] = [];
 
 before(async () => {
   const dir = mkdtempSync(join(tmpdir(), "example-plans-"));
@@ -50,7 +53,10 @@ features = ["projects", "exports"]
 limits = { projects = 50 }
 `,
   );
-  events = await serveHandler(eventsRoute);
+  events = await serveHandler(async (request) => {
+    deliveries.push(request.clone());
+    return eventsRoute(request);
+  });
   server = await startBillsync({
     BILLSYNC_APP_WEBHOOK_URL: `${events.url}/api/billsync/events`,
     BILLSYNC_APP_WEBHOOK_SECRET: APP_WEBHOOK_SECRET,
@@ -68,6 +74,13 @@ after(async () => {
   await server?.stop();
   await events?.stop();
 });
+
+async function findDelivery(matches: (body: string) => boolean): Promise<Request> {
+  for (const delivery of deliveries) {
+    if (matches(await delivery.clone().text())) return delivery;
+  }
+  throw new Error("no such delivery");
+}
 
 function person() {
   const id = unique("user");
@@ -140,6 +153,20 @@ describe("PUT /api/user/profile", () => {
     });
   });
 
+  it("refuses a body that is not a JSON object before calling billsync", async () => {
+    const { token } = person();
+    for (const body of ["null", "[1]", "{not json"]) {
+      const request = new Request(`${APP_URL}/api/user/profile`, {
+        method: "PUT",
+        headers: { authorization: `Bearer ${token}`, "content-type": "application/json" },
+        body,
+      });
+      const response = await profileRoute(request);
+      assert.equal(response.status, 422, body);
+      assert.equal(((await response.json()) as { error: { code: string } }).error.code, "invalid_request");
+    }
+  });
+
   it("passes billsync's errors on: unauthorized, invalid_profile", async () => {
     const unauthenticated = await profileRoute(call("PUT", "/api/user/profile", null, { firstName: "X" }));
     assert.equal(unauthenticated.status, 401);
@@ -205,6 +232,19 @@ describe("DELETE /api/user/delete-account", () => {
     // The old token cannot bring the person back.
     const replay = await profileRoute(call("PUT", "/api/user/profile", token, { firstName: "Mary" }));
     assert.equal(replay.status, 410);
+
+    // Nor can an event about them that was already on its way.
+    const late = { id: "msg_late_" + id, type: "plan.changed", timestamp: new Date().toISOString(),
+      data: { user_id: id, plan: "pro", previous_plan: "free", features: ["projects"], limits: {} } };
+    const body = JSON.stringify(late);
+    const signature = new Webhook(APP_WEBHOOK_SECRET).sign(late.id, new Date(), body);
+    const delivered = await eventsRoute(new Request(`${APP_URL}/api/billsync/events`, {
+      method: "POST",
+      headers: { "webhook-id": late.id, "webhook-timestamp": String(Math.floor(Date.now() / 1000)), "webhook-signature": signature },
+      body,
+    }));
+    assert.equal(delivered.status, 204);
+    assert.equal(appDb.plans.has(id), false);
   });
 
   it("deletes the customer in Stripe when asked", async () => {
@@ -221,21 +261,25 @@ describe("DELETE /api/user/delete-account", () => {
 });
 
 describe("billsync's app events at /api/billsync/events", () => {
-  it("tells the person when their customer is deleted in Stripe", async () => {
+  it("tells the person once when their customer is deleted in Stripe, however often it is delivered", async () => {
     const { id, email } = person();
     const customerId = await getOrCreateStripeCustomer(id, email);
     await eventually("the link at the app", async () => appDb.plans.get(id)?.stripe_customer_id === customerId);
     await server.stripe.stripe("DELETE", `/v1/customers/${customerId}`);
     await eventually("notifyUserOfCustomerDeletion", async () => sentNotifications.some((n) => n.userId === id));
     assert.equal(appDb.plans.get(id)?.stripe_customer_id, null);
+
+    // At least once: the same delivery again is acknowledged and changes nothing.
+    const unlinked = await findDelivery((text) => text.includes('"customer.unlinked"') && text.includes(id));
+    const again = await eventsRoute(unlinked.clone());
+    assert.equal(again.status, 204);
+    assert.equal(sentNotifications.filter((n) => n.userId === id).length, 1);
   });
 
   it("updates the app's plan when a subscription moves it", async () => {
     const { id, email } = person();
     const customerId = await getOrCreateStripeCustomer(id, email);
-    await server.stripe
-      .stripe("POST", "/v1/plans", { id: PRO_PRICE, amount: "1000", currency: "usd", interval: "month", "product[name]": "Pro" })
-      .catch(() => undefined); // made by an earlier test
+    await server.stripe.stripe("POST", "/v1/plans", { id: PRO_PRICE, amount: "1000", currency: "usd", interval: "month", "product[name]": "Pro" });
     const card = await server.stripe.stripe("POST", "/v1/tokens", {
       "card[number]": "4242424242424242",
       "card[exp_month]": "12",

@@ -3,17 +3,17 @@
 // the app deletes its own rows and signs the person out.
 import { appDb } from "../../../../lib/app-db.js";
 import { billsync } from "../../../../lib/billsync.js";
-import { accessToken, errorResponse, json, subjectOf, unauthorized } from "../../../../lib/http.js";
+import { accessToken, errorResponse, invalidBody, json, jsonObject, subjectOf, unauthorized } from "../../../../lib/http.js";
 
 export async function DELETE(request: Request): Promise<Response> {
   const token = accessToken(request);
   if (!token) return unauthorized();
-  const { deleteFromStripe = false } = (await request.json().catch(() => ({}))) as { deleteFromStripe?: boolean };
+  const body = await jsonObject(request);
+  if (!body) return invalidBody();
   try {
+    const deleteFromStripe = body.deleteFromStripe as boolean | undefined;
     const { status } = await billsync().asUser(token).deleteAccount({ deleteFromStripe });
-    const userId = subjectOf(token);
-    appDb.users.delete(userId);
-    appDb.plans.delete(userId);
+    appDb.forget(subjectOf(token));
     // With @supabase/ssr: await supabase.auth.signOut()
     return status === "deleted"
       ? json({ success: true, message: "Account deleted successfully" })
