@@ -71,8 +71,18 @@ export interface CallOptions {
  * One call's bounds: `timeoutMs` from the start until the answer is read (or, for a streamed
  * answer, until its headers arrive), and the caller's signal throughout.
  */
+/** A v4 UUID; `crypto.randomUUID` exists only in secure contexts (https, localhost) in browsers. */
+function newRequestId(): string {
+  if (typeof crypto.randomUUID === "function") return crypto.randomUUID();
+  const bytes = crypto.getRandomValues(new Uint8Array(16));
+  bytes[6] = ((bytes[6] ?? 0) & 0x0f) | 0x40;
+  bytes[8] = ((bytes[8] ?? 0) & 0x3f) | 0x80;
+  const hex = Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
+  return `${hex.slice(0, 8)}-${hex.slice(8, 12)}-${hex.slice(12, 16)}-${hex.slice(16, 20)}-${hex.slice(20)}`;
+}
+
 class Exchange {
-  readonly requestId = crypto.randomUUID();
+  readonly requestId = newRequestId();
   readonly #controller = new AbortController();
   readonly #timeout: AbortSignal;
   readonly #caller: AbortSignal | undefined;

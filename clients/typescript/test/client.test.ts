@@ -227,6 +227,28 @@ describe("admin calls", () => {
     assert.equal(err.requestId, sent[0]);
   });
 
+  it("makes its request id without crypto.randomUUID (a browser page over plain http)", async () => {
+    const sent: string[] = [];
+    const recording = new Billsync({
+      baseUrl: server.url,
+      adminKey: ADMIN_KEY,
+      fetch: (input, init) => {
+        sent.push(new Headers(init?.headers).get("x-request-id") ?? "");
+        return fetch(input, init);
+      },
+    });
+    const original = Object.getOwnPropertyDescriptor(Object.getPrototypeOf(crypto), "randomUUID");
+    Object.defineProperty(crypto, "randomUUID", { value: undefined, configurable: true });
+    try {
+      const err = await rejectsWith(recording.getUser(unique("nobody")), "user_not_found", 404);
+      assert.match(sent[0] ?? "", /^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$/);
+      assert.equal(err.requestId, sent[0]);
+    } finally {
+      delete (crypto as { randomUUID?: unknown }).randomUUID;
+      assert.ok(original && typeof crypto.randomUUID === "function", "randomUUID restored");
+    }
+  });
+
   it("says unauthorized for a wrong admin key, and for user calls without one", async () => {
     const wrong = new Billsync({ baseUrl: server.url, adminKey: "wrong-admin-key-0123456789" });
     await rejectsWith(wrong.getUser("anyone"), "unauthorized", 401);
