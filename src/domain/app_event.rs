@@ -4,7 +4,9 @@
 use serde_json::{json, Value};
 use time::OffsetDateTime;
 
-use super::{LinkSource, User, UserId};
+use super::{
+    failure_code, previous_values, LinkSource, OutboxJob, SubscriptionMirror, User, UserId,
+};
 
 // `$text` is a `tt`, not a `literal`: a `literal` fragment reaches utoipa's derive wrapped in
 // an invisible group it does not read, and the OpenAPI document then named the variants
@@ -129,7 +131,7 @@ impl NewAppEvent {
     }
 
     /// `subscription.created`, `.updated` or `.deleted`, with the changed fields' old values.
-    pub fn subscription(
+    fn subscription(
         kind: AppEventType,
         user: &UserId,
         customer: &str,
@@ -141,6 +143,28 @@ impl NewAppEvent {
             "subscription": subscription, "previous": previous,
         });
         Self::about(kind, user, data)
+    }
+
+    /// What a subscription's change tells the app: `subscription.created` for a new one,
+    /// `.deleted` when it has just ended, `.updated` otherwise, with the changed fields' old
+    /// values; `None` when no field the app sees changed, or it belongs to no user.
+    pub fn subscription_change(
+        before: Option<&SubscriptionMirror>,
+        after: &SubscriptionMirror,
+    ) -> Option<Self> {
+        let user = after.user_id.as_ref()?;
+        let current = after.to_json();
+        let kind = match before {
+            _ if after.has_ended() && !before.is_some_and(SubscriptionMirror::has_ended) => {
+                AppEventType::SubscriptionDeleted
+            }
+            None => AppEventType::SubscriptionCreated,
+            Some(_) => AppEventType::SubscriptionUpdated,
+        };
+        let previous =
+            before.map_or_else(|| json!({}), |b| previous_values(&b.to_json(), &current));
+        let changed = before.is_none() || previous.as_object().is_some_and(|p| !p.is_empty());
+        changed.then(|| Self::subscription(kind, user, &after.customer_id, current, previous))
     }
 
     pub fn plan_changed(user: &UserId, plan: Option<&Value>, previous_plan: Option<&str>) -> Self {
@@ -168,18 +192,17 @@ impl NewAppEvent {
         }
     }
 
-    pub fn sync_failed(
-        user: &UserId,
-        job_id: i64,
-        kind: &str,
-        attempts: i32,
-        error_code: &str,
-    ) -> Self {
+    /// `sync.failed`, for a job parked for an operator after `error`: its code, never its text.
+    pub fn sync_failed(job: &OutboxJob, error: &str) -> Self {
+        // An erasure's job names `erased:<hash>` once the person's rows are gone, which is a
+        // user id too; `unknown` only for a row no id parses from.
+        let user = UserId::parse(&job.user_id)
+            .unwrap_or_else(|_| UserId::parse("unknown").expect("a valid user id"));
         let data = json!({
-            "user_id": user, "job_id": job_id, "kind": kind,
-            "attempts": attempts, "error_code": error_code,
+            "user_id": user, "job_id": job.id, "kind": job.kind.as_str(),
+            "attempts": job.attempts, "error_code": failure_code(error),
         });
-        Self::about(AppEventType::SyncFailed, user, data)
+        Self::about(AppEventType::SyncFailed, &user, data)
     }
 }
 
@@ -296,6 +319,69 @@ pub fn new_app_event_id() -> String {
 mod tests {
     use super::*;
     use crate::domain::{Email, PersonName};
+
+    fn mirror(status: &str, cancel_at_period_end: bool) -> SubscriptionMirror {
+        SubscriptionMirror {
+            id: "sub_1".into(),
+            user_id: Some(UserId::parse("u1").unwrap()),
+            customer_id: "cus_1".into(),
+            status: status.into(),
+            price_id: Some("price_pro".into()),
+            cancel_at_period_end,
+            current_period_end: None,
+            updated_at: OffsetDateTime::UNIX_EPOCH,
+            cancel_at: None,
+            canceled_at: None,
+            ended_at: None,
+            items: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_subscription_change_is_announced_by_what_it_did() {
+        let active = mirror("active", false);
+        let cancelling = mirror("active", true);
+        let canceled = mirror("canceled", false);
+        let expired = mirror("incomplete_expired", false);
+        // (before, after, the event's type and `previous`, or no event)
+        let cases = [
+            (None, &active, Some(("subscription.created", json!({})))),
+            (None, &canceled, Some(("subscription.deleted", json!({})))),
+            (Some(&active), &active, None),
+            (
+                Some(&active),
+                &cancelling,
+                Some((
+                    "subscription.updated",
+                    json!({"cancel_at_period_end": false}),
+                )),
+            ),
+            (
+                Some(&active),
+                &canceled,
+                Some(("subscription.deleted", json!({"status": "active"}))),
+            ),
+            // Ended already: a later change of an ended one is an update, not a second deletion.
+            (
+                Some(&canceled),
+                &expired,
+                Some(("subscription.updated", json!({"status": "canceled"}))),
+            ),
+            (Some(&canceled), &canceled, None),
+        ];
+        for (i, (before, after, expected)) in cases.into_iter().enumerate() {
+            let event = NewAppEvent::subscription_change(before, after);
+            let got = event.map(|e| (e.kind.as_str(), e.data["previous"].clone()));
+            assert_eq!(got, expected, "case {i}");
+        }
+
+        let mut unowned = active.clone();
+        unowned.user_id = None;
+        assert_eq!(NewAppEvent::subscription_change(None, &unowned), None);
+        let created = NewAppEvent::subscription_change(None, &active).unwrap();
+        assert_eq!(created.key, "u1");
+        assert_eq!(created.data["subscription"], active.to_json());
+    }
 
     /// The OpenAPI document (and the TypeScript client generated from it) names each value as
     /// it is serialized: `pending`, not the variant's name.

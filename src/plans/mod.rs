@@ -326,6 +326,39 @@ impl Plans {
     }
 }
 
+/// A plan as `plan.changed` and the `user_plans` row carry it.
+pub fn plan_json(plan: Option<&Plan>) -> Option<serde_json::Value> {
+    plan.map(|p| serde_json::to_value(p).expect("a plan serializes"))
+}
+
+/// What a user was last told about their plan (their `user_plans` row).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Announced {
+    pub plan_id: Option<String>,
+    /// The plan as announced; `None` on rows written before contents were recorded.
+    pub plan: Option<serde_json::Value>,
+}
+
+/// Whether a user last told `announced` (no row: told `unrecorded`, the default plan as last
+/// announced to everyone) must hear `computed`: `Some(previous plan id)` when they must.
+/// A plan whose id is unchanged counts as changed when its features or limits are.
+pub fn announcement(
+    announced: Option<&Announced>,
+    unrecorded: Option<&serde_json::Value>,
+    computed: Option<&serde_json::Value>,
+) -> Option<Option<String>> {
+    let id_of =
+        |plan: Option<&serde_json::Value>| plan.and_then(|p| p["id"].as_str()).map(str::to_owned);
+    match announced {
+        None => (unrecorded != computed).then(|| id_of(unrecorded)),
+        Some(row) => {
+            let changed = row.plan_id != id_of(computed)
+                || row.plan.as_ref().is_some_and(|told| Some(told) != computed);
+            changed.then(|| row.plan_id.clone())
+        }
+    }
+}
+
 fn parse_price(raw: &str) -> Option<PriceRef> {
     if let Some(key) = raw.strip_prefix("lookup:") {
         return (!key.is_empty()).then(|| PriceRef::LookupKey(key.to_owned()));

@@ -225,3 +225,47 @@ fn the_shipped_example_parses() {
     assert_eq!(plans.plan_for(&[]).unwrap().id, "free");
     assert_eq!(plans.prices().count(), 3);
 }
+
+#[test]
+fn a_user_hears_a_plan_only_when_it_differs_from_what_they_were_told() {
+    let free =
+        serde_json::json!({"id": "free", "features": ["projects"], "limits": {"projects": 1}});
+    let pro = serde_json::json!({"id": "pro", "features": ["projects", "exports"], "limits": {}});
+    let free_more =
+        serde_json::json!({"id": "free", "features": ["projects"], "limits": {"projects": 2}});
+    let told = |plan: &serde_json::Value| Announced {
+        plan_id: plan["id"].as_str().map(str::to_owned),
+        plan: Some(plan.clone()),
+    };
+    let told_id_only = Announced {
+        plan_id: Some("free".into()),
+        plan: None,
+    };
+    let told_nothing = Announced {
+        plan_id: None,
+        plan: None,
+    };
+    // (their row, what everyone without a row was told, the plan now, Some(previous) to announce)
+    let cases = [
+        (None, Some(&free), Some(&free), None),
+        (None, Some(&free), Some(&pro), Some(Some("free"))),
+        (None, None, Some(&pro), Some(None)),
+        (None, None, None, None),
+        (Some(&told(&free)), None, Some(&free), None),
+        (Some(&told(&free)), None, Some(&pro), Some(Some("free"))),
+        // Same id, other limits: a change.
+        (
+            Some(&told(&free)),
+            None,
+            Some(&free_more),
+            Some(Some("free")),
+        ),
+        // A row from before contents were recorded: only the id compares.
+        (Some(&told_id_only), None, Some(&free_more), None),
+        (Some(&told_nothing), Some(&free), None, None),
+    ];
+    for (i, (announced, unrecorded, computed, expected)) in cases.into_iter().enumerate() {
+        let got = announcement(announced, unrecorded, computed);
+        assert_eq!(got.as_ref().map(|p| p.as_deref()), expected, "case {i}");
+    }
+}

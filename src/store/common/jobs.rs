@@ -9,17 +9,9 @@ use super::{
     Backend,
 };
 use crate::{
-    domain::{failure_code, JobOutcome, JobState, NewAppEvent, OutboxJob, UserId},
+    domain::{JobOutcome, JobState, NewAppEvent, OutboxJob, UserId},
     store::{clip_error, traits::OutboxJobs, StoreResult},
 };
-
-/// `sync.failed`, for a job parked for an operator.
-fn sync_failed(job: &OutboxJob, error: &str) -> NewAppEvent {
-    let user = UserId::parse(&job.user_id)
-        .unwrap_or_else(|_| UserId::parse("unknown").expect("a valid user id"));
-    let code = failure_code(error);
-    NewAppEvent::sync_failed(&user, job.id, job.kind.as_str(), job.attempts, code)
-}
 
 /// A claiming statement, for the backend's `claim` to run: it returns the claimed rows.
 pub(crate) type JobClaim<'q> =
@@ -90,7 +82,7 @@ impl OutboxJobs for Backend {
             let mut tx = begin_write(&self.pool).await?;
             let finished = query.clock(now).execute(&mut *tx).await?.rows_affected() > 0;
             if let (true, JobOutcome::Failed { error }) = (finished, outcome) {
-                append(&mut tx, &[sync_failed(job, error)], now).await?;
+                append(&mut tx, &[NewAppEvent::sync_failed(job, error)], now).await?;
             }
             tx.commit().await?;
             StoreResult::Ok(finished)

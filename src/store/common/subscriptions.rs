@@ -2,7 +2,7 @@ use async_trait::async_trait;
 
 use std::collections::HashMap;
 
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use super::{
     app_events::append,
@@ -10,8 +10,8 @@ use super::{
     Backend,
 };
 use crate::{
-    domain::{previous_values, AppEventType, NewAppEvent, SubscriptionMirror, UserId},
-    plans::{Plan, Plans},
+    domain::{NewAppEvent, SubscriptionMirror, UserId},
+    plans::{announcement, plan_json, Announced, Plans},
     store::{
         items_from_json, items_json, parse_json,
         traits::{PlanAnnouncements, Subscriptions},
@@ -95,58 +95,19 @@ fn mirrors(rows: Vec<SubscriptionRow>) -> StoreResult<Vec<SubscriptionMirror>> {
         .collect()
 }
 
-/// What a subscription's change tells the app: `subscription.created`, `.updated` or
-/// `.deleted` (nothing when no field the app sees changed). Its user, whose plan the caller
-/// then announces.
+/// Appends what a subscription's change tells the app (see
+/// [`NewAppEvent::subscription_change`]); returns its user, whose plan the caller then
+/// announces.
 async fn announce_subscription_change<'a>(
     db: &mut Connection,
     before: Option<&SubscriptionMirror>,
     after: &'a SubscriptionMirror,
     now: Clock,
 ) -> StoreResult<Option<&'a UserId>> {
-    let Some(user) = &after.user_id else {
-        return Ok(None);
-    };
-    let current = after.to_json();
-    let kind = match before {
-        _ if after.has_ended() && !before.is_some_and(SubscriptionMirror::has_ended) => {
-            AppEventType::SubscriptionDeleted
-        }
-        None => AppEventType::SubscriptionCreated,
-        Some(_) => AppEventType::SubscriptionUpdated,
-    };
-    let previous = before.map_or_else(|| json!({}), |b| previous_values(&b.to_json(), &current));
-    if before.is_none() || previous.as_object().is_some_and(|p| !p.is_empty()) {
-        let event = NewAppEvent::subscription(kind, user, &after.customer_id, current, previous);
+    if let Some(event) = NewAppEvent::subscription_change(before, after) {
         append(db, &[event], now).await?;
     }
-    Ok(Some(user))
-}
-
-/// What a user was last told about their plan: their `user_plans` row.
-struct Announced {
-    plan_id: Option<String>,
-    /// The plan as announced; `None` on rows written before contents were recorded.
-    plan: Option<Value>,
-}
-
-/// Whether a user last told `announced` (no row: told `unrecorded`, the default plan as last
-/// announced to everyone) must hear `computed`: `Some(previous plan id)` when they must.
-/// A plan whose id is unchanged counts as changed when its features or limits are.
-fn announcement(
-    announced: Option<&Announced>,
-    unrecorded: Option<&Value>,
-    computed: Option<&Value>,
-) -> Option<Option<String>> {
-    let id_of = |plan: Option<&Value>| plan.and_then(|p| p["id"].as_str()).map(str::to_owned);
-    match announced {
-        None => (unrecorded != computed).then(|| id_of(unrecorded)),
-        Some(row) => {
-            let changed = row.plan_id != id_of(computed)
-                || row.plan.as_ref().is_some_and(|told| Some(told) != computed);
-            changed.then(|| row.plan_id.clone())
-        }
-    }
+    Ok(after.user_id.as_ref())
 }
 
 async fn announced_plans(
@@ -196,10 +157,6 @@ async fn settle_plan(
         append(db, &[event], now).await?;
     }
     Ok(())
-}
-
-fn plan_json(plan: Option<&Plan>) -> Option<Value> {
-    plan.map(|p| serde_json::to_value(p).expect("a plan serializes"))
 }
 
 /// Tells each of `users` (their rows locked by the caller) whose plan, computed from their
