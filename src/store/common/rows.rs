@@ -1,10 +1,10 @@
 //! Rows as both backends select them, decoded into the domain's entities.
 
-use super::dialect::{time, Time};
+use super::dialect::{time, Db, Time};
 use crate::{
     domain::{
-        CustomerLink, Email, EventState, JobKind, JobState, LinkSource, OutboxJob, PersonName,
-        Phone, StoredEvent, StripeCustomerId, User, UserId,
+        CustomerLink, Email, EventState, EventToApply, JobKind, JobState, LinkSource, OutboxJob,
+        PersonName, Phone, StoredEvent, StripeCustomerId, User, UserId,
     },
     store::{StoreError, StoreResult},
 };
@@ -121,5 +121,18 @@ pub(crate) fn event_from_row(row: EventRow) -> StoreResult<StoredEvent> {
         attempts,
         last_error,
         received_at: time(received_at)?,
+    })
+}
+
+/// A queued event as the applier takes it: `{event_columns}` first, as [`event_from_row`]
+/// reads them, then its payload (column 9) and when it is due (column 10).
+pub(crate) fn event_to_apply(row: &<Db as sqlx::Database>::Row) -> StoreResult<EventToApply> {
+    use sqlx::Row as _;
+    let head: EventRow = sqlx::FromRow::from_row(row)?;
+    let next: Option<Time> = row.try_get(10)?;
+    Ok(EventToApply {
+        event: event_from_row(head)?,
+        payload: row.try_get(9)?,
+        next_attempt_at: next.map(time).transpose()?,
     })
 }

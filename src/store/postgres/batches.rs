@@ -7,7 +7,7 @@ use sqlx::{Row, Transaction};
 use super::{
     common::{
         app_events::append,
-        rows::{event_from_row, user_from_row, EventRow, UserRow},
+        rows::{event_to_apply, user_from_row, UserRow},
         users::erased_among,
     },
     dialect::{erasure_gate, span, sql, Clock},
@@ -125,15 +125,8 @@ impl PgStore {
         .await?;
         let mut found: Vec<(String, Vec<EventToApply>)> = Vec::new();
         for row in &rows {
-            // The event's columns first, as `event_from_row` reads them; then what applying
-            // needs.
-            let head: EventRow = sqlx::FromRow::from_row(row)?;
             let owner: String = row.try_get(11)?;
-            let event = EventToApply {
-                event: event_from_row(head)?,
-                payload: row.try_get(9)?,
-                next_attempt_at: row.try_get(10)?,
-            };
+            let event = event_to_apply(row)?;
             match found.last_mut() {
                 Some((last, events)) if *last == owner => events.push(event),
                 _ => found.push((owner, vec![event])),

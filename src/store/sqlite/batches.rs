@@ -2,15 +2,13 @@
 
 use std::collections::HashSet;
 
-use sqlx::Row;
-
 use super::{
     common::{
         links::{raise_watermark, record_pushed},
-        rows::{event_from_row, EventRow},
+        rows::event_to_apply,
         users::{erased_among, get_user_in, update_user_in, upsert_user_in},
     },
-    dialect::{begin_write, ids, sql, time, Clock, Clocked, Time},
+    dialect::{begin_write, ids, sql, Clock, Clocked},
     SqliteStore,
 };
 use crate::{
@@ -135,17 +133,7 @@ impl SqliteStore {
             }
             let events = rows
                 .iter()
-                .map(|row| {
-                    // The event's columns first, as `event_from_row` reads them; then what
-                    // applying needs.
-                    let head: EventRow = sqlx::FromRow::from_row(row)?;
-                    let next: Option<Time> = row.try_get(10)?;
-                    Ok(EventToApply {
-                        event: event_from_row(head)?,
-                        payload: row.try_get(9)?,
-                        next_attempt_at: next.map(time).transpose()?,
-                    })
-                })
+                .map(event_to_apply)
                 .collect::<StoreResult<Vec<_>>>()?;
             found.push((customer.clone(), events));
         }
