@@ -5,6 +5,10 @@ use serde_json::{json, Value};
 use time::OffsetDateTime;
 
 use super::{
+    app_event_data::{
+        CustomerLinkedData, CustomerUnlinkedData, PlanChangedData, SubscriptionChangeData,
+        SyncFailedData, UserErasedData, UserSnapshot, UserUpdatedData,
+    },
     failure_code, previous_values, LinkSource, OutboxJob, SubscriptionMirror, User, UserId,
 };
 
@@ -97,21 +101,29 @@ pub const PROFILE_FIELDS: &[&str] = &[
 ];
 
 impl NewAppEvent {
-    fn about(kind: AppEventType, user: &UserId, data: Value) -> Self {
+    fn about(kind: AppEventType, user: &UserId, data: impl serde::Serialize) -> Self {
         Self {
             kind,
             key: user.to_string(),
-            data,
+            data: serde_json::to_value(data).expect("app event data serializes"),
         }
     }
 
     pub fn customer_linked(user: &UserId, customer: &str, source: LinkSource) -> Self {
-        let data = json!({"user_id": user, "customer_id": customer, "source": source});
+        let data = CustomerLinkedData {
+            user_id: user.clone(),
+            customer_id: customer.to_owned(),
+            source,
+        };
         Self::about(AppEventType::CustomerLinked, user, data)
     }
 
     pub fn customer_unlinked(user: &UserId, customer: &str, reason: UnlinkReason) -> Self {
-        let data = json!({"user_id": user, "customer_id": customer, "reason": reason});
+        let data = CustomerUnlinkedData {
+            user_id: user.clone(),
+            customer_id: customer.to_owned(),
+            reason,
+        };
         Self::about(AppEventType::CustomerUnlinked, user, data)
     }
 
@@ -121,28 +133,13 @@ impl NewAppEvent {
         if changed.is_empty() {
             return None;
         }
-        let data = json!({
-            "user_id": after.id,
-            "origin": origin,
-            "changed": changed,
-            "user": user_json(after),
-        });
+        let data = UserUpdatedData {
+            user_id: after.id.clone(),
+            origin,
+            changed,
+            user: user_snapshot(after),
+        };
         Some(Self::about(AppEventType::UserUpdated, &after.id, data))
-    }
-
-    /// `subscription.created`, `.updated` or `.deleted`, with the changed fields' old values.
-    fn subscription(
-        kind: AppEventType,
-        user: &UserId,
-        customer: &str,
-        subscription: Value,
-        previous: Value,
-    ) -> Self {
-        let data = json!({
-            "user_id": user, "customer_id": customer,
-            "subscription": subscription, "previous": previous,
-        });
-        Self::about(kind, user, data)
     }
 
     /// What a subscription's change tells the app: `subscription.created` for a new one,
@@ -153,7 +150,8 @@ impl NewAppEvent {
         after: &SubscriptionMirror,
     ) -> Option<Self> {
         let user = after.user_id.as_ref()?;
-        let current = after.to_json();
+        let snapshot = after.snapshot();
+        let current = serde_json::to_value(&snapshot).expect("a snapshot serializes");
         let kind = match before {
             _ if after.has_ended() && !before.is_some_and(SubscriptionMirror::has_ended) => {
                 AppEventType::SubscriptionDeleted
@@ -164,23 +162,28 @@ impl NewAppEvent {
         let previous =
             before.map_or_else(|| json!({}), |b| previous_values(&b.to_json(), &current));
         let changed = before.is_none() || previous.as_object().is_some_and(|p| !p.is_empty());
-        changed.then(|| Self::subscription(kind, user, &after.customer_id, current, previous))
+        let data = SubscriptionChangeData {
+            user_id: user.clone(),
+            customer_id: after.customer_id.clone(),
+            subscription: snapshot,
+            previous,
+        };
+        changed.then(|| Self::about(kind, user, data))
     }
 
     pub fn plan_changed(user: &UserId, plan: Option<&Value>, previous_plan: Option<&str>) -> Self {
-        let id = plan
-            .and_then(|p| p.get("id"))
-            .cloned()
-            .unwrap_or(Value::Null);
         let field = |name: &str| {
             plan.and_then(|p| p.get(name))
                 .cloned()
                 .unwrap_or(Value::Null)
         };
-        let data = json!({
-            "user_id": user, "plan": id, "previous_plan": previous_plan,
-            "features": field("features"), "limits": field("limits"),
-        });
+        let data = PlanChangedData {
+            user_id: user.clone(),
+            plan: plan.and_then(|p| p["id"].as_str()).map(str::to_owned),
+            previous_plan: previous_plan.map(str::to_owned),
+            features: field("features"),
+            limits: field("limits"),
+        };
         Self::about(AppEventType::PlanChanged, user, data)
     }
 
@@ -188,7 +191,10 @@ impl NewAppEvent {
         Self {
             kind: AppEventType::UserErased,
             key: format!("erased:{subject}"),
-            data: json!({"subject": subject}),
+            data: serde_json::to_value(UserErasedData {
+                subject: subject.to_owned(),
+            })
+            .expect("app event data serializes"),
         }
     }
 
@@ -198,10 +204,13 @@ impl NewAppEvent {
         // user id too; `unknown` only for a row no id parses from.
         let user = UserId::parse(&job.user_id)
             .unwrap_or_else(|_| UserId::parse("unknown").expect("a valid user id"));
-        let data = json!({
-            "user_id": user, "job_id": job.id, "kind": job.kind.as_str(),
-            "attempts": job.attempts, "error_code": failure_code(error),
-        });
+        let data = SyncFailedData {
+            user_id: user.clone(),
+            job_id: job.id,
+            kind: job.kind,
+            attempts: job.attempts,
+            error_code: failure_code(error),
+        };
         Self::about(AppEventType::SyncFailed, &user, data)
     }
 }
@@ -232,16 +241,16 @@ pub fn changed_fields(before: Option<&User>, after: &User) -> Vec<&'static str> 
 }
 
 /// The user as `user.updated` shows it (the admin API's shape).
-fn user_json(user: &User) -> Value {
-    json!({
-        "id": user.id,
-        "email": user.email,
-        "email_verified": user.email_verified,
-        "first_name": user.first_name.as_ref().map(|n| n.as_str()),
-        "last_name": user.last_name.as_ref().map(|n| n.as_str()),
-        "phone": user.phone.as_ref().map(|p| p.as_str()),
-        "version": user.version,
-    })
+fn user_snapshot(user: &User) -> UserSnapshot {
+    UserSnapshot {
+        id: user.id.clone(),
+        email: user.email.as_str().to_owned(),
+        email_verified: user.email_verified,
+        first_name: user.first_name.as_ref().map(|n| n.as_str().to_owned()),
+        last_name: user.last_name.as_ref().map(|n| n.as_str().to_owned()),
+        phone: user.phone.as_ref().map(|p| p.as_str().to_owned()),
+        version: user.version,
+    }
 }
 
 /// A stored app event.

@@ -2,7 +2,7 @@
 
 use time::OffsetDateTime;
 
-use super::UserId;
+use super::{SubscriptionItemSnapshot, SubscriptionSnapshot, UserId};
 
 /// The local mirror of one Stripe subscription.
 #[derive(Debug, Clone, PartialEq)]
@@ -54,7 +54,7 @@ impl SubscriptionMirror {
     }
 
     /// The subscription as app events carry it.
-    pub fn to_json(&self) -> serde_json::Value {
+    pub fn snapshot(&self) -> SubscriptionSnapshot {
         let at = |t: Option<OffsetDateTime>| {
             t.and_then(|t| {
                 t.format(&time::format_description::well_known::Rfc3339)
@@ -62,21 +62,30 @@ impl SubscriptionMirror {
             })
         };
         let unix = |t: Option<i64>| at(t.and_then(|t| OffsetDateTime::from_unix_timestamp(t).ok()));
-        serde_json::json!({
-            "id": self.id,
-            "customer_id": self.customer_id,
-            "status": self.status,
-            "items": self.items.iter().map(|item| serde_json::json!({
-                "price_id": item.price_id,
-                "quantity": item.quantity,
-                "current_period_end": unix(item.current_period_end),
-            })).collect::<Vec<_>>(),
-            "cancel_at_period_end": self.cancel_at_period_end,
-            "cancel_at": at(self.cancel_at),
-            "canceled_at": at(self.canceled_at),
-            "ended_at": at(self.ended_at),
-            "current_period_end": at(self.current_period_end),
-        })
+        SubscriptionSnapshot {
+            id: self.id.clone(),
+            customer_id: self.customer_id.clone(),
+            status: self.status.clone(),
+            items: self
+                .items
+                .iter()
+                .map(|item| SubscriptionItemSnapshot {
+                    price_id: item.price_id.clone(),
+                    quantity: item.quantity,
+                    current_period_end: unix(item.current_period_end),
+                })
+                .collect(),
+            cancel_at_period_end: self.cancel_at_period_end,
+            cancel_at: at(self.cancel_at),
+            canceled_at: at(self.canceled_at),
+            ended_at: at(self.ended_at),
+            current_period_end: at(self.current_period_end),
+        }
+    }
+
+    /// [`snapshot`](Self::snapshot) as JSON.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::to_value(self.snapshot()).expect("a snapshot serializes")
     }
 }
 

@@ -7,6 +7,7 @@ use std::fmt;
 use serde::{Serialize, Serializer};
 
 mod app_event;
+mod app_event_data;
 mod billing;
 mod event;
 mod job;
@@ -17,6 +18,11 @@ mod user;
 pub use app_event::{
     changed_fields, new_app_event_id, AppEvent, AppEventBody, AppEventOutcome, AppEventState,
     AppEventType, ChangeOrigin, NewAppEvent, UnlinkReason, PROFILE_FIELDS,
+};
+pub use app_event_data::{
+    CustomerLinkedData, CustomerUnlinkedData, PlanChangedData, SubscriptionChangeData,
+    SubscriptionItemSnapshot, SubscriptionSnapshot, SyncFailedData, UserErasedData, UserSnapshot,
+    UserUpdatedData,
 };
 pub use billing::{
     previous_values, PortalConfigRecord, SubscriptionItemMirror, SubscriptionMirror,

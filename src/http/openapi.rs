@@ -33,6 +33,16 @@ use utoipa::{
         super::reconcile::start,
         super::reconcile::get,
     ),
+    // Each app event type's `data`, which no route names (events carry it as an object).
+    components(schemas(
+        crate::domain::CustomerLinkedData,
+        crate::domain::CustomerUnlinkedData,
+        crate::domain::UserUpdatedData,
+        crate::domain::SubscriptionChangeData,
+        crate::domain::PlanChangedData,
+        crate::domain::UserErasedData,
+        crate::domain::SyncFailedData,
+    )),
     modifiers(&Security, &CommonErrors),
 )]
 pub struct ApiDoc;

@@ -1,7 +1,7 @@
 // App events: what billsync changed, delivered to the app as Standard Webhooks or pulled with
-// `Billsync.listAppEvents`. The shapes below are the `data` billsync writes for each type
-// (README, "App events"); the set of types is checked against the server's OpenAPI document
-// at compile time, so a type the server adds fails this package's type check until it is here.
+// `Billsync.listAppEvents`. Each type's `data` is the server's declaration, from the generated
+// schema; the set of types is checked against the server's at compile time, so a type the
+// server adds fails this package's type check until it is paired with its data here.
 import { Webhook, WebhookVerificationError } from "standardwebhooks";
 import type { components } from "./schema.js";
 
@@ -11,82 +11,38 @@ type Schemas = components["schemas"];
 export type LinkSource = Schemas["LinkSource"];
 
 /** A subscription as billsync mirrors it, in `subscription.*` events. */
-export interface SubscriptionSnapshot {
-  id: string;
-  customer_id: string;
-  /** Stripe's status: `active`, `trialing`, `past_due`, `canceled`, … */
-  status: string;
-  items: { price_id: string | null; quantity: number | null; current_period_end: string | null }[];
-  cancel_at_period_end: boolean;
-  cancel_at: string | null;
-  canceled_at: string | null;
-  ended_at: string | null;
-  current_period_end: string | null;
-}
+export type SubscriptionSnapshot = Schemas["SubscriptionSnapshot"];
 
 /** The user as `user.updated` shows them (the admin API's shape, without timestamps). */
-export interface UserSnapshot {
-  id: string;
-  email: string;
-  email_verified: boolean;
-  first_name: string | null;
-  last_name: string | null;
-  phone: string | null;
-  version: number;
-}
+export type UserSnapshot = Schemas["UserSnapshot"];
 
 export type ProfileField = "email" | "email_verified" | "first_name" | "last_name" | "phone";
 
-/** Every app event type with its `data`. */
+/** `subscription.created`, `.updated` and `.deleted`. */
+export type SubscriptionChange = Omit<Schemas["SubscriptionChangeData"], "previous"> & {
+  /** The old values of the fields of `subscription` that changed (empty for a new one). */
+  previous: Partial<SubscriptionSnapshot>;
+};
+
+/**
+ * Every app event type with its `data`: the shapes are the server's own declarations, from
+ * the generated schema; only the pairing of type and shape is written here.
+ */
 export interface AppEventData {
-  "customer.linked": { user_id: string; customer_id: string; source: LinkSource };
-  "customer.unlinked": {
-    user_id: string;
-    customer_id: string;
-    /** `deleted_in_stripe`: the customer was deleted in Stripe (the Dashboard, the API). */
-    reason: "deleted_in_stripe" | "reconcile";
-  };
+  "customer.linked": Schemas["CustomerLinkedData"];
+  /** `reason: "deleted_in_stripe"`: the customer was deleted in Stripe (the Dashboard, the API). */
+  "customer.unlinked": Schemas["CustomerUnlinkedData"];
   /** A real change of a profile field; never the echo of billsync's own push to Stripe. */
-  "user.updated": {
-    user_id: string;
-    /** `stripe`: the billing portal or the Dashboard; `app`: the user routes; `admin`. */
-    origin: "stripe" | "app" | "admin";
-    changed: ProfileField[];
-    user: UserSnapshot;
-  };
+  "user.updated": Omit<Schemas["UserUpdatedData"], "changed"> & { changed: ProfileField[] };
   "subscription.created": SubscriptionChange;
   "subscription.updated": SubscriptionChange;
   "subscription.deleted": SubscriptionChange;
   /** The plan computed from the user's subscriptions moved. */
-  "plan.changed": {
-    user_id: string;
-    plan: string | null;
-    previous_plan: string | null;
-    features: string[] | null;
-    limits: Record<string, number> | null;
-  };
+  "plan.changed": Schemas["PlanChangedData"];
   /** A person was erased: named only by a keyed hash of their id. */
-  "user.erased": { subject: string };
+  "user.erased": Schemas["UserErasedData"];
   /** A job towards Stripe was parked after its last attempt; an operator can retry it. */
-  "sync.failed": {
-    /**
-     * The job's user. An erasure's job no longer names the person once their rows are gone:
-     * it is then `erased:` and the keyed hash `user.erased` gave (`unknown` if unreadable).
-     */
-    user_id: string;
-    job_id: number;
-    kind: Schemas["JobKind"];
-    attempts: number;
-    error_code: string;
-  };
-}
-
-export interface SubscriptionChange {
-  user_id: string;
-  customer_id: string;
-  subscription: SubscriptionSnapshot;
-  /** The old values of the fields that changed (empty for a new subscription). */
-  previous: Partial<SubscriptionSnapshot>;
+  "sync.failed": Schemas["SyncFailedData"];
 }
 
 export type AppEventType = keyof AppEventData;

@@ -456,6 +456,24 @@ export interface components {
             subscriptions: components["schemas"]["SubscriptionView"][];
             user_id: string;
         };
+        /**
+         * @description Where a profile change came from.
+         * @enum {string}
+         */
+        ChangeOrigin: "stripe" | "app" | "admin";
+        /** @description `customer.linked`: the user's Stripe customer was found or created. */
+        CustomerLinkedData: {
+            customer_id: string;
+            source: components["schemas"]["LinkSource"];
+            user_id: string;
+        };
+        /** @description `customer.unlinked`: the user no longer has that customer. */
+        CustomerUnlinkedData: {
+            customer_id: string;
+            /** @description `deleted_in_stripe`: deleted in Stripe (the Dashboard, the API). */
+            reason: components["schemas"]["UnlinkReason"];
+            user_id: string;
+        };
         DeleteBody: {
             /**
              * @description Delete the Stripe customer too; by default it is kept, scrubbed of email, name, phone,
@@ -555,6 +573,18 @@ export interface components {
                 [key: string]: number;
             };
         };
+        /** @description `plan.changed`: the plan computed from the user's subscriptions moved. */
+        PlanChangedData: {
+            features: string[] | null;
+            /** @description Numbers by name. */
+            limits: {
+                [key: string]: number;
+            } | null;
+            /** @description The plan's id; `null` when no plan applies (no default plan configured). */
+            plan: string | null;
+            previous_plan: string | null;
+            user_id: string;
+        };
         PortalBody: {
             flow?: null | components["schemas"]["PortalFlow"];
         };
@@ -624,12 +654,46 @@ export interface components {
             /** @description Fix what is safe to fix (default false: report only). */
             apply?: boolean;
         };
+        /** @description `subscription.created`, `.updated` and `.deleted`. */
+        SubscriptionChangeData: {
+            customer_id: string;
+            /** @description The old values of the fields of `subscription` that changed (empty for a new one). */
+            previous: {
+                [key: string]: unknown;
+            };
+            subscription: components["schemas"]["SubscriptionSnapshot"];
+            user_id: string;
+        };
+        SubscriptionItemSnapshot: {
+            /** Format: date-time */
+            current_period_end: string | null;
+            price_id: string | null;
+            /** Format: int64 */
+            quantity: number | null;
+        };
         SubscriptionItemView: {
             /** Format: date-time */
             current_period_end?: string | null;
             price_id?: string | null;
             /** Format: int64 */
             quantity?: number | null;
+        };
+        /** @description A subscription as billsync mirrors it. */
+        SubscriptionSnapshot: {
+            /** Format: date-time */
+            cancel_at: string | null;
+            cancel_at_period_end: boolean;
+            /** Format: date-time */
+            canceled_at: string | null;
+            /** Format: date-time */
+            current_period_end: string | null;
+            customer_id: string;
+            /** Format: date-time */
+            ended_at: string | null;
+            id: string;
+            items: components["schemas"]["SubscriptionItemSnapshot"][];
+            /** @description Stripe's status: `active`, `trialing`, `past_due`, `canceled`, … */
+            status: string;
         };
         SubscriptionView: {
             /** Format: date-time */
@@ -659,6 +723,26 @@ export interface components {
             /** Format: int64 */
             updated: number;
         };
+        /** @description `sync.failed`: a job towards Stripe was parked after its last attempt. */
+        SyncFailedData: {
+            /** Format: int32 */
+            attempts: number;
+            /** @description `stripe_rejected`, `stripe_unavailable`, `database_unavailable` or `failed`. */
+            error_code: string;
+            /** Format: int64 */
+            job_id: number;
+            kind: components["schemas"]["JobKind"];
+            /**
+             * @description The job's user. An erasure's job no longer names the person once their rows are gone:
+             *     it is then `erased:` and the keyed hash `user.erased` gave (`unknown` if unreadable).
+             */
+            user_id: string;
+        };
+        /**
+         * @description Why a customer is no longer linked.
+         * @enum {string}
+         */
+        UnlinkReason: "deleted_in_stripe" | "reconcile";
         UrlResponse: {
             url: string;
         };
@@ -698,8 +782,32 @@ export interface components {
             /** @description An empty string clears the phone. */
             phone?: string | null;
         };
+        /** @description `user.erased`: names the person by a keyed hash only. */
+        UserErasedData: {
+            subject: string;
+        };
         UserResponse: {
             user: components["schemas"]["UserView"];
+        };
+        /** @description The user as `user.updated` shows them (the admin API's shape, without timestamps). */
+        UserSnapshot: {
+            email: string;
+            email_verified: boolean;
+            first_name: string | null;
+            id: string;
+            last_name: string | null;
+            phone: string | null;
+            /** Format: int64 */
+            version: number;
+        };
+        /** @description `user.updated`: a real change of a profile field, never the echo of billsync's own push. */
+        UserUpdatedData: {
+            /** @description The profile fields that changed: `email`, `email_verified`, `first_name`, `last_name`, `phone`. */
+            changed: string[];
+            /** @description `stripe`: the billing portal or the Dashboard; `app`: the user routes; `admin`. */
+            origin: components["schemas"]["ChangeOrigin"];
+            user: components["schemas"]["UserSnapshot"];
+            user_id: string;
         };
         UserView: {
             /** Format: date-time */
