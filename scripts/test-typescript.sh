@@ -49,8 +49,9 @@ export const limits = (event: AppEvent) => (event.type === "plan.changed" ? even
 export const code = (err: unknown) => (err instanceof BillsyncError ? err.code : null);
 export const billing = () => billsync.asUser("token").getBilling();
 TS
-# --prefer-offline: standardwebhooks' own dependencies come from the cache the lockfile's
-# npm ci filled, at the lockfile's versions.
+# --prefer-offline: standardwebhooks' own dependencies come from the npm cache the lockfile's
+# npm ci filled where it can; npm resolves them by standardwebhooks' version ranges, as an
+# app installing the package would.
 npm install --prefix "$work/consumer" --prefer-offline --no-audit --no-fund --silent "$work/$tarball"
 "$client/node_modules/.bin/tsc" --noEmit --strict --target es2022 --module nodenext \
   --moduleResolution nodenext --lib es2022,dom "$work/consumer/use.ts"

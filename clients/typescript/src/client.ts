@@ -28,8 +28,8 @@ export interface AppEventsPage {
   events: AppEvent[];
   /**
    * Pass as `after` for the next page: the last event's place, or, when the page is empty,
-   * the `after` you passed (nothing newer yet: ask again later). `null` only when there has
-   * never been an event.
+   * the `after` you passed (nothing newer yet: ask again later). `null` when you passed none
+   * and no event is kept.
    */
   nextCursor: string | null;
 }
@@ -46,7 +46,7 @@ export interface BillsyncOptions {
   baseUrl: string;
   /** `BILLSYNC_ADMIN_API_KEY`: needed for every call except those of `asUser`. Keep it on the server. */
   adminKey?: string;
-  /** Per call, including reading the answer (default 30 s). */
+  /** Per call, until its answer is read (default 30 s); for `exportData`, until the download starts. */
   timeoutMs?: number;
   /** Another `fetch` (a test double, an instrumented one); the platform's by default. */
   fetch?: typeof globalThis.fetch;
@@ -81,24 +81,38 @@ function newRequestId(): string {
   return `${hex.slice(0, 8)}-${hex.slice(8, 12)}-${hex.slice(12, 16)}-${hex.slice(16, 20)}-${hex.slice(20)}`;
 }
 
+/**
+ * One call's bounds: `timeoutMs` from the start until the answer is read (or, for a streamed
+ * answer, until its headers arrive), and the caller's signal throughout. `settle` lets go of
+ * both once the answer is read, so a long-lived caller signal does not collect listeners.
+ */
 class Exchange {
   readonly requestId = newRequestId();
   readonly #controller = new AbortController();
-  readonly #timeout: AbortSignal;
   readonly #caller: AbortSignal | undefined;
-  #bounded = true;
+  readonly #onCallerAbort: () => void;
+  #timer: ReturnType<typeof setTimeout> | undefined;
+  /** What cut the call short first, if anything did. */
+  #cutBy: "timeout" | "caller" | undefined;
 
   constructor(
     readonly what: string,
     timeoutMs: number,
     caller: AbortSignal | undefined,
   ) {
-    this.#timeout = AbortSignal.timeout(timeoutMs);
     this.#caller = caller;
-    const abort = (reason: unknown) => this.#controller.abort(reason);
-    this.#timeout.addEventListener("abort", () => this.#bounded && abort(this.#timeout.reason), { once: true });
-    if (caller?.aborted) abort(caller.reason);
-    else caller?.addEventListener("abort", () => abort(caller.reason), { once: true });
+    this.#onCallerAbort = () => this.#cut("caller", caller?.reason);
+    this.#timer = setTimeout(() => this.#cut("timeout", new DOMException("timed out", "TimeoutError")), timeoutMs);
+    // Node: a pending call keeps the process alive by itself; its timer need not.
+    (this.#timer as { unref?: () => void }).unref?.();
+    if (caller?.aborted) this.#cut("caller", caller.reason);
+    else caller?.addEventListener("abort", this.#onCallerAbort, { once: true });
+  }
+
+  #cut(by: "timeout" | "caller", reason: unknown): void {
+    if (this.#controller.signal.aborted) return;
+    this.#cutBy = by;
+    this.#controller.abort(reason);
   }
 
   get signal(): AbortSignal {
@@ -107,23 +121,24 @@ class Exchange {
 
   /** From now on only the caller's signal bounds the call: its body is streamed to the caller. */
   unbound(): void {
-    this.#bounded = false;
+    clearTimeout(this.#timer);
+  }
+
+  /** The answer is read: neither the timeout nor the caller's signal concerns this call any more. */
+  settle(): void {
+    clearTimeout(this.#timer);
+    this.#caller?.removeEventListener("abort", this.#onCallerAbort);
   }
 
   /** The error for a call that was cut short: by the caller, by the timeout, or by the network. */
   failure(err: unknown, requestId: string | null = this.requestId): BillsyncError {
-    if (this.#caller?.aborted) {
+    if (this.#cutBy === "caller") {
       return new BillsyncError({ code: "aborted", status: 0, message: `${this.what}: abandoned by the caller`, requestId, cause: err });
     }
-    if (this.#bounded && this.#timeout.aborted) {
+    if (this.#cutBy === "timeout") {
       return new BillsyncError({ code: "timeout", status: 0, message: `${this.what}: no answer in time`, requestId, cause: err });
     }
     return new BillsyncError({ code: "network_error", status: 0, message: `${this.what}: billsync could not be reached`, requestId, cause: err });
-  }
-
-  /** Whether the call was cut short (so a failed read says that, not "not JSON"). */
-  get interrupted(): boolean {
-    return this.#controller.signal.aborted;
   }
 }
 
@@ -162,9 +177,16 @@ class Transport {
         signal: exchange.signal,
       });
     } catch (err) {
+      exchange.settle();
       throw exchange.failure(err);
     }
-    if (!response.ok) throw await errorOf(response, exchange);
+    if (!response.ok) {
+      try {
+        throw await errorOf(response, exchange);
+      } finally {
+        exchange.settle();
+      }
+    }
     if (stream) exchange.unbound();
     return { response, exchange };
   }
@@ -172,10 +194,18 @@ class Transport {
   async json<T>(call: Call): Promise<T> {
     const { response, exchange } = await this.send(call);
     const requestId = response.headers.get("x-request-id") ?? exchange.requestId;
+    let text: string;
     try {
-      return (await response.json()) as T;
+      text = await response.text();
     } catch (err) {
-      if (exchange.interrupted) throw exchange.failure(err, requestId);
+      // Cut short by the timeout, the caller, or the network (a reset mid-body).
+      throw exchange.failure(err, requestId);
+    } finally {
+      exchange.settle();
+    }
+    try {
+      return JSON.parse(text) as T;
+    } catch (err) {
       throw new BillsyncError({
         code: "unexpected_response",
         status: response.status,
@@ -184,6 +214,18 @@ class Transport {
         cause: err,
       });
     }
+  }
+
+  /** Sends a call whose answer's body says nothing its status does not: returns the status. */
+  async status(call: Call): Promise<number> {
+    const { response, exchange } = await this.send(call);
+    try {
+      // Drained so the connection can be reused; a body cut short changes nothing.
+      await response.arrayBuffer().catch(() => undefined);
+    } finally {
+      exchange.settle();
+    }
+    return response.status;
   }
 }
 
@@ -195,8 +237,7 @@ async function errorOf(response: Response, exchange: Exchange): Promise<Billsync
   try {
     text = await response.text();
   } catch (err) {
-    if (exchange.interrupted) throw exchange.failure(err, requestId);
-    text = ""; // A body cut off: what is known is the status.
+    throw exchange.failure(err, requestId);
   }
   try {
     const body = JSON.parse(text) as Partial<Schemas["ErrorBody"]>;
@@ -347,15 +388,13 @@ export class BillsyncUser {
     request: { deleteFromStripe?: boolean } = {},
     options: CallOptions = {},
   ): Promise<AccountDeletion> {
-    const { response } = await this.#transport.send({
+    const status = await this.#transport.status({
       method: "DELETE",
       path: "/api/user/delete-account",
       token: this.#token,
       body: request,
       ...options,
     });
-    // The body says the same as the status; it is drained so the connection can be reused.
-    await response.arrayBuffer().catch(() => undefined);
-    return { status: response.status === 202 ? "pending" : "deleted" };
+    return { status: status === 202 ? "pending" : "deleted" };
   }
 }

@@ -36,11 +36,14 @@ export class BillsyncError extends Error {
   }
 
   /**
-   * Worth trying again later: billsync said when (`Retry-After`), was rate limiting or
-   * unavailable, or was not reached. An abort is the caller's own and is not retryable.
+   * Worth trying again later: billsync said when (`Retry-After`), was rate limiting, was
+   * unavailable for a while (Stripe, its database, the JWT keys), or was not reached; or a
+   * proxy in front of it answered 502–504. Not an abort (the caller's own), and not a 503 that
+   * says a feature is switched off in billsync's settings (retrying changes nothing).
    */
   get retryable(): boolean {
-    if (this.code === "aborted") return false;
+    if (this.code === "aborted" || SWITCHED_OFF.has(this.code)) return false;
+    if (this.code === "unexpected_response") return this.retryAfter !== null || [502, 503, 504].includes(this.status);
     return this.retryAfter !== null || this.status === 0 || this.status === 429 || this.status === 503;
   }
 
@@ -49,6 +52,9 @@ export class BillsyncError extends Error {
     return { error: { code: this.code, message: this.message } };
   }
 }
+
+/** billsync's 503s for a feature its settings leave off. */
+const SWITCHED_OFF = new Set(["admin_disabled", "auth_disabled", "portal_not_configured", "webhooks_disabled"]);
 
 /** `Retry-After` as whole seconds: a number of seconds, or an HTTP date from now. */
 export function parseRetryAfter(header: string | null, now: number = Date.now()): number | null {

@@ -1,6 +1,7 @@
 // The client against a real billsync (and localstripe): every wrapped route, every error
 // mapping, and verifyAppEvent on genuine, tampered and stale deliveries.
 import assert from "node:assert/strict";
+import { getEventListeners } from "node:events";
 import { mkdtempSync, writeFileSync } from "node:fs";
 import http from "node:http";
 import type { AddressInfo } from "node:net";
@@ -213,18 +214,31 @@ describe("admin calls", () => {
 
   it("sends its own request id, which billsync keeps and the error carries", async () => {
     const sent: string[] = [];
+    const echoed: (string | null)[] = [];
     const recording = new Billsync({
       baseUrl: server.url,
       adminKey: ADMIN_KEY,
-      fetch: (input, init) => {
+      fetch: async (input, init) => {
         sent.push(new Headers(init?.headers).get("x-request-id") ?? "");
-        return fetch(input, init);
+        const response = await fetch(input, init);
+        echoed.push(response.headers.get("x-request-id"));
+        return response;
       },
     });
     const err = await rejectsWith(recording.getUser(unique("nobody")), "user_not_found", 404);
     assert.equal(sent.length, 1);
     assert.match(sent[0] ?? "", /^[0-9a-f-]{36}$/);
+    assert.deepEqual(echoed, sent, "billsync kept the caller's id");
     assert.equal(err.requestId, sent[0]);
+  });
+
+  it("leaves no listener on a long-lived signal the calls share", async () => {
+    const shutdown = new AbortController();
+    for (let i = 0; i < 15; i++) {
+      await billsync.getUser(unique("nobody"), { signal: shutdown.signal }).catch(() => undefined);
+      await billsync.upsertUser(unique("user"), { email: "a@example.com" }, { signal: shutdown.signal });
+    }
+    assert.equal(getEventListeners(shutdown.signal, "abort").length, 0);
   });
 
   it("makes its request id without crypto.randomUUID (a browser page over plain http)", async () => {
@@ -426,10 +440,54 @@ describe("transport failures", () => {
       res.write('{"user": {"id": "u"');
     });
     try {
-      const client = new Billsync({ baseUrl: stalling.url, adminKey: ADMIN_KEY, timeoutMs: 300 });
+      let headersArrived = false;
+      const client = new Billsync({
+        baseUrl: stalling.url,
+        adminKey: ADMIN_KEY,
+        timeoutMs: 300,
+        fetch: async (input, init) => {
+          const response = await fetch(input, init);
+          headersArrived = true;
+          return response;
+        },
+      });
       await rejectsWith(client.getUser("u"), "timeout", 0);
+      assert.ok(headersArrived, "the timeout struck while the body was read");
     } finally {
       await stalling.stop();
+    }
+  });
+
+  it("network_error when the connection breaks in the middle of the answer", async () => {
+    const breaking = await rawServer((res) => {
+      res.writeHead(200, { "content-type": "application/json", "content-length": "200" });
+      res.write('{"user": {"id": "u"');
+      setTimeout(() => res.socket?.destroy(), 50);
+    });
+    try {
+      const client = new Billsync({ baseUrl: breaking.url, adminKey: ADMIN_KEY });
+      const err = await rejectsWith(client.getUser("u"), "network_error", 0);
+      assert.equal(err.retryable, true);
+    } finally {
+      await breaking.stop();
+    }
+  });
+
+  it("calls a 503 for a feature switched off not retryable, and a proxy's 502 retryable", async () => {
+    let answer: [number, string] = [503, JSON.stringify({ error: { code: "admin_disabled", message: "no admin key is configured" } })];
+    const fake = await rawServer((res) => {
+      res.writeHead(answer[0], { "content-type": "application/json" });
+      res.end(answer[1]);
+    });
+    try {
+      const client = new Billsync({ baseUrl: fake.url, adminKey: ADMIN_KEY });
+      assert.equal((await rejectsWith(client.getUser("u"), "admin_disabled", 503)).retryable, false);
+      answer = [502, "Bad Gateway"];
+      assert.equal((await rejectsWith(client.getUser("u"), "unexpected_response", 502)).retryable, true);
+      answer = [500, JSON.stringify({ error: { code: "internal", message: "internal error" } })];
+      assert.equal((await rejectsWith(client.getUser("u"), "internal", 500)).retryable, false);
+    } finally {
+      await fake.stop();
     }
   });
 
@@ -660,18 +718,6 @@ describe("app event types", () => {
     await server.stripe.stripe("DELETE", `/v1/subscriptions/${subscription.id}`); // .deleted
     await eventually("the plan back to free", async () => (await billsync.getBilling(id)).plan?.id === "free");
 
-    // A push that Stripe refuses to take is parked at once here: sync.failed.
-    server.stripe.outage = /^\/v1\/customers\//;
-    try {
-      await billsync.asUser(token).updateProfile({ lastName: "King" });
-      await eventually("the parked push", async () => {
-        const page = await billsync.listAppEvents({ limit: 1000 });
-        return page.events.some((e) => e.type === "sync.failed" && e.data.user_id === id);
-      });
-    } finally {
-      server.stripe.outage = null;
-    }
-
     const seen = new Map<AppEventType, AppEvent>();
     let cursor: string | null = null;
     const other = person();
@@ -686,6 +732,20 @@ describe("app event types", () => {
         if (page.events.length === 0) return;
       }
     };
+
+    // A push that Stripe refuses to take is parked at once here: sync.failed.
+    server.stripe.outage = /^\/v1\/customers\//;
+    try {
+      await billsync.asUser(token).updateProfile({ lastName: "King" });
+      await eventually("the parked push", async () => {
+        await collect();
+        return seen.has("sync.failed");
+      });
+    } finally {
+      server.stripe.outage = null;
+    }
+    // The cursor is now past earlier tests' erasures: only this test's counts below.
+    seen.delete("user.erased");
 
     // customer.unlinked: a second person's customer is deleted in Stripe. Read before they
     // are erased below: an erasure deletes the person's own events.
