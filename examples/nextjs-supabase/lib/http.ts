@@ -22,20 +22,29 @@ export function subjectOf(acceptedToken: string): string {
   return (JSON.parse(new TextDecoder().decode(bytes)) as { sub: string }).sub;
 }
 
-/** The request's JSON object body; `{}` when it has none, `null` when it is not an object. */
-export async function jsonObject(request: Request): Promise<Record<string, unknown> | null> {
+/**
+ * The request's JSON body, checked as billsync checks it: not JSON is 400 `invalid_json`; an
+ * empty body, or `null` where the route allows it, is `{}`; anything but an object is 422
+ * `invalid_request`. Returns the body, or the answer to give.
+ */
+export async function jsonBody(
+  request: Request,
+  options: { nullAllowed: boolean },
+): Promise<Record<string, unknown> | Response> {
   const text = await request.text();
   if (text.trim() === "") return {};
+  let value: unknown;
   try {
-    const value: unknown = JSON.parse(text);
-    return typeof value === "object" && value !== null && !Array.isArray(value) ? (value as Record<string, unknown>) : null;
+    value = JSON.parse(text);
   } catch {
-    return null;
+    return json({ error: { code: "invalid_json", message: "the body is not JSON" } }, 400);
   }
+  if (value === null && options.nullAllowed) return {};
+  if (typeof value !== "object" || value === null || Array.isArray(value)) {
+    return json({ error: { code: "invalid_request", message: "the body must be a JSON object" } }, 422);
+  }
+  return value as Record<string, unknown>;
 }
-
-export const invalidBody = (): Response =>
-  json({ error: { code: "invalid_request", message: "the body must be a JSON object" } }, 422);
 
 export function json(body: unknown, status = 200): Response {
   return Response.json(body, { status });

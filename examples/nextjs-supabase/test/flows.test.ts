@@ -153,18 +153,24 @@ describe("PUT /api/user/profile", () => {
     });
   });
 
-  it("refuses a body that is not a JSON object before calling billsync", async () => {
+  it("checks the body as billsync does: not JSON, not an object, null where allowed", async () => {
     const { token } = person();
-    for (const body of ["null", "[1]", "{not json"]) {
-      const request = new Request(`${APP_URL}/api/user/profile`, {
-        method: "PUT",
-        headers: { authorization: `Bearer ${token}`, "content-type": "application/json" },
-        body,
-      });
-      const response = await profileRoute(request);
-      assert.equal(response.status, 422, body);
-      assert.equal(((await response.json()) as { error: { code: string } }).error.code, "invalid_request");
+    const send = (route: (r: Request) => Promise<Response>, method: string, path: string, body: string) =>
+      route(new Request(`${APP_URL}${path}`, { method, headers: { authorization: `Bearer ${token}` }, body }));
+    const code = async (response: Response) => ((await response.json()) as { error: { code: string } }).error.code;
+    for (const [body, status, expected] of [
+      ["{not json", 400, "invalid_json"],
+      ["null", 422, "invalid_request"],
+      ["[1]", 422, "invalid_request"],
+    ] as const) {
+      const response = await send(profileRoute, "PUT", "/api/user/profile", body);
+      assert.equal(response.status, status, body);
+      assert.equal(await code(response), expected, body);
     }
+    // The portal route takes null as no options, as billsync does: this person has no customer.
+    const portal = await send(portalRoute, "POST", "/api/billing/create-portal-session", "null");
+    assert.equal(portal.status, 404);
+    assert.equal(await code(portal), "no_customer");
   });
 
   it("passes billsync's errors on: unauthorized, invalid_profile", async () => {
@@ -237,10 +243,11 @@ describe("DELETE /api/user/delete-account", () => {
     const late = { id: "msg_late_" + id, type: "plan.changed", timestamp: new Date().toISOString(),
       data: { user_id: id, plan: "pro", previous_plan: "free", features: ["projects"], limits: {} } };
     const body = JSON.stringify(late);
-    const signature = new Webhook(APP_WEBHOOK_SECRET).sign(late.id, new Date(), body);
+    const at = new Date(); // one instant for the signature and its header
+    const signature = new Webhook(APP_WEBHOOK_SECRET).sign(late.id, at, body);
     const delivered = await eventsRoute(new Request(`${APP_URL}/api/billsync/events`, {
       method: "POST",
-      headers: { "webhook-id": late.id, "webhook-timestamp": String(Math.floor(Date.now() / 1000)), "webhook-signature": signature },
+      headers: { "webhook-id": late.id, "webhook-timestamp": String(Math.floor(at.getTime() / 1000)), "webhook-signature": signature },
       body,
     }));
     assert.equal(delivered.status, 204);

@@ -3,13 +3,13 @@
 // the app deletes its own rows and signs the person out.
 import { appDb } from "../../../../lib/app-db.js";
 import { billsync } from "../../../../lib/billsync.js";
-import { accessToken, errorResponse, invalidBody, json, jsonObject, subjectOf, unauthorized } from "../../../../lib/http.js";
+import { accessToken, errorResponse, json, jsonBody, subjectOf, unauthorized } from "../../../../lib/http.js";
 
 export async function DELETE(request: Request): Promise<Response> {
   const token = accessToken(request);
   if (!token) return unauthorized();
-  const body = await jsonObject(request);
-  if (!body) return invalidBody();
+  const body = await jsonBody(request, { nullAllowed: true });
+  if (body instanceof Response) return body;
   try {
     const deleteFromStripe = body.deleteFromStripe as boolean | undefined;
     const { status } = await billsync().asUser(token).deleteAccount({ deleteFromStripe });
