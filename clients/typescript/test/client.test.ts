@@ -92,6 +92,22 @@ async function rejectsWith(promise: Promise<unknown>, code: string, status: numb
   assert.fail(`expected ${code}, but the call succeeded`);
 }
 
+/** A `fetch` that records the request id each call sent and the one billsync answered with. */
+function recordingFetch() {
+  const sent: string[] = [];
+  const echoed: (string | null)[] = [];
+  const fetchRecording: typeof fetch = async (input, init) => {
+    sent.push(new Headers(init?.headers).get("x-request-id") ?? "");
+    const response = await fetch(input, init);
+    echoed.push(response.headers.get("x-request-id"));
+    return response;
+  };
+  return { fetch: fetchRecording, sent, echoed };
+}
+
+/** A Standard Webhooks secret billsync does not sign with. */
+const OTHER_SECRET = "whsec_" + Buffer.from("another secret of 32 bytes long!").toString("base64");
+
 function person() {
   const id = unique("user");
   const email = `${id}@example.com`;
@@ -213,18 +229,8 @@ describe("admin calls", () => {
   });
 
   it("sends its own request id, which billsync keeps and the error carries", async () => {
-    const sent: string[] = [];
-    const echoed: (string | null)[] = [];
-    const recording = new Billsync({
-      baseUrl: server.url,
-      adminKey: ADMIN_KEY,
-      fetch: async (input, init) => {
-        sent.push(new Headers(init?.headers).get("x-request-id") ?? "");
-        const response = await fetch(input, init);
-        echoed.push(response.headers.get("x-request-id"));
-        return response;
-      },
-    });
+    const { fetch, sent, echoed } = recordingFetch();
+    const recording = new Billsync({ baseUrl: server.url, adminKey: ADMIN_KEY, fetch });
     const err = await rejectsWith(recording.getUser(unique("nobody")), "user_not_found", 404);
     assert.equal(sent.length, 1);
     assert.match(sent[0] ?? "", /^[0-9a-f-]{36}$/);
@@ -242,15 +248,8 @@ describe("admin calls", () => {
   });
 
   it("makes its request id without crypto.randomUUID (a browser page over plain http)", async () => {
-    const sent: string[] = [];
-    const recording = new Billsync({
-      baseUrl: server.url,
-      adminKey: ADMIN_KEY,
-      fetch: (input, init) => {
-        sent.push(new Headers(init?.headers).get("x-request-id") ?? "");
-        return fetch(input, init);
-      },
-    });
+    const { fetch, sent } = recordingFetch();
+    const recording = new Billsync({ baseUrl: server.url, adminKey: ADMIN_KEY, fetch });
     const original = Object.getOwnPropertyDescriptor(Object.getPrototypeOf(crypto), "randomUUID");
     Object.defineProperty(crypto, "randomUUID", { value: undefined, configurable: true });
     try {
@@ -374,8 +373,19 @@ describe("transport failures", () => {
     };
   }
 
+  /** Runs `use` against a server that answers as `answer` says (or never), then closes it. */
+  async function against(answer: (res: http.ServerResponse) => void, use: (url: string) => Promise<void>) {
+    const fake = await rawServer(answer);
+    try {
+      await use(fake.url);
+    } finally {
+      await fake.stop();
+    }
+  }
+  const silence = () => undefined;
+
   it("network_error when billsync cannot be reached", async () => {
-    const closed = await rawServer(() => undefined);
+    const closed = await rawServer(silence);
     await closed.stop();
     const client = new Billsync({ baseUrl: closed.url, adminKey: ADMIN_KEY });
     const err = await rejectsWith(client.getUser("u"), "network_error", 0);
@@ -383,66 +393,53 @@ describe("transport failures", () => {
   });
 
   it("timeout when billsync does not answer in time", async () => {
-    const silent = await rawServer(() => undefined);
-    try {
-      const client = new Billsync({ baseUrl: silent.url, adminKey: ADMIN_KEY, timeoutMs: 200 });
+    await against(silence, async (url) => {
+      const client = new Billsync({ baseUrl: url, adminKey: ADMIN_KEY, timeoutMs: 200 });
       await rejectsWith(client.getUser("u"), "timeout", 0);
-    } finally {
-      await silent.stop();
-    }
+    });
   });
 
   it("aborted when the caller gives up", async () => {
-    const silent = await rawServer(() => undefined);
-    try {
-      const client = new Billsync({ baseUrl: silent.url, adminKey: ADMIN_KEY });
+    await against(silence, async (url) => {
+      const client = new Billsync({ baseUrl: url, adminKey: ADMIN_KEY });
       const controller = new AbortController();
       const call = client.getUser("u", { signal: controller.signal });
       controller.abort();
       await rejectsWith(call, "aborted", 0);
-    } finally {
-      await silent.stop();
-    }
+    });
   });
 
   it("unexpected_response for an answer that is not billsync's, keeping status and Retry-After", async () => {
-    const proxy = await rawServer((res) => {
+    await against((res) => {
       res.writeHead(503, { "content-type": "text/html", "retry-after": "7", "x-request-id": "proxy-req-1" });
       res.end("<html>Service Unavailable</html>");
-    });
-    try {
-      const client = new Billsync({ baseUrl: proxy.url, adminKey: ADMIN_KEY });
+    }, async (url) => {
+      const client = new Billsync({ baseUrl: url, adminKey: ADMIN_KEY });
       const err = await rejectsWith(client.getUser("u"), "unexpected_response", 503);
       assert.equal(err.retryAfter, 7);
       assert.equal(err.requestId, "proxy-req-1");
-    } finally {
-      await proxy.stop();
-    }
+    });
   });
 
   it("aborted when the caller gives up with a reason of its own", async () => {
-    const silent = await rawServer(() => undefined);
-    try {
-      const client = new Billsync({ baseUrl: silent.url, adminKey: ADMIN_KEY });
+    await against(silence, async (url) => {
+      const client = new Billsync({ baseUrl: url, adminKey: ADMIN_KEY });
       const controller = new AbortController();
       const call = client.getUser("u", { signal: controller.signal });
       controller.abort(new Error("the page was closed"));
       const err = await rejectsWith(call, "aborted", 0);
       assert.equal(err.retryable, false);
-    } finally {
-      await silent.stop();
-    }
+    });
   });
 
   it("timeout when the answer's body stops arriving", async () => {
-    const stalling = await rawServer((res) => {
+    await against((res) => {
       res.writeHead(200, { "content-type": "application/json" });
       res.write('{"user": {"id": "u"');
-    });
-    try {
+    }, async (url) => {
       let headersArrived = false;
       const client = new Billsync({
-        baseUrl: stalling.url,
+        baseUrl: url,
         adminKey: ADMIN_KEY,
         timeoutMs: 300,
         fetch: async (input, init) => {
@@ -453,74 +450,60 @@ describe("transport failures", () => {
       });
       await rejectsWith(client.getUser("u"), "timeout", 0);
       assert.ok(headersArrived, "the timeout struck while the body was read");
-    } finally {
-      await stalling.stop();
-    }
+    });
   });
 
   it("network_error when the connection breaks in the middle of the answer", async () => {
-    const breaking = await rawServer((res) => {
+    await against((res) => {
       res.writeHead(200, { "content-type": "application/json", "content-length": "200" });
       res.write('{"user": {"id": "u"');
       setTimeout(() => res.socket?.destroy(), 50);
-    });
-    try {
-      const client = new Billsync({ baseUrl: breaking.url, adminKey: ADMIN_KEY });
+    }, async (url) => {
+      const client = new Billsync({ baseUrl: url, adminKey: ADMIN_KEY });
       const err = await rejectsWith(client.getUser("u"), "network_error", 0);
       assert.equal(err.retryable, true);
-    } finally {
-      await breaking.stop();
-    }
+    });
   });
 
   it("calls a 503 for a feature switched off not retryable, and a proxy's 502 retryable", async () => {
     let answer: [number, string] = [503, JSON.stringify({ error: { code: "admin_disabled", message: "no admin key is configured" } })];
-    const fake = await rawServer((res) => {
+    await against((res) => {
       res.writeHead(answer[0], { "content-type": "application/json" });
       res.end(answer[1]);
-    });
-    try {
-      const client = new Billsync({ baseUrl: fake.url, adminKey: ADMIN_KEY });
+    }, async (url) => {
+      const client = new Billsync({ baseUrl: url, adminKey: ADMIN_KEY });
       assert.equal((await rejectsWith(client.getUser("u"), "admin_disabled", 503)).retryable, false);
       answer = [502, "Bad Gateway"];
       assert.equal((await rejectsWith(client.getUser("u"), "unexpected_response", 502)).retryable, true);
       answer = [500, JSON.stringify({ error: { code: "internal", message: "internal error" } })];
       assert.equal((await rejectsWith(client.getUser("u"), "internal", 500)).retryable, false);
-    } finally {
-      await fake.stop();
-    }
+    });
   });
 
   it("unexpected_response for a 2xx that is not JSON", async () => {
-    const html = await rawServer((res) => {
+    await against((res) => {
       res.writeHead(200, { "content-type": "text/html" });
       res.end("<html>hello</html>");
-    });
-    try {
-      const client = new Billsync({ baseUrl: html.url, adminKey: ADMIN_KEY });
+    }, async (url) => {
+      const client = new Billsync({ baseUrl: url, adminKey: ADMIN_KEY });
       await rejectsWith(client.getUser("u"), "unexpected_response", 200);
-    } finally {
-      await html.stop();
-    }
+    });
   });
 
   it("exposes Retry-After wherever billsync sends it (409 resolve_in_progress)", async () => {
-    const busy = await rawServer((res) => {
+    await against((res) => {
       res.writeHead(409, { "content-type": "application/json", "retry-after": "1" });
       res.end(JSON.stringify({ error: { code: "resolve_in_progress", message: "another instance is resolving this user" } }));
-    });
-    try {
-      const client = new Billsync({ baseUrl: busy.url, adminKey: ADMIN_KEY });
+    }, async (url) => {
+      const client = new Billsync({ baseUrl: url, adminKey: ADMIN_KEY });
       const err = await rejectsWith(client.resolveCustomer("u"), "resolve_in_progress", 409);
       assert.equal(err.retryAfter, 1);
       assert.equal(err.retryable, true);
-    } finally {
-      await busy.stop();
-    }
+    });
   });
 
   it("does not cut off an export's download at timeoutMs", async () => {
-    const slow = await rawServer((res) => {
+    await against((res) => {
       res.writeHead(200, { "content-type": "application/json", "content-disposition": 'attachment; filename="x.json"' });
       res.write('{"export_version": "3.0", "rows": [');
       let sent = 0;
@@ -531,16 +514,13 @@ describe("transport failures", () => {
           res.end("]}");
         }
       }, 100);
-    });
-    try {
-      const client = new Billsync({ baseUrl: slow.url, adminKey: ADMIN_KEY, timeoutMs: 200 });
+    }, async (url) => {
+      const client = new Billsync({ baseUrl: url, adminKey: ADMIN_KEY, timeoutMs: 200 });
       const response = await client.asUser("token").exportData();
       assert.deepEqual(await response.json(), { export_version: "3.0", rows: [1, 1, 1, 1, 1] });
       // The same slow body on an ordinary call is bounded.
       await rejectsWith(client.getUser("u"), "timeout", 0);
-    } finally {
-      await slow.stop();
-    }
+    });
   });
 
   it("reads Retry-After as seconds or as an HTTP date", () => {
@@ -576,8 +556,7 @@ describe("verifyAppEvent", () => {
     // Node's header object and a request object work the same; so does a list of secrets.
     const nodeHeaders = Object.fromEntries(delivery.headers);
     assert.equal(verifyAppEvent(new TextDecoder().decode(delivery.body), nodeHeaders, APP_WEBHOOK_SECRET).id, event.id);
-    const other = "whsec_" + Buffer.from("another secret of 32 bytes long!").toString("base64");
-    assert.equal(verifyAppEvent(delivery.body, delivery.headers, [other, APP_WEBHOOK_SECRET]).id, event.id);
+    assert.equal(verifyAppEvent(delivery.body, delivery.headers, [OTHER_SECRET, APP_WEBHOOK_SECRET]).id, event.id);
     const request = new Request("http://app.example.com/api/billsync", {
       method: "POST",
       headers: delivery.headers,
@@ -588,8 +567,7 @@ describe("verifyAppEvent", () => {
 
   it("reads Node's header shapes: repeated signature headers as a list", async () => {
     const { delivery } = await genuineDelivery();
-    const other = "whsec_" + Buffer.from("another secret of 32 bytes long!").toString("base64");
-    const foreign = new Webhook(other).sign(delivery.headers.get("webhook-id") ?? "", new Date(), delivery.body);
+    const foreign = new Webhook(OTHER_SECRET).sign(delivery.headers.get("webhook-id") ?? "", new Date(), delivery.body);
     const nodeHeaders: Record<string, string | string[] | undefined> = {
       "webhook-id": delivery.headers.get("webhook-id") ?? "",
       "webhook-timestamp": [delivery.headers.get("webhook-timestamp") ?? ""],
@@ -618,9 +596,8 @@ describe("verifyAppEvent", () => {
 
   it("refuses a delivery signed with another secret", async () => {
     const { delivery } = await genuineDelivery();
-    const other = "whsec_" + Buffer.from("another secret of 32 bytes long!").toString("base64");
     assert.throws(
-      () => verifyAppEvent(delivery.body, delivery.headers, other),
+      () => verifyAppEvent(delivery.body, delivery.headers, OTHER_SECRET),
       (err: unknown) => err instanceof AppEventVerificationError && err.reason === "signature",
     );
   });

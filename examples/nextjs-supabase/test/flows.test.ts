@@ -89,9 +89,19 @@ function person() {
 }
 
 function call(method: string, path: string, token: string | null, body?: unknown): Request {
+  return callWithText(method, path, token, body === undefined ? undefined : JSON.stringify(body));
+}
+
+/** A request whose body is this text as it is (JSON or not). */
+function callWithText(method: string, path: string, token: string | null, text?: string): Request {
   const headers = new Headers({ "content-type": "application/json" });
   if (token) headers.set("authorization", `Bearer ${token}`);
-  return new Request(`${APP_URL}${path}`, { method, headers, body: body === undefined ? undefined : JSON.stringify(body) });
+  return new Request(`${APP_URL}${path}`, { method, headers, body: text });
+}
+
+/** The `code` of an error answer. */
+async function errorCode(response: Response): Promise<string> {
+  return ((await response.json()) as { error: { code: string } }).error.code;
 }
 
 async function customersWithEmail(email: string): Promise<{ id: string }[]> {
@@ -155,22 +165,19 @@ describe("PUT /api/user/profile", () => {
 
   it("checks the body as billsync does: not JSON, not an object, null where allowed", async () => {
     const { token } = person();
-    const send = (route: (r: Request) => Promise<Response>, method: string, path: string, body: string) =>
-      route(new Request(`${APP_URL}${path}`, { method, headers: { authorization: `Bearer ${token}` }, body }));
-    const code = async (response: Response) => ((await response.json()) as { error: { code: string } }).error.code;
     for (const [body, status, expected] of [
       ["{not json", 400, "invalid_json"],
       ["null", 422, "invalid_request"],
       ["[1]", 422, "invalid_request"],
     ] as const) {
-      const response = await send(profileRoute, "PUT", "/api/user/profile", body);
+      const response = await profileRoute(callWithText("PUT", "/api/user/profile", token, body));
       assert.equal(response.status, status, body);
-      assert.equal(await code(response), expected, body);
+      assert.equal(await errorCode(response), expected, body);
     }
     // The portal route takes null as no options, as billsync does: this person has no customer.
-    const portal = await send(portalRoute, "POST", "/api/billing/create-portal-session", "null");
+    const portal = await portalRoute(callWithText("POST", "/api/billing/create-portal-session", token, "null"));
     assert.equal(portal.status, 404);
-    assert.equal(await code(portal), "no_customer");
+    assert.equal(await errorCode(portal), "no_customer");
   });
 
   it("passes billsync's errors on: unauthorized, invalid_profile", async () => {
@@ -179,8 +186,7 @@ describe("PUT /api/user/profile", () => {
     const { token } = person();
     const invalid = await profileRoute(call("PUT", "/api/user/profile", token, { phone: "12345" }));
     assert.equal(invalid.status, 422);
-    const body = (await invalid.json()) as { error: { code: string } };
-    assert.equal(body.error.code, "invalid_profile");
+    assert.equal(await errorCode(invalid), "invalid_profile");
     const forged = await profileRoute(call("PUT", "/api/user/profile", `${token.slice(0, -4)}AAAA`, { firstName: "X" }));
     assert.equal(forged.status, 401);
   });
@@ -191,7 +197,7 @@ describe("POST /api/billing/create-portal-session", () => {
     const { id, email, token } = person();
     const missing = await portalRoute(call("POST", "/api/billing/create-portal-session", token, {}));
     assert.equal(missing.status, 404);
-    assert.equal(((await missing.json()) as { error: { code: string } }).error.code, "no_customer");
+    assert.equal(await errorCode(missing), "no_customer");
 
     const customerId = await getOrCreateStripeCustomer(id, email);
     const response = await portalRoute(call("POST", "/api/billing/create-portal-session", token, { flow: "payment_method_update" }));
