@@ -28,6 +28,10 @@ export const appDb = {
     this.users.set(id, { id, email, first_name, last_name, phone });
   },
   plans: new Map<string, AppPlan>(),
+  /** The app's view of a user's plan: what it holds, or nothing known yet. */
+  planOf(userId: string): AppPlan {
+    return this.plans.get(userId) ?? { plan: null, features: [], limits: {}, stripe_customer_id: null };
+  },
   /** App events already handled: deliveries are at least once. */
   handledEvents: new Set<string>(),
   /** People who deleted their account: an event about them still in flight changes nothing. */

@@ -34,25 +34,20 @@ async function handle(event: AppEvent): Promise<void> {
       if (event.data.origin === "stripe") applyUserUpdated(event);
       return;
     case "customer.linked": {
-      const plan = appDb.plans.get(event.data.user_id) ?? { plan: null, features: [], limits: {}, stripe_customer_id: null };
-      appDb.plans.set(event.data.user_id, { ...plan, stripe_customer_id: event.data.customer_id });
+      const { user_id, customer_id } = event.data;
+      appDb.plans.set(user_id, { ...appDb.planOf(user_id), stripe_customer_id: customer_id });
       return;
     }
     case "customer.unlinked": {
       // The spec's handleCustomerDeleted.
-      const plan = appDb.plans.get(event.data.user_id);
-      if (plan) appDb.plans.set(event.data.user_id, { ...plan, stripe_customer_id: null });
-      if (event.data.reason === "deleted_in_stripe") await notifyUserOfCustomerDeletion(event.data.user_id);
+      const { user_id, reason } = event.data;
+      if (appDb.plans.has(user_id)) appDb.plans.set(user_id, { ...appDb.planOf(user_id), stripe_customer_id: null });
+      if (reason === "deleted_in_stripe") await notifyUserOfCustomerDeletion(user_id);
       return;
     }
     case "plan.changed": {
-      const plan = appDb.plans.get(event.data.user_id);
-      appDb.plans.set(event.data.user_id, {
-        stripe_customer_id: plan?.stripe_customer_id ?? null,
-        plan: event.data.plan,
-        features: event.data.features ?? [],
-        limits: event.data.limits ?? {},
-      });
+      const { user_id, plan, features, limits } = event.data;
+      appDb.plans.set(user_id, { ...appDb.planOf(user_id), plan, features: features ?? [], limits: limits ?? {} });
       return;
     }
     default:
