@@ -102,9 +102,13 @@ pub const PROFILE_FIELDS: &[&str] = &[
 
 impl NewAppEvent {
     fn about(kind: AppEventType, user: &UserId, data: impl serde::Serialize) -> Self {
+        Self::keyed(kind, user.to_string(), data)
+    }
+
+    fn keyed(kind: AppEventType, key: String, data: impl serde::Serialize) -> Self {
         Self {
             kind,
-            key: user.to_string(),
+            key,
             data: serde_json::to_value(data).expect("app event data serializes"),
         }
     }
@@ -188,14 +192,10 @@ impl NewAppEvent {
     }
 
     pub fn user_erased(subject: &str) -> Self {
-        Self {
-            kind: AppEventType::UserErased,
-            key: format!("erased:{subject}"),
-            data: serde_json::to_value(UserErasedData {
-                subject: subject.to_owned(),
-            })
-            .expect("app event data serializes"),
-        }
+        let data = UserErasedData {
+            subject: subject.to_owned(),
+        };
+        Self::keyed(AppEventType::UserErased, format!("erased:{subject}"), data)
     }
 
     /// `sync.failed`, for a job parked for an operator after `error`: its code, never its text.
