@@ -4,7 +4,7 @@
 //! invalid row is reported and skipped; the others are imported. An erased person is never
 //! brought back.
 
-use std::io::BufRead;
+use std::{io::BufRead, time::Duration};
 
 use serde::Serialize;
 use serde_json::{Map, Value};
@@ -12,6 +12,7 @@ use serde_json::{Map, Value};
 use crate::{
     domain::{ImportOutcome, UserId, UserImport, UserUpsert, ValidationError},
     gdpr::Tombstones,
+    retry::RetryPolicy,
     store::{Store, StoreError},
 };
 
@@ -19,7 +20,7 @@ use crate::{
 pub const BATCH_SIZE: usize = 1000;
 
 /// The fields a row may have: those of `PUT /v1/users/{id}`'s body, and the id.
-pub const FIELDS: [&str; 6] = [
+const FIELDS: [&str; 6] = [
     "id",
     "email",
     "email_verified",
@@ -443,11 +444,15 @@ impl Summary {
     }
 }
 
-/// Attempts of one batch. A deadlock with another writer (the webhook applier's batch locks
-/// users too, in its own order) or a lost connection is worth another try: the attempt's
-/// transaction wrote nothing. (A batch with a repeated id is several transactions; a retry
-/// then finds the first ones' rows as written, unchanged.)
-const BATCH_ATTEMPTS: u32 = 3;
+/// Attempts of one batch, and the waits between them. A deadlock with another writer (the
+/// webhook applier's batch locks users too, in its own order) or a lost connection is worth
+/// another try: the attempt's transaction wrote nothing. (A batch with a repeated id is several
+/// transactions; a retry then finds the first ones' rows as written, unchanged.)
+const BATCH_RETRY: RetryPolicy = RetryPolicy {
+    max_attempts: 3,
+    backoff_base: Duration::from_millis(800),
+    backoff_max: Duration::from_millis(1600),
+};
 
 /// Writes valid users, in order (a repeated id: the later row wins); the outcomes in the
 /// order of `users`.
@@ -464,9 +469,10 @@ pub async fn import(
     let mut attempt = 1;
     loop {
         match store.import_users(&imports).await {
-            Err(StoreError::Unavailable(err)) if attempt < BATCH_ATTEMPTS => {
+            // Only an unavailable database: any other store error would fail again.
+            Err(StoreError::Unavailable(err)) if attempt < BATCH_RETRY.max_attempts => {
                 tracing::warn!(attempt, error = %err, "an import batch failed; trying it again");
-                tokio::time::sleep(std::time::Duration::from_millis(100 << (2 * attempt))).await;
+                tokio::time::sleep(BATCH_RETRY.backoff(attempt, None)).await;
                 attempt += 1;
             }
             outcome => return outcome,
