@@ -39,13 +39,25 @@ async fn enqueue_push(
     debounce: Duration,
     now: Clock,
 ) -> StoreResult<()> {
+    enqueue_pushes(db, &[user.to_string()], debounce, now).await
+}
+
+/// [`enqueue_push`] for several users (existing ones) in one statement: an import batch's.
+/// The conflict clause is the partial unique index's predicate, written here once.
+pub(crate) async fn enqueue_pushes(
+    db: &mut Connection,
+    users: &[String],
+    debounce: Duration,
+    now: Clock,
+) -> StoreResult<()> {
     sqlx::query(&sql(
         "INSERT INTO outbox (kind, user_id, payload, state, attempts, next_attempt_at,
                              created_at, updated_at)
-         VALUES ('push_profile', $1, '{}', 'pending', 0, {later $2}, {now}, {now})
+         SELECT 'push_profile', id, '{}', 'pending', 0, {later $2}, {now}, {now}
+         FROM users WHERE id {in $1}
          ON CONFLICT (user_id) WHERE kind = 'push_profile' AND state = 'pending' DO NOTHING",
     ))
-    .bind(user.as_str())
+    .bind(ids(users))
     .bind(span(debounce))
     .clock(now)
     .execute(db)

@@ -8,9 +8,9 @@ use super::{
     common::{
         app_events::append,
         rows::{event_to_apply, user_from_row, UserRow},
-        users::erased_among,
+        users::{enqueue_pushes, erased_among},
     },
-    dialect::{erasure_gate, span, sql, Clock},
+    dialect::{erasure_gate, sql, Clock},
     PgStore,
 };
 use crate::{
@@ -262,18 +262,8 @@ impl PgStore {
             .filter(|u| u.version > 1)
             .collect::<Vec<_>>();
         if !updated.is_empty() {
-            sqlx::query(&sql(
-                "INSERT INTO outbox (kind, user_id, payload, state, attempts, next_attempt_at,
-                                     created_at, updated_at)
-                 SELECT 'push_profile', u, '{}', 'pending', 0, {later $2}, {now}, {now}
-                 FROM unnest($1::text[]) AS u
-                 ON CONFLICT (user_id) WHERE kind = 'push_profile' AND state = 'pending'
-                 DO NOTHING",
-            ))
-            .bind(updated.iter().map(|u| u.id.as_str()).collect::<Vec<_>>())
-            .bind(span(self.push_debounce))
-            .execute(&mut *tx)
-            .await?;
+            let ids: Vec<String> = updated.iter().map(|u| u.id.to_string()).collect();
+            enqueue_pushes(&mut tx, &ids, self.push_debounce, Clock::now()).await?;
             // As `upsert_user` announces: a change of a user this write saw before.
             let announced = updated
                 .iter()
