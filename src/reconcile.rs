@@ -275,17 +275,6 @@ pub async fn run(
     // What earlier runs met is scratch; this run's own notes stay until the next run starts,
     // so that deleting them (a row per linked customer) is not part of this one.
     store.forget_seen(run_id).await?;
-    classify_and_fix(store, stripe, limiter, apply, run_id, observe).await
-}
-
-async fn classify_and_fix(
-    store: &dyn Store,
-    stripe: &StripeClient,
-    limiter: &RateLimiter,
-    apply: bool,
-    run_id: &str,
-    observe: &(dyn Fn(&Progress) + Send + Sync),
-) -> Result<Report, ReconcileError> {
     let started_at = time::OffsetDateTime::now_utc();
     let sent_before = stripe.attempts_sent();
     let mut progress = Progress {
@@ -398,7 +387,7 @@ async fn classify_and_fix(
                 f.action.as_deref(),
                 Some("linked" | "unlinked" | "push_queued")
             ) {
-                tally.0.entry(f.category).or_default().fixed += 1;
+                tally.fixed(f.category);
             }
         }
     }
@@ -533,7 +522,7 @@ async fn classify_subscriptions(
                 .upsert_subscription_if_newer(&wanted, taken, BACKFILL_EVENT_ID)
                 .await?;
             f.action = Some(if written {
-                tally.0.entry(category).or_default().fixed += 1;
+                tally.fixed(category);
                 "mirrored".to_owned()
             } else {
                 "skipped: a newer snapshot from a webhook is mirrored".to_owned()
@@ -577,6 +566,10 @@ struct Tallies(BTreeMap<Category, Tally>);
 impl Tallies {
     fn count(&mut self, category: Category) {
         self.0.entry(category).or_default().found += 1;
+    }
+
+    fn fixed(&mut self, category: Category) {
+        self.0.entry(category).or_default().fixed += 1;
     }
 }
 
@@ -715,7 +708,7 @@ async fn fix(store: &dyn Store, f: &Finding) -> Result<Option<String>, Reconcile
 
 /// How long a recorded run's lease lasts. It is renewed every [`RENEW_EVERY`] while the run
 /// works, so a run whose process stopped reads as `interrupted` within this.
-pub const RUN_LEASE: Duration = Duration::from_secs(30);
+const RUN_LEASE: Duration = Duration::from_secs(30);
 const RENEW_EVERY: Duration = Duration::from_secs(5);
 /// Finished runs kept for `GET /v1/reconcile/{id}`.
 const KEPT_RUNS: u32 = 20;

@@ -12,6 +12,10 @@ use crate::{
     store::{parse_json, traits::ReconcileRuns, StoreResult},
 };
 
+/// Why a run whose lease ran out ended: stored when the lapse is found, and said when it is
+/// read before then.
+const INTERRUPTED: &str = "the process running it stopped before it finished";
+
 type RunRow = (
     String,
     bool,
@@ -37,10 +41,10 @@ impl ReconcileRuns for Backend {
         let mut tx = begin_write(&self.pool).await?;
         // A live run whose lease ran out: the process running it stopped.
         sqlx::query(&sql(
-            "UPDATE reconcile_runs SET status = 'interrupted', finished_at = {now},
-                    error = 'the process running it stopped before it finished'
+            "UPDATE reconcile_runs SET status = 'interrupted', finished_at = {now}, error = $1
              WHERE status = 'running' AND lease_until < {now}",
         ))
+        .bind(INTERRUPTED)
         .clock(now)
         .execute(&mut *tx)
         .await?;
@@ -130,10 +134,7 @@ impl ReconcileRuns for Backend {
             return Ok(None);
         };
         let (status, error) = if lapsed {
-            (
-                "interrupted".to_owned(),
-                Some("the process running it stopped before it finished".to_owned()),
-            )
+            ("interrupted".to_owned(), Some(INTERRUPTED.to_owned()))
         } else {
             (status, error)
         };
