@@ -85,15 +85,19 @@ pub async fn import_users(
             body.users.len()
         )));
     }
+    // Each row's error, or `None` for a valid row, whose user moves into `valid` (in order).
+    let mut valid = Vec::with_capacity(body.users.len());
     let parsed = body
         .users
         .iter()
-        .map(users_import::user_from_json)
+        .map(|row| match users_import::user_from_json(row) {
+            Ok(user) => {
+                valid.push(user);
+                None
+            }
+            Err(error) => Some(error),
+        })
         .collect::<Vec<_>>();
-    let valid = parsed
-        .iter()
-        .filter_map(|row| row.as_ref().ok().cloned())
-        .collect();
     let tombstones = state.worker.tombstones();
     let mut outcomes = users_import::import(state.store.as_ref(), tombstones, valid)
         .await?
@@ -106,11 +110,11 @@ pub async fn import_users(
         .map(|(row, parsed)| {
             let id = users_import::id_of(row).map(str::to_owned);
             let (status, user, error) = match parsed {
-                Err(error) => {
+                Some(error) => {
                     summary.invalid += 1;
                     (RowStatus::Invalid, None, Some(error))
                 }
-                Ok(_) => {
+                None => {
                     let outcome = outcomes.next().expect("an outcome per valid row");
                     summary.count(&outcome);
                     match outcome {
