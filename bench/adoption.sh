@@ -24,12 +24,7 @@ OUT="bench/out/adoption-$(date -u +%Y%m%dT%H%M%SZ).txt"
 WORK="$(mktemp -d)"
 mkdir -p bench/out
 
-if [ -n "${BIN_DIR:-}" ]; then
-  BIN="$BIN_DIR/billsync"
-else
-  cargo build --release --quiet
-  BIN="${CARGO_TARGET_DIR:-target}/release/billsync"
-fi
+. bench/binary.sh
 
 PORT="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
 export BILLSYNC_LOCALSTRIPE_PIDFILE="$WORK/localstripe.pid" BILLSYNC_LOCALSTRIPE_PERSIST=0

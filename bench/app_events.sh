@@ -29,12 +29,7 @@ WORK="$(mktemp -d)"
 mkdir -p bench/out
 [ -d tests/receiver/node_modules/standardwebhooks ] || npm ci --prefix tests/receiver --silent
 
-if [ -n "${BIN_DIR:-}" ]; then
-  BIN="$BIN_DIR/billsync"
-else
-  cargo build --release --quiet --bin billsync
-  BIN="${CARGO_TARGET_DIR:-target}/release/billsync"
-fi
+. bench/binary.sh
 
 if [ "$BACKEND" = postgres ]; then
   psql -q "$PGURL_BASE/postgres" -c "DROP DATABASE IF EXISTS billsync_bench_ae" -c "CREATE DATABASE billsync_bench_ae"

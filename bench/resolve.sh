@@ -26,12 +26,7 @@ mkdir -p bench/out
 command -v wrk >/dev/null || { echo "wrk is missing: apt-get install wrk" >&2; exit 1; }
 command -v pgbench >/dev/null || { echo "pgbench is missing" >&2; exit 1; }
 
-if [ -n "${BIN_DIR:-}" ]; then
-  BIN="$BIN_DIR/billsync"   # a prebuilt billsync, e.g. two builds compared in alternating runs
-else
-  cargo build --release --quiet
-  BIN="${CARGO_TARGET_DIR:-target}/release/billsync"
-fi
+. bench/binary.sh
 
 psql -q "$PGURL_BASE/postgres" -c "DROP DATABASE IF EXISTS $DB" -c "CREATE DATABASE $DB"
 export DATABASE_URL="$PGURL_BASE/$DB"

@@ -24,12 +24,7 @@ WORK="$(mktemp -d)"
 trap 'rm -rf "$WORK"; psql -q "$PGURL_BASE/postgres" -c "DROP DATABASE IF EXISTS $DB" 2>/dev/null || true' EXIT
 mkdir -p bench/out
 
-if [ -n "${BIN_DIR:-}" ]; then
-  BIN="$BIN_DIR/billsync"
-else
-  cargo build --release --quiet
-  BIN="${CARGO_TARGET_DIR:-target}/release/billsync"
-fi
+. bench/binary.sh
 
 # An app's export: random UUID ids (as Supabase's), every field of PUT /v1/users/{id}, some
 # names and phones missing, a few addresses with capitals.
