@@ -5,8 +5,11 @@
 #   scripts/test-typescript.sh BILLSYNC_BINARY
 #
 # Installs both from their committed lockfiles, checks the client's generated types against the
-# binary's OpenAPI document, type-checks, builds the client, checks what `npm pack` would
-# publish, and runs both test suites (Node's test runner). Needs BILLSYNC_TEST_LOCALSTRIPE_URL.
+# binary's OpenAPI document, builds the client, checks what `npm pack` would publish, and runs
+# both test suites (Node's test runner). Each source is type-checked once, by the `tsc` that
+# compiles it: the build (the client's sources, without Node's types) and each `npm test`
+# (tests and sources, with them; the example's app and lib included). Needs
+# BILLSYNC_TEST_LOCALSTRIPE_URL.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN="$(realpath "${1:?usage: scripts/test-typescript.sh BILLSYNC_BINARY}")"
@@ -19,15 +22,14 @@ example=examples/nextjs-supabase
 echo "== typescript: client"
 npm ci --prefix "$client" --no-audit --no-fund --silent
 scripts/client-types.sh "$BIN" --check
-npm run --prefix "$client" --silent typecheck
 rm -rf "$client/dist" "$client/build"
 npm run --prefix "$client" --silent build
 
 # What is published: packed, then installed into an empty project that type-checks against
-# its declarations and imports it.
+# its declarations and imports it. The build above is what is packed (`prepack` would build again).
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
-tarball="$(cd "$client" && npm pack --silent --pack-destination "$work" | tail -n1)"
+tarball="$(cd "$client" && npm pack --silent --ignore-scripts --pack-destination "$work" | tail -n1)"
 tar tzf "$work/$tarball" | python3 -c '
 import sys
 files = {line.strip().removeprefix("package/") for line in sys.stdin}
@@ -63,6 +65,5 @@ npm test --prefix "$client" --silent
 
 echo "== typescript: example"
 npm ci --prefix "$example" --no-audit --no-fund --silent
-npm run --prefix "$example" --silent typecheck
 rm -rf "$example/build"
 npm test --prefix "$example" --silent
