@@ -2,11 +2,7 @@
 // mapping, and verifyAppEvent on genuine, tampered and stale deliveries.
 import assert from "node:assert/strict";
 import { getEventListeners } from "node:events";
-import { mkdtempSync, writeFileSync } from "node:fs";
 import http from "node:http";
-import type { AddressInfo } from "node:net";
-import { tmpdir } from "node:os";
-import { join } from "node:path";
 import { after, before, describe, it } from "node:test";
 import { Webhook } from "standardwebhooks";
 
@@ -28,11 +24,14 @@ import {
   APP_URL,
   APP_WEBHOOK_SECRET,
   eventually,
+  listen,
   nextSecond,
+  person,
   serveHandler,
   startBillsync,
   unique,
   userToken,
+  writePlans,
   type BillsyncProcess,
 } from "./support/world.js";
 
@@ -54,19 +53,13 @@ before(async () => {
     deliveries.push({ body: new Uint8Array(await request.arrayBuffer()), headers: request.headers });
     return new Response(null, { status: 204 });
   });
-  const plans = join(mkdtempSync(join(tmpdir(), "client-plans-")), "plans.toml");
-  writeFileSync(
-    plans,
-    `default_plan = "free"\n[[plans]]\nid = "free"\nfeatures = ["projects"]\nlimits = { projects = 1 }\n` +
-      `[[plans]]\nid = "pro"\nprices = ["${PRO_PRICE}"]\nfeatures = ["projects", "exports"]\nlimits = { projects = 50 }\n`,
-  );
   server = await startBillsync({
     BILLSYNC_APP_WEBHOOK_URL: `${receiver.url}/billsync`,
     BILLSYNC_APP_WEBHOOK_SECRET: APP_WEBHOOK_SECRET,
     BILLSYNC_STRIPE_MAX_RETRIES: "0",
     // A failed push is parked at once, so that sync.failed can be seen.
     BILLSYNC_OUTBOX_MAX_ATTEMPTS: "1",
-    BILLSYNC_PLANS_FILE: plans,
+    BILLSYNC_PLANS_FILE: writePlans(PRO_PRICE),
   });
   muteStripe = await server.stripe.sendEventsTo(`${server.url}/api/webhooks/stripe`);
   billsync = new Billsync({ baseUrl: server.url, adminKey: ADMIN_KEY });
@@ -107,12 +100,6 @@ function recordingFetch() {
 
 /** A Standard Webhooks secret billsync does not sign with. */
 const OTHER_SECRET = "whsec_" + Buffer.from("another secret of 32 bytes long!").toString("base64");
-
-function person() {
-  const id = unique("user");
-  const email = `${id}@example.com`;
-  return { id, email, token: userToken(id, email) };
-}
 
 describe("admin calls", () => {
   it("upserts and reads a user", async () => {
@@ -360,14 +347,11 @@ describe("user calls", () => {
 
 describe("transport failures", () => {
   async function rawServer(answer: (res: http.ServerResponse) => void) {
-    const sockets = new Set<import("node:net").Socket>();
     const s = http.createServer((_req, res) => answer(res));
-    s.on("connection", (socket) => sockets.add(socket));
-    await new Promise<void>((resolve) => s.listen(0, "127.0.0.1", resolve));
     return {
-      url: `http://127.0.0.1:${(s.address() as AddressInfo).port}`,
+      url: await listen(s),
       stop: () => {
-        for (const socket of sockets) socket.destroy();
+        s.closeAllConnections();
         return new Promise((resolve) => s.close(resolve));
       },
     };
@@ -667,24 +651,7 @@ describe("app event types", () => {
     await eventually("the push of the new name", async () => {
       return (await server.stripe.stripe("GET", `/v1/customers/${customer_id}`)).name === "Augusta";
     });
-    await server.stripe.stripe("POST", "/v1/plans", {
-      id: PRO_PRICE,
-      amount: "1000",
-      currency: "usd",
-      interval: "month",
-      "product[name]": "Pro",
-    });
-    const card = await server.stripe.stripe("POST", "/v1/tokens", {
-      "card[number]": "4242424242424242",
-      "card[exp_month]": "12",
-      "card[exp_year]": "2030",
-      "card[cvc]": "123",
-    });
-    await server.stripe.stripe("POST", `/v1/customers/${customer_id}/sources`, { source: card.id });
-    const subscription = await server.stripe.stripe("POST", "/v1/subscriptions", {
-      customer: customer_id,
-      "items[0][plan]": PRO_PRICE,
-    }); // subscription.created, plan.changed
+    const subscription = await server.stripe.subscribe(customer_id, PRO_PRICE); // subscription.created, plan.changed
     await eventually("the subscription in billsync", async () => (await billsync.getBilling(id)).subscriptions.length === 1);
     await nextSecond();
     const updated = await server.stripe.stripe("POST", `/v1/subscriptions/${subscription.id}`, { cancel_at_period_end: "true" });

@@ -2,9 +2,6 @@
 // real `Request` objects against a real billsync and localstripe; billsync's app events reach
 // the example's events route over HTTP, signed.
 import assert from "node:assert/strict";
-import { mkdtempSync, writeFileSync } from "node:fs";
-import { tmpdir } from "node:os";
-import { join } from "node:path";
 import { after, before, describe, it } from "node:test";
 import { Webhook } from "standardwebhooks";
 
@@ -13,10 +10,11 @@ import {
   APP_URL,
   APP_WEBHOOK_SECRET,
   eventually,
+  person,
   serveHandler,
   startBillsync,
   unique,
-  userToken,
+  writePlans,
   type BillsyncProcess,
 } from "../../../clients/typescript/test/support/world.js";
 import { POST as portalRoute } from "../app/api/billing/create-portal-session/route.js";
@@ -37,22 +35,6 @@ let muteStripe: () => Promise<void>;
 const deliveries: Request[] = [];
 
 before(async () => {
-  const dir = mkdtempSync(join(tmpdir(), "example-plans-"));
-  const plans = join(dir, "plans.toml");
-  writeFileSync(
-    plans,
-    `default_plan = "free"
-[[plans]]
-id = "free"
-features = ["projects"]
-limits = { projects = 1 }
-[[plans]]
-id = "pro"
-prices = ["${PRO_PRICE}"]
-features = ["projects", "exports"]
-limits = { projects = 50 }
-`,
-  );
   events = await serveHandler(async (request) => {
     deliveries.push(request.clone());
     return eventsRoute(request);
@@ -60,7 +42,7 @@ limits = { projects = 50 }
   server = await startBillsync({
     BILLSYNC_APP_WEBHOOK_URL: `${events.url}/api/billsync/events`,
     BILLSYNC_APP_WEBHOOK_SECRET: APP_WEBHOOK_SECRET,
-    BILLSYNC_PLANS_FILE: plans,
+    BILLSYNC_PLANS_FILE: writePlans(PRO_PRICE),
   });
   process.env.BILLSYNC_URL = server.url;
   process.env.BILLSYNC_ADMIN_API_KEY = ADMIN_KEY;
@@ -80,12 +62,6 @@ async function findDelivery(matches: (body: string) => boolean): Promise<Request
     if (matches(await delivery.clone().text())) return delivery;
   }
   throw new Error("no such delivery");
-}
-
-function person() {
-  const id = unique("user");
-  const email = `${id}@example.com`;
-  return { id, email, token: userToken(id, email) };
 }
 
 function call(method: string, path: string, token: string | null, body?: unknown): Request {
@@ -292,15 +268,7 @@ describe("billsync's app events at /api/billsync/events", () => {
   it("updates the app's plan when a subscription moves it", async () => {
     const { id, email } = person();
     const customerId = await getOrCreateStripeCustomer(id, email);
-    await server.stripe.stripe("POST", "/v1/plans", { id: PRO_PRICE, amount: "1000", currency: "usd", interval: "month", "product[name]": "Pro" });
-    const card = await server.stripe.stripe("POST", "/v1/tokens", {
-      "card[number]": "4242424242424242",
-      "card[exp_month]": "12",
-      "card[exp_year]": "2030",
-      "card[cvc]": "123",
-    });
-    await server.stripe.stripe("POST", `/v1/customers/${customerId}/sources`, { source: card.id });
-    await server.stripe.stripe("POST", "/v1/subscriptions", { customer: customerId, "items[0][plan]": PRO_PRICE });
+    await server.stripe.subscribe(customerId, PRO_PRICE);
     const plan = await eventually("plan.changed at the app", async () => {
       const p = appDb.plans.get(id);
       return p?.plan === "pro" ? p : undefined;

@@ -7,21 +7,21 @@
 // test fails saying so, it is never skipped.
 import { spawn, type ChildProcess } from "node:child_process";
 import { createHmac, randomBytes } from "node:crypto";
-import { mkdtempSync, rmSync } from "node:fs";
+import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import http from "node:http";
 import type { AddressInfo } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 
 export const ADMIN_KEY = "test-admin-key-0123456789";
-export const JWT_SECRET = "test-jwt-secret-0123456789-abcdefghijklmnop";
+const JWT_SECRET = "test-jwt-secret-0123456789-abcdefghijklmnop";
 export const APP_URL = "https://app.example.com";
-export const STRIPE_WEBHOOK_SECRET = "whsec_test_secret";
-export const STRIPE_KEY = "sk_test_billsync_0123456789";
+const STRIPE_WEBHOOK_SECRET = "whsec_test_secret";
+const STRIPE_KEY = "sk_test_billsync_0123456789";
 /** Standard Webhooks secrets are base64 after `whsec_`. */
 export const APP_WEBHOOK_SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSwMfKQ9r8GKYo=";
 
-export function required(name: string): string {
+function required(name: string): string {
   const value = process.env[name];
   if (!value) {
     throw new Error(`${name} is not set: these tests need a real billsync and localstripe (scripts/test-typescript.sh sets both)`);
@@ -56,17 +56,45 @@ export async function eventually<T>(what: string, check: () => Promise<T | undef
   }
 }
 
-/** A Supabase-style HS256 access token for `sub`, issued now unless `iat` says otherwise. */
-export function userToken(sub: string, email: string, claims: Record<string, unknown> = {}): string {
+/** A Supabase-style HS256 access token for `sub`, issued now. */
+export function userToken(sub: string, email: string): string {
   const now = Math.floor(Date.now() / 1000);
   const encode = (part: object) => Buffer.from(JSON.stringify(part)).toString("base64url");
   const head = encode({ alg: "HS256", typ: "JWT" });
-  const body = encode({ sub, email, email_verified: true, aud: "authenticated", role: "authenticated", iat: now, exp: now + 3600, ...claims });
+  const body = encode({ sub, email, email_verified: true, aud: "authenticated", role: "authenticated", iat: now, exp: now + 3600 });
   const signature = createHmac("sha256", JWT_SECRET).update(`${head}.${body}`).digest("base64url");
   return `${head}.${body}.${signature}`;
 }
 
-async function listen(server: http.Server): Promise<string> {
+/** A new person of the app: their id, address and access token. */
+export function person(): { id: string; email: string; token: string } {
+  const id = unique("user");
+  const email = `${id}@example.com`;
+  return { id, email, token: userToken(id, email) };
+}
+
+/** A plans file (free by default, pro for `proPrice`) in a temporary directory: its path. */
+export function writePlans(proPrice: string): string {
+  const path = join(mkdtempSync(join(tmpdir(), "billsync-plans-")), "plans.toml");
+  writeFileSync(
+    path,
+    `default_plan = "free"
+[[plans]]
+id = "free"
+features = ["projects"]
+limits = { projects = 1 }
+[[plans]]
+id = "pro"
+prices = ["${proPrice}"]
+features = ["projects", "exports"]
+limits = { projects = 50 }
+`,
+  );
+  return path;
+}
+
+/** Starts `server` on a free loopback port: its base URL. */
+export async function listen(server: http.Server): Promise<string> {
   await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
   return `http://127.0.0.1:${(server.address() as AddressInfo).port}`;
 }
@@ -104,14 +132,14 @@ export class StripeStandIn {
     const server = http.createServer(async (req, res) => {
       const body = await readBody(req);
       const path = (req.url ?? "/").split("?")[0] ?? "/";
-      self?.requests.push({ method: req.method ?? "GET", path, form: new URLSearchParams(body.toString("utf8")), headers: req.headers });
+      const form = new URLSearchParams(body.toString("utf8"));
+      self?.requests.push({ method: req.method ?? "GET", path, form, headers: req.headers });
       if (self?.outage?.test(path)) {
         res.writeHead(500, { "content-type": "application/json" });
         res.end(JSON.stringify({ error: { type: "api_error", message: "An unknown error occurred" } }));
         return;
       }
       if (req.method === "POST" && path === "/v1/billing_portal/sessions") {
-        const form = new URLSearchParams(body.toString("utf8"));
         const id = `bps_${randomBytes(8).toString("hex")}`;
         res.writeHead(200, { "content-type": "application/json", "request-id": `req_${id}` });
         res.end(
@@ -159,6 +187,22 @@ export class StripeStandIn {
     return body;
   }
 
+  /**
+   * Subscribes `customer` to a monthly plan `price`, created here (once per price), paying
+   * with a test card: localstripe then sends `customer.subscription.created`.
+   */
+  async subscribe(customer: string, price: string): Promise<any> {
+    await this.stripe("POST", "/v1/plans", { id: price, amount: "1000", currency: "usd", interval: "month", "product[name]": "Pro" });
+    const card = await this.stripe("POST", "/v1/tokens", {
+      "card[number]": "4242424242424242",
+      "card[exp_month]": "12",
+      "card[exp_year]": "2030",
+      "card[cvc]": "123",
+    });
+    await this.stripe("POST", `/v1/customers/${customer}/sources`, { source: card.id });
+    return this.stripe("POST", "/v1/subscriptions", { customer, "items[0][plan]": price });
+  }
+
   /** Has localstripe send its signed events to `url` (localstripe cannot unregister one). */
   async sendEventsTo(url: string): Promise<() => Promise<void>> {
     const name = unique("hook");
@@ -189,11 +233,10 @@ export class StripeStandIn {
       api_version: "2025-08-27.basil",
       data: { object },
     });
-    const t = Math.floor(Date.now() / 1000);
-    const v1 = createHmac("sha256", STRIPE_WEBHOOK_SECRET).update(`${t}.${body}`).digest("hex");
+    const v1 = createHmac("sha256", STRIPE_WEBHOOK_SECRET).update(`${created}.${body}`).digest("hex");
     const response = await fetch(`${billsyncUrl}/api/webhooks/stripe`, {
       method: "POST",
-      headers: { "content-type": "application/json", "stripe-signature": `t=${t},v1=${v1}` },
+      headers: { "content-type": "application/json", "stripe-signature": `t=${created},v1=${v1}` },
       body,
     });
     if (!response.ok) throw new Error(`billsync refused the ${type} event: ${response.status} ${await response.text()}`);
@@ -207,8 +250,6 @@ export class StripeStandIn {
 export interface BillsyncProcess {
   url: string;
   stripe: StripeStandIn;
-  /** Everything billsync logged so far. */
-  logs(): string;
   stop(): Promise<void>;
 }
 
@@ -261,7 +302,7 @@ export async function startBillsync(env: Record<string, string> = {}): Promise<B
     await stop();
     throw err;
   }
-  return { url, stripe, logs: () => output, stop };
+  return { url, stripe, stop };
 }
 
 /** A web-standard handler (a Next.js route handler's shape). */
