@@ -67,10 +67,6 @@ export interface CallOptions {
   signal?: AbortSignal;
 }
 
-/**
- * One call's bounds: `timeoutMs` from the start until the answer is read (or, for a streamed
- * answer, until its headers arrive), and the caller's signal throughout.
- */
 /** A v4 UUID; `crypto.randomUUID` exists only in secure contexts (https, localhost) in browsers. */
 function newRequestId(): string {
   if (typeof crypto.randomUUID === "function") return crypto.randomUUID();

@@ -16,7 +16,8 @@ export type SubscriptionSnapshot = Schemas["SubscriptionSnapshot"];
 /** The user as `user.updated` shows them (the admin API's shape, without timestamps). */
 export type UserSnapshot = Schemas["UserSnapshot"];
 
-export type ProfileField = "email" | "email_verified" | "first_name" | "last_name" | "phone";
+/** A field of the profile billsync syncs: `user.updated`'s `changed` names them. */
+export type ProfileField = Exclude<keyof UserSnapshot, "id" | "version">;
 
 /** `subscription.created`, `.updated` and `.deleted`. */
 export type SubscriptionChange = Omit<Schemas["SubscriptionChangeData"], "previous"> & {

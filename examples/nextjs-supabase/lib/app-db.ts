@@ -32,6 +32,10 @@ export const appDb = {
   planOf(userId: string): AppPlan {
     return this.plans.get(userId) ?? { plan: null, features: [], limits: {}, stripe_customer_id: null };
   },
+  /** Writes these fields of a user's plan row, keeping the others. */
+  updatePlan(userId: string, fields: Partial<AppPlan>): void {
+    this.plans.set(userId, { ...this.planOf(userId), ...fields });
+  },
   /** App events already handled: deliveries are at least once. */
   handledEvents: new Set<string>(),
   /** People who deleted their account: an event about them still in flight changes nothing. */

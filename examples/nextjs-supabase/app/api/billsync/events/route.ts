@@ -35,19 +35,19 @@ async function handle(event: AppEvent): Promise<void> {
       return;
     case "customer.linked": {
       const { user_id, customer_id } = event.data;
-      appDb.plans.set(user_id, { ...appDb.planOf(user_id), stripe_customer_id: customer_id });
+      appDb.updatePlan(user_id, { stripe_customer_id: customer_id });
       return;
     }
     case "customer.unlinked": {
       // The spec's handleCustomerDeleted.
       const { user_id, reason } = event.data;
-      if (appDb.plans.has(user_id)) appDb.plans.set(user_id, { ...appDb.planOf(user_id), stripe_customer_id: null });
+      if (appDb.plans.has(user_id)) appDb.updatePlan(user_id, { stripe_customer_id: null });
       if (reason === "deleted_in_stripe") await notifyUserOfCustomerDeletion(user_id);
       return;
     }
     case "plan.changed": {
       const { user_id, plan, features, limits } = event.data;
-      appDb.plans.set(user_id, { ...appDb.planOf(user_id), plan, features: features ?? [], limits: limits ?? {} });
+      appDb.updatePlan(user_id, { plan, features: features ?? [], limits: limits ?? {} });
       return;
     }
     default:
