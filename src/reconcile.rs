@@ -241,6 +241,24 @@ fn drifted(user: &User, customer: &Snapshot) -> Vec<&'static str> {
     fields
 }
 
+/// A linked customer's finding: `ok`, or `drift` with the fields its user differs in (no
+/// user row to compare: `ok`).
+fn linked_finding(
+    user_id: &str,
+    customer_id: &str,
+    user: Option<&User>,
+    customer: &Snapshot,
+) -> Finding {
+    let mut f = finding(Category::Ok, Some(user_id), Some(customer_id));
+    if let Some(user) = user {
+        f.fields = drifted(user, customer);
+        if !f.fields.is_empty() {
+            f.category = Category::Drift;
+        }
+    }
+    f
+}
+
 fn finding(category: Category, user: Option<&str>, customer: Option<&str>) -> Finding {
     Finding {
         category,
@@ -333,8 +351,7 @@ pub async fn run(
             if n > 0 {
                 f.canonical_customer_id = Some(canonical.clone());
             }
-            tally.count(category);
-            findings.push(f);
+            tally.record(&mut findings, f);
         }
     }
 
@@ -352,26 +369,18 @@ pub async fn run(
         for link in unmet {
             let (user_id, customer_id) = (link.user_id.to_string(), link.customer_id.to_string());
             limiter.acquire().await;
-            let mut f = finding(Category::DanglingLink, Some(&user_id), Some(&customer_id));
-            match stripe.retrieve_customer(&customer_id).await {
+            let f = match stripe.retrieve_customer(&customer_id).await {
                 Ok(customer) if !customer.deleted => {
-                    let snapshot = Snapshot::from(customer);
-                    f.category = Category::Ok;
-                    if let Some(user) = store.get_user(&link.user_id).await? {
-                        f.fields = drifted(&user, &snapshot);
-                        if !f.fields.is_empty() {
-                            f.category = Category::Drift;
-                        }
-                    }
+                    let user = store.get_user(&link.user_id).await?;
+                    linked_finding(&user_id, &customer_id, user.as_ref(), &customer.into())
                 }
-                Ok(_) => {}
-                Err(err) if err.is_not_found() => {}
+                Ok(_) => finding(Category::DanglingLink, Some(&user_id), Some(&customer_id)),
+                Err(err) if err.is_not_found() => {
+                    finding(Category::DanglingLink, Some(&user_id), Some(&customer_id))
+                }
                 Err(err) => return Err(err.into()),
-            }
-            tally.count(f.category);
-            if f.category != Category::Ok {
-                findings.push(f);
-            }
+            };
+            tally.record(&mut findings, f);
         }
         if !full {
             break;
@@ -498,8 +507,7 @@ async fn classify_subscriptions(
         let Some(owner) = owners.get(&customer) else {
             let mut f = finding(Category::SubscriptionOrphan, None, Some(&customer));
             f.subscription_id = Some(subscription.id);
-            tally.count(Category::SubscriptionOrphan);
-            findings.push(f);
+            tally.record(findings, f);
             continue;
         };
         let wanted = subscription.into_mirror(Some(owner.clone()));
@@ -568,6 +576,14 @@ impl Tallies {
         self.0.entry(category).or_default().found += 1;
     }
 
+    /// Counts the finding, and keeps it for the report unless all is well.
+    fn record(&mut self, findings: &mut Vec<Finding>, f: Finding) {
+        self.count(f.category);
+        if !matches!(f.category, Category::Ok | Category::SubscriptionOk) {
+            findings.push(f);
+        }
+    }
+
     fn fixed(&mut self, category: Category) {
         self.0.entry(category).or_default().fixed += 1;
     }
@@ -622,17 +638,11 @@ async fn classify_page(
 
     for (customer_id, snapshot) in customers {
         if let Some(user_id) = user_of.get(customer_id.as_str()) {
-            let mut f = finding(Category::Ok, Some(user_id), Some(&customer_id));
-            if let Some(user) = users.get(*user_id) {
-                f.fields = drifted(user, &snapshot);
-                if !f.fields.is_empty() {
-                    f.category = Category::Drift;
-                }
-            }
-            tally.count(f.category);
-            if f.category != Category::Ok {
-                findings.push(f);
-            }
+            let user = users.get(*user_id);
+            tally.record(
+                findings,
+                linked_finding(user_id, &customer_id, user, &snapshot),
+            );
             continue;
         }
         let named = snapshot.user_id.as_deref();
@@ -659,8 +669,7 @@ async fn classify_page(
         if matches!(category, Category::Unmanaged | Category::Erased) {
             f.user_id = None;
         }
-        tally.count(category);
-        findings.push(f);
+        tally.record(findings, f);
     }
     Ok(())
 }
