@@ -234,21 +234,14 @@ impl StripeClient {
         limit: u32,
         starting_after: Option<&str>,
     ) -> StripeResult<List<Customer>> {
-        let mut query = vec![("limit", limit.clamp(1, MAX_PAGE).to_string())];
-        if let Some(email) = email {
-            query.push(("email", email.to_owned()));
-        }
-        if let Some(cursor) = starting_after {
-            query.push(("starting_after", cursor.to_owned()));
-        }
-        self.send(Request {
-            operation: "customers.list",
-            method: Method::GET,
-            path: "/v1/customers".into(),
-            query,
-            form: None,
-            idempotency_key: None,
-        })
+        let filters = email.map(|e| ("email", e.to_owned())).into_iter().collect();
+        self.list_page(
+            "customers.list",
+            "/v1/customers",
+            filters,
+            limit,
+            starting_after,
+        )
         .await
     }
 
@@ -351,21 +344,14 @@ impl StripeClient {
         limit: u32,
         starting_after: Option<&str>,
     ) -> StripeResult<List<Subscription>> {
-        let mut query = vec![
-            ("status", "all".to_owned()),
-            ("limit", limit.clamp(1, MAX_PAGE).to_string()),
-        ];
-        if let Some(cursor) = starting_after {
-            query.push(("starting_after", cursor.to_owned()));
-        }
-        self.send(Request {
-            operation: "subscriptions.list",
-            method: Method::GET,
-            path: "/v1/subscriptions".into(),
-            query,
-            form: None,
-            idempotency_key: None,
-        })
+        let filters = vec![("status", "all".to_owned())];
+        self.list_page(
+            "subscriptions.list",
+            "/v1/subscriptions",
+            filters,
+            limit,
+            starting_after,
+        )
         .await
     }
 
@@ -412,6 +398,31 @@ impl StripeClient {
         .await
     }
 
+    /// One page of a list endpoint: `filters`, then at most `limit` items (1 to 100) after
+    /// the item `starting_after`.
+    async fn list_page<T: DeserializeOwned>(
+        &self,
+        operation: &'static str,
+        path: &str,
+        mut query: Vec<(&'static str, String)>,
+        limit: u32,
+        starting_after: Option<&str>,
+    ) -> StripeResult<List<T>> {
+        query.push(("limit", limit.clamp(1, MAX_PAGE).to_string()));
+        if let Some(cursor) = starting_after {
+            query.push(("starting_after", cursor.to_owned()));
+        }
+        self.send(Request {
+            operation,
+            method: Method::GET,
+            path: path.to_owned(),
+            query,
+            form: None,
+            idempotency_key: None,
+        })
+        .await
+    }
+
     /// Every item of a list endpoint, 100 a page, each page after the last item's id.
     async fn list_all<T: DeserializeOwned>(
         &self,
@@ -422,20 +433,15 @@ impl StripeClient {
     ) -> StripeResult<Vec<T>> {
         let mut found: Vec<T> = Vec::new();
         loop {
-            let mut query = filters.clone();
-            query.push(("limit", MAX_PAGE.to_string()));
-            if let Some(last) = found.last() {
-                query.push(("starting_after", id_of(last)));
-            }
+            let cursor = found.last().map(&id_of);
             let page: List<T> = self
-                .send(Request {
+                .list_page(
                     operation,
-                    method: Method::GET,
-                    path: path.to_owned(),
-                    query,
-                    form: None,
-                    idempotency_key: None,
-                })
+                    path,
+                    filters.clone(),
+                    MAX_PAGE,
+                    cursor.as_deref(),
+                )
                 .await?;
             let more = page.has_more && !page.data.is_empty();
             found.extend(page.data);
