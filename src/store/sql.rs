@@ -15,9 +15,10 @@
 //! | `{new_token}` | a random UUID | 128 random bits in hex |
 //!
 //! A few pieces read the same on both and only keep repeated text short: `{user_columns}`
-//! (and `_qualified`), `{link_columns}`, `{job_columns}`, `{event_columns}`, `{user_changed}` (the stored profile
-//! differs from `$2`..`$6`), `{user_replaced}` (an upsert's `SET`: the profile from `excluded`, the version
-//! one up) and `{superseded}` (another job makes this one redundant).
+//! (and `_qualified`), `{link_columns}`, `{job_columns}`, `{event_columns}`, `{user_changed}`
+//! (the stored profile differs from `$2`..`$6`), `{user_differs_from_excluded}` (from a batch's
+//! row named `excluded`), `{user_replaced}` (an upsert's `SET`: the profile from `excluded`, the
+//! version one up) and `{superseded}` (another job makes this one redundant).
 //!
 //! SQLite's clock parameter is numbered one past the statement's last placeholder, and bound
 //! last (`Clocked::clock`); on Postgres binding it does nothing. Anything else in braces (a
@@ -89,6 +90,11 @@ fn common(name: &str) -> Option<&'static str> {
             "(users.email IS DISTINCT FROM $2 OR users.email_verified IS DISTINCT FROM $3 \
              OR users.first_name IS DISTINCT FROM $4 OR users.last_name IS DISTINCT FROM $5 \
              OR users.phone IS DISTINCT FROM $6)"
+        }
+        "user_differs_from_excluded" => {
+            "(users.email, users.email_verified, users.first_name, users.last_name, users.phone) \
+             IS DISTINCT FROM (excluded.email, excluded.email_verified, excluded.first_name, \
+             excluded.last_name, excluded.phone)"
         }
         "superseded" => {
             "EXISTS (SELECT 1 FROM outbox other WHERE other.user_id = outbox.user_id \

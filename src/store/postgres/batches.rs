@@ -224,9 +224,7 @@ impl PgStore {
                          $6::text[], $7::text[])
                   AS x(id, email, email_verified, first_name, last_name, phone, email_as_given)
              ON CONFLICT (id) DO UPDATE SET {user_replaced}
-             WHERE (users.email, users.email_verified, users.first_name, users.last_name,
-                    users.phone) IS DISTINCT FROM (excluded.email, excluded.email_verified,
-                    excluded.first_name, excluded.last_name, excluded.phone)
+             WHERE {user_differs_from_excluded}
              RETURNING {user_columns}",
         ))
         .bind(column(|u| Some(u.id.as_str())))
@@ -335,9 +333,7 @@ async fn apply_remote_profiles_in(
               AS excluded(id, email, email_verified, first_name, last_name, phone, expected,
                           email_as_given)
          WHERE users.id = excluded.id AND users.version = excluded.expected
-           AND (users.email, users.email_verified, users.first_name, users.last_name,
-                users.phone) IS DISTINCT FROM (excluded.email, excluded.email_verified,
-                excluded.first_name, excluded.last_name, excluded.phone)
+           AND {user_differs_from_excluded}
          RETURNING {user_columns_qualified}",
     ))
     .bind(column(|p| Some(p.user.id.as_str())))
