@@ -48,16 +48,21 @@ impl PgStore {
     }
 
     pub(super) async fn store_events(&self, events: &[NewEvent]) -> StoreResult<Vec<bool>> {
-        // UNNEST keeps arrival order for arrival_seq. Events to apply also get their queue
-        // row, in the same statement.
+        // Numbered in arrival order (UNNEST keeps it), then inserted in id order: two
+        // writers' batches holding the same events (Stripe delivering one twice at once) then
+        // lock them in one order and one waits for the other, where opposite orders
+        // deadlocked. Events to apply also get their queue row, in the same statement.
         let inserted: Vec<String> = sqlx::query_scalar(
-            "WITH fresh AS (
-                 INSERT INTO stripe_events (id, type, created, livemode, stripe_customer_id,
-                                            payload, received_at, state)
-                 SELECT e.id, e.type, e.created, e.livemode, e.customer, e.payload, now(), e.state
+            "WITH arrived AS (
+                 SELECT e.*, nextval('stripe_events_arrival_seq_seq') AS arrival_seq
                  FROM UNNEST($1::text[], $2::text[], $3::int8[], $4::bool[], $5::text[],
                              $6::text[], $7::text[])
-                      AS e(id, type, created, livemode, customer, payload, state)
+                      AS e(id, type, created, livemode, customer, payload, state)),
+             fresh AS (
+                 INSERT INTO stripe_events (id, type, created, livemode, stripe_customer_id,
+                                            payload, received_at, state, arrival_seq)
+                 SELECT id, type, created, livemode, customer, payload, now(), state, arrival_seq
+                 FROM arrived ORDER BY id
                  ON CONFLICT (id) DO NOTHING
                  RETURNING id, stripe_customer_id, created, arrival_seq, received_at, state),
              queued AS (
